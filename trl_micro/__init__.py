@@ -1,0 +1,14 @@
+"""trl-micro: MiCRo personalized reward models (mixture of Bradley-Terry heads + context-aware routing) for TRL."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from .configuration_micro import MiCRoConfig
+from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MiCRoConfig.model_type, MiCRoConfig, exist_ok=True)
+AutoModel.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
+AutoModelForSequenceClassification.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
+
+__all__ = ["MiCRoConfig", "MiCRoRewardModel", "MiCRoRewardOutput"]

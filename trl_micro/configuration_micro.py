@@ -1,0 +1,90 @@
+"""Configuration of a MiCRo reward model: a backbone, K reward heads and a router."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+class MiCRoConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MiCRoRewardModel`].
+
+    The backbone's own configuration is kept as the sub-config `text_config`, so `config.get_text_config()` returns it
+    (TRL writes the pad token there). `num_labels` stays 1: to TRL the model is an ordinary one-label reward model whose
+    `logits` are the routed reward.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`):
+            Configuration of the backbone, anything `AutoModel.from_config` builds (Llama, Qwen2, SmolLM2, BERT, ...).
+        num_heads (`int`, defaults to 4):
+            K, the number of Bradley-Terry reward heads. `num_heads=1` is a plain BT reward model (SingleReward).
+        use_router (`bool`, defaults to `True`):
+            Route with a router that reads the prompt. `False` learns one global weight vector over the heads
+            (StaticMixture).
+        router_type (`"linear"` or `"mlp"`, defaults to `"linear"`):
+            Linear router `softmax(W h + b)` or a one-hidden-layer MLP.
+        router_hidden_size (`int`, defaults to 256):
+            Hidden width of the MLP router.
+        prompt_marker_ids (`list[int]`, *optional*):
+            Token ids that end every prompt (a chat template's assistant header, or e.g. the ids of `"\n\nAssistant:"`
+            for HH-style transcripts). Used to find the prompt boundary when only full texts are given (inference,
+            PPO). The trainers fill it in from the tokenizer. Fallback when it is unset or absent from a sequence: the
+            router reads the last token of the whole sequence.
+        prompt_marker (`str`, *optional*):
+            The text of `prompt_marker_ids`, kept for readability.
+        context_template (`str`, defaults to `"{context}\n\n"`):
+            How a context (user description, criterion, persona) joins a prompt. Standard text: the formatted template
+            is put before the prompt. Conversational: it becomes the system message (stripped).
+        backbone_is_causal (`bool`, *optional*):
+            Whether a token's hidden state depends only on the tokens before it. Decoders (`True`) let the router read
+            the last prompt token from the same forward pass that gives the rewards; encoders such as BERT (`False`)
+            need one extra prompt-only pass. Detected from the backbone's type when unset.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the heads' and router's initial weights.
+    """
+
+    model_type = "micro"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_heads: int = 4
+    use_router: bool = True
+    router_type: Literal["linear", "mlp"] = "linear"
+    router_hidden_size: int = 256
+    prompt_marker_ids: list[int] | None = None
+    prompt_marker: str | None = None
+    context_template: str = "{context}\n\n"
+    backbone_is_causal: bool | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        kwargs["num_labels"] = 1
+        super().__post_init__(**kwargs)
+        if self.num_labels != 1:
+            raise ValueError("MiCRoConfig.num_labels must be 1: the routed reward is a single score.")
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"MiCRoConfig.num_heads must be an integer >= 1, got {self.num_heads!r}.")
+        if self.router_type not in ("linear", "mlp"):
+            raise ValueError(f"MiCRoConfig.router_type must be 'linear' or 'mlp', got {self.router_type!r}.")
+        if "{context}" not in self.context_template:
+            raise ValueError(
+                f"MiCRoConfig.context_template must contain '{{context}}', got {self.context_template!r}."
+            )
+        if self.backbone_is_causal is None:
+            self.backbone_is_causal = is_causal_backbone(self.text_config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+
+def is_causal_backbone(config: PreTrainedConfig) -> bool:
+    """Decoder-only families are causal; families that also have a masked-LM head (BERT, RoBERTa, ...) are not."""
+    model_type = config.model_type
+    if getattr(config, "is_decoder", False):
+        return True
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

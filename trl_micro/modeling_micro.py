@@ -1,0 +1,275 @@
+r"""
+MiCRo reward model: one backbone, K linear Bradley-Terry heads and a router that reads the prompt.
+
+For a prompt x and response y, with h(x, y) the backbone's last hidden state at the last token of the sequence and
+h(x) the hidden state at the last token of the prompt:
+
+    r_k(x, y) = u_k . h(x, y)                      (K heads, kept in float32)
+    w(x)      = softmax(router(h(x)))              (router: linear or MLP; or one global vector, StaticMixture)
+    r(x, y)   = sum_k w_k(x) r_k(x, y)             (the routed reward, `logits`)
+
+A context (user, criterion, persona) personalizes the reward by being part of the prompt the router reads.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_micro import MiCRoConfig
+
+
+@dataclass
+class MiCRoRewardOutput(ModelOutput):
+    """
+    Output of [`MiCRoRewardModel`].
+
+    Args:
+        logits (`(batch, 1)`): the routed reward sum_k w_k r_k; what TRL reads as the reward.
+        head_rewards (`(batch, K)`): r_k for every head.
+        router_logits (`(batch, K)`): the router's logits; `mixture_weights` is their softmax unless overridden.
+        mixture_weights (`(batch, K)`): the weights that made `logits`.
+        reward_features, router_features (`(batch, hidden)`): the backbone features the heads and router read.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    head_rewards: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    mixture_weights: torch.Tensor | None = None
+    reward_features: torch.Tensor | None = None
+    router_features: torch.Tensor | None = None
+
+
+class StaticMixtureRouter(nn.Module):
+    """One learned weight vector shared by every prompt (the StaticMixture baseline)."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, router_features: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(router_features.shape[0], -1)
+
+
+def build_router(config: MiCRoConfig) -> nn.Module:
+    if not config.use_router:
+        return StaticMixtureRouter(config.num_heads)
+    if config.router_type == "linear":
+        return nn.Linear(config.hidden_size, config.num_heads)
+    return nn.Sequential(
+        nn.Linear(config.hidden_size, config.router_hidden_size),
+        nn.GELU(),
+        nn.Linear(config.router_hidden_size, config.num_heads),
+    )
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token of each row, for right or left padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * positions).argmax(dim=1)
+
+
+def first_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first attended token of each row (non-zero only under left padding)."""
+    return attention_mask.bool().int().argmax(dim=1)
+
+
+def find_prompt_end(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker_ids: list[int] | None):
+    """
+    Index of the last prompt token of each row, found as the end of the last occurrence of `marker_ids` (the
+    assistant header). Rows without the marker get -1.
+    """
+    batch, length = input_ids.shape
+    missing = torch.full((batch,), -1, dtype=torch.long, device=input_ids.device)
+    if not marker_ids or len(marker_ids) > length:
+        return missing
+    marker = torch.tensor(marker_ids, device=input_ids.device)
+    windows = input_ids.unfold(1, len(marker_ids), 1)  # (batch, length - m + 1, m)
+    hits = (windows == marker).all(dim=-1) & attention_mask[:, len(marker_ids) - 1 :].bool()
+    positions = torch.arange(hits.shape[1], device=input_ids.device) + len(marker_ids) - 1
+    last_hit = torch.where(hits, positions, missing[:, None]).amax(dim=1)
+    return last_hit
+
+
+class MiCRoPreTrainedModel(PreTrainedModel):
+    config_class = MiCRoConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["heads", "router"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, StaticMixtureRouter):
+            nn.init.zeros_(module.logits)
+
+
+class MiCRoRewardModel(MiCRoPreTrainedModel):
+    """
+    Backbone + K reward heads + router. See the module docstring for the math.
+
+    `forward` takes either token ids (one backbone pass) or precomputed `reward_features` / `router_features` (the
+    frozen-backbone cache). The prompt boundary comes from `prompt_lengths` (the collator) or, when absent, from
+    `config.prompt_marker_ids`; see [`MiCRoConfig`] for the fallback.
+    """
+
+    def __init__(self, config: MiCRoConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.text_config)
+        self.heads = nn.Linear(config.hidden_size, config.num_heads, bias=False)
+        self.router = build_router(config)
+        self._warned_missing_marker = False
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_backbone(cls, backbone: str | PreTrainedModel, *, dtype: torch.dtype | str | None = None, **config_kwargs):
+        """
+        Wrap a pretrained backbone (a path, or a loaded `AutoModel`/`AutoModelFor*` model) with fresh heads and router.
+        `config_kwargs` are [`MiCRoConfig`] fields (`num_heads`, `use_router`, ...).
+        """
+        if isinstance(backbone, str):
+            backbone = AutoModel.from_pretrained(backbone, dtype=dtype or torch.float32)
+        backbone = getattr(backbone, "base_model", backbone)  # a *ForCausalLM / *ForSequenceClassification
+        config = MiCRoConfig(text_config=backbone.config, **config_kwargs)
+        config._name_or_path = backbone.config._name_or_path
+        return cls(config, backbone=backbone)
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def router_parameters(self):
+        return self.router.parameters()
+
+    def freeze_backbone(self):
+        self.backbone.requires_grad_(False)
+        return self
+
+    # ----------------------------------------------------------------------------------------------------- features
+    def prompt_end_index(self, input_ids, attention_mask, prompt_lengths=None) -> torch.Tensor:
+        """Absolute index of the last prompt token of each row."""
+        last = last_token_index(attention_mask)
+        if prompt_lengths is not None:
+            end = first_token_index(attention_mask) + prompt_lengths.to(last.device).long() - 1
+            return torch.minimum(end.clamp(min=0), last)
+        end = find_prompt_end(input_ids, attention_mask, self.config.prompt_marker_ids)
+        missing = end < 0
+        if missing.any():
+            if not self._warned_missing_marker:
+                warnings.warn(
+                    "MiCRoRewardModel: no prompt boundary for some sequences (pass `prompt_lengths`, or set "
+                    "`config.prompt_marker_ids` to the ids that end every prompt). The router reads the last token "
+                    "of the whole sequence for those rows.",
+                    stacklevel=3,
+                )
+                self._warned_missing_marker = True
+            end = torch.where(missing, last, end)
+        return end
+
+    def compute_features(self, input_ids, attention_mask=None, prompt_lengths=None, **backbone_kwargs):
+        """
+        One backbone pass (two for a non-causal backbone) -> (reward_features, router_features), each (batch, hidden):
+        the last hidden state at the last token and at the last prompt token.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs).last_hidden_state
+        reward_features = hidden[rows, last_token_index(attention_mask)]
+        prompt_end = self.prompt_end_index(input_ids, attention_mask, prompt_lengths)
+        if self.config.backbone_is_causal:
+            router_features = hidden[rows, prompt_end]
+        else:
+            # Every position of an encoder sees the response: read the prompt in a pass of its own.
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            prompt_mask = attention_mask * (positions[None, :] <= prompt_end[:, None])
+            prompt_hidden = self.backbone(
+                input_ids=input_ids, attention_mask=prompt_mask, **backbone_kwargs
+            ).last_hidden_state
+            router_features = prompt_hidden[rows, prompt_end]
+        return reward_features, router_features
+
+    def score_features(self, reward_features, router_features, mixture_weights=None) -> MiCRoRewardOutput:
+        """Heads and router on backbone features; `mixture_weights` (batch, K) overrides the router's weights."""
+        head_dtype = self.heads.weight.dtype
+        head_rewards = self.heads(reward_features.to(head_dtype))
+        router_logits = self.router(router_features.to(head_dtype))
+        if mixture_weights is None:
+            mixture_weights = torch.softmax(router_logits, dim=-1)
+        else:
+            mixture_weights = self._check_mixture_weights(mixture_weights, head_rewards)
+        logits = (mixture_weights * head_rewards).sum(dim=-1, keepdim=True)
+        return MiCRoRewardOutput(
+            logits=logits,
+            head_rewards=head_rewards,
+            router_logits=router_logits,
+            mixture_weights=mixture_weights,
+            reward_features=reward_features,
+            router_features=router_features,
+        )
+
+    def _check_mixture_weights(self, mixture_weights, head_rewards):
+        mixture_weights = torch.as_tensor(mixture_weights, dtype=head_rewards.dtype, device=head_rewards.device)
+        if mixture_weights.dim() == 1:
+            mixture_weights = mixture_weights.expand_as(head_rewards)
+        if mixture_weights.shape != head_rewards.shape:
+            raise ValueError(
+                f"`mixture_weights` must have shape (batch, num_heads) = {tuple(head_rewards.shape)}, "
+                f"got {tuple(mixture_weights.shape)}."
+            )
+        return mixture_weights
+
+    # ------------------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_lengths: torch.LongTensor | None = None,
+        reward_features: torch.Tensor | None = None,
+        router_features: torch.Tensor | None = None,
+        mixture_weights: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MiCRoRewardOutput:
+        """
+        Args:
+            input_ids, attention_mask: the full sequences (prompt + response), right- or left-padded.
+            prompt_lengths (`(batch,)`, *optional*): number of prompt tokens in each sequence.
+            reward_features, router_features (`(batch, hidden)`, *optional*): precomputed features instead of ids.
+            mixture_weights (`(batch, K)` or `(K,)`, *optional*): weights to route with instead of the router's,
+                e.g. an online user's weights.
+        """
+        for unsupported in ("labels", "inputs_embeds"):
+            if kwargs.pop(unsupported, None) is not None:
+                raise ValueError(f"MiCRoRewardModel.forward does not take `{unsupported}`.")
+        for ignored in ("output_attentions", "output_hidden_states", "use_cache", "return_dict"):
+            kwargs.pop(ignored, None)
+        if reward_features is None:
+            if input_ids is None:
+                raise ValueError("MiCRoRewardModel.forward needs `input_ids` or `reward_features`/`router_features`.")
+            reward_features, router_features = self.compute_features(
+                input_ids, attention_mask, prompt_lengths, **kwargs
+            )
+        elif router_features is None:
+            raise ValueError("`reward_features` was given without `router_features`.")
+        return self.score_features(reward_features, router_features, mixture_weights)
