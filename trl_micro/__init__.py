@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .configuration_micro import MiCRoConfig
 from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
+from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer
 
 __version__ = "0.1.0"
 
@@ -11,4 +12,10 @@ AutoConfig.register(MiCRoConfig.model_type, MiCRoConfig, exist_ok=True)
 AutoModel.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
 AutoModelForSequenceClassification.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
 
-__all__ = ["MiCRoConfig", "MiCRoRewardModel", "MiCRoRewardOutput"]
+__all__ = [
+    "MiCRoConfig",
+    "MiCRoRewardConfig",
+    "MiCRoRewardModel",
+    "MiCRoRewardOutput",
+    "MiCRoRewardTrainer",
+]

@@ -1,0 +1,412 @@
+r"""
+Online per-context routing (MiCRo Stage 2): a Hedge / Bayesian posterior over the K reward heads for every context id.
+
+For a context c (a user id), keep weights w(c) over the K heads, starting from a prior p(c) (the Stage-1 router's
+softmax weights for that context, a default, or uniform). After each observed comparison (chosen, rejected), with
+delta_k = r_k(chosen) - r_k(rejected) the margin of head k:
+
+    w_k  <-  w_k * sigmoid(delta_k) ** eta / sum_j w_j * sigmoid(delta_j) ** eta
+
+sigmoid(delta_k) is the Bradley-Terry likelihood of the observed label under head k, so eta = 1 is the exact posterior
+over "which head is this user" with prior p; other eta are a learning rate (Hedge). With forgetting gamma in (0, 1],
+before every update the weights decay toward the prior (for users whose taste drifts; gamma = 1 means none):
+
+    log w  <-  gamma * log w + (1 - gamma) * log p
+
+Everything is kept in log space (log w_k += eta * logsigmoid(delta_k), renormalized with logsumexp, in float64), which
+is exact for extreme margins (+-1e4) and long histories. An update is O(K) and needs no backprop. N comparisons of
+one context are applied in one step, from the unrolled recursion (constants vanish in the renormalization):
+
+    log w_N  =  gamma^N log w_0 + (1 - gamma^N) log p + eta * sum_i gamma^(N-i) logsigmoid(delta_i)   (+ const)
+
+The routed reward of context c is then r(x, y | c) = sum_k w_k(c) r_k(x, y) (see `MiCRoRewardModel(mixture_weights=)`).
+[`OnlineRouter.save`] / [`OnlineRouter.load`] keep the weights between sessions in one JSON file, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STORE_FORMAT = "trl-micro-online-router"
+STORE_FORMAT_VERSION = 1
+PRIOR_SUM_TOLERANCE = 1e-3
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]
+
+
+@dataclass
+class ContextState:
+    """Routing state of one context: normalized log-weights, normalized log-prior, number of comparisons applied."""
+
+    log_weights: torch.Tensor  # (K,) float64, logsumexp == 0
+    log_prior: torch.Tensor  # (K,) float64, logsumexp == 0
+    num_updates: int = 0
+
+
+class OnlineRouter:
+    """
+    Per-context weights over the K heads of a MiCRo reward model, updated online from observed comparisons. See the
+    module docstring for the math.
+
+    Args:
+        num_heads (`int`):
+            K, the number of reward heads.
+        eta (`float`, defaults to 1.0):
+            Learning rate; 1.0 is the exact Bayesian posterior.
+        forgetting (`float`, defaults to 1.0):
+            gamma in (0, 1]: before every update, log w <- gamma * log w + (1 - gamma) * log prior. 1.0 never forgets.
+        default_prior (`(K,)`, *optional*):
+            Prior of a context seen for the first time without a prior of its own. Uniform when unset.
+        model_fingerprint (`str`, *optional*):
+            Identifies the reward model whose heads the weights refer to (e.g. a checkpoint hash); saved with the store
+            and checked by `load(expected_fingerprint=...)`.
+
+    Example:
+
+    ```python
+    router = OnlineRouter(num_heads=4)
+    deltas = out_chosen.head_rewards - out_rejected.head_rewards  # (N, K) for N comparisons of "alice"
+    router.update("alice", deltas, prior=stage1_weights)          # prior only used the first time "alice" is seen
+    reward = model(**batch, mixture_weights=router.weights("alice")).logits
+    ```
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        eta: float = 1.0,
+        forgetting: float = 1.0,
+        default_prior: ArrayLike | None = None,
+        model_fingerprint: str | None = None,
+    ):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+            raise ValueError(f"OnlineRouter.num_heads must be an integer >= 1, got {num_heads!r}.")
+        if not _is_real_number(eta) or not math.isfinite(eta) or eta <= 0:
+            raise ValueError(f"OnlineRouter.eta must be a finite number > 0, got {eta!r}.")
+        if not _is_real_number(forgetting) or not 0 < forgetting <= 1:
+            raise ValueError(f"OnlineRouter.forgetting must be a number in (0, 1], got {forgetting!r}.")
+        if model_fingerprint is not None and not isinstance(model_fingerprint, str):
+            raise ValueError(
+                f"OnlineRouter.model_fingerprint must be a string or None, got {type(model_fingerprint).__name__}."
+            )
+        self.num_heads = int(num_heads)
+        self.eta = float(eta)
+        self.forgetting = float(forgetting)
+        self.model_fingerprint = model_fingerprint
+        if default_prior is None:
+            self.default_prior = None
+            self._default_log_prior = torch.full((self.num_heads,), -math.log(self.num_heads), dtype=torch.float64)
+        else:
+            self._default_log_prior = self._log_prior(default_prior, "default_prior")
+            self.default_prior = self._default_log_prior.exp()
+        self._states: dict[str, ContextState] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_heads={self.num_heads}, eta={self.eta}, forgetting={self.forgetting}, "
+            f"users={len(self)}, model_fingerprint={self.model_fingerprint!r})"
+        )
+
+    # ------------------------------------------------------------------------------------------------------- users
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def users(self) -> list[str]:
+        """Ids of the contexts with a posterior, in the order they were first updated."""
+        return list(self._states)
+
+    def num_updates(self, user_id: str) -> int:
+        """Number of (informative) comparisons applied to `user_id`; 0 for an unknown user."""
+        state = self._states.get(user_id)
+        return 0 if state is None else state.num_updates
+
+    def reset(self, user_id: str) -> None:
+        """Forget `user_id`: its next update starts again from a prior. No error for an unknown user."""
+        self._states.pop(user_id, None)
+
+    def weights(self, user_id: str, prior: ArrayLike | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """
+        Weights `(K,)` over the heads for `user_id`: its posterior if it has been updated, else `prior` (or
+        `default_prior`, or uniform). An unknown user is not an error. `prior` is ignored for a known user.
+        """
+        _check_user_id(user_id)
+        state = self._states.get(user_id)
+        if state is not None:
+            return state.log_weights.exp().to(dtype)
+        if prior is not None:
+            return self._log_prior(prior, "prior").exp().to(dtype)
+        return self._default_log_prior.exp().to(dtype)
+
+    # ----------------------------------------------------------------------------------------------------- updates
+    def update(self, user_id: str, head_deltas: ArrayLike, prior: ArrayLike | None = None) -> torch.Tensor:
+        """
+        Apply observed comparisons of `user_id` and return its new weights `(K,)`.
+
+        Args:
+            user_id (`str`):
+                The context id.
+            head_deltas (`(K,)` or `(N, K)`; tensor, array or list):
+                r_k(chosen) - r_k(rejected) for one comparison, or for N comparisons applied in order (the same result
+                as N single updates). A comparison whose deltas are all exactly 0 (identical responses) carries no
+                information: it is skipped, not counted, and does not trigger forgetting.
+            prior (`(K,)`, *optional*):
+                Prior for a user seen for the first time, e.g. the Stage-1 router's softmax weights for its context
+                (positive, summing to 1). Ignored for a known user. Defaults to `default_prior`, else uniform.
+        """
+        _check_user_id(user_id)
+        log_prior = None if prior is None else self._log_prior(prior, "prior")
+        deltas = self._delta_matrix(head_deltas)
+        self._apply(user_id, deltas, log_prior)
+        return self.weights(user_id, prior=prior)
+
+    def update_many(self, user_ids: Sequence[str], head_deltas: ArrayLike, priors: ArrayLike | None = None) -> None:
+        """
+        Apply a mixed batch: row i of `head_deltas` `(N, K)` is a comparison of `user_ids[i]`. Rows of one user are
+        applied in their order. `priors` `(N, K)`, *optional*: row i is the prior of `user_ids[i]`, used if that user is
+        new (its first row counts).
+        """
+        user_ids = list(user_ids)
+        for user_id in user_ids:
+            _check_user_id(user_id)
+        deltas = _as_float64(head_deltas, "head_deltas")
+        if deltas.shape != (len(user_ids), self.num_heads):
+            raise ValueError(
+                f"update_many: `head_deltas` must have shape (len(user_ids), num_heads) = "
+                f"({len(user_ids)}, {self.num_heads}), got {tuple(deltas.shape)}."
+            )
+        deltas = self._delta_matrix(deltas)
+        prior_rows = None
+        if priors is not None:
+            prior_rows = _as_float64(priors, "priors")
+            if prior_rows.shape != (len(user_ids), self.num_heads):
+                raise ValueError(
+                    f"update_many: `priors` must have shape (len(user_ids), num_heads) = "
+                    f"({len(user_ids)}, {self.num_heads}), got {tuple(prior_rows.shape)}."
+                )
+        rows_of_user: dict[str, list[int]] = {}
+        for row, user_id in enumerate(user_ids):
+            rows_of_user.setdefault(user_id, []).append(row)
+        for user_id, rows in rows_of_user.items():
+            log_prior = None
+            if prior_rows is not None and user_id not in self._states:
+                log_prior = self._log_prior(prior_rows[rows[0]], f"priors[{rows[0]}]")
+            self._apply(user_id, deltas[rows], log_prior)
+
+    def _apply(self, user_id: str, deltas: torch.Tensor, log_prior: torch.Tensor | None) -> None:
+        informative = deltas.ne(0).any(dim=1)
+        if not bool(informative.all()):
+            deltas = deltas[informative]
+        count = deltas.shape[0]
+        if count == 0:
+            return
+        state = self._states.get(user_id)
+        if state is None:
+            log_prior = self._default_log_prior if log_prior is None else log_prior
+            state = ContextState(log_weights=log_prior.clone(), log_prior=log_prior)
+        evidence = self.eta * F.logsigmoid(deltas)  # (N, K)
+        evidence = evidence - evidence.amax(dim=1, keepdim=True)  # a constant per comparison: keeps magnitudes small
+        if self.forgetting == 1.0:
+            log_weights = state.log_weights + evidence.sum(dim=0)
+        else:
+            ages = torch.arange(count - 1, -1, -1, dtype=torch.float64)
+            decayed_evidence = (self.forgetting**ages)[:, None] * evidence
+            kept = self.forgetting**count
+            log_weights = kept * state.log_weights + (1 - kept) * state.log_prior + decayed_evidence.sum(dim=0)
+        state.log_weights = log_weights - torch.logsumexp(log_weights, dim=0)
+        state.num_updates += count
+        self._states[user_id] = state
+
+    # -------------------------------------------------------------------------------------------------- validation
+    def _delta_matrix(self, head_deltas: ArrayLike) -> torch.Tensor:
+        deltas = _as_float64(head_deltas, "head_deltas")
+        if deltas.dim() == 1:
+            deltas = deltas[None, :]
+        if deltas.dim() != 2 or deltas.shape[1] != self.num_heads:
+            raise ValueError(
+                f"`head_deltas` must have shape (num_heads,) = ({self.num_heads},) or (N, num_heads) = "
+                f"(N, {self.num_heads}), got {tuple(deltas.shape)}."
+            )
+        finite = torch.isfinite(deltas)
+        if not bool(finite.all()):
+            row = int((~finite).any(dim=1).nonzero()[0])
+            raise ValueError(f"`head_deltas` must be finite; comparison {row} has {deltas[row].tolist()}.")
+        return deltas
+
+    def _log_prior(self, prior: ArrayLike, name: str) -> torch.Tensor:
+        """Validate a prior (K,) and return its normalized log (float64)."""
+        prior = _as_float64(prior, name)
+        if prior.shape != (self.num_heads,):
+            raise ValueError(f"`{name}` must have shape (num_heads,) = ({self.num_heads},), got {tuple(prior.shape)}.")
+        if not bool(torch.isfinite(prior).all()) or not bool((prior > 0).all()):
+            raise ValueError(f"`{name}` must be finite and strictly positive, got {prior.tolist()}.")
+        total = float(prior.sum())
+        if abs(total - 1.0) > PRIOR_SUM_TOLERANCE:
+            raise ValueError(
+                f"`{name}` must sum to 1 (softmax probabilities in float32, not logits), got a sum of {total}."
+            )
+        return prior.log() - math.log(total)
+
+    # ------------------------------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """
+        Write the router to the JSON file `path`, atomically: the data go to a temporary file in the same directory,
+        are flushed and fsynced, then `os.replace`d onto `path`. A crash at any point leaves the previous store intact.
+        """
+        path = os.fspath(path)
+        payload = {
+            "format": STORE_FORMAT,
+            "format_version": STORE_FORMAT_VERSION,
+            "num_heads": self.num_heads,
+            "eta": self.eta,
+            "forgetting": self.forgetting,
+            "default_prior": None if self.default_prior is None else self.default_prior.tolist(),
+            "model_fingerprint": self.model_fingerprint,
+            "users": {
+                user_id: {
+                    "log_weights": state.log_weights.tolist(),
+                    "log_prior": state.log_prior.tolist(),
+                    "num_updates": state.num_updates,
+                }
+                for user_id, state in self._states.items()
+            },
+        }
+        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+        _write_atomically(path, text)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, expected_num_heads: int | None = None, expected_fingerprint: str | None = None
+    ) -> OnlineRouter:
+        """
+        Read a router written by [`save`]. Raises `ValueError` if the file is corrupt or truncated (no partial router
+        is ever returned), or if its `num_heads` / `model_fingerprint` differ from `expected_num_heads` /
+        `expected_fingerprint` (when given).
+        """
+        path = os.fspath(path)
+        with open(path, "rb") as file:
+            raw = file.read()
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"The routing store at {path} is corrupt or truncated: {err}.") from err
+        try:
+            if not isinstance(payload, dict) or payload.get("format") != STORE_FORMAT:
+                raise ValueError(f"not a {STORE_FORMAT} file")
+            if payload["format_version"] != STORE_FORMAT_VERSION:
+                raise ValueError(
+                    f"format version {payload['format_version']!r} is not supported (expected {STORE_FORMAT_VERSION})"
+                )
+            num_heads = payload["num_heads"]
+            fingerprint = payload["model_fingerprint"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"The routing store at {path} is corrupt or truncated: {err}.") from err
+        if expected_num_heads is not None and num_heads != expected_num_heads:
+            raise ValueError(
+                f"The routing store at {path} has num_heads={num_heads}, but num_heads={expected_num_heads} was "
+                f"expected (a store of another reward model?)."
+            )
+        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+            raise ValueError(
+                f"The routing store at {path} has model_fingerprint={fingerprint!r}, but "
+                f"model_fingerprint={expected_fingerprint!r} was expected (a store of another reward model?)."
+            )
+        try:
+            router = cls(
+                num_heads=num_heads,
+                eta=payload["eta"],
+                forgetting=payload["forgetting"],
+                default_prior=payload["default_prior"],
+                model_fingerprint=fingerprint,
+            )
+            router._states = _read_states(payload["users"], router.num_heads)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"The routing store at {path} is corrupt or truncated: {err}.") from err
+        return router
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_user_id(user_id: Any) -> None:
+    if not isinstance(user_id, str):
+        raise TypeError(f"`user_id` must be a str (context ids are JSON keys), got {type(user_id).__name__}.")
+
+
+def _as_float64(values: ArrayLike, name: str) -> torch.Tensor:
+    """A CPU float64 tensor from a tensor, an array or a (nested) list."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(device="cpu", dtype=torch.float64)
+    try:
+        return torch.as_tensor(np.asarray(values, dtype=np.float64))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}` must be a tensor, an array or a list of numbers: {err}") from err
+
+
+def _read_states(users: Any, num_heads: int) -> dict[str, ContextState]:
+    if not isinstance(users, dict):
+        raise ValueError("`users` is not a mapping")
+    states = {}
+    for user_id, entry in users.items():
+        log_weights = torch.tensor(entry["log_weights"], dtype=torch.float64)
+        log_prior = torch.tensor(entry["log_prior"], dtype=torch.float64)
+        num_updates = entry["num_updates"]
+        if log_weights.shape != (num_heads,) or log_prior.shape != (num_heads,):
+            raise ValueError(f"user {user_id!r} has weights of the wrong shape")
+        if not (torch.isfinite(log_weights).all() and torch.isfinite(log_prior).all()):
+            raise ValueError(f"user {user_id!r} has non-finite weights")
+        if not isinstance(num_updates, int) or num_updates < 0:
+            raise ValueError(f"user {user_id!r} has an invalid count {num_updates!r}")
+        states[user_id] = ContextState(log_weights=log_weights, log_prior=log_prior, num_updates=num_updates)
+    return states
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, fsync it, then atomically replace `path` with it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        if os.path.exists(path):
+            os.chmod(temporary_path, stat.S_IMODE(os.stat(path).st_mode))
+        os.replace(temporary_path, path)
+    finally:
+        if os.path.exists(temporary_path):
+            os.unlink(temporary_path)
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+__all__ = ["ContextState", "OnlineRouter"]

@@ -1,0 +1,75 @@
+"""Configuration of the Stage 1 trainer (mixture of Bradley-Terry heads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from trl import RewardConfig
+
+
+@dataclass
+class MiCRoRewardConfig(RewardConfig):
+    r"""
+    [`RewardConfig`] plus the MiCRo fields. Everything else (learning rate, batch sizes, `max_length`, logging,
+    `report_to`, saving) behaves as in TRL's reward trainer.
+
+    Model fields (used when the trainer builds the model from a backbone path; a MiCRo checkpoint keeps its own):
+        num_heads, use_router, router_type, router_hidden_size.
+
+    Training fields:
+        loss_type: `"mixture"` (MiCRo's mixture BT loss) or `"ensemble"` (each head its own BT loss: Shared-Base
+            Ensemble).
+        router_balance_coef, router_entropy_coef: weights of the regularizers against router collapse
+            (see `trl_micro.losses`); 0 switches one off.
+        freeze_backbone: train heads and router only.
+        use_feature_cache: with a frozen backbone (and no PEFT adapter, no ZeRO-3), compute backbone features once,
+            cache them on disk and train on them.
+        bf16: as in TRL, except that unset means "where the hardware supports it" instead of always.
+        feature_cache_dir: where the features are cached (default `$TRL_MICRO_CACHE/features`, with
+            `TRL_MICRO_CACHE` defaulting to `~/.cache/trl_micro`).
+        context_column: dataset column whose text (a user, a criterion, a persona) joins each prompt through the
+            model's `context_template`; ignored when absent from the dataset.
+        prompt_marker: text that ends every prompt in standard (non-chat) data, e.g. `"\n\nAssistant:"`. It splits
+            implicit prompts and lets the saved model find the prompt boundary in full texts. For conversational
+            data the chat template's assistant header is used.
+    """
+
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (heads and router learn fast)."})
+    num_heads: int = field(default=4, metadata={"help": "K, the number of reward heads (1 = plain BT)."})
+    use_router: bool = field(default=True, metadata={"help": "False learns one global weight vector (StaticMixture)."})
+    router_type: Literal["linear", "mlp"] = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
+    router_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the MLP router."})
+    loss_type: Literal["mixture", "ensemble"] = field(
+        default="mixture", metadata={"help": "'mixture' (MiCRo) or 'ensemble' (independent heads)."}
+    )
+    router_balance_coef: float = field(default=0.1, metadata={"help": "Weight of the head-usage balance penalty."})
+    router_entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the per-prompt entropy penalty."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Train heads and router only."})
+    use_feature_cache: bool = field(
+        default=True, metadata={"help": "Cache frozen-backbone features on disk and train on them."}
+    )
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the feature cache."})
+    feature_batch_size: int = field(default=16, metadata={"help": "Batch size of the one-off feature pass."})
+    context_column: str = field(default="context", metadata={"help": "Column with each example's context text."})
+    prompt_marker: str | None = field(
+        default=None, metadata={"help": "Text that ends every prompt in standard data, e.g. '\\n\\nAssistant:'."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            # TRL turns bf16 on by default, which fails on machines without bf16 support (a CPU without `use_cpu`).
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.freeze_backbone:
+            self.gradient_checkpointing = False  # nothing to recompute: no gradient flows into the backbone
+        super().__post_init__()
+        if self.num_heads < 1:
+            raise ValueError(f"`num_heads` must be >= 1, got {self.num_heads}.")
+        if self.loss_type not in ("mixture", "ensemble"):
+            raise ValueError(f"`loss_type` must be 'mixture' or 'ensemble', got {self.loss_type!r}.")
+        if self.router_type not in ("linear", "mlp"):
+            raise ValueError(f"`router_type` must be 'linear' or 'mlp', got {self.router_type!r}.")
+        for name in ("router_balance_coef", "router_entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")

@@ -1,0 +1,259 @@
+"""Stage 1: train a MiCRo reward model (mixture of Bradley-Terry heads + router) on ordinary preference pairs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from trl import RewardTrainer
+from trl.data_utils import is_conversational
+
+from ..data import (
+    MiCRoPreferenceCollator,
+    assistant_header,
+    check_preference_columns,
+    marker_token_ids,
+    tokenize_preference_example,
+)
+from ..feature_cache import CachedFeatureCollator, load_or_compute_pair_features
+from ..losses import balance_penalty, ensemble_bt_loss, entropy, entropy_penalty, mixture_bt_loss
+from ..modeling_micro import MiCRoRewardModel
+from .micro_config import MiCRoRewardConfig
+
+logger = logging.getLogger(__name__)
+
+TOKENIZED_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length"]
+
+
+def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
+    """Load a MiCRo checkpoint, or wrap a backbone checkpoint with fresh heads and router built from `args`."""
+    init_kwargs = dict(args.model_init_kwargs or {})
+    dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", torch.float32))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if AutoConfig.from_pretrained(model_id).model_type == "micro":
+        return MiCRoRewardModel.from_pretrained(model_id, dtype=dtype, **init_kwargs)
+    return MiCRoRewardModel.from_backbone(
+        model_id,
+        dtype=dtype,
+        num_heads=args.num_heads,
+        use_router=args.use_router,
+        router_type=args.router_type,
+        router_hidden_size=args.router_hidden_size,
+    )
+
+
+class MiCRoRewardTrainer(RewardTrainer):
+    """
+    [`RewardTrainer`] for MiCRo reward models (see `trl_micro.losses` for the objective).
+
+    Takes TRL's preference formats (explicit or implicit prompt, standard or conversational) and keeps, for every
+    sequence, where its prompt ends, so each pair is routed by its own prompt. An optional context column joins the
+    prompt. `model` is a [`MiCRoRewardModel`], a MiCRo checkpoint path, or a backbone path (wrapped with fresh heads
+    and router from `args`). With `args.freeze_backbone`, backbone features are computed once and cached.
+
+    Logged, besides TRL's reward metrics: `mixture_nll`, `head_accuracy/k`, `head_usage/k`, `router_entropy` and the
+    regularizers.
+    """
+
+    _tag_names = ["trl", "reward-trainer", "trl-micro"]
+    _name = "MiCRo Reward"
+
+    def __init__(
+        self,
+        model: str | MiCRoRewardModel,
+        args: MiCRoRewardConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config=None,
+        **kwargs,
+    ):
+        args = args if args is not None else MiCRoRewardConfig("micro-reward")
+        if not isinstance(args, MiCRoRewardConfig):
+            raise TypeError(f"`args` must be a MiCRoRewardConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+        if isinstance(model, str):
+            model = build_micro_model(model, args)
+        if not isinstance(model, MiCRoRewardModel):
+            raise TypeError(
+                f"`model` must be a MiCRoRewardModel or a path, got {type(model).__name__}. Wrap a backbone with "
+                "`MiCRoRewardModel.from_backbone(...)`."
+            )
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path)
+        if processing_class.pad_token is None:
+            processing_class.pad_token = processing_class.eos_token
+
+        self._set_prompt_marker(model, processing_class, train_dataset, args)
+        if args.freeze_backbone:
+            model.freeze_backbone()
+        if peft_config is not None:
+            trained_modules = ["heads", "router"]
+            peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(trained_modules))
+            peft_config.exclude_modules = sorted(set(peft_config.exclude_modules or []) | set(trained_modules))
+
+        self._feature_bank = self._make_feature_bank(args, peft_config)
+        if data_collator is None:
+            pad_to_multiple_of = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None
+            data_collator = self._feature_bank or MiCRoPreferenceCollator(
+                processing_class.pad_token_id, pad_to_multiple_of
+            )
+        self._features_model = model  # the backbone the cache is computed with, before any wrapping
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------------ preparation
+    @staticmethod
+    def _set_prompt_marker(model, tokenizer, dataset, args) -> None:
+        """Store in the model the marker that ends prompts, so full texts can be routed after training."""
+        first_example = next(iter(dataset))
+        conversational = is_conversational({k: first_example[k] for k in ("chosen",) if k in first_example})
+        marker = assistant_header(tokenizer) if conversational else args.prompt_marker
+        if marker is not None:
+            model.config.prompt_marker = marker
+            model.config.prompt_marker_ids = marker_token_ids(tokenizer, marker)
+
+    @staticmethod
+    def _make_feature_bank(args, peft_config) -> CachedFeatureCollator | None:
+        if not (args.freeze_backbone and args.use_feature_cache):
+            return None
+        if peft_config is not None:
+            logger.info("Feature cache off: a PEFT adapter trains the backbone.")
+            return None
+        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+            logger.info("Feature cache off: ZeRO-3 partitions the backbone; features are computed every step.")
+            return None
+        return CachedFeatureCollator()
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if isinstance(dataset, Dataset) and "pair_index" in dataset.column_names:
+            return dataset  # already turned into cached features
+        column_names = list(next(iter(dataset)).keys()) if isinstance(dataset, IterableDataset) else dataset.column_names
+        if not all(column in column_names for column in TOKENIZED_COLUMNS):
+            check_preference_columns(column_names, dataset_name)
+            context_column = args.context_column if args.context_column in column_names else None
+            map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+            if isinstance(dataset, Dataset):
+                map_kwargs["num_proc"] = args.dataset_num_proc
+            with args.main_process_first(desc=f"tokenizing {dataset_name}"):
+                dataset = dataset.map(
+                    tokenize_preference_example,
+                    with_indices=True,
+                    fn_kwargs={
+                        "tokenizer": processing_class,
+                        "context_template": self._features_model.config.context_template,
+                        "context_column": context_column,
+                        "prompt_marker": args.prompt_marker,
+                    },
+                    **map_kwargs,
+                )
+        dataset = self._drop_overlong(dataset, args.max_length, dataset_name)
+        if self._feature_bank is not None and isinstance(dataset, Dataset):
+            dataset = self._cache_features(dataset, args, dataset_name)
+        return dataset
+
+    @staticmethod
+    def _drop_overlong(dataset, max_length, dataset_name):
+        """Pairs with a sequence over `max_length` tokens are dropped (as in TRL), and the count is reported."""
+        if max_length is None:
+            return dataset
+
+        def fits(example):
+            return len(example["chosen_ids"]) <= max_length and len(example["rejected_ids"]) <= max_length
+
+        if not isinstance(dataset, Dataset):
+            return dataset.filter(fits)
+        before = len(dataset)
+        dataset = dataset.filter(fits, desc=f"Dropping {dataset_name} pairs over {max_length} tokens")
+        if len(dataset) == 0:
+            raise ValueError(
+                f"Every pair of the {dataset_name} dataset is longer than max_length={max_length} tokens; "
+                "raise `max_length` or shorten the texts."
+            )
+        if len(dataset) < before:
+            logger.warning(f"Dropped {before - len(dataset)} of {before} {dataset_name} pairs over {max_length} tokens.")
+        return dataset
+
+    def _cache_features(self, dataset: Dataset, args, dataset_name: str) -> Dataset:
+        model = self._features_model
+        with args.main_process_first(desc=f"caching {dataset_name} features"):
+            features, path = load_or_compute_pair_features(
+                model.to(args.device),
+                dataset,
+                cache_dir=args.feature_cache_dir,
+                batch_size=args.feature_batch_size,
+                desc=f"Backbone features ({dataset_name})",
+            )
+        logger.info(f"{dataset_name} features: {path}")
+        offset = self._feature_bank.add(features)
+        columns = {"pair_index": list(range(offset, offset + len(dataset)))}
+        if "margin" in dataset.column_names:
+            columns["margin"] = dataset["margin"]
+        return Dataset.from_dict(columns)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [*TOKENIZED_COLUMNS, "margin", "pair_index"]
+
+    # ----------------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        margin = inputs.pop("margin", None)
+        outputs = model(**inputs)
+        chosen_rewards, rejected_rewards = outputs.head_rewards.chunk(2)
+        head_margins = chosen_rewards - rejected_rewards
+        router_logits = outputs.router_logits.chunk(2)[0]  # chosen and rejected share the prompt
+        mixture_weights = torch.softmax(router_logits.float(), dim=-1)
+
+        args: MiCRoRewardConfig = self.args
+        if args.loss_type == "ensemble":
+            nll = ensemble_bt_loss(head_margins, margin).mean()
+            loss = nll
+        else:
+            nll = mixture_bt_loss(head_margins, router_logits, margin).mean()
+            loss = nll
+            if head_margins.shape[-1] > 1 and args.router_balance_coef > 0:
+                loss = loss + args.router_balance_coef * balance_penalty(mixture_weights)
+            if head_margins.shape[-1] > 1 and args.router_entropy_coef > 0:
+                loss = loss + args.router_entropy_coef * entropy_penalty(mixture_weights)
+        routed = outputs.logits.squeeze(-1)
+        if args.center_rewards_coefficient is not None:
+            loss = loss + args.center_rewards_coefficient * routed.pow(2).mean()
+
+        self._record_metrics(mode, routed, head_margins, mixture_weights, nll)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_metrics(self, mode, routed, head_margins, mixture_weights, nll):
+        routed_chosen, routed_rejected = routed.chunk(2)
+        values = {
+            "mixture_nll": nll.detach(),
+            "accuracy": (routed_chosen > routed_rejected).float().mean(),
+            "margin": (routed_chosen - routed_rejected).mean(),
+            "mean_reward": routed.mean(),
+            "router_entropy": entropy(mixture_weights).mean(),
+        }
+        if head_margins.shape[-1] > 1:
+            values["balance_penalty"] = balance_penalty(mixture_weights)
+            for k in range(head_margins.shape[-1]):
+                values[f"head_accuracy/{k}"] = (head_margins[:, k] > 0).float().mean()
+                values[f"head_usage/{k}"] = mixture_weights[:, k].mean()
+        names = list(values)
+        stacked = torch.stack([values[name].float() for name in names])
+        gathered = self.accelerator.gather_for_metrics(stacked[None]).mean(dim=0)
+        for name, value in zip(names, gathered.tolist()):
+            self._metrics[mode][name].append(value)
