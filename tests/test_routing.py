@@ -106,15 +106,17 @@ def test_weight_moves_to_the_head_the_user_follows(seed):
 
 def test_forgetting_follows_a_switching_user_faster():
     generator = torch.Generator().manual_seed(4)
-    before = torch.stack([simulated_comparison(generator, followed_head=0) for _ in range(60)])
-    after = torch.stack([simulated_comparison(generator, followed_head=3) for _ in range(8)])
+    before = torch.stack([simulated_comparison(generator, followed_head=0, scale=3.0) for _ in range(60)])
+    after = torch.stack([simulated_comparison(generator, followed_head=3, scale=3.0) for _ in range(10)])
     remembering, forgetting = OnlineRouter(K), OnlineRouter(K, forgetting=0.8)
     for router in (remembering, forgetting):
         router.update("user", before)
-        assert int(router.weights("user").argmax()) == 0
+    assert int(remembering.weights("user").argmax()) == 0
+    for router in (remembering, forgetting):
         router.update("user", after)
     assert forgetting.weights("user")[3] > remembering.weights("user")[3]
     assert int(forgetting.weights("user").argmax()) == 3
+    assert int(remembering.weights("user").argmax()) == 0  # still stuck on the old head
 
 
 def test_extreme_deltas_stay_finite():

@@ -13,12 +13,13 @@ A context (user, criterion, persona) personalizes the reward by being part of th
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_micro import MiCRoConfig
@@ -97,6 +98,29 @@ def find_prompt_end(input_ids: torch.Tensor, attention_mask: torch.Tensor, marke
     return last_hit
 
 
+def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
+    """Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked."""
+    saved = PreTrainedConfig.from_pretrained(path)
+    if saved.model_type != MiCRoConfig.model_type:
+        raise ValueError(
+            f"{path} is not a MiCRo checkpoint (model_type={saved.model_type!r}). To start from this backbone, use "
+            f"MiCRoRewardModel.from_backbone({path!r}, num_heads=...)."
+        )
+    saved = MiCRoConfig.from_pretrained(path)
+    asked = load_kwargs.get("config")
+    asked_heads = load_kwargs.get("num_heads", getattr(asked, "num_heads", saved.num_heads))
+    if asked_heads != saved.num_heads:
+        raise ValueError(f"The checkpoint at {path} has num_heads={saved.num_heads}, but num_heads={asked_heads} was asked.")
+    if isinstance(asked, MiCRoConfig):
+        for field in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+            mine, theirs = getattr(asked.text_config, field, None), getattr(saved.text_config, field, None)
+            if mine != theirs:
+                raise ValueError(
+                    f"The checkpoint at {path} has a backbone with text_config.{field}={theirs!r}, but the config "
+                    f"passed asks for {mine!r}."
+                )
+
+
 class MiCRoPreTrainedModel(PreTrainedModel):
     config_class = MiCRoConfig
     base_model_prefix = "backbone"
@@ -147,6 +171,13 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         config = MiCRoConfig(text_config=backbone.config, **config_kwargs)
         config._name_or_path = backbone.config._name_or_path
         return cls(config, backbone=backbone)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, checking first that the checkpoint is a MiCRo model of the asked shape."""
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()

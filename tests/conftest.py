@@ -1,0 +1,62 @@
+"""Shared fixtures: a tokenizer trained in memory and small preference datasets; no downloads."""
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+
+from trl_micro.testing import build_tiny_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+STYLES = {
+    "short": ["Sure.", "Yes, done.", "Ok, here it is."],
+    "long": [
+        "Here is a detailed answer that walks through every step carefully and explains why each one matters.",
+        "Let me explain this thoroughly, with background, the main steps, and a few caveats worth knowing.",
+    ],
+}
+CONTEXTS = {"short": "I am busy; keep answers short.", "long": "I like thorough, detailed answers."}
+
+
+def make_conflicting_pairs(num_pairs: int, seed: int = 0, conversational: bool = False) -> Dataset:
+    """Two subpopulations with opposite tastes (short vs long answers); the context says which one labelled."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num_pairs):
+        taste = "short" if i % 2 == 0 else "long"
+        other = "long" if taste == "short" else "short"
+        prompt = f"Question number {i}: how do I {rng.choice(['cook rice', 'fix a bike', 'learn chess'])}?"
+        chosen, rejected = rng.choice(STYLES[taste]), rng.choice(STYLES[other])
+        if conversational:
+            row = {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        else:
+            row = {"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected}
+        row["context"] = CONTEXTS[taste]
+        row["taste"] = taste
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    corpus = []
+    for texts in STYLES.values():
+        corpus += texts
+    corpus += list(CONTEXTS.values())
+    corpus += [f"Question number {i}: how do I cook rice fix a bike learn chess?" for i in range(50)]
+    corpus += ["\n\nHuman: hello\n\nAssistant: hi there", "user assistant system"]
+    return build_tiny_tokenizer(corpus * 4)
+
+
+@pytest.fixture()
+def pairs():
+    return make_conflicting_pairs(32)

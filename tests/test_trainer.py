@@ -1,0 +1,163 @@
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+
+from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
+from trl_micro.testing import build_tiny_micro_model
+
+from .conftest import make_conflicting_pairs
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        feature_cache_dir=str(tmp_path / "cache"),
+        num_heads=2,
+    )
+    defaults.update(overrides)
+    return MiCRoRewardConfig(**defaults)
+
+
+def trained_parameters(trainer):
+    model = trainer.model
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "heads" in name or "router" in name}
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_trains_and_logs_mixture_metrics(tokenizer, tmp_path, conversational):
+    data = make_conflicting_pairs(16, conversational=conversational)
+    model = build_tiny_micro_model(tokenizer, num_heads=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = MiCRoRewardTrainer(model=model, args=make_args(tmp_path), train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for key in ("loss", "mixture_nll", "accuracy", "router_entropy", "head_accuracy/1", "head_usage/0"):
+        assert key in logged, key
+    assert logged["head_usage/0"] + logged["head_usage/1"] == pytest.approx(1.0, abs=1e-4)
+    after = model.state_dict()
+    for name in ("heads.weight", "router.weight", "backbone.layers.0.mlp.up_proj.weight"):
+        assert not torch.equal(before[name], after[name]), f"{name} did not train"
+    if conversational:
+        assert model.config.prompt_marker == "<|im_start|>assistant\n"
+
+
+def test_implicit_prompt_is_split_at_the_marker(tokenizer, tmp_path):
+    rows = [
+        {"chosen": f"\n\nHuman: hello {i}\n\nAssistant: Sure, yes.", "rejected": f"\n\nHuman: hello {i}\n\nAssistant: Sure, no."}
+        for i in range(8)
+    ]
+    args = make_args(tmp_path, prompt_marker="\n\nAssistant:")
+    trainer = MiCRoRewardTrainer(
+        model=build_tiny_micro_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    example = trainer.train_dataset[0]
+    prompt_ids = example["chosen_ids"][: example["chosen_prompt_length"]]
+    assert tokenizer.decode(prompt_ids).endswith("Assistant:")
+    assert trainer.model.config.prompt_marker_ids == tokenizer("\n\nAssistant:", add_special_tokens=False)["input_ids"]
+
+
+def test_feature_cache_matches_the_slow_path(tokenizer, tmp_path):
+    data = make_conflicting_pairs(24)
+    results = {}
+    for use_cache in (False, True):
+        model = build_tiny_micro_model(tokenizer, num_heads=3, seed=1)
+        args = make_args(tmp_path, freeze_backbone=True, use_feature_cache=use_cache, num_train_epochs=2)
+        trainer = MiCRoRewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        assert ("pair_index" in trainer.train_dataset.column_names) == use_cache
+        trainer.train()
+        results[use_cache] = (trained_parameters(trainer), trainer.state.log_history[-2]["loss"])
+    for name, value in results[False][0].items():
+        torch.testing.assert_close(results[True][0][name], value, rtol=1e-4, atol=1e-5)
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-4)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_frozen_backbone_trains_only_heads_and_router(tokenizer, tmp_path):
+    model = build_tiny_micro_model(tokenizer)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    args = make_args(tmp_path, freeze_backbone=True)
+    MiCRoRewardTrainer(model=model, args=args, train_dataset=make_conflicting_pairs(16), processing_class=tokenizer).train()
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone_before[name]), name
+
+
+def test_lora_trains_and_saves_heads_and_router(tokenizer, tmp_path):
+    model = build_tiny_micro_model(tokenizer, num_heads=2)
+    heads_before = model.heads.weight.detach().clone()
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = MiCRoRewardTrainer(
+        model=model, args=make_args(tmp_path), train_dataset=make_conflicting_pairs(16),
+        processing_class=tokenizer, peft_config=peft_config,
+    )
+    assert isinstance(trainer.model, PeftModel)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in name for name in trainable)
+    assert any("heads" in name for name in trainable) and any("router" in name for name in trainable)
+    assert not any("lora" in name and ("heads" in name or "router" in name) for name in trainable)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(**batch).logits
+    base = build_tiny_micro_model(tokenizer, num_heads=2)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    assert not torch.equal(reloaded.base_model.model.heads.weight, heads_before)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged, MiCRoRewardModel)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ensemble_and_single_head_baselines_train(tokenizer, tmp_path):
+    for overrides in ({"loss_type": "ensemble", "num_heads": 3}, {"num_heads": 1}, {"use_router": False}):
+        model_kwargs = {k: v for k, v in overrides.items() if k in ("num_heads", "use_router")}
+        model = build_tiny_micro_model(tokenizer, **model_kwargs)
+        args = make_args(tmp_path, **overrides)
+        trainer = MiCRoRewardTrainer(model=model, args=args, train_dataset=make_conflicting_pairs(16), processing_class=tokenizer)
+        trainer.train()
+        assert torch.isfinite(torch.tensor(trainer.state.log_history[-2]["loss"]))
+
+
+def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
+    model = build_tiny_micro_model(tokenizer)
+    args = make_args(tmp_path)
+    with pytest.raises(ValueError, match=r"missing the column\(s\) \['rejected'\]"):
+        MiCRoRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b"}]),
+                           processing_class=tokenizer)
+    empty = Dataset.from_list([{"prompt": "Question?", "chosen": "Sure.", "rejected": "Ok."},
+                               {"prompt": "Question?", "chosen": "  ", "rejected": "Ok."}])
+    with pytest.raises(ValueError, match="Row 1: `chosen` is empty"):
+        MiCRoRewardTrainer(model=model, args=args, train_dataset=empty, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="longer than max_length=4"):
+        MiCRoRewardTrainer(model=model, args=make_args(tmp_path, max_length=4),
+                           train_dataset=make_conflicting_pairs(4), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="num_heads"):
+        make_args(tmp_path, num_heads=0)
+    with pytest.raises(TypeError, match="MiCRoRewardModel"):
+        MiCRoRewardTrainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=make_conflicting_pairs(4),
+                           processing_class=tokenizer)
+
+
+def test_overlong_pairs_are_dropped(tokenizer, tmp_path):
+    data = make_conflicting_pairs(8)
+    lengths = [
+        max(len(tokenizer(r["prompt"] + r[side] + tokenizer.eos_token)["input_ids"]) for side in ("chosen", "rejected"))
+        for r in data
+    ]
+    max_length = sorted(lengths)[len(lengths) // 2]
+    trainer = MiCRoRewardTrainer(model=build_tiny_micro_model(tokenizer), args=make_args(tmp_path, max_length=max_length),
+                                 train_dataset=data, processing_class=tokenizer)
+    assert 0 < len(trainer.train_dataset) < len(data)
+    assert all(len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length for r in trainer.train_dataset)
