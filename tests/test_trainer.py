@@ -151,7 +151,7 @@ def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
 
 
 def test_overlong_pairs_are_dropped(tokenizer, tmp_path):
-    data = make_conflicting_pairs(8)
+    data = make_conflicting_pairs(8).remove_columns("context")
     lengths = [
         max(len(tokenizer(r["prompt"] + r[side] + tokenizer.eos_token)["input_ids"]) for side in ("chosen", "rejected"))
         for r in data

@@ -640,9 +640,17 @@ def plot_accuracy_per_context(
         errors = None
         if std is not None and method in std:
             errors = [std[method].get(column, 0.0) for column in columns]
+            if not any(errors):
+                errors = None  # a single run: no error bar
         offsets = positions - 0.4 + width * (index + 0.5)
         bars = axes.bar(offsets, heights, width, yerr=errors, capsize=3, label=method)
-        axes.bar_label(bars, labels=[f"{h:.2f}" if np.isfinite(h) else "" for h in heights], fontsize=7, padding=2)
+        axes.bar_label(
+            bars,
+            labels=[f"{h:.2f}" if np.isfinite(h) else "" for h in heights],
+            label_type="center",
+            fontsize=7,
+            color="white",
+        )
     axes.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
     axes.set_xticks(positions, columns)
     axes.set_ylabel("pairwise accuracy")
@@ -687,8 +695,8 @@ def plot_adaptation_curves(
     methods = list(dict.fromkeys(row.get("method", "method") for row in rows))
     counts = sorted({int(row["num_pairs"]) for row in rows})
 
-    num_columns = min(len(contexts), 3)
-    num_rows = math.ceil(len(contexts) / num_columns)
+    num_rows = math.ceil(len(contexts) / 3)
+    num_columns = math.ceil(len(contexts) / num_rows)
     figure = _new_figure(4.2 * num_columns + 2.2, 3.6 * num_rows + 0.6)
     grid = figure.subplots(num_rows, num_columns, sharey=True, squeeze=False)
     panels = grid.ravel()

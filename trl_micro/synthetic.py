@@ -341,9 +341,18 @@ TIP_LEADS = {
     1: ("I would recommend that you {tip}", "it is advisable to {tip}", "one should {tip}"),
 }
 PROSE_CONNECTORS = {0: ("", "Also, ", "And "), 1: ("First, ", "Furthermore, ", "Finally, ")}
-LIST_INTROS = {0: ("Quick list:", "Here's what works:"), 1: ("I recommend the following steps:", "Consider these points:")}
-EXAMPLE_LEADS = {0: ("Like, {example}", "For instance, {example}"), 1: ("For example, {example}", "To illustrate, {example}")}
-CAUTION_LEADS = {0: ("Heads up: {caution}", "Just be careful: {caution}"), 1: ("Please note: {caution}", "A word of caution: {caution}")}
+LIST_INTROS = {
+    0: ("Quick list:", "Here's what works:"),
+    1: ("I recommend the following steps:", "Consider these points:"),
+}
+EXAMPLE_LEADS = {
+    0: ("Like, {example}", "For instance, {example}"),
+    1: ("For example, {example}", "To illustrate, {example}"),
+}
+CAUTION_LEADS = {
+    0: ("Heads up: {caution}", "Just be careful: {caution}"),
+    1: ("Please note: {caution}", "A word of caution: {caution}"),
+}
 CLOSERS = {
     (0, 1): ("You've got this! 💪", "Have fun with it! 🎉", "You'll do great! 😊"),
     (1, 0): ("I hope this helps.", "I trust this is useful."),
@@ -401,7 +410,8 @@ class SyntheticPreferenceConfig:
             not isinstance(self.num_prompts, int) or not 1 <= self.num_prompts <= grid_size
         ):
             raise ValueError(
-                f"SyntheticPreferenceConfig.num_prompts must be an integer in [1, {grid_size}], got {self.num_prompts!r}."
+                f"SyntheticPreferenceConfig.num_prompts must be an integer in [1, {grid_size}], "
+                f"got {self.num_prompts!r}."
             )
         unknown = [axis for axis in self.axes if axis not in AXES]
         if not self.axes or unknown or len(set(self.axes)) != len(self.axes):
@@ -442,7 +452,7 @@ def utility(style, subpopulation: int, axes: tuple[str, ...] = AXES) -> float:
 
 
 def true_preference(style_a, style_b, subpopulation: int, axes: tuple[str, ...] = AXES) -> int:
-    """1 if subpopulation `subpopulation` prefers the response of style `style_a`, -1 if `style_b`, 0 if indifferent."""
+    """1 if `subpopulation` prefers the response of style `style_a`, -1 if the one of `style_b`, 0 if indifferent."""
     difference = utility(style_a, subpopulation, axes) - utility(style_b, subpopulation, axes)
     return 0 if abs(difference) < 1e-9 else (1 if difference > 0 else -1)
 
