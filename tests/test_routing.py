@@ -261,7 +261,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_ten_thousand_users_save_and_load_quickly(tmp_path):
-    router = populated_router(10_000, seed=1)
+    router = OnlineRouter(K)
+    router.update_many([f"user-{user}" for user in range(10_000)], torch.randn(10_000, K))
     path = tmp_path / "routing.json"
     start = time.perf_counter()
     router.save(path)
@@ -316,3 +317,12 @@ def test_store_of_another_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'model-a'.*'model-b'"):
         OnlineRouter.load(path, expected_fingerprint="model-b")
     assert len(OnlineRouter.load(path, expected_num_heads=K, expected_fingerprint="model-a")) == 5
+
+
+def test_accepts_tensors_that_require_grad_and_other_dtypes():
+    router = OnlineRouter(K)
+    deltas = torch.randn(3, K, requires_grad=True)
+    weights = router.update("u", deltas.to(torch.bfloat16), prior=torch.full((K,), 0.25, dtype=torch.float16))
+    assert weights.dtype == torch.float32 and not weights.requires_grad
+    router.update("u", np.arange(K, dtype=np.int64))
+    assert router.num_updates("u") == 4

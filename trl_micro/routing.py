@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 STORE_FORMAT = "trl-micro-online-router"
 STORE_FORMAT_VERSION = 1
@@ -170,14 +169,14 @@ class OnlineRouter:
         _check_user_id(user_id)
         log_prior = None if prior is None else self._log_prior(prior, "prior")
         deltas = self._delta_matrix(head_deltas)
-        self._apply(user_id, deltas, log_prior)
+        self._apply([user_id] * deltas.shape[0], deltas, {} if log_prior is None else {user_id: log_prior})
         return self.weights(user_id, prior=prior)
 
     def update_many(self, user_ids: Sequence[str], head_deltas: ArrayLike, priors: ArrayLike | None = None) -> None:
         """
-        Apply a mixed batch: row i of `head_deltas` `(N, K)` is a comparison of `user_ids[i]`. Rows of one user are
-        applied in their order. `priors` `(N, K)`, *optional*: row i is the prior of `user_ids[i]`, used if that user is
-        new (its first row counts).
+        Apply a mixed batch in one vectorized step: row i of `head_deltas` `(N, K)` is a comparison of `user_ids[i]`;
+        rows of one user are applied in their order, as by [`update`]. `priors` `(N, K)`, *optional*: row i is a prior
+        for `user_ids[i]`, used if that user is new (its first row counts).
         """
         user_ids = list(user_ids)
         for user_id in user_ids:
@@ -189,7 +188,7 @@ class OnlineRouter:
                 f"({len(user_ids)}, {self.num_heads}), got {tuple(deltas.shape)}."
             )
         deltas = self._delta_matrix(deltas)
-        prior_rows = None
+        new_user_log_priors = {}
         if priors is not None:
             prior_rows = _as_float64(priors, "priors")
             if prior_rows.shape != (len(user_ids), self.num_heads):
@@ -197,38 +196,55 @@ class OnlineRouter:
                     f"update_many: `priors` must have shape (len(user_ids), num_heads) = "
                     f"({len(user_ids)}, {self.num_heads}), got {tuple(prior_rows.shape)}."
                 )
-        rows_of_user: dict[str, list[int]] = {}
-        for row, user_id in enumerate(user_ids):
-            rows_of_user.setdefault(user_id, []).append(row)
-        for user_id, rows in rows_of_user.items():
-            log_prior = None
-            if prior_rows is not None and user_id not in self._states:
-                log_prior = self._log_prior(prior_rows[rows[0]], f"priors[{rows[0]}]")
-            self._apply(user_id, deltas[rows], log_prior)
+            for row, user_id in enumerate(user_ids):
+                if user_id not in self._states and user_id not in new_user_log_priors:
+                    new_user_log_priors[user_id] = self._log_prior(prior_rows[row], f"priors[{row}]")
+        self._apply(user_ids, deltas, new_user_log_priors)
 
-    def _apply(self, user_id: str, deltas: torch.Tensor, log_prior: torch.Tensor | None) -> None:
+    def _apply(self, user_ids: list[str], deltas: torch.Tensor, new_user_log_priors: dict[str, torch.Tensor]) -> None:
+        """The update of the module docstring for rows `deltas` (N, K) of users `user_ids`, all users at once."""
         informative = deltas.ne(0).any(dim=1)
         if not bool(informative.all()):
+            user_ids = [user_id for user_id, keep in zip(user_ids, informative.tolist()) if keep]
             deltas = deltas[informative]
-        count = deltas.shape[0]
-        if count == 0:
+        if not user_ids:
             return
-        state = self._states.get(user_id)
-        if state is None:
-            log_prior = self._default_log_prior if log_prior is None else log_prior
-            state = ContextState(log_weights=log_prior.clone(), log_prior=log_prior)
-        evidence = self.eta * F.logsigmoid(deltas)  # (N, K)
+        slot_of_user: dict[str, int] = {}
+        slots = [slot_of_user.setdefault(user_id, len(slot_of_user)) for user_id in user_ids]
+        counts = [0] * len(slot_of_user)
+        for slot in slots:
+            counts[slot] += 1
+
+        evidence = self.eta * log_sigmoid(deltas)  # (N, K)
         evidence = evidence - evidence.amax(dim=1, keepdim=True)  # a constant per comparison: keeps magnitudes small
-        if self.forgetting == 1.0:
-            log_weights = state.log_weights + evidence.sum(dim=0)
-        else:
-            ages = torch.arange(count - 1, -1, -1, dtype=torch.float64)
-            decayed_evidence = (self.forgetting**ages)[:, None] * evidence
-            kept = self.forgetting**count
-            log_weights = kept * state.log_weights + (1 - kept) * state.log_prior + decayed_evidence.sum(dim=0)
-        state.log_weights = log_weights - torch.logsumexp(log_weights, dim=0)
-        state.num_updates += count
-        self._states[user_id] = state
+        if self.forgetting != 1.0:
+            remaining = list(counts)
+            ages = []  # number of later comparisons of the same user
+            for slot in slots:
+                remaining[slot] -= 1
+                ages.append(remaining[slot])
+            evidence = evidence * self.forgetting ** torch.tensor(ages, dtype=torch.float64)[:, None]
+        total_evidence = torch.zeros(len(counts), self.num_heads, dtype=torch.float64)
+        total_evidence.index_add_(0, torch.tensor(slots), evidence)
+
+        states = []
+        for user_id in slot_of_user:
+            state = self._states.get(user_id)
+            if state is None:
+                log_prior = new_user_log_priors.get(user_id, self._default_log_prior)
+                state = ContextState(log_weights=log_prior, log_prior=log_prior)
+            states.append(state)
+        log_weights = torch.stack([state.log_weights for state in states])
+        if self.forgetting != 1.0:
+            kept = self.forgetting ** torch.tensor(counts, dtype=torch.float64)[:, None]
+            log_priors = torch.stack([state.log_prior for state in states])
+            log_weights = kept * log_weights + (1 - kept) * log_priors
+        log_weights = log_weights + total_evidence
+        log_weights = log_weights - torch.logsumexp(log_weights, dim=1, keepdim=True)
+        for user_id, state, new_log_weights, count in zip(slot_of_user, states, log_weights.unbind(0), counts):
+            state.log_weights = new_log_weights
+            state.num_updates += count
+            self._states[user_id] = state
 
     # -------------------------------------------------------------------------------------------------- validation
     def _delta_matrix(self, head_deltas: ArrayLike) -> torch.Tensor:
@@ -339,6 +355,14 @@ class OnlineRouter:
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
+def log_sigmoid(values: torch.Tensor) -> torch.Tensor:
+    """
+    log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), exact for any finite x. Plain elementwise ops: unlike
+    `F.logsigmoid`, whose CPU kernel starts intra-op threads even for K numbers, they stay cheap for tiny tensors.
+    """
+    return values.clamp(max=0) - torch.log1p(torch.exp(-values.abs()))
+
+
 def _is_real_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
