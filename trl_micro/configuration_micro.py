@@ -36,6 +36,12 @@ class MiCRoConfig(PreTrainedConfig):
             router reads the last token of the whole sequence.
         prompt_marker (`str`, *optional*):
             The text of `prompt_marker_ids`, kept for readability.
+        completion_end_ids (`list[int]`, *optional*):
+            Token ids that follow the completion's text in every training sequence: the EOS for standard text, the
+            chat template's end of turn (e.g. the ids of `"<|im_end|>\n"`) for conversations. The trainers fill it in.
+            When set, sequences scored without `prompt_lengths` (full texts from TRL's GRPO/RLOO by-path reward models,
+            PPO rollouts that stop at the EOS) are completed with the missing part of this ending and right-aligned
+            before the backbone runs, so they are scored at the token training scored.
         context_template (`str`, defaults to `"{context}\n\n"`):
             How a context (user description, criterion, persona) joins a prompt. Standard text: the formatted template
             is put before the prompt. Conversational: it becomes the system message (stripped).
@@ -57,6 +63,7 @@ class MiCRoConfig(PreTrainedConfig):
     router_hidden_size: int = 256
     prompt_marker_ids: list[int] | None = None
     prompt_marker: str | None = None
+    completion_end_ids: list[int] | None = None
     context_template: str = "{context}\n\n"
     backbone_is_causal: bool | None = None
     initializer_range: float = 0.02

@@ -46,6 +46,22 @@ def assistant_header(tokenizer: PreTrainedTokenizerBase) -> str | None:
     return with_header[len(without_header) :]
 
 
+def completion_end_token_ids(tokenizer: PreTrainedTokenizerBase, conversational: bool) -> list[int] | None:
+    """
+    The ids that follow a completion's text in every sequence `encode_prompt_completion` makes: the EOS for standard
+    text, the chat template's end of turn for conversations (e.g. `<|im_end|>\\n`). `None` when there is none.
+    """
+    if not conversational:
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    sentinel = "trl-micro-completion-end"
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    if sentinel not in rendered:
+        return None
+    ending = rendered[rendered.rindex(sentinel) + len(sentinel) :]
+    return tokenizer(ending, add_special_tokens=False)["input_ids"] or None
+
+
 def marker_token_ids(tokenizer: PreTrainedTokenizerBase, marker: str | None) -> list[int] | None:
     if not marker:
         return None

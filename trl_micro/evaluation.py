@@ -473,7 +473,8 @@ def ensure_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def _format_cell(mean: float, std: float, num_seeds: int) -> str:
+def format_accuracy_cell(mean: float, std: float, num_seeds: int) -> str:
+    """An accuracy in percent, with "± std" over seeds when there are several; "n/a" when undefined."""
     if mean is None or not math.isfinite(mean):
         return "n/a"
     if num_seeds > 1:
@@ -481,7 +482,8 @@ def _format_cell(mean: float, std: float, num_seeds: int) -> str:
     return f"{100 * mean:.1f}"
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
@@ -505,7 +507,7 @@ def _accuracy_section(summary: dict, reference_methods: Mapping[str, str] | None
         row = [name]
         for column in summary["columns"]:
             if column in means:
-                row.append(_format_cell(means[column], summary["std"][name][column], seeds))
+                row.append(format_accuracy_cell(means[column], summary["std"][name][column], seeds))
             else:
                 row.append("–")
         if several:
@@ -517,7 +519,7 @@ def _accuracy_section(summary: dict, reference_methods: Mapping[str, str] | None
     caption = "Pairwise accuracy (%) per context; macro = mean over contexts, worst = lowest context."
     if several:
         caption += " Mean ± standard deviation over seeds."
-    return ["## Accuracy per context", "", caption, "", *_markdown_table(header, rows), ""]
+    return ["## Accuracy per context", "", caption, "", *markdown_table(header, rows), ""]
 
 
 def _adaptation_section(rows: Sequence[Mapping]) -> list[str]:
@@ -530,12 +532,12 @@ def _adaptation_section(rows: Sequence[Mapping]) -> list[str]:
         for count in counts:
             row = cells.get((method, context, count))
             line.append(
-                "–" if row is None else _format_cell(row["accuracy"], row.get("accuracy_std", 0.0), row.get("num_seeds", 1))
+                "–" if row is None else format_accuracy_cell(row["accuracy"], row.get("accuracy_std", 0.0), row.get("num_seeds", 1))
             )
         table.append(line)
     header = ["method", "context", *[f"{count} pairs" for count in counts]]
     return ["## Adaptation curves", "", "Accuracy (%) by number of adaptation pairs per context.", "",
-            *_markdown_table(header, table), ""]
+            *markdown_table(header, table), ""]
 
 
 def _usage_section(usage: Mapping) -> list[str]:
@@ -547,7 +549,7 @@ def _usage_section(usage: Mapping) -> list[str]:
         rows = [[context, *[f"{value:.2f}" for value in matrix[c]]] for c, context in enumerate(entry["contexts"])]
         if name:
             lines += [f"### {name}", ""]
-        lines += [*_markdown_table(header, rows), ""]
+        lines += [*markdown_table(header, rows), ""]
     return lines
 
 

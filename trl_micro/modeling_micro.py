@@ -98,6 +98,25 @@ def find_prompt_end(input_ids: torch.Tensor, attention_mask: torch.Tensor, marke
     return last_hit
 
 
+def complete_sequence_endings(input_ids: torch.Tensor, attention_mask: torch.Tensor, end_ids: list[int]):
+    """
+    The rows again, padding removed and right-padded, each ending with `end_ids`: a row that ends with the first j ids
+    of `end_ids` gets the other ones appended (all of them when it ends with none). Returns (input_ids, attention_mask).
+    """
+    rows = []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        tokens = [token for token, keep in zip(ids, mask) if keep]
+        overlap = next(j for j in range(len(end_ids), -1, -1) if j == 0 or tokens[-j:] == end_ids[:j])
+        rows.append(tokens + end_ids[overlap:])
+    length = max(len(row) for row in rows)
+    completed_ids = torch.zeros((len(rows), length), dtype=input_ids.dtype, device=input_ids.device)
+    completed_mask = torch.zeros((len(rows), length), dtype=attention_mask.dtype, device=attention_mask.device)
+    for index, row in enumerate(rows):
+        completed_ids[index, : len(row)] = torch.tensor(row, dtype=input_ids.dtype)
+        completed_mask[index, : len(row)] = 1
+    return completed_ids, completed_mask
+
+
 def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
     """Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked."""
     saved = PreTrainedConfig.from_pretrained(path)
@@ -285,7 +304,10 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         """
         Args:
             input_ids, attention_mask: the full sequences (prompt + response), right- or left-padded.
-            prompt_lengths (`(batch,)`, *optional*): number of prompt tokens in each sequence.
+            prompt_lengths (`(batch,)`, *optional*): number of prompt tokens in each sequence. Without it, the prompt
+                ends at `config.prompt_marker_ids` and, when `config.completion_end_ids` is set, every sequence is
+                first completed with the ending training gave it and right-aligned (`position_ids` and
+                `token_type_ids` are then dropped: they would describe the old layout).
             reward_features, router_features (`(batch, hidden)`, *optional*): precomputed features instead of ids.
             mixture_weights (`(batch, K)` or `(K,)`, *optional*): weights to route with instead of the router's,
                 e.g. an online user's weights.
@@ -298,6 +320,14 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         if reward_features is None:
             if input_ids is None:
                 raise ValueError("MiCRoRewardModel.forward needs `input_ids` or `reward_features`/`router_features`.")
+            if prompt_lengths is None and self.config.completion_end_ids:
+                if attention_mask is None:
+                    attention_mask = torch.ones_like(input_ids)
+                input_ids, attention_mask = complete_sequence_endings(
+                    input_ids, attention_mask, self.config.completion_end_ids
+                )
+                kwargs.pop("position_ids", None)
+                kwargs.pop("token_type_ids", None)
             reward_features, router_features = self.compute_features(
                 input_ids, attention_mask, prompt_lengths, **kwargs
             )

@@ -1,4 +1,12 @@
+from .adaptation_config import RouterAdaptationConfig
+from .adaptation_trainer import RouterAdaptationTrainer
 from .micro_config import MiCRoRewardConfig
 from .micro_trainer import MiCRoRewardTrainer, build_micro_model
 
-__all__ = ["MiCRoRewardConfig", "MiCRoRewardTrainer", "build_micro_model"]
+__all__ = [
+    "MiCRoRewardConfig",
+    "MiCRoRewardTrainer",
+    "RouterAdaptationConfig",
+    "RouterAdaptationTrainer",
+    "build_micro_model",
+]

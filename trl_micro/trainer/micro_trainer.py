@@ -15,6 +15,7 @@ from ..data import (
     MiCRoPreferenceCollator,
     assistant_header,
     check_preference_columns,
+    completion_end_token_ids,
     marker_token_ids,
     tokenize_preference_example,
 )
@@ -119,13 +120,15 @@ class MiCRoRewardTrainer(RewardTrainer):
     # ------------------------------------------------------------------------------------------------ preparation
     @staticmethod
     def _set_prompt_marker(model, tokenizer, dataset, args) -> None:
-        """Store in the model the marker that ends prompts, so full texts can be routed after training."""
+        """Store in the model the marker that ends prompts and the ids that end completions, so full texts can be
+        routed and scored after training as they were in training."""
         first_example = next(iter(dataset))
         conversational = is_conversational({k: first_example[k] for k in ("chosen",) if k in first_example})
         marker = assistant_header(tokenizer) if conversational else args.prompt_marker
         if marker is not None:
             model.config.prompt_marker = marker
             model.config.prompt_marker_ids = marker_token_ids(tokenizer, marker)
+        model.config.completion_end_ids = completion_end_token_ids(tokenizer, conversational)
 
     @staticmethod
     def _make_feature_bank(args, peft_config) -> CachedFeatureCollator | None:

@@ -1,0 +1,106 @@
+"""
+The benchmark's preference pools: which pairs each benchmark draws its train / adaptation / test splits from.
+
+- `hh_relabeled`: HH-RLHF test pairs relabelled per objective; context = objective (helpful / harmless).
+- `hh_rlhf`: the four HH-RLHF test splits; context = harmless (harmless-base) or helpful (the helpful-* splits).
+- `synthetic`: the synthetic generator with its M = 8 designed subpopulations; the M = 2 and M = 4 benchmarks use the
+  rows of the first M subpopulations only, so one feature cache serves the three mixtures.
+
+Real pairs are filtered to those whose longer sequence, context included, fits in `max_length` tokens of the
+backbone's tokenizer, then `pairs_per_context` are drawn per context (seeded). The filter and the draw are recorded in
+the report.
+
+Each pool is ordered evaluation pairs first, training pairs last (`train_per_context` of every context, drawn with the
+pool's seed): only evaluation pairs are ever scored with their context, so only they need the backbone's second pass
+(see `trl_micro.pair_pool`). Every seed of the benchmark re-draws which evaluation pairs adapt and which test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasets import Dataset, concatenate_datasets
+from transformers import PreTrainedTokenizerBase
+
+from trl_micro.pair_pool import longest_sequence_lengths, tokenize_pairs
+from trl_micro.real_data import load_hh_relabeled, load_hh_rlhf, split_by_context, take_per_context
+from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+
+POOL_SEED = 0
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """
+    How a pool is drawn.
+
+    Args:
+        source: "hh_relabeled", "hh_rlhf" or "synthetic".
+        pairs_per_context: pairs drawn per context (per subpopulation for the synthetic generator).
+        train_per_context: of those, the training pairs; the others are evaluation (adaptation and test) pairs.
+        max_length: real pairs whose longer sequence (context included) exceeds this many tokens are left out.
+        candidate_pairs: real pairs read before filtering (a seeded uniform sample; None reads every pair).
+        num_subpopulations: M of the synthetic generator.
+    """
+
+    source: str
+    pairs_per_context: int
+    train_per_context: int
+    max_length: int = 256
+    candidate_pairs: int | None = None
+    num_subpopulations: int = 8
+
+    def describe(self) -> str:
+        if self.source == "synthetic":
+            return (
+                f"synthetic generator, M={self.num_subpopulations} subpopulations, {self.pairs_per_context} pairs each "
+                f"(generator seed {POOL_SEED})"
+            )
+        read = "all pairs" if self.candidate_pairs is None else f"a seeded sample of {self.candidate_pairs} pairs"
+        return (
+            f"{self.source}: {read}, kept those <= {self.max_length} tokens (context included), then "
+            f"{self.pairs_per_context} per context (seed {POOL_SEED})"
+        )
+
+
+def load_pool_dataset(
+    spec: PoolSpec, tokenizer: PreTrainedTokenizerBase, context_template: str, data_dir: str | None = None
+) -> tuple[Dataset, int]:
+    """
+    The pool's pairs (prompt, chosen, rejected, context, context_id, ...), evaluation pairs first, and the number of
+    evaluation pairs.
+    """
+    pairs = draw_pool_pairs(spec, tokenizer, context_template, data_dir)
+    parts = split_by_context(
+        pairs,
+        context_column="context_id",
+        fractions=None,
+        sizes_per_context=(spec.train_per_context, spec.pairs_per_context - spec.train_per_context, 0),
+        seed=POOL_SEED,
+    )
+    return concatenate_datasets([parts["adaptation"], parts["train"]]), len(parts["adaptation"])
+
+
+def draw_pool_pairs(
+    spec: PoolSpec, tokenizer: PreTrainedTokenizerBase, context_template: str, data_dir: str | None = None
+) -> Dataset:
+    """The pool's `pairs_per_context` pairs of every context (see the module docstring)."""
+    if spec.source == "synthetic":
+        return generate_synthetic_preferences(
+            SyntheticPreferenceConfig(
+                num_subpopulations=spec.num_subpopulations,
+                num_pairs_per_subpopulation=spec.pairs_per_context,
+                seed=POOL_SEED,
+            )
+        )
+    if spec.source == "hh_relabeled":
+        candidates = load_hh_relabeled(data_dir=data_dir, max_pairs=spec.candidate_pairs, seed=POOL_SEED)
+    elif spec.source == "hh_rlhf":
+        per_split = None if spec.candidate_pairs is None else spec.candidate_pairs // 4
+        candidates = load_hh_rlhf(data_dir=data_dir, max_pairs_per_split=per_split, seed=POOL_SEED)
+    else:
+        raise ValueError(f"Unknown pool source {spec.source!r}; use 'hh_relabeled', 'hh_rlhf' or 'synthetic'.")
+    tokenized = tokenize_pairs(candidates, tokenizer, context_template, "context")
+    lengths = longest_sequence_lengths(tokenized)
+    short = candidates.select([i for i, length in enumerate(lengths) if length <= spec.max_length])
+    return take_per_context(short, spec.pairs_per_context, context_column="context_id", seed=POOL_SEED)

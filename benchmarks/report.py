@@ -1,0 +1,421 @@
+"""
+Turning comparison runs into the benchmark's files: one JSON + Markdown report and PNG plots per benchmark (through
+`trl_micro.evaluation`), and the sections of BENCHMARKS.md.
+
+Gap closed, per context c: (acc_method(c) - acc_SingleReward(c)) / (acc_Oracle(c) - acc_SingleReward(c)), computed
+on the accuracies averaged over seeds (undefined when the oracle is not above SingleReward).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trl_micro.baselines import (
+    ADAPTIVE_METHODS,
+    MICRO_ADAPTED,
+    MICRO_ONLINE,
+    METHODS,
+    ORACLE,
+    SINGLE,
+    ComparisonResult,
+)
+from trl_micro.evaluation import (
+    adaptation_curve,
+    format_accuracy_cell,
+    gap_closed,
+    markdown_table,
+    plot_accuracy_per_context,
+    plot_adaptation_curves,
+    plot_head_usage_heatmap,
+    summarize_methods,
+    write_report,
+)
+
+STAGE2_METHODS = (MICRO_ADAPTED, MICRO_ONLINE)
+
+
+@dataclass
+class BenchmarkOutcome:
+    """
+    Every seed of one benchmark.
+
+    Attributes:
+        name: file-name stem, e.g. "hh_relabeled" or "synthetic_m4" (plus "_lora" on the tuned backbone).
+        title: heading in the report.
+        description: how the pool and splits were drawn.
+        runs: one [`ComparisonResult`] per seed, in the order of `seeds`.
+        target: fraction of the SingleReward-to-oracle gap that MiCRo + Stage 2 should close on every context.
+        seconds: wall time of all seeds (training, adaptation and scoring; the backbone does not run).
+    """
+
+    name: str
+    title: str
+    description: str
+    num_heads: int
+    seeds: list[int]
+    runs: list[ComparisonResult]
+    target: float | None = None
+    seconds: float = 0.0
+    files: dict = field(default_factory=dict)
+
+    @property
+    def contexts(self) -> list[str]:
+        return list(self.runs[0].accuracy[SINGLE]["accuracy"])
+
+    @property
+    def largest_adaptation(self) -> int:
+        return max(self.runs[0].adaptation[MICRO_ADAPTED])
+
+    def accuracy_runs(self, methods=None) -> dict:
+        """`{method: [per_context_accuracy of each seed]}`."""
+        methods = methods or list(self.runs[0].accuracy)
+        return {method: [run.accuracy[method] for run in self.runs] for method in methods}
+
+    def mean_accuracy(self, method: str, context: str) -> float:
+        return float(np.mean([run.accuracy[method]["accuracy"][context] for run in self.runs]))
+
+    def gap_closed(self, method: str, context: str) -> float:
+        """Gap closed on `context`, from the seed means (see the module docstring)."""
+        return gap_closed(
+            self.mean_accuracy(method, context), self.mean_accuracy(SINGLE, context), self.mean_accuracy(ORACLE, context)
+        )
+
+    def gap_closed_per_seed(self, method: str, context: str) -> list[float]:
+        return [
+            gap_closed(
+                run.accuracy[method]["accuracy"][context],
+                run.accuracy[SINGLE]["accuracy"][context],
+                run.accuracy[ORACLE]["accuracy"][context],
+            )
+            for run in self.runs
+        ]
+
+    def adaptation_rows(self) -> list[dict]:
+        rows = []
+        for method in ADAPTIVE_METHODS:
+            per_size = {size: [run.adaptation[method][size] for run in self.runs] for size in self.runs[0].adaptation[method]}
+            rows += adaptation_curve(per_size, method=method, include_summary=False)
+        return rows
+
+    def mean_head_usage(self) -> dict:
+        """`{label: head_usage dict}` averaged over seeds (heads are not matched across seeds: each seed's head k)."""
+        usage = {}
+        for label in self.runs[0].head_usage:
+            entries = [run.head_usage[label] for run in self.runs]
+            usage[label] = {
+                "contexts": entries[0]["contexts"],
+                "usage": np.mean([entry["usage"] for entry in entries], axis=0),
+                "overall": np.mean([entry["overall"] for entry in entries], axis=0),
+            }
+        return usage
+
+    def meets_target(self, method: str) -> bool | None:
+        """Whether `method` closes the target share of the gap on every context; None without a target or a gap."""
+        gaps = [self.gap_closed(method, context) for context in self.contexts]
+        if self.target is None or not all(math.isfinite(gap) for gap in gaps):
+            return None
+        return all(gap >= self.target for gap in gaps)
+
+
+def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dict) -> dict:
+    """`<name>.json` / `<name>.md` (evaluation.write_report) and the PNG plots of one benchmark; returns the paths."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / outcome.name
+    usage = outcome.mean_head_usage()
+    results = {
+        "title": outcome.title,
+        "methods": outcome.accuracy_runs(),
+        "reference_methods": {"single": SINGLE, "oracle": ORACLE},
+        "adaptation_curves": outcome.adaptation_rows(),
+        "head_usage": usage,
+        "gap_closed": {
+            method: {context: outcome.gap_closed(method, context) for context in outcome.contexts}
+            for method in METHODS
+        },
+        "gap_closed_per_seed": {
+            method: {context: outcome.gap_closed_per_seed(method, context) for context in outcome.contexts}
+            for method in STAGE2_METHODS
+        },
+        "per_seed_head_accuracy": [run.head_accuracy for run in outcome.runs],
+        "seconds_per_method": [run.seconds for run in outcome.runs],
+        "seeds": outcome.seeds,
+        "num_heads": outcome.num_heads,
+        "description": outcome.description,
+        "setup": setup,
+    }
+    json_path, markdown_path = write_report(results, stem)
+    files = {"json": json_path, "markdown": markdown_path}
+    files["accuracy_plot"] = plot_accuracy_per_context(
+        outcome.accuracy_runs(list(METHODS)),
+        stem.with_name(f"{outcome.name}_accuracy.png"),
+        title=f"{outcome.title}: test accuracy per context (mean ± std over {len(outcome.seeds)} seeds)",
+    )
+    references = {
+        name: {context: outcome.mean_accuracy(name, context) for context in outcome.contexts} for name in (SINGLE, ORACLE)
+    }
+    files["adaptation_plot"] = plot_adaptation_curves(
+        outcome.adaptation_rows(),
+        stem.with_name(f"{outcome.name}_adaptation.png"),
+        references=references,
+        title=f"{outcome.title}: accuracy vs adaptation pairs per context",
+    )
+    for label, key in ((MICRO_ADAPTED, "router_usage_plot"), (MICRO_ONLINE, "online_usage_plot")):
+        entry = next(value for name, value in usage.items() if name.startswith(label))
+        files[key] = plot_head_usage_heatmap(
+            entry["usage"],
+            entry["contexts"],
+            stem.with_name(f"{outcome.name}_{key.removesuffix('_plot')}.png"),
+            title=f"{outcome.title}: head weights, {label} ({outcome.largest_adaptation} pairs per context)",
+        )
+    outcome.files = files
+    return files
+
+
+# ------------------------------------------------------------------------------------------------------------ markdown
+def _percent(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _gap(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.2f}"
+
+
+def _met(outcome: BenchmarkOutcome, context: str) -> str:
+    """"yes" when a Stage 2 variant closes the target share of the gap on `context`; "n/a" when there is no gap."""
+    gaps = [outcome.gap_closed(method, context) for method in STAGE2_METHODS]
+    if not any(math.isfinite(gap) for gap in gaps):
+        return "n/a"
+    return "yes" if any(gap >= outcome.target for gap in gaps if math.isfinite(gap)) else "no"
+
+
+def targets_table(outcomes: list[BenchmarkOutcome]) -> list[str]:
+    """One row per benchmark and context: SingleReward, oracle, both Stage 2 variants and their gap closed."""
+    rows = []
+    for outcome in outcomes:
+        for context in outcome.contexts:
+            row = [outcome.title, context, _percent(outcome.mean_accuracy(SINGLE, context)),
+                   _percent(outcome.mean_accuracy(ORACLE, context))]
+            for method in STAGE2_METHODS:
+                gaps = [g for g in outcome.gap_closed_per_seed(method, context) if math.isfinite(g)]
+                spread = f" [{min(gaps):.2f}, {max(gaps):.2f}]" if len(gaps) > 1 else ""
+                row += [_percent(outcome.mean_accuracy(method, context)), _gap(outcome.gap_closed(method, context)) + spread]
+            row += ["–", "–"] if outcome.target is None else [f">= {outcome.target:.1f}", _met(outcome, context)]
+            rows.append(row)
+    header = ["benchmark", "context", "SingleReward", "Oracle", "router adapt.", "gap closed", "online routing",
+              "gap closed", "target", "met"]
+    return markdown_table(header, rows)
+
+
+def outcome_section(outcome: BenchmarkOutcome, document: Path) -> list[str]:
+    """The BENCHMARKS.md section of one benchmark: its report's tables (headings demoted), gap table and plots."""
+    lines = [f"### {outcome.title}", "", outcome.description, ""]
+    generated = Path(outcome.files["markdown"]).read_text(encoding="utf-8").splitlines()
+    for line in generated[1:]:  # the first line is the report's own title; its headings go two levels down
+        lines.append("##" + line if line.startswith("#") else line)
+    lines.append("")
+    gap_rows = []
+    for method in METHODS:
+        if method in (SINGLE, ORACLE):
+            continue
+        gap_rows.append([method, *[_gap(outcome.gap_closed(method, context)) for context in outcome.contexts]])
+    lines += ["#### Gap closed per context", "",
+              "(acc - SingleReward) / (Oracle - SingleReward) on the seed-mean accuracies; 1 = oracle, 0 = SingleReward.",
+              "", *markdown_table(["method", *outcome.contexts], gap_rows), ""]
+    lines += [f"Wall time of the {len(outcome.seeds)} seeds (features cached): {outcome.seconds:.0f} s.", ""]
+    for key, caption in (("accuracy_plot", "accuracy per context"), ("adaptation_plot", "adaptation curves"),
+                         ("router_usage_plot", "head weights after router adaptation"),
+                         ("online_usage_plot", "head weights of online routing")):
+        relative = Path(os.path.relpath(outcome.files[key], document.parent)).as_posix()
+        lines += [f"![{outcome.title}: {caption}]({relative})", ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------------ document
+SETUP_TEXT = """\
+**Backbone and features.** Every method uses the same frozen backbone and the same cached features: the last hidden
+state at the last token of each response (what the reward heads read) and at the last prompt token (what the router
+reads), computed once per pair and form and cached on disk (`trl_micro.pair_pool`, `trl_micro.feature_cache`). All
+training goes through the project's trainers (`MiCRoRewardTrainer`, `RouterAdaptationTrainer`) on those cached
+features (`freeze_backbone=True`); the backbone never runs during the comparison.
+
+**Where the context goes (our choice, following the paper).** Stage 1 is mixture modeling on ordinary binary
+preferences: it never sees a context label or text, so every method's training pairs are scored *without* their
+context (`x + y`). Stage 2 is where the context comes in. Router adaptation puts the context text in the prompt
+(`"<context>\\n\\n" + prompt`, the model's `context_template`, as `trl-micro eval` and inference do) and fine-tunes the
+router on a few labelled pairs; MiCRo Stage 1 is also scored that way (its router reads the context zero-shot). The
+id-based Stage 2 methods (online routing, HyRe) and the context-blind baselines score pairs without the context text:
+they know the context by its id. Because MiCRo's heads read the same single forward pass as the router, a context
+in the prompt also shifts the features the heads read (they were trained without it); the diagnostic row
+"SingleReward, context in prompt" measures the size of that shift on a context-blind model.
+
+**Methods.** SingleReward: one Bradley-Terry (BT) head. StaticMixture: K heads, one learned weight vector
+(`use_router=False`), mixture BT loss. Shared-Base Ensemble: K heads each with its own BT loss
+(`loss_type="ensemble"`), averaged. HyRe: the ensemble's heads reweighted per context from its adaptation pairs,
+w_k ∝ exp(sum_i logsigmoid(delta_k,i)) (an `OnlineRouter` with a uniform prior computes exactly this). MiCRo Stage 1:
+K heads + a linear router on the prompt, mixture BT loss with the head-usage balance regularizer. MiCRo + router
+adaptation: `RouterAdaptationTrainer` on the adaptation pairs of all contexts at once (heads and backbone frozen).
+MiCRo + online routing: one `OnlineRouter` posterior per context id, prior = the Stage-1 router's mean weights over
+the context's adaptation prompts (context in the prompt), updated with the adaptation pairs' head margins (eta = 1,
+exact Bayes). Oracle: one BT head per context trained on that context's training pairs (it knows every training
+pair's context: the paper's upper bound, for a reward that is linear in the features). Adaptive methods are reported
+with the largest number of adaptation pairs per context; their curves show the smaller, nested draws. Three
+diagnostics (not methods): SingleReward scored with the context in the prompt; the best Stage-1 head of each context,
+chosen on the test pairs themselves (the ceiling of any routing that gives a context one head); and an oracle with
+MiCRo's own architecture, K heads + router trained per context. MiCRo's routed reward sum_k w_k(x) r_k(x, y) is not
+linear in the features (the weights depend on the prompt), so MiCRo can beat the linear BT oracle, and the gap closed
+can exceed 1.
+
+**Seeds.** Every seed changes the head and router initialization, the training order, and which evaluation pairs
+adapt and which test (a stratified draw); the training pairs of a pool are the same for every seed. Spreads are
+sample standard deviations over seeds."""
+
+
+def _machine_table(machine: dict) -> list[str]:
+    rows = [[key, str(value)] for key, value in machine.items()]
+    return markdown_table(["", "value"], rows)
+
+
+def _timings_table(timings, lora) -> list[str]:
+    rows = [[f"features of pool `{name}` (tokenize + load or compute)", f"{seconds:.0f}"]
+            for name, seconds in timings.pools.items()]
+    rows += [[f"comparison `{name}` (all seeds)", f"{seconds:.0f}"] for name, seconds in timings.benchmarks.items()]
+    rows.append(["performance figures", f"{timings.performance:.0f}"])
+    if lora is not None:
+        rows.append(["LoRA run (tuning + tuned features + two comparisons)", f"{timings.lora:.0f}"])
+    rows.append(["**total**", f"**{timings.total:.0f}**"])
+    return markdown_table(["step", "wall time (s)"], rows)
+
+
+def _verdicts(outcomes: list[BenchmarkOutcome]) -> list[str]:
+    lines = []
+    for outcome in outcomes:
+        if outcome.target is None:
+            continue
+        parts = []
+        for method in STAGE2_METHODS:
+            gaps = {context: outcome.gap_closed(method, context) for context in outcome.contexts}
+            shown = ", ".join(f"{context} {_gap(gap)}" for context, gap in gaps.items())
+            verdict = {True: "meets", False: "misses", None: "cannot be judged on"}[outcome.meets_target(method)]
+            parts.append(f"{method}: {verdict} it ({shown})")
+        undefined = [c for c in outcome.contexts if not math.isfinite(outcome.gap_closed(MICRO_ADAPTED, c))]
+        note = (f" No gap to close on {', '.join(undefined)}: the oracle is not above SingleReward there."
+                if undefined else "")
+        lines.append(f"- **{outcome.title}** (target: close >= {outcome.target:.0%} of the gap on every context, "
+                     f"{outcome.largest_adaptation} adaptation pairs per context). " + "; ".join(parts) + "." + note)
+    return lines
+
+
+def _performance_section(performance: dict | None) -> list[str]:
+    lines = ["## Performance", ""]
+    if performance is None:
+        return lines + ["Not measured in this run (`--skip_performance`).", ""]
+    epoch = performance["epoch"]
+    lines += [
+        f"Stage 1, frozen backbone, one epoch over {epoch.num_pairs} {performance['epoch_data']} pairs (batch 8, "
+        "K = 4), same machine, same moment:",
+        "",
+        *markdown_table(
+            ["path", "seconds"],
+            [
+                ["slow path (`use_feature_cache=False`): backbone on every step", f"{epoch.slow_epoch_seconds:.2f}"],
+                ["feature cache: one-off backbone pass, before the first epoch", f"{epoch.cache_build_seconds:.2f}"],
+                ["feature cache: each epoch", f"{epoch.cached_epoch_seconds:.3f}"],
+            ],
+        ),
+        "",
+        f"Each cached epoch is {epoch.speedup:.0f}x faster than a slow-path epoch; the cache pays for itself after "
+        f"{epoch.cache_build_seconds / max(epoch.slow_epoch_seconds - epoch.cached_epoch_seconds, 1e-9):.1f} epochs.",
+        "",
+        "Reward scoring, MiCRo against a plain single-head reward model on the same backbone "
+        "(`benchmarks/reward_overhead.py`, run by this benchmark; its report follows):",
+        "",
+    ]
+    for line in performance["overhead"].splitlines()[1:]:  # its title is replaced by the sentence above
+        lines.append(line)
+    return lines + [""]
+
+
+def _lora_section(lora: dict | None, document: Path) -> list[str]:
+    lines = ["## LoRA-tuned backbone", ""]
+    if lora is None:
+        return lines + [
+            "Not run in this report. `python benchmarks/run_all.py --lora` adds it: MiCRo Stage 1 with a LoRA adapter "
+            "on the backbone (`peft_config`), trained on the hh_relabeled training pairs without context, merged; "
+            "then the same comparison on features of the tuned backbone, next to the frozen backbone on the same "
+            "training pairs. It uses the single-GPU configuration when a GPU is present and a small CPU configuration "
+            "otherwise.",
+            "",
+        ]
+    lines += [
+        f"Configuration run: {lora['tuning'].describe()}. LoRA Stage 1 took {lora['tuning_seconds']:.0f} s and the "
+        f"tuned backbone's features {lora['feature_seconds']:.0f} s. Both comparisons below use the same "
+        f"{lora['train_pairs_per_context']} training pairs per context and the same evaluation draws.",
+        "",
+    ]
+    for outcome in lora["outcomes"].values():
+        lines += outcome_section(outcome, document)
+    return lines
+
+
+def render_document(plan, outcomes, performance, lora, timings, machine, command, date, output: Path) -> str:
+    """The text of BENCHMARKS.md."""
+    lora_outcomes = list(lora["outcomes"].values()) if lora else []
+    results_dir = Path(os.path.relpath(Path(outcomes[0].files["json"]).parent, output.parent)).as_posix()
+    lines = [
+        "# trl-micro benchmarks",
+        "",
+        f"Generated by `{command}` on {date}. Regenerate with `make benchmark` (frozen backbone) or add `--lora`; do "
+        f"not edit by hand. Per-benchmark JSON and Markdown reports and every plot are in `{results_dir}/`.",
+        "",
+        "## How this was run",
+        "",
+        f"- Environment: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`, niceness {machine.get('nice')}, "
+        f"{machine['torch_threads']} torch threads.",
+        f"- Backbone: `{plan.model}` ({'SmolLM2-135M-Instruct, bundled' if plan.model == 'embedded' else 'custom'}), "
+        f"{'frozen' if lora is None else 'frozen, plus a LoRA-tuned copy (see the last section)'}.",
+        f"- Seeds: {', '.join(map(str, plan.seeds))}.",
+        f"- Machine load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in machine['load_average_start'])}, "
+        f"at end {tuple(round(x, 2) for x in machine['load_average_end'])}: the machine is shared, so wall times "
+        "include other people's jobs.",
+        "",
+        *_machine_table({k: v for k, v in machine.items() if not k.startswith("load_average")}),
+        "",
+        "Wall times:",
+        "",
+        *_timings_table(timings, lora),
+        "",
+        "## Setup",
+        "",
+        SETUP_TEXT,
+        "",
+        "Pools:",
+        "",
+        *[f"- `{name}`: {spec.describe()}; {spec.train_per_context} training pairs per context, the other "
+          f"{spec.pairs_per_context - spec.train_per_context} are evaluation pairs." for name, spec in plan.pools.items()],
+        "",
+        f"Training: heads (and router) {plan.comparison.heads}; router adaptation {plan.comparison.router}; "
+        f"adaptation sizes {list(plan.comparison.adaptation_sizes)} pairs per context; online routing eta "
+        f"{plan.comparison.online_eta}.",
+        "",
+        "## Targets",
+        "",
+        "Gap closed = (acc - SingleReward) / (Oracle - SingleReward) per context, on seed-mean accuracies; in "
+        "brackets the range over seeds. `met`: at least one MiCRo Stage 2 variant reaches the target on that context.",
+        "",
+        *targets_table(outcomes + lora_outcomes),
+        "",
+        *_verdicts(outcomes + lora_outcomes),
+        "",
+        "## Results",
+        "",
+    ]
+    for outcome in outcomes:
+        lines += outcome_section(outcome, output)
+    lines += _performance_section(performance)
+    lines += _lora_section(lora, output)
+    return "\n".join(lines).rstrip("\n") + "\n"

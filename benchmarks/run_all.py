@@ -1,0 +1,344 @@
+"""
+The whole benchmark in one command: MiCRo against every baseline on hh_relabeled, hh_rlhf and synthetic mixtures
+(M = 2, 4, 8), performance figures, and optionally the same comparison on a LoRA-tuned backbone. Regenerates
+BENCHMARKS.md at the repository root and the JSON / Markdown reports and PNG plots under benchmarks/results/.
+
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/run_all.py            # frozen backbone (make benchmark)
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/run_all.py --lora     # + LoRA-tuned backbone
+
+The backbone (the embedded SmolLM2-135M-Instruct unless --model) runs once per pair and form: its features are
+cached on disk (`--cache_dir`, default `$TRL_MICRO_CACHE/features`), so later runs skip that part entirely.
+`--preset smoke` is a seconds-long run on tiny pools, for tests (with `--model` a tiny checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from benchmarks.lora_backbone import LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
+from benchmarks.performance import run_reward_overhead, time_stage1_epoch  # noqa: E402
+from benchmarks.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
+from benchmarks.report import BenchmarkOutcome, render_document, write_outcome_files  # noqa: E402
+from trl_micro import MiCRoRewardModel  # noqa: E402
+from trl_micro.baselines import ComparisonSettings, HeadTraining, RouterTraining, compare_methods, split_pool  # noqa: E402
+from trl_micro.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
+from trl_micro.sources import resolve_model_path  # noqa: E402
+
+logger = logging.getLogger("benchmarks")
+
+
+@dataclass
+class BenchmarkSpec:
+    """One comparison: a pool, the contexts it uses, K, the per-context adaptation / test draw, and the target."""
+
+    name: str
+    title: str
+    pool: str
+    num_heads: int
+    adaptation_per_context: int
+    test_per_context: int
+    contexts: tuple[str, ...] | None = None  # None: every context of the pool
+    target: float | None = None
+
+
+@dataclass
+class BenchmarkPlan:
+    model: str
+    pools: dict[str, PoolSpec]
+    benchmarks: list[BenchmarkSpec]
+    seeds: list[int]
+    comparison: ComparisonSettings
+    performance_pairs: int  # pairs of the Stage 1 epoch timing
+    overhead_completions: int  # reward_overhead.py --completions
+    overhead_repetitions: int  # reward_overhead.py --repetitions
+    lora_benchmark: str = "hh_relabeled"
+    lora_tuning: LoraTuning | None = None  # None: the GPU configuration on a GPU, the CPU one otherwise
+    lora_seeds: list[int] | None = None  # seeds of the comparisons on the LoRA run (None: `seeds`)
+
+
+def synthetic_contexts(num_subpopulations: int) -> tuple[str, ...]:
+    return tuple(f"subpop-{m}" for m in range(num_subpopulations))
+
+
+def full_plan() -> BenchmarkPlan:
+    synthetic = [
+        BenchmarkSpec(f"synthetic_m{m}", f"synthetic M={m}", "synthetic", k, 32, 48, synthetic_contexts(m), target=0.8)
+        for m, k in ((2, 4), (4, 6), (8, 10))
+    ]
+    return BenchmarkPlan(
+        model="embedded",
+        pools={
+            "hh_relabeled": PoolSpec("hh_relabeled", pairs_per_context=200, train_per_context=120),
+            "hh_rlhf": PoolSpec("hh_rlhf", pairs_per_context=200, train_per_context=120),
+            "synthetic": PoolSpec("synthetic", pairs_per_context=176, train_per_context=96),
+        },
+        benchmarks=[
+            BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 48, target=0.5),
+            BenchmarkSpec("hh_rlhf", "hh_rlhf", "hh_rlhf", 4, 32, 48),
+            *synthetic,
+        ],
+        seeds=[0, 1, 2],
+        comparison=ComparisonSettings(
+            adaptation_sizes=(8, 16, 32),
+            heads=HeadTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_balance_coef=0.1),
+            router=RouterTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_anchor_coef=1e-2),
+        ),
+        performance_pairs=32,
+        overhead_completions=16,
+        overhead_repetitions=3,
+    )
+
+
+def smoke_plan() -> BenchmarkPlan:
+    """Tiny pools and two short epochs: the whole pipeline in seconds with a tiny model (tests)."""
+    return BenchmarkPlan(
+        model="embedded",
+        pools={
+            "hh_relabeled": PoolSpec("hh_relabeled", 10, 4, max_length=320, candidate_pairs=200),
+            "synthetic": PoolSpec("synthetic", 10, 4, num_subpopulations=4),
+        },
+        benchmarks=[
+            BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 2, 4, 2, target=0.5),
+            BenchmarkSpec("synthetic_m2", "synthetic M=2", "synthetic", 2, 4, 2, synthetic_contexts(2), target=0.8),
+        ],
+        seeds=[0, 1],
+        comparison=ComparisonSettings(
+            adaptation_sizes=(2, 4),
+            heads=HeadTraining(num_train_epochs=2, batch_size=8),
+            router=RouterTraining(num_train_epochs=2, batch_size=8),
+        ),
+        performance_pairs=4,
+        overhead_completions=2,
+        overhead_repetitions=1,
+        lora_tuning=LoraTuning("smoke configuration", 2, 4, ["q_proj", "v_proj"], 1, 1e-3, 4, 2),
+        lora_seeds=[0],
+    )
+
+
+PRESETS = {"full": full_plan, "smoke": smoke_plan}
+
+
+# --------------------------------------------------------------------------------------------------------------- steps
+@dataclass
+class Timings:
+    pools: dict = field(default_factory=dict)
+    benchmarks: dict = field(default_factory=dict)
+    performance: float = 0.0
+    lora: float = 0.0
+    total: float = 0.0
+
+
+def build_pools(plan, model, tokenizer, args, timings) -> dict[str, CachedPairPool]:
+    pools = {}
+    for name, spec in plan.pools.items():
+        dataset, num_evaluation = load_pool_dataset(spec, tokenizer, model.config.context_template, args.data_dir)
+        logger.info("Pool %s: %d pairs, %d evaluation pairs", name, len(dataset), num_evaluation)
+        pools[name] = build_pair_pool(
+            model, tokenizer, dataset, cache_dir=args.cache_dir, num_with_context=num_evaluation
+        )
+        timings.pools[name] = pools[name].build_seconds
+    return pools
+
+
+def run_benchmark(
+    spec: BenchmarkSpec, pool: CachedPairPool, backbone, tokenizer, plan, description, seeds=None
+) -> BenchmarkOutcome:
+    # Every training ends with accelerate's gc.collect(): keep it from scanning the long-lived objects (pools,
+    # datasets, the backbone) dozens of times; it otherwise costs more than the training itself.
+    gc.freeze()
+    seeds = seeds or plan.seeds
+    contexts = spec.contexts or tuple(sorted(set(pool.context_ids)))
+    settings = replace(plan.comparison, num_heads=spec.num_heads)
+    started = time.perf_counter()
+    runs = []
+    for seed in seeds:
+        split = split_pool(pool, contexts, spec.adaptation_per_context, spec.test_per_context, seed)
+        logger.info("%s, seed %d: %d train / %d adaptation / %d test pairs", spec.name, seed, len(split.train),
+                    len(split.adaptation), len(split.test))
+        runs.append(compare_methods(backbone, tokenizer, pool, split, settings, seed))
+    num_train = len(split_pool(pool, contexts, spec.adaptation_per_context, spec.test_per_context, 0).train)
+    return BenchmarkOutcome(
+        name=spec.name,
+        title=spec.title,
+        description=(
+            f"Pool: {description}. Contexts: {', '.join(contexts)}. Per seed: {num_train // len(contexts)} training "
+            f"pairs per context (the same for every seed), {spec.adaptation_per_context} adaptation and "
+            f"{spec.test_per_context} test pairs per context drawn from the evaluation pairs. K = {spec.num_heads}."
+        ),
+        num_heads=spec.num_heads,
+        seeds=list(seeds),
+        runs=runs,
+        target=spec.target,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def measure_performance(plan, model_path, tokenizer, pools, results_dir: Path) -> dict:
+    """Stage 1 epoch time (slow path vs cache) on the synthetic pool's pairs, and reward_overhead.py's scoring cost."""
+    pool = pools.get("synthetic") or next(iter(pools.values()))
+    rows = pool.dataset.select(range(min(plan.performance_pairs, len(pool))))
+    pairs = Dataset.from_dict({column: rows[column] for column in ("prompt", "chosen", "rejected")})
+    epoch = time_stage1_epoch(model_path, tokenizer, pairs)
+    overhead = run_reward_overhead(plan.overhead_completions, plan.overhead_repetitions, results_dir / "reward_overhead.md")
+    return {"epoch": epoch, "epoch_data": "synthetic" if "synthetic" in pools else "first pool", "overhead": overhead}
+
+
+def run_lora(plan, model_path, tokenizer, pools, frozen_backbone, args) -> dict:
+    """LoRA Stage 1 on the LoRA benchmark's training pairs, then the comparison on the tuned and the frozen backbone."""
+    spec = next(bench for bench in plan.benchmarks if bench.name == plan.lora_benchmark)
+    tuning = plan.lora_tuning or default_lora_tuning()
+    pool = pools[spec.pool]
+    contexts = spec.contexts or tuple(sorted(set(pool.context_ids)))
+    train = split_pool(pool, contexts, spec.adaptation_per_context, spec.test_per_context, 0).train
+    if tuning.train_pairs_per_context is not None:
+        train = [pair for context in contexts for pair in pool.pairs_of_context(train, context)[: tuning.train_pairs_per_context]]
+    evaluation = [pair for pair in range(pool.num_with_context) if pool.context_ids[pair] in contexts]
+    frozen_pool = pool.subset(evaluation + sorted(train))
+    train_text = frozen_pool.dataset.select(range(frozen_pool.num_with_context, len(frozen_pool)))
+    train_text = Dataset.from_dict({column: train_text[column] for column in ("prompt", "chosen", "rejected")})
+
+    started = time.perf_counter()
+    tuned = tune_backbone_with_lora(model_path, tokenizer, train_text, spec.num_heads, tuning, seed=plan.seeds[0])
+    tuning_seconds = time.perf_counter() - started
+    tuned_pool = build_pair_pool(
+        tuned, tokenizer, frozen_pool.dataset, cache_dir=args.cache_dir, num_with_context=frozen_pool.num_with_context
+    )
+    pool_description = f"{plan.pools[spec.pool].describe()}; LoRA run: {len(train) // len(contexts)} training pairs per context"
+    outcomes = {}
+    runs = (("frozen", "frozen", frozen_backbone, frozen_pool), ("LoRA-tuned", "tuned", tuned.backbone, tuned_pool))
+    for label, suffix, backbone, lora_pool in runs:
+        lora_spec = replace(spec, name=f"{spec.name}_lora_{suffix}", title=f"{spec.title}, {label} backbone (LoRA run)")
+        outcomes[label] = run_benchmark(
+            lora_spec, lora_pool, backbone, tokenizer, plan, pool_description, seeds=plan.lora_seeds
+        )
+    return {"tuning": tuning, "tuning_seconds": tuning_seconds, "feature_seconds": tuned_pool.build_seconds,
+            "outcomes": outcomes, "train_pairs_per_context": len(train) // len(contexts)}
+
+
+# ------------------------------------------------------------------------------------------------------------ machine
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+    import peft
+    import trl
+
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(memory_gib, 1) if memory_gib else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "nice": os.nice(0) if hasattr(os, "nice") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="Benchmark size (default: full).")
+    parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the presets).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the preset's, 0 1 2).")
+    parser.add_argument("--lora", action="store_true", help="Also run the comparison on a LoRA-tuned backbone.")
+    parser.add_argument("--skip_performance", action="store_true", help="Leave out the performance figures.")
+    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="The Markdown report to write.")
+    parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results"),
+                        help="Folder of the per-benchmark JSON/Markdown reports and PNG plots.")
+    parser.add_argument("--cache_dir", default=None, help="Feature cache (default $TRL_MICRO_CACHE/features).")
+    parser.add_argument("--data_dir", default=None, help="Real data folder (default ../shared/data).")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()
+    started = time.perf_counter()
+    load_at_start = os.getloadavg()
+    plan = PRESETS[args.preset]()
+    plan.model = args.model or plan.model
+    plan.seeds = args.seeds or plan.seeds
+    output, results_dir = Path(args.output), Path(args.results_dir)
+    from trl_micro.evaluation import ensure_writable
+
+    ensure_writable(output)
+    ensure_writable(results_dir / "probe.json")
+
+    timings = Timings()
+    model_path = resolve_model_path(plan.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    feature_model = MiCRoRewardModel.from_backbone(model_path, num_heads=1).eval()
+    pools = build_pools(plan, feature_model, tokenizer, args, timings)
+
+    setup = {"plan": dataclasses.asdict(plan), "argv": argv}
+    outcomes = []
+    for spec in plan.benchmarks:
+        outcome = run_benchmark(spec, pools[spec.pool], feature_model.backbone, tokenizer, plan,
+                                plan.pools[spec.pool].describe())
+        write_outcome_files(outcome, results_dir, setup)
+        timings.benchmarks[spec.name] = outcome.seconds
+        outcomes.append(outcome)
+        logger.info("%s done in %.0f s", spec.name, outcome.seconds)
+
+    performance = None
+    if not args.skip_performance:
+        step = time.perf_counter()
+        performance = measure_performance(plan, model_path, tokenizer, pools, results_dir)
+        timings.performance = time.perf_counter() - step
+
+    lora = None
+    if args.lora:
+        step = time.perf_counter()
+        lora = run_lora(plan, model_path, tokenizer, pools, feature_model.backbone, args)
+        for outcome in lora["outcomes"].values():
+            write_outcome_files(outcome, results_dir, setup)
+        timings.lora = time.perf_counter() - step
+
+    timings.total = time.perf_counter() - started
+    document = render_document(
+        plan=plan,
+        outcomes=outcomes,
+        performance=performance,
+        lora=lora,
+        timings=timings,
+        machine={**machine_info(), "load_average_start": load_at_start, "load_average_end": os.getloadavg()},
+        command=" ".join(["python", "benchmarks/run_all.py", *argv]),
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        output=output,
+    )
+    output.write_text(document, encoding="utf-8")
+    logger.info("Wrote %s (total %.0f s)", output, timings.total)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

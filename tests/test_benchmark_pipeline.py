@@ -1,0 +1,118 @@
+"""The benchmark pipeline (benchmarks/run_all.py) and `trl-micro eval`, end to end on tiny models and a few pairs."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from benchmarks import run_all
+from trl_micro.baselines import DIAGNOSTICS, METHODS, few_shot_head_weights, routed_margins
+from trl_micro.cli import main as cli_main
+from trl_micro.pair_pool import build_pair_pool
+from trl_micro.real_data import resolve_data_dir
+from trl_micro.testing import build_tiny_micro_model, save_tiny_backbone
+
+from .conftest import make_conflicting_pairs
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def real_data_dir():
+    try:
+        return resolve_data_dir()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+
+
+def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_data_dir):
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output, results = tmp_path / "BENCHMARKS.md", tmp_path / "results"
+    argv = ["--preset", "smoke", "--model", backbone, "--output", str(output), "--results_dir", str(results),
+            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir), "--lora"]
+    assert run_all.main(argv) == 0
+
+    document = output.read_text()
+    assert f"python benchmarks/run_all.py {' '.join(argv)}" in document
+    for heading in ("## How this was run", "## Setup", "## Targets", "## Results", "## Performance",
+                    "## LoRA-tuned backbone", "### hh_relabeled", "### synthetic M=2"):
+        assert heading in document, heading
+    for method in METHODS:
+        assert f"| {method} |" in document, method
+    for context in ("helpful", "harmless", "subpop-0", "subpop-1"):
+        assert context in document
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", document)
+    assert len(images) == 4 * 4  # two benchmarks, and the LoRA run's frozen and tuned comparisons
+    for image in images:
+        data = (output.parent / image).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 1000, image
+
+    report = json.loads((results / "hh_relabeled.json").read_text())
+    assert report["seeds"] == [0, 1]
+    assert set(report["methods"]) == {*METHODS, *DIAGNOSTICS}
+    assert len(report["methods"]["SingleReward"]) == 2  # one per-context result per seed
+    assert (results / "hh_relabeled_lora_tuned.json").exists()
+
+
+def test_hyre_weights_are_the_normalized_likelihood_of_each_head():
+    head_margins = torch.tensor([[2.0, -1.0], [1.0, 0.5], [-3.0, 1.0]])
+    contexts = ["a", "a", "b"]
+    router = few_shot_head_weights(contexts, head_margins)
+    likelihood = torch.nn.functional.logsigmoid(head_margins[:2]).sum(dim=0).exp()
+    torch.testing.assert_close(router.weights("a"), (likelihood / likelihood.sum()).float())
+    margins = routed_margins(router, ["a", "b"], torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+    assert margins[0] == pytest.approx(1.0)
+    assert margins[1] < 0  # context b trusts head 1
+
+
+def test_pool_without_context_features_refuses_context_rows(tokenizer, tmp_path):
+    data = make_conflicting_pairs(6).rename_column("taste", "context_id")
+    pool = build_pair_pool(build_tiny_micro_model(tokenizer), tokenizer, data, cache_dir=tmp_path, num_with_context=2)
+    assert len(pool.features.features["router"]) == 6 + 2
+    assert pool.rows([1], with_context=True) == [7]
+    with pytest.raises(ValueError, match="no features with their context"):
+        pool.rows([3], with_context=True)
+    subset = pool.subset([1, 4, 5])
+    assert subset.num_with_context == 1 and subset.context_ids == [pool.context_ids[i] for i in (1, 4, 5)]
+    torch.testing.assert_close(subset.tensors([0], True)["router"], pool.tensors([1], True)["router"])
+
+
+# ------------------------------------------------------------------------------------------------------- trl-micro eval
+@pytest.fixture()
+def checkpoint_and_data(tokenizer, tmp_path):
+    model = build_tiny_micro_model(tokenizer, num_heads=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    data_file = tmp_path / "pairs.jsonl"
+    make_conflicting_pairs(24).to_json(data_file)
+    return str(tmp_path / "ckpt"), str(data_file)
+
+
+def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, capsys):
+    checkpoint, data_file = checkpoint_and_data
+    out = tmp_path / "eval"
+    argv = ["eval", "--model_name_or_path", checkpoint, "--dataset_name", data_file, "--output_dir", str(out),
+            "--context_id_column", "taste", "--adaptation_pairs", "4"]
+    assert cli_main(argv) == 0
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8}
+    assert set(report["methods"]) >= {"routed (checkpoint router)", "online routing (4 pairs per context)", "head 2 alone"}
+    assert set(report["methods"]["routed (checkpoint router)"]["accuracy"]) == {"short", "long"}
+    for name in ("accuracy_per_context.png", "head_usage.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+    assert "## Accuracy per context" in (out / "eval_report.md").read_text()
+    assert "online routing (4 pairs per context): macro" in capsys.readouterr().out
+
+
+def test_eval_command_bad_input(checkpoint_and_data, tmp_path):
+    checkpoint, data_file = checkpoint_and_data
+    base = ["eval", "--model_name_or_path", checkpoint, "--dataset_name", data_file]
+    with pytest.raises(ValueError, match="no context column 'persona'.*--context_column"):
+        cli_main([*base, "--output_dir", str(tmp_path / "a"), "--context_column", "persona"])
+    with pytest.raises(ValueError, match="--adaptation_pairs 12 needs more than that many pairs"):
+        cli_main([*base, "--output_dir", str(tmp_path / "b"), "--context_id_column", "taste", "--adaptation_pairs", "12"])
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="Cannot write"):
+        cli_main([*base, "--output_dir", str(blocker / "eval")])

@@ -1,0 +1,90 @@
+"""The personalized RL recipes end to end on tiny models: one process, and two CPU processes under DeepSpeed ZeRO."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO_ROOT
+from .rl_fixtures import policy_path, prompt_dataset, save_untrained_micro  # noqa: F401 (fixtures)
+
+GRPO_RECIPE = str(REPO_ROOT / "recipes" / "grpo_personalized.py")
+PPO_RECIPE = str(REPO_ROOT / "recipes" / "ppo_personalized.py")
+ACCELERATE_CONFIGS = REPO_ROOT / "recipes" / "accelerate_configs"
+CPU_FLAGS = ["--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
+GRPO_FLAGS = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
+              "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8"]
+PPO_FLAGS = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--num_mini_batches", "1",
+             "--total_episodes", "8", "--response_length", "8", "--num_ppo_epochs", "1", "--num_sample_generations", "0",
+             "--lora_r", "4", "--lora_alpha", "8", "--stop_token", "eos"]
+
+
+@pytest.fixture()
+def run_inputs(tokenizer, policy_path, tmp_path):  # noqa: F811
+    prompts = tmp_path / "prompts.jsonl"
+    with open(prompts, "w") as file:
+        for row in prompt_dataset(6):
+            file.write(json.dumps(row) + "\n")
+    reward_path = save_untrained_micro(tokenizer, tmp_path / "rm")
+    return ["--model_name_or_path", policy_path, "--reward_model_path", reward_path, "--prompt_dataset", str(prompts)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(command, output_dir):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    return json.loads((output_dir / "personalized_rewards.json").read_text())
+
+
+def two_cpu_processes(zero_config):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / zero_config),
+            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+
+
+def test_rloo_recipe_logs_reward_per_context_and_probes(run_inputs, tmp_path):
+    output_dir = tmp_path / "rloo"
+    logged = run([sys.executable, GRPO_RECIPE, "--trainer", "rloo", *run_inputs, *CPU_FLAGS, *GRPO_FLAGS,
+                  "--probe_prompts", "1", "--probe_max_new_tokens", "6", "--output_dir", str(output_dir)], output_dir)
+    steps = [entry for entry in logged["log_history"] if "rewards/micro_reward/mean" in entry]
+    assert len(steps) == 2 and any(key.startswith("micro/reward/") for key in steps[0])
+    assert set(logged["probe"]["after"]) == {"short-reader", "long-reader"}
+    assert (output_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_grpo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
+    output_dir = tmp_path / "grpo-zero3"
+    logged = run([*two_cpu_processes("zero3.yaml"), GRPO_RECIPE, *run_inputs, *CPU_FLAGS, *GRPO_FLAGS,
+                  "--ddp_backend", "gloo", "--output_dir", str(output_dir)], output_dir)
+    steps = [entry for entry in logged["log_history"] if "rewards/micro_reward/mean" in entry]
+    assert len(steps) == 2
+    groups = {key for entry in steps for key in entry if key.startswith("micro/reward/")}
+    assert groups and groups <= {"micro/reward/short-reader", "micro/reward/long-reader"}
+
+
+@pytest.mark.ppo
+def test_ppo_recipe_trains_a_lora_policy_and_probes(run_inputs, tmp_path):
+    output_dir = tmp_path / "ppo"
+    logged = run([sys.executable, PPO_RECIPE, *run_inputs, *CPU_FLAGS, *PPO_FLAGS, "--probe_prompts", "1",
+                  "--probe_max_new_tokens", "6", "--output_dir", str(output_dir)], output_dir)
+    steps = [entry for entry in logged["log_history"] if "objective/scores" in entry]
+    assert len(steps) == 4 and all(isinstance(entry["objective/scores"], float) for entry in steps)  # 8 episodes / 2
+    assert set(logged["probe"]["before"]) == {"short-reader", "long-reader"}
+    assert (output_dir / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ppo
+def test_ppo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
+    output_dir = tmp_path / "ppo-zero3"
+    logged = run([*two_cpu_processes("zero3.yaml"), PPO_RECIPE, *run_inputs, *CPU_FLAGS, *PPO_FLAGS,
+                  "--ddp_backend", "gloo", "--output_dir", str(output_dir)], output_dir)
+    assert len([entry for entry in logged["log_history"] if "objective/scores" in entry]) == 2
+    assert (output_dir / "adapter_model.safetensors").exists()

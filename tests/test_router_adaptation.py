@@ -1,0 +1,258 @@
+import importlib.util
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForSequenceClassification
+
+import trl_micro  # noqa: F401  (registers the MiCRo model with the Auto classes)
+from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
+from trl_micro.data import encode_prompt_completion, join_context
+from trl_micro.evaluation import per_context_accuracy
+from trl_micro.real_data import take_per_context
+from trl_micro.scoring import score_preference_pairs
+from trl_micro.synthetic import TOPICS, SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.testing import build_tiny_micro_model, build_tiny_tokenizer, save_tiny_backbone
+from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
+
+from .conftest import REPO_ROOT, make_conflicting_pairs
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_train_epochs=3,
+        logging_steps=1,
+        report_to="none",
+        seed=0,
+        feature_cache_dir=str(tmp_path / "cache"),
+    )
+    defaults.update(overrides)
+    return RouterAdaptationConfig(**defaults)
+
+
+def adapt(model, tokenizer, tmp_path, data=None, **overrides):
+    data = data if data is not None else make_conflicting_pairs(16)
+    trainer = RouterAdaptationTrainer(
+        model=model, args=make_args(tmp_path, **overrides), train_dataset=data, processing_class=tokenizer
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(("use_feature_cache", "router_type"), [(True, "linear"), (False, "linear"), (True, "mlp")])
+def test_only_router_parameters_change(tokenizer, tmp_path, use_feature_cache, router_type):
+    model = build_tiny_micro_model(tokenizer, num_heads=3, router_type=router_type, router_hidden_size=16)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = adapt(model, tokenizer, tmp_path, use_feature_cache=use_feature_cache)
+    assert ("pair_index" in trainer.train_dataset.column_names) == use_feature_cache
+    router_parameters = {name for name, _ in model.named_parameters() if name.startswith("router.")}
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed == router_parameters and len(router_parameters) == (2 if router_type == "linear" else 4)
+    assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == router_parameters
+
+
+def test_logs_stage1_metrics_and_router_drift(tokenizer, tmp_path):
+    trainer = adapt(build_tiny_micro_model(tokenizer, num_heads=2), tokenizer, tmp_path)
+    logged = trainer.state.log_history[0]
+    for key in ("loss", "mixture_nll", "accuracy", "router_entropy", "head_accuracy/1", "head_usage/0", "router_drift"):
+        assert key in logged, key
+    assert trainer.router_drift().item() > 0
+
+
+def test_anchor_keeps_the_router_near_stage1(tokenizer, tmp_path):
+    drifts = {}
+    for coef in (0.0, 10.0):
+        model = build_tiny_micro_model(tokenizer, num_heads=2)
+        drifts[coef] = adapt(model, tokenizer, tmp_path, router_anchor_coef=coef, learning_rate=5e-2).router_drift().item()
+    assert drifts[10.0] < 0.5 * drifts[0.0]
+
+
+def test_adapted_checkpoint_round_trips_and_routes_full_texts(tokenizer, tmp_path):
+    data = make_conflicting_pairs(16, conversational=True)
+    model = build_tiny_micro_model(tokenizer, num_heads=2)
+    trainer = adapt(model, tokenizer, tmp_path, data=data)
+    trainer.save_model(str(tmp_path / "adapted"))
+
+    reloaded = MiCRoRewardModel.from_pretrained(str(tmp_path / "adapted")).eval()
+    auto = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "adapted")).eval()
+    assert isinstance(auto, MiCRoRewardModel) and auto.config.num_labels == 1
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], value)
+        torch.testing.assert_close(auto.state_dict()[name], value)
+
+    # `logits` of a full text (context in the system message) is the reward routed for that context.
+    row = data[0]
+    prompt = join_context(row["prompt"], row["context"], model.config.context_template)
+    ids, prompt_length = encode_prompt_completion(tokenizer, prompt, row["chosen"])
+    input_ids = torch.tensor([ids])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, prompt_lengths=torch.tensor([prompt_length]))
+        routed = auto(input_ids=input_ids)
+    assert routed.logits.shape == (1, 1)
+    torch.testing.assert_close(routed.logits, expected.logits)
+    torch.testing.assert_close(routed.mixture_weights, expected.mixture_weights)
+
+
+def test_scored_margins_are_routed_reward_differences(tokenizer, tmp_path):
+    model = build_tiny_micro_model(tokenizer, num_heads=3).eval()
+    data = make_conflicting_pairs(4)
+    scores = score_preference_pairs(model, data, tokenizer, feature_cache_dir=str(tmp_path / "cache"))
+    assert scores.head_margins.shape == scores.router_logits.shape == (4, 3)
+    for index, row in enumerate(data):
+        prompt = join_context(row["prompt"], row["context"], model.config.context_template)
+        rewards = []
+        for side in ("chosen", "rejected"):
+            ids, prompt_length = encode_prompt_completion(tokenizer, prompt, row[side])
+            with torch.no_grad():
+                rewards.append(model(input_ids=torch.tensor([ids]), prompt_lengths=torch.tensor([prompt_length])).logits)
+        torch.testing.assert_close(scores.margins[index], (rewards[0] - rewards[1]).squeeze(), rtol=1e-4, atol=1e-5)
+
+
+def test_adapts_a_checkpoint_path(tokenizer, tmp_path):
+    build_tiny_micro_model(tokenizer, num_heads=2).save_pretrained(tmp_path / "stage1")
+    tokenizer.save_pretrained(tmp_path / "stage1")
+    trainer = RouterAdaptationTrainer(
+        model=str(tmp_path / "stage1"), args=make_args(tmp_path), train_dataset=make_conflicting_pairs(8)
+    )
+    assert isinstance(trainer.model, MiCRoRewardModel) and trainer.model.num_heads == 2
+
+
+def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
+    model = build_tiny_micro_model(tokenizer)
+    args = make_args(tmp_path)
+
+    def build(data, model=model, args=args, **kwargs):
+        return RouterAdaptationTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, **kwargs)
+
+    without_context = make_conflicting_pairs(4).remove_columns(["context", "taste"])
+    with pytest.raises(ValueError, match=r"no context column 'context'; columns present: \['chosen', 'prompt', 'rejected'\]"):
+        build(without_context)
+    rows = make_conflicting_pairs(4).to_list()
+    for bad, message in ((None, "is None"), ("   ", "is empty")):
+        broken = [dict(row) for row in rows]
+        broken[2]["context"] = bad
+        with pytest.raises(ValueError, match=f"Row 2 of the train dataset: `context` {message}"):
+            build(Dataset.from_list(broken))
+    numbers = make_conflicting_pairs(4).remove_columns("context").add_column("context", [1, 2, 3, 4])
+    with pytest.raises(ValueError, match="Row 0 of the train dataset: `context` must be text, got int"):
+        build(numbers)
+    with pytest.raises(ValueError, match=r"Row 0 of the train dataset: `context` has \d+ tokens, more than max_context_length=3"):
+        build(make_conflicting_pairs(4), args=make_args(tmp_path, max_context_length=3))
+    with pytest.raises(ValueError, match="no router"):
+        build(make_conflicting_pairs(4), model=build_tiny_micro_model(tokenizer, use_router=False))
+    with pytest.raises(ValueError, match="takes no `peft_config`"):
+        build(make_conflicting_pairs(4), peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    with pytest.raises(ValueError, match="is not a MiCRo checkpoint .* Stage 1 model"):
+        RouterAdaptationTrainer(model=str(tmp_path / "backbone"), args=args, train_dataset=make_conflicting_pairs(4))
+    with pytest.raises(ValueError, match="freeze_backbone must be True"):
+        make_args(tmp_path, freeze_backbone=False)
+    with pytest.raises(ValueError, match="loss_type must be 'mixture'"):
+        make_args(tmp_path, loss_type="ensemble")
+    with pytest.raises(TypeError, match="RouterAdaptationConfig"):
+        RouterAdaptationTrainer(model=model, args=MiCRoRewardConfig(str(tmp_path)), train_dataset=make_conflicting_pairs(4))
+
+
+def test_recipe_adapts_a_checkpoint_from_a_local_file(tokenizer, tmp_path):
+    spec = importlib.util.spec_from_file_location("adapt_router", REPO_ROOT / "recipes" / "adapt_router.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    stage1 = build_tiny_micro_model(tokenizer, num_heads=2)
+    stage1.save_pretrained(tmp_path / "stage1")
+    tokenizer.save_pretrained(tmp_path / "stage1")
+    make_conflicting_pairs(24).to_json(str(tmp_path / "pairs.jsonl"))
+
+    parser = recipe.TrlParser((recipe.AdaptationScriptArguments, RouterAdaptationConfig, recipe.ModelConfig))
+    recipe.main(*parser.parse_args_and_config([
+        "--model_name_or_path", str(tmp_path / "stage1"), "--dataset_name", str(tmp_path / "pairs.jsonl"),
+        "--pairs_per_context", "4", "--num_train_epochs", "2", "--output_dir", str(tmp_path / "adapted"),
+        "--feature_cache_dir", str(tmp_path / "cache"), "--report_to", "none",
+    ]))
+    adapted = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "adapted"))
+    assert (tmp_path / "adapted" / "tokenizer.json").exists()
+    assert not torch.equal(adapted.router.weight, stage1.router.weight)
+    torch.testing.assert_close(adapted.heads.weight, stage1.heads.weight)
+
+
+# --------------------------------------------------------------------------------------------- synthetic contexts
+def topic_of(prompt: str) -> int:
+    return next(index for index, topic in enumerate(TOPICS) if topic.goal in prompt)
+
+
+def synthetic_stage1_model(tmp_path, seed: int = 0):
+    """
+    A Stage 1 model whose heads specialize on two conflicting subpopulations, and the data to adapt and test it on.
+
+    Stage 1 sees no context. As in real data (HH: harmless raters get red-teaming prompts), which subpopulation rates
+    a pair depends on the prompt's topic there, which lets the mixture split into one head per subpopulation. The
+    adaptation and test pairs come from every topic, so the prompt no longer says who rates: only the context does.
+    The tiny backbone is random and frozen (its last-token features already separate the two styles), so every
+    Stage 1 and Stage 2 epoch runs on cached features.
+    """
+    data = generate_synthetic_preferences(
+        SyntheticPreferenceConfig(
+            num_subpopulations=2, num_pairs_per_subpopulation=500, axes=("length", "formality"), seed=seed
+        )
+    )
+    tokenizer = build_tiny_tokenizer([row[c] for row in data.select(range(200)) for c in ("prompt", "chosen", "rejected")]
+                                     + sorted(set(data["context"])), vocab_size=1000)
+    stage1 = data.select(range(600)).filter(lambda row: topic_of(row["prompt"]) % 2 == row["subpopulation"])
+    adaptation, test = data.select(range(600, 800)), data.select(range(800, 1000))
+    model = build_tiny_micro_model(tokenizer, num_heads=2, seed=seed)
+    args = MiCRoRewardConfig(
+        output_dir=str(tmp_path / "stage1"), num_heads=2, freeze_backbone=True, feature_cache_dir=str(tmp_path / "cache"),
+        per_device_train_batch_size=32, num_train_epochs=30, learning_rate=2e-2, report_to="none", save_strategy="no",
+        seed=seed, disable_tqdm=True,
+    )
+    MiCRoRewardTrainer(model=model, args=args, train_dataset=stage1.remove_columns("context"), processing_class=tokenizer).train()
+    return model, tokenizer, adaptation, test
+
+
+@pytest.fixture(scope="module")
+def synthetic_adaptation(tmp_path_factory):
+    """Stage 1 on the synthetic data, its test accuracy, then router adaptation on 32 pairs per context."""
+    tmp_path = tmp_path_factory.mktemp("synthetic")
+    model, tokenizer, adaptation, test = synthetic_stage1_model(tmp_path)
+    cache = str(tmp_path / "cache")
+    stage1 = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
+    RouterAdaptationTrainer(
+        model=model, args=make_args(tmp_path, num_train_epochs=30, logging_steps=100, disable_tqdm=True),
+        train_dataset=take_per_context(adaptation, 32, seed=0), processing_class=tokenizer,
+    ).train()
+    adapted = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
+    return model, tokenizer, test, cache, stage1, adapted
+
+
+def test_adapted_routing_beats_stage1_routing_on_every_context(synthetic_adaptation):
+    *_, test, _, stage1, adapted = synthetic_adaptation
+    stage1_accuracy = per_context_accuracy(stage1.margins, test["context_id"])["accuracy"]
+    adapted_accuracy = per_context_accuracy(adapted.margins, test["context_id"])["accuracy"]
+    assert set(adapted_accuracy) == {"subpop-0", "subpop-1"}
+    for context, accuracy in adapted_accuracy.items():
+        assert accuracy > stage1_accuracy[context], (context, stage1_accuracy, adapted_accuracy)
+        assert accuracy > 0.8, (context, adapted_accuracy)
+
+
+REWORDED_CONTEXTS = {  # the synthetic contexts reworded; never seen in adaptation, most words shared
+    0: "As a busy engineer, I want my answers short and casual.",
+    1: "I'm a university professor and prefer thorough, formal answers in full paragraphs.",
+}
+
+
+def test_reworded_context_is_routed_like_its_original(synthetic_adaptation):
+    # The router reads the context's text, not an id. A tiny random backbone has no notion of meaning, so true
+    # paraphrases (no shared words) are out of its reach (benchmarks/stage2_adaptation.py measures them); a rewording
+    # that keeps most words must land on the same head.
+    model, tokenizer, test, cache, _, adapted = synthetic_adaptation
+    reworded = test.map(lambda row: {"context": REWORDED_CONTEXTS[row["subpopulation"]]})
+    assert set(reworded["context"]).isdisjoint(test["context"])
+    scores = score_preference_pairs(model, reworded, tokenizer, feature_cache_dir=cache)
+    same_top_head = scores.mixture_weights.argmax(-1) == adapted.mixture_weights.argmax(-1)
+    assert same_top_head.float().mean() > 0.9
+    original = per_context_accuracy(adapted.margins, test["context_id"])["accuracy"]
+    for context, accuracy in per_context_accuracy(scores.margins, test["context_id"])["accuracy"].items():
+        assert accuracy == pytest.approx(original[context], abs=0.05), (context, accuracy, original)

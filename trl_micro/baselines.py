@@ -1,0 +1,426 @@
+r"""
+MiCRo and the paper's baselines, trained and scored side by side on one pool of cached backbone features.
+
+Every method trains through the project's trainers (`MiCRoRewardTrainer`, `RouterAdaptationTrainer`) with a frozen
+backbone, reading the features of a [`CachedPairPool`] (pairs without their context, or with it in the prompt), so
+all methods see the same pairs and the same backbone features and the backbone never runs again.
+
+Notation: K heads r_k; for a pair i, delta_k,i = r_k(x_i, y_w,i) - r_k(x_i, y_l,i); A_c the adaptation pairs of
+context c (a few labelled pairs); the context is never seen in Stage 1 (`train` pairs are scored without it).
+
+    SingleReward          one Bradley-Terry head (K = 1)
+    StaticMixture         K heads mixed by one learned weight vector (no router), mixture BT loss
+    Shared-Base Ensemble  K heads, each with its own BT loss; the reward is their mean
+    HyRe                  the ensemble's heads reweighted per context from A_c:
+                              w_c,k  ∝  exp( sum_{i in A_c} logsigmoid(delta_k,i) )
+                          (an [`OnlineRouter`] with a uniform prior and eta = 1 computes exactly this)
+    MiCRo Stage 1         K heads + a router reading the prompt, mixture BT loss; scored with the context in the
+                          prompt, which its router never saw in training (zero-shot routing)
+    MiCRo + router adaptation
+                          the Stage-1 router fine-tuned on the adaptation pairs of every context at once, the context
+                          in the prompt ([`RouterAdaptationTrainer`]); heads and backbone frozen
+    MiCRo + online routing
+                          per context c, an [`OnlineRouter`] posterior over the Stage-1 heads: its prior is the mean
+                          Stage-1 router weight over A_c's prompts (context in the prompt), updated with A_c's head
+                          margins; the context is known by its id, so heads score the pairs without it
+    Oracle                one BT head per context, trained on that context's train pairs (an upper bound: it knows
+                          every training pair's context)
+
+Three diagnostics ride along: SingleReward scored with the context in the prompt (how much prepending a context moves
+a context-blind model); the best Stage-1 head of each context chosen on the test pairs (the ceiling of any routing that
+gives a context one head); and an oracle with MiCRo's architecture, K heads + router trained per context (the BT
+oracle is linear in the features, while MiCRo's prompt-dependent routing is not, so MiCRo can beat the BT oracle).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers.trainer_callback import PrinterCallback
+
+from .evaluation import head_accuracy, head_usage, per_context_accuracy
+from .modeling_micro import MiCRoRewardModel
+from .pair_pool import CachedPairPool
+from .real_data import split_by_context, take_per_context
+from .routing import OnlineRouter
+from .scoring import PairScores, score_pair_features
+from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
+
+SINGLE = "SingleReward"
+STATIC = "StaticMixture"
+ENSEMBLE = "Shared-Base Ensemble"
+HYRE = "HyRe (ensemble reweighting)"
+MICRO = "MiCRo Stage 1"
+MICRO_ADAPTED = "MiCRo + router adaptation"
+MICRO_ONLINE = "MiCRo + online routing"
+ORACLE = "Oracle (BT per context)"
+SINGLE_WITH_CONTEXT = "SingleReward, context in prompt (diagnostic)"
+BEST_HEAD = "MiCRo best head per context, chosen on test (diagnostic)"
+ORACLE_MICRO = "Oracle MiCRo: K heads + router per context (diagnostic)"
+
+METHODS = (SINGLE, STATIC, ENSEMBLE, HYRE, MICRO, MICRO_ADAPTED, MICRO_ONLINE, ORACLE)
+ADAPTIVE_METHODS = (HYRE, MICRO_ADAPTED, MICRO_ONLINE)
+DIAGNOSTICS = (SINGLE_WITH_CONTEXT, BEST_HEAD, ORACLE_MICRO)
+
+
+@dataclass
+class HeadTraining:
+    """Optimization of heads (and router) on cached features: Stage 1, the baselines and the oracle."""
+
+    num_train_epochs: float = 30
+    learning_rate: float = 5e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    router_balance_coef: float = 0.1
+
+
+@dataclass
+class RouterTraining:
+    """Optimization of the router in Stage 2 router adaptation (see `RouterAdaptationConfig`)."""
+
+    num_train_epochs: float = 30
+    learning_rate: float = 5e-3
+    batch_size: int = 32
+    router_anchor_coef: float = 1e-2
+
+
+@dataclass
+class ComparisonSettings:
+    """
+    What one comparison trains.
+
+    Args:
+        num_heads: K of StaticMixture, the ensemble and MiCRo.
+        adaptation_sizes: adaptation pairs per context for the adaptive methods' curves (nested draws); the largest
+            is the one the main table reports.
+        heads: optimization of every head-training run (Stage 1, baselines, oracle).
+        router: optimization of router adaptation.
+        online_eta: learning rate of the online router (1.0: exact Bayesian posterior).
+    """
+
+    num_heads: int = 4
+    adaptation_sizes: tuple[int, ...] = (8, 16, 32)
+    heads: HeadTraining = field(default_factory=HeadTraining)
+    router: RouterTraining = field(default_factory=RouterTraining)
+    online_eta: float = 1.0
+
+
+@dataclass
+class PoolSplit:
+    """Pool pair indices of one seed's train / adaptation / test splits."""
+
+    train: list[int]
+    adaptation: list[int]
+    test: list[int]
+
+
+def split_pool(
+    pool: CachedPairPool, contexts: Sequence[str], adaptation_per_context: int, test_per_context: int, seed: int
+) -> PoolSplit:
+    """
+    One seed's split of the pool pairs of `contexts`. The pairs that have features with their context (the first
+    `pool.num_with_context`) are the evaluation pairs: a seeded draw, stratified by context, makes
+    `adaptation_per_context` of each context adaptation pairs and `test_per_context` test pairs. Every other pair of
+    those contexts is a training pair (the same for every seed).
+    """
+    wanted = set(contexts)
+    evaluation = [pair for pair in range(pool.num_with_context) if pool.context_ids[pair] in wanted]
+    table = Dataset.from_dict({"pair": evaluation, "context_id": [pool.context_ids[pair] for pair in evaluation]})
+    parts = split_by_context(
+        table, context_column="context_id", fractions=None, sizes_per_context=(0, adaptation_per_context, test_per_context), seed=seed
+    )
+    train = [pair for pair in range(pool.num_with_context, len(pool)) if pool.context_ids[pair] in wanted]
+    return PoolSplit(train, list(parts["adaptation"]["pair"]), list(parts["test"]["pair"]))
+
+
+def adaptation_subset(pool: CachedPairPool, adaptation: Sequence[int], pairs_per_context: int, seed: int) -> list[int]:
+    """`pairs_per_context` adaptation pairs of every context; for one seed, smaller subsets are nested in larger ones."""
+    table = Dataset.from_dict(
+        {"pair": list(adaptation), "context_id": [pool.context_ids[pair] for pair in adaptation]}
+    )
+    return list(take_per_context(table, pairs_per_context, context_column="context_id", seed=seed)["pair"])
+
+
+# ------------------------------------------------------------------------------------------------------------ training
+def new_reward_model(backbone: PreTrainedModel, seed: int, **config_kwargs) -> MiCRoRewardModel:
+    """Fresh heads and router (seeded) over the shared, frozen `backbone`; `config_kwargs` are MiCRoConfig fields."""
+    set_seed(seed)
+    return MiCRoRewardModel.from_backbone(backbone, **config_kwargs).freeze_backbone()
+
+
+def copy_heads_and_router(model: MiCRoRewardModel) -> MiCRoRewardModel:
+    """A model that shares `model`'s backbone and owns copies of its heads and router (the backbone is not copied)."""
+    copy = MiCRoRewardModel(model.config, backbone=model.backbone)
+    copy.heads.load_state_dict(model.heads.state_dict())
+    copy.router.load_state_dict(model.router.state_dict())
+    return copy.freeze_backbone()
+
+
+def _common_training_args(output_dir: str, seed: int, epochs: float, learning_rate: float, batch_size: int) -> dict:
+    return dict(
+        output_dir=output_dir,
+        seed=seed,
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def _train_quietly(trainer) -> None:
+    """Train without printing the final metrics dictionary (a comparison runs dozens of short trainings)."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+
+
+def train_heads(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    pairs: Sequence[int],
+    training: HeadTraining,
+    seed: int,
+    num_heads: int = 1,
+    use_router: bool = True,
+    loss_type: str = "mixture",
+    with_context: bool = False,
+) -> MiCRoRewardModel:
+    """Train K heads (and a router, or StaticMixture's weight vector) on the pool pairs `pairs` with the Stage 1 trainer."""
+    model = new_reward_model(backbone, seed, num_heads=num_heads, use_router=use_router)
+    with tempfile.TemporaryDirectory(prefix="trl-micro-heads-") as output_dir:
+        args = MiCRoRewardConfig(
+            **_common_training_args(
+                output_dir, seed, training.num_train_epochs, training.learning_rate, training.batch_size
+            ),
+            weight_decay=training.weight_decay,
+            num_heads=num_heads,
+            use_router=use_router,
+            loss_type=loss_type,
+            router_balance_coef=training.router_balance_coef,
+            freeze_backbone=True,
+        )
+        trainer = MiCRoRewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=pool.feature_dataset(pairs, with_context),
+            data_collator=pool.features,
+            processing_class=tokenizer,
+        )
+        _train_quietly(trainer)
+    return model.eval()
+
+
+def adapt_router(
+    stage1: MiCRoRewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    pairs: Sequence[int],
+    training: RouterTraining,
+    seed: int,
+) -> MiCRoRewardModel:
+    """Stage 2 router adaptation of a copy of `stage1` on the pool pairs `pairs`, scored with their context."""
+    model = copy_heads_and_router(stage1)
+    with tempfile.TemporaryDirectory(prefix="trl-micro-router-") as output_dir:
+        args = RouterAdaptationConfig(
+            **_common_training_args(
+                output_dir, seed, training.num_train_epochs, training.learning_rate, training.batch_size
+            ),
+            router_anchor_coef=training.router_anchor_coef,
+        )
+        trainer = RouterAdaptationTrainer(
+            model=model,
+            args=args,
+            train_dataset=pool.feature_dataset(pairs, with_context=True),
+            data_collator=pool.features,
+            processing_class=tokenizer,
+        )
+        _train_quietly(trainer)
+    return model.eval()
+
+
+def score(model: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], with_context: bool) -> PairScores:
+    """Head margins and router logits of `model` on the pool pairs `pairs`."""
+    return score_pair_features(model, pool.tensors(pairs, with_context))
+
+
+# ----------------------------------------------------------------------------------------------------- few-shot routing
+def few_shot_head_weights(
+    contexts: Sequence[str],
+    head_margins: torch.Tensor,
+    priors: dict[str, torch.Tensor] | None = None,
+    eta: float = 1.0,
+) -> OnlineRouter:
+    """
+    An [`OnlineRouter`] in which every context c has seen the head margins (N, K) of its few labelled pairs (the rows
+    whose `contexts` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe).
+    """
+    router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta)
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        router.update(context, head_margins[rows], prior=None if priors is None else priors[context])
+    return router
+
+
+def router_prior_per_context(contexts: Sequence[str], mixture_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean router weights (N, K) over each context's rows: the prior of that context's online router."""
+    priors = {}
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        mean = mixture_weights[rows].double().mean(dim=0)
+        priors[context] = mean / mean.sum()
+    return priors
+
+
+def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
+    """Margins (N,) of pairs with head margins (N, K), weighted by the online `router`'s weights for each row's context."""
+    weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
+    return (weights * head_margins).sum(dim=-1)
+
+
+def best_head_accuracy(head_margins: torch.Tensor, contexts: Sequence[str]) -> dict:
+    """
+    Per-context accuracy of the head that is most accurate on that context's pairs (`per_context_accuracy` keys):
+    a ceiling for any routing that gives each context one head. The head is chosen on the scored pairs themselves,
+    so this is a diagnostic, not a method.
+    """
+    table = head_accuracy(head_margins, contexts)
+    best_margins = torch.empty(head_margins.shape[0], dtype=head_margins.dtype)
+    for column, context in enumerate(table["contexts"]):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        best_margins[rows] = head_margins[rows, int(np.argmax(table["accuracy"][:, column]))]
+    return per_context_accuracy(best_margins, contexts)
+
+
+# ---------------------------------------------------------------------------------------------------------- comparison
+@dataclass
+class ComparisonResult:
+    """
+    One seed of the comparison.
+
+    Attributes:
+        accuracy: `{method: per_context_accuracy dict}` on the test pairs (adaptive methods at the largest
+            adaptation size), diagnostics included.
+        adaptation: `{method: {pairs_per_context: per_context_accuracy dict}}` for the adaptive methods.
+        head_usage: `{label: head_usage dict}` of the routed MiCRo variants on the test pairs.
+        head_accuracy: `head_accuracy` dict of the Stage-1 MiCRo heads on the test pairs (scored without context).
+        seconds: wall time of each training / adaptation step.
+    """
+
+    accuracy: dict = field(default_factory=dict)
+    adaptation: dict = field(default_factory=dict)
+    head_usage: dict = field(default_factory=dict)
+    head_accuracy: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+class _Stopwatch:
+    def __init__(self, seconds: dict, name: str):
+        self.seconds, self.name = seconds, name
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - self.started
+
+
+def compare_methods(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    split: PoolSplit,
+    settings: ComparisonSettings,
+    seed: int,
+) -> ComparisonResult:
+    """Train every method of the module docstring on `split` and score it on the test pairs (one seed)."""
+    result = ComparisonResult()
+    test_contexts = [pool.context_ids[pair] for pair in split.test]
+    largest = max(settings.adaptation_sizes)
+    heads = settings.heads
+    K = settings.num_heads
+
+    def record(name, margins):
+        result.accuracy[name] = per_context_accuracy(margins, test_contexts)
+
+    def timed(name):
+        return _Stopwatch(result.seconds, name)
+
+    with timed(SINGLE):
+        single = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=1)
+    record(SINGLE, score(single, pool, split.test, with_context=False).margins)
+    record(SINGLE_WITH_CONTEXT, score(single, pool, split.test, with_context=True).margins)
+
+    with timed(STATIC):
+        static = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=K, use_router=False)
+    record(STATIC, score(static, pool, split.test, with_context=False).margins)
+
+    with timed(ENSEMBLE):
+        ensemble = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=K, loss_type="ensemble")
+    ensemble_test = score(ensemble, pool, split.test, with_context=False)
+    record(ENSEMBLE, ensemble_test.head_margins.mean(dim=-1))
+
+    with timed(MICRO):
+        micro = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=K)
+    micro_test_with_context = score(micro, pool, split.test, with_context=True)
+    micro_test = score(micro, pool, split.test, with_context=False)
+    record(MICRO, micro_test_with_context.margins)
+    result.head_usage[f"{MICRO} (context in prompt)"] = head_usage(micro_test_with_context.mixture_weights, test_contexts)
+    result.head_accuracy = head_accuracy(micro_test.head_margins, test_contexts)
+    result.accuracy[BEST_HEAD] = best_head_accuracy(micro_test.head_margins, test_contexts)
+
+    for method in ADAPTIVE_METHODS:
+        result.adaptation[method] = {}
+    for size in sorted(settings.adaptation_sizes):
+        pairs = adaptation_subset(pool, split.adaptation, size, seed)
+        contexts = [pool.context_ids[pair] for pair in pairs]
+        with timed(HYRE):
+            hyre = few_shot_head_weights(contexts, score(ensemble, pool, pairs, with_context=False).head_margins)
+        result.adaptation[HYRE][size] = per_context_accuracy(
+            routed_margins(hyre, test_contexts, ensemble_test.head_margins), test_contexts
+        )
+        with timed(MICRO_ONLINE):
+            priors = router_prior_per_context(contexts, score(micro, pool, pairs, with_context=True).mixture_weights)
+            online = few_shot_head_weights(
+                contexts, score(micro, pool, pairs, with_context=False).head_margins, priors, settings.online_eta
+            )
+        result.adaptation[MICRO_ONLINE][size] = per_context_accuracy(
+            routed_margins(online, test_contexts, micro_test.head_margins), test_contexts
+        )
+        with timed(MICRO_ADAPTED):
+            adapted = adapt_router(micro, tokenizer, pool, pairs, settings.router, seed)
+        adapted_test = score(adapted, pool, split.test, with_context=True)
+        result.adaptation[MICRO_ADAPTED][size] = per_context_accuracy(adapted_test.margins, test_contexts)
+        if size == largest:
+            result.head_usage[f"{MICRO_ADAPTED} ({size} pairs per context)"] = head_usage(
+                adapted_test.mixture_weights, test_contexts
+            )
+            online_weights = torch.stack([online.weights(context) for context in test_contexts])
+            result.head_usage[f"{MICRO_ONLINE} ({size} pairs per context)"] = head_usage(online_weights, test_contexts)
+    for method in ADAPTIVE_METHODS:
+        result.accuracy[method] = result.adaptation[method][largest]
+
+    for name, num_heads in ((ORACLE, 1), (ORACLE_MICRO, K)):
+        with timed(name):
+            margins = torch.empty(len(split.test))
+            for context in sorted(set(test_contexts)):
+                train = pool.pairs_of_context(split.train, context)
+                model = train_heads(backbone, tokenizer, pool, train, heads, seed, num_heads=num_heads)
+                rows = [row for row, other in enumerate(test_contexts) if other == context]
+                margins[rows] = score(model, pool, [split.test[row] for row in rows], with_context=False).margins
+        record(name, margins)
+    result.accuracy = {name: result.accuracy[name] for name in (*METHODS, *DIAGNOSTICS)}
+    return result

@@ -1,0 +1,342 @@
+r"""
+A MiCRo reward model as a reward function of TRL's online trainers (GRPOTrainer, RLOOTrainer).
+
+For a prompt x, a completion y and the example's context c (a user description, a criterion, a persona), the reward is
+the personalized reward the model was trained to give,
+
+    r(x, y | c) = sum_k w_k r_k(x, c, y),
+
+with the weights w chosen per completion by, in order of precedence:
+
+1. the user id in `user_column`, when an [`OnlineRouter`] has a posterior for that user (Stage 2 online routing);
+2. the router reading the prompt with the context joined as in training (`context_column`; a row whose context is
+   `None` or empty, and every row when `context_column=None`, is routed by its prompt alone).
+
+Every prompt + completion is tokenized by `encode_prompt_completion`, exactly as in training (EOS or the chat
+template's end of turn appended), and scored in batches of `batch_size`, one backbone pass each. A sequence longer
+than `max_length` keeps its prompt and its ending and loses the tail of the completion; a prompt that does not fit on
+its own loses its beginning (and, with it, a context put in front of it). The trainer logs, next to TRL's metrics:
+`micro/head_reward/k` and `micro/head_weight/k` (which heads drive the reward), and `micro/reward/<group>`, the mean
+reward of each context id (`group_column`), user or context, for up to `max_logged_groups` groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from trl.models import prepare_deepspeed
+
+from .data import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
+from .modeling_micro import MiCRoRewardModel
+from .routing import OnlineRouter
+
+logger = logging.getLogger(__name__)
+
+TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments", "completion_ids")
+
+
+class MiCRoReward:
+    """
+    Reward function for `GRPOTrainer` / `RLOOTrainer` backed by a [`MiCRoRewardModel`]; see the module docstring.
+
+    ```python
+    reward = MiCRoReward.from_pretrained("micro-rm", context_column="context")
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args, train_dataset=prompts_with_context)
+    reward.prepare(trainer.accelerator)  # needed under DeepSpeed ZeRO-3, harmless otherwise
+    trainer.train()
+    ```
+
+    Args:
+        model ([`MiCRoRewardModel`]): the reward model (put in eval mode).
+        tokenizer: the tokenizer the reward model was trained with.
+        context_column (`str` or `None`, defaults to `"context"`): dataset column joined to each prompt. A column
+            missing from the dataset is an error; `None` routes by the prompt alone.
+        user_column (`str`, *optional*): dataset column of user ids routed through `online_router`.
+        online_router ([`OnlineRouter`] or path, *optional*): per-user weights over the heads. A user it does not
+            know (or a `None` id) is routed by the model's router.
+        batch_size (`int`, defaults to 16): sequences per backbone pass.
+        max_length (`int`, *optional*): longest scored sequence, in tokens; defaults to the backbone's
+            `max_position_embeddings`.
+        group_column (`str`, defaults to `"context_id"`): column naming the groups whose mean reward is logged; when
+            absent from the dataset, the user id or the context text names the group.
+        max_logged_groups (`int`, defaults to 16): groups logged at most (the first ones seen).
+        name (`str`, defaults to `"micro_reward"`): the name TRL logs the reward under (`rewards/<name>/mean`).
+    """
+
+    def __init__(
+        self,
+        model: MiCRoRewardModel,
+        tokenizer: PreTrainedTokenizerBase,
+        context_column: str | None = "context",
+        user_column: str | None = None,
+        online_router: OnlineRouter | str | os.PathLike | None = None,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        group_column: str = "context_id",
+        max_logged_groups: int = 16,
+        name: str = "micro_reward",
+    ):
+        if not isinstance(model, MiCRoRewardModel):
+            raise TypeError(f"MiCRoReward needs a MiCRoRewardModel, got {type(model).__name__}.")
+        if (user_column is None) != (online_router is None):
+            raise ValueError("`user_column` and `online_router` go together: pass both or neither.")
+        if isinstance(online_router, (str, os.PathLike)):
+            online_router = OnlineRouter.load(online_router, expected_num_heads=model.num_heads)
+        if online_router is not None and online_router.num_heads != model.num_heads:
+            raise ValueError(
+                f"The online router has num_heads={online_router.num_heads}, the reward model {model.num_heads}."
+            )
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.context_column = context_column
+        self.user_column = user_column
+        self.online_router = online_router
+        self.batch_size = batch_size
+        self.max_length = max_length or getattr(model.config.text_config, "max_position_embeddings", None)
+        self.group_column = group_column
+        self.max_logged_groups = max_logged_groups
+        self.__name__ = name
+        self._logged_groups: dict[str, str] = {}
+        self._prepared = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        **kwargs,
+    ) -> MiCRoReward:
+        """
+        Load a MiCRo checkpoint (as saved by `MiCRoRewardTrainer`) and its tokenizer. `kwargs` are the constructor's
+        (`context_column`, `user_column`, `online_router`, ...). A checkpoint of another kind is an error.
+        """
+        path = os.fspath(path)
+        if os.path.exists(os.path.join(path, "adapter_config.json")):
+            raise ValueError(
+                f"{path} holds a LoRA adapter. Merge it into the model it was trained from, then save the merged "
+                "model and its tokenizer: `PeftModel.from_pretrained(MiCRoRewardModel.from_backbone(backbone, "
+                "num_heads=K), path).merge_and_unload().save_pretrained(merged_path)`."
+            )
+        has_config = os.path.exists(os.path.join(path, "config.json"))
+        model_type = AutoConfig.from_pretrained(path).model_type if has_config else None
+        if model_type != "micro":
+            found = f"a {model_type!r} checkpoint" if model_type else "not a model directory"
+            raise ValueError(
+                f"{path} is {found}, not a MiCRo reward model. Train one with MiCRoRewardTrainer; a plain reward "
+                "model can be passed to `reward_funcs` as it is."
+            )
+        model = MiCRoRewardModel.from_pretrained(path, dtype=dtype)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ placement
+    def prepare(self, accelerator) -> MiCRoReward:
+        """
+        Place the model the way TRL's trainers place a reward model of their own: a DeepSpeed inference engine under
+        DeepSpeed (ZeRO-3 partitions it across processes), `accelerator.prepare_model` otherwise. Call it with the
+        trainer's accelerator after the trainer is built; every process must then score the same number of batches,
+        which GRPO and RLOO guarantee (each process scores its own equal share of completions).
+        """
+        if self._prepared:
+            return self
+        if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+            self.model = prepare_deepspeed(self.model, accelerator)
+        else:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True, device_placement=True)
+        self._prepared = True
+        return self
+
+    def _place_without_accelerator(self) -> None:
+        if any(hasattr(parameter, "ds_id") for parameter in self.model.parameters()):
+            raise RuntimeError(
+                "The MiCRo reward model was built under DeepSpeed ZeRO-3 (its weights are partitioned): call "
+                "`reward.prepare(trainer.accelerator)` after building the trainer."
+            )
+        self.model.to(PartialState().device)
+        self._prepared = True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def config(self):
+        return unwrap(self.model).config
+
+    # -------------------------------------------------------------------------------------------------- scoring
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        log_metric, log_extra = kwargs.get("log_metric"), kwargs.get("log_extra")
+        columns = {key: value for key, value in kwargs.items() if key not in TRAINER_KWARGS}
+        contexts = self._column(columns, self.context_column, len(prompts))
+        users = self._column(columns, self.user_column, len(prompts))
+        scores = self.score(prompts, completions, contexts=contexts, users=users)
+        rewards = scores["rewards"].tolist()
+        if log_metric is not None:
+            groups = columns.get(self.group_column) or users or contexts
+            self._log_metrics(log_metric, scores, groups)
+        if log_extra is not None:
+            for k in range(scores["head_rewards"].shape[1]):
+                log_extra(f"micro/head_reward/{k}", scores["head_rewards"][:, k].tolist())
+        return rewards
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Sequence[str | Messages],
+        completions: Sequence[str | Messages],
+        contexts: Sequence[str | None] | None = None,
+        users: Sequence[str | None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Score completions without a trainer: `rewards` (N,), `head_rewards` (N, K) and `mixture_weights` (N, K), on the
+        CPU. `contexts` and `users` are optional per-row lists (see the class docstring).
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+        if not self._prepared:
+            self._place_without_accelerator()
+        template = self.config.context_template
+        encoded = []
+        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+            context = contexts[index] if contexts is not None else None
+            encoded.append(self._encode(context_joined(prompt, context, template), completion))
+
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
+        head_rewards, weights = [None] * len(encoded), [None] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch_users = [users[i] for i in rows] if users is not None else None
+            output = self._score_batch([encoded[i] for i in rows], batch_users)
+            for position, row in enumerate(rows):
+                head_rewards[row] = output.head_rewards[position]
+                weights[row] = output.mixture_weights[position]
+        head_rewards = torch.stack(head_rewards).float().cpu()
+        weights = torch.stack(weights).float().cpu()
+        return {
+            "rewards": (weights * head_rewards).sum(dim=-1),
+            "head_rewards": head_rewards,
+            "mixture_weights": weights,
+        }
+
+    def _score_batch(self, encoded: list[tuple[list[int], int]], users: list[str | None] | None):
+        device = self.device
+        input_ids = pad_right([ids for ids, _ in encoded], self.tokenizer.pad_token_id).to(device)
+        attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0).to(device)
+        prompt_lengths = torch.tensor([length for _, length in encoded], device=device)
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths)
+        known = [self.online_router is not None and user is not None and user in self.online_router for user in users or []]
+        if not any(known):
+            return output
+        weights = output.mixture_weights.clone()
+        for row, user in enumerate(users):
+            if known[row]:
+                weights[row] = self.online_router.weights(user).to(weights)
+        # Same features, the online users' weights instead of the router's: no second backbone pass.
+        return self.model(
+            reward_features=output.reward_features, router_features=output.router_features, mixture_weights=weights
+        )
+
+    def _encode(self, prompt: str | Messages, completion: str | Messages) -> tuple[list[int], int]:
+        ids, prompt_length = encode_prompt_completion(self.tokenizer, prompt, completion)
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids, prompt_length
+        return truncate_completion(ids, prompt_length, self.max_length, self._ending(isinstance(prompt, list)))
+
+    def _ending(self, conversational: bool) -> list[int]:
+        return self.config.completion_end_ids or completion_end_token_ids(self.tokenizer, conversational) or []
+
+    @staticmethod
+    def _column(columns: dict[str, Any], name: str | None, num_rows: int) -> list | None:
+        if name is None:
+            return None
+        if name not in columns:
+            raise ValueError(
+                f"MiCRoReward reads the column {name!r}, which the dataset does not have (its other columns: "
+                f"{sorted(columns)}). Add it, name the right one, or pass `context_column=None` / `user_column=None`."
+            )
+        values = list(columns[name])
+        if len(values) != num_rows:
+            raise ValueError(f"The column {name!r} has {len(values)} values for {num_rows} completions.")
+        return values
+
+    # -------------------------------------------------------------------------------------------------- logging
+    def _log_metrics(self, log_metric, scores: dict[str, torch.Tensor], groups: list | None) -> None:
+        for k in range(scores["head_rewards"].shape[1]):
+            log_metric(f"micro/head_reward/{k}", scores["head_rewards"][:, k].mean().item())
+            log_metric(f"micro/head_weight/{k}", scores["mixture_weights"][:, k].mean().item())
+        if groups is None:
+            return
+        rewards_of_group: dict[str, list[float]] = {}
+        for group, reward in zip(groups, scores["rewards"].tolist()):
+            label = self._group_label(group)
+            if label is not None:
+                rewards_of_group.setdefault(label, []).append(reward)
+        for label, rewards in rewards_of_group.items():
+            log_metric(f"micro/reward/{label}", sum(rewards) / len(rewards))
+
+    def _group_label(self, group) -> str | None:
+        key = "none" if group is None else str(group)
+        if key not in self._logged_groups:
+            if len(self._logged_groups) >= self.max_logged_groups:
+                return None
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")[:40] or "group"
+            self._logged_groups[key] = slug if slug not in self._logged_groups.values() else f"{slug}_{len(self._logged_groups)}"
+        return self._logged_groups[key]
+
+
+def unwrap(model):
+    """The model inside a DeepSpeed engine or a DDP wrapper."""
+    return getattr(model, "module", model)
+
+
+def context_joined(prompt: str | Messages, context: str | None, context_template: str) -> str | Messages:
+    """
+    `join_context`, except for a prompt that already carries the context (a policy prompt that shows the context,
+    as in the recipes): it is left as it is, so the reward model reads the context once, as in training.
+    """
+    if context is None or not str(context).strip():
+        return prompt
+    joined_text = context_template.format(context=context)
+    if isinstance(prompt, str):
+        if prompt.startswith(joined_text):
+            return prompt
+    elif prompt and prompt[0].get("role") == "system" and str(prompt[0].get("content", "")).startswith(
+        joined_text.strip()
+    ):
+        return prompt
+    return join_context(prompt, context, context_template)
+
+
+def truncate_completion(ids: list[int], prompt_length: int, max_length: int, ending: list[int]) -> tuple[list[int], int]:
+    """
+    Fit `ids` into `max_length` keeping the prompt and the `ending` (so the reward is read where training read it):
+    the completion loses its tail; a prompt that does not fit with one completion token and the ending loses its
+    beginning.
+    """
+    ending = ending if ids[len(ids) - len(ending) :] == ending else []
+    room_for_prompt = max_length - len(ending) - 1
+    if room_for_prompt < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for a prompt, a completion and its ending.")
+    if prompt_length > room_for_prompt:
+        logger.warning(
+            "A prompt of %d tokens does not fit max_length=%d: its first %d tokens are dropped.",
+            prompt_length,
+            max_length,
+            prompt_length - room_for_prompt,
+        )
+        ids, prompt_length = ids[prompt_length - room_for_prompt :], room_for_prompt
+    completion = ids[prompt_length : len(ids) - len(ending)]
+    kept = max_length - prompt_length - len(ending)
+    return ids[:prompt_length] + completion[:kept] + ending, prompt_length

@@ -1,0 +1,60 @@
+"""Configuration of Stage 2 router adaptation (backbone and heads frozen, the router learns to read contexts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .micro_config import MiCRoRewardConfig
+
+
+@dataclass
+class RouterAdaptationConfig(MiCRoRewardConfig):
+    r"""
+    [`MiCRoRewardConfig`] for Stage 2: fit the router of a Stage 1 checkpoint on a few context-labelled pairs.
+
+    Only the router trains; the backbone and the K heads stay as Stage 1 left them, so the objective is the mixture
+    BT loss with fixed heads (see `trl_micro.trainer.adaptation_trainer`). The defaults suit a few dozen to a few
+    hundred pairs: many epochs over the cached backbone features, a higher learning rate than Stage 1, no head-usage
+    balance penalty (a context is supposed to pick its heads), and a pull toward the Stage 1 router.
+
+    The model fields of Stage 1 (`num_heads`, `use_router`, `router_type`, `router_hidden_size`) are ignored: the
+    checkpoint keeps its own. `freeze_backbone` must stay `True` and `loss_type` `"mixture"`.
+
+    Fields of its own:
+        router_anchor_coef: weight of the L2 pull `||theta - theta_stage1||^2` of the router's parameters toward their
+            Stage 1 values; it keeps 8-pair adaptations from drifting far on directions the few pairs do not pin
+            down. 0 switches it off. (`weight_decay` pulls toward zero instead, i.e. toward uniform routing.)
+        max_context_length: most tokens a context may have (its text alone, before the template joins it to the
+            prompt). Longer contexts raise an error naming the row: shorten them (summarize the user or the
+            criterion) or raise the limit. `None` disables the check.
+    """
+
+    learning_rate: float = field(default=2e-2, metadata={"help": "AdamW learning rate of the router."})
+    num_train_epochs: float = field(default=30.0, metadata={"help": "Epochs over the (small) adaptation set."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps (adaptation runs are short)."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training; the script saves at the end."})
+    router_balance_coef: float = field(default=0.0, metadata={"help": "Head-usage balance penalty (off in Stage 2)."})
+    freeze_backbone: bool = field(default=True, metadata={"help": "Always True: only the router trains."})
+    router_anchor_coef: float = field(
+        default=1e-2, metadata={"help": "L2 pull of the router's parameters toward their Stage 1 values."}
+    )
+    max_context_length: int | None = field(
+        default=256, metadata={"help": "Most tokens a context may have; longer ones are an error. None: no limit."}
+    )
+
+    def __post_init__(self):
+        if not self.freeze_backbone:
+            raise ValueError(
+                "RouterAdaptationConfig.freeze_backbone must be True: router adaptation trains the router only. "
+                "To fine-tune the backbone or the heads, use MiCRoRewardConfig and MiCRoRewardTrainer (Stage 1)."
+            )
+        if self.loss_type != "mixture":
+            raise ValueError(
+                f"RouterAdaptationConfig.loss_type must be 'mixture', got {self.loss_type!r}: the ensemble loss does "
+                "not involve the router."
+            )
+        super().__post_init__()
+        if self.router_anchor_coef < 0:
+            raise ValueError(f"`router_anchor_coef` must be >= 0, got {self.router_anchor_coef}.")
+        if self.max_context_length is not None and self.max_context_length < 1:
+            raise ValueError(f"`max_context_length` must be >= 1 or None, got {self.max_context_length}.")
