@@ -46,7 +46,7 @@ class LoraTuning:
 
 
 GPU_LORA = LoraTuning("single-GPU configuration", 16, 32, "all-linear", 2, 2e-4, 16, None)
-CPU_LORA = LoraTuning("small CPU configuration", 8, 16, ["q_proj", "v_proj"], 1, 5e-4, 8, 48)
+CPU_LORA = LoraTuning("small CPU configuration", 8, 16, ["q_proj", "v_proj"], 1, 5e-4, 8, 32)
 
 
 def default_lora_tuning() -> LoraTuning:

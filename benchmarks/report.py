@@ -102,17 +102,9 @@ class BenchmarkOutcome:
             rows += adaptation_curve(per_size, method=method, include_summary=False)
         return rows
 
-    def mean_head_usage(self) -> dict:
-        """`{label: head_usage dict}` averaged over seeds (heads are not matched across seeds: each seed's head k)."""
-        usage = {}
-        for label in self.runs[0].head_usage:
-            entries = [run.head_usage[label] for run in self.runs]
-            usage[label] = {
-                "contexts": entries[0]["contexts"],
-                "usage": np.mean([entry["usage"] for entry in entries], axis=0),
-                "overall": np.mean([entry["overall"] for entry in entries], axis=0),
-            }
-        return usage
+    def first_seed_head_usage(self) -> dict:
+        """`{label: head_usage dict}` of the first seed (head k of one seed is unrelated to head k of another)."""
+        return {f"{label}, seed {self.seeds[0]}": usage for label, usage in self.runs[0].head_usage.items()}
 
     def meets_target(self, method: str) -> bool | None:
         """Whether `method` closes the target share of the gap on every context; None without a target or a gap."""
@@ -126,7 +118,7 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
     """`<name>.json` / `<name>.md` (evaluation.write_report) and the PNG plots of one benchmark; returns the paths."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / outcome.name
-    usage = outcome.mean_head_usage()
+    usage = outcome.first_seed_head_usage()
     results = {
         "title": outcome.title,
         "methods": outcome.accuracy_runs(),
@@ -170,7 +162,7 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
             entry["usage"],
             entry["contexts"],
             stem.with_name(f"{outcome.name}_{key.removesuffix('_plot')}.png"),
-            title=f"{outcome.title}: head weights, {label} ({outcome.largest_adaptation} pairs per context)",
+            title=f"{outcome.title}: head weights, {label}\n({outcome.largest_adaptation} pairs per context, seed {outcome.seeds[0]})",
         )
     outcome.files = files
     return files

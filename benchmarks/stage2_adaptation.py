@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, set_seed
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
 from trl_micro.baselines import best_head_accuracy
@@ -197,6 +197,7 @@ def main(argv=None):
     results = {"title": "Stage 2: router adaptation vs Stage 1 routing", "command": command.strip(),
                "methods": {}, "adaptation_curves": [], "head_usage": {}, "runs": {}, "settings": vars(args)}
     for name in args.datasets:
+        set_seed(args.seed)  # the heads and router of a model built from a backbone start from torch's generator
         setup = DATASETS[name](args)
         start = time.perf_counter()
         methods, curve, usage, run = run_dataset(name, *setup, args=args, cache_dir=cache_dir)
@@ -214,7 +215,11 @@ def main(argv=None):
 
 
 def setup_notes(results) -> list[str]:
-    lines = ["Protocol and datasets: see the docstring of benchmarks/stage2_adaptation.py.", ""]
+    lines = [
+        "Protocol and datasets: see the docstring of benchmarks/stage2_adaptation.py. Backbone features are cached under",
+        "--cache_dir; a run that finds them there does not pay for the backbone pass in its timings.",
+        "",
+    ]
     for name, run in results["runs"].items():
         timings = ", ".join(f"{key} {value:.0f}" for key, value in run["timings"].items())
         sizes = ", ".join(f"{key} {value}" for key, value in run["sizes"].items())

@@ -116,3 +116,17 @@ def test_eval_command_bad_input(checkpoint_and_data, tmp_path):
     blocker.write_text("")
     with pytest.raises(OSError, match="Cannot write"):
         cli_main([*base, "--output_dir", str(blocker / "eval")])
+
+
+def test_a_wrapped_backbone_stays_causal(tokenizer, tmp_path):
+    """The router reads the last prompt token of the full sequence: that hidden state must not see the response."""
+    from trl_micro import MiCRoRewardModel
+
+    path = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    full = torch.tensor([tokenizer("Question number 1: how do I cook rice?\nSure.")["input_ids"]])
+    prompt_length = len(tokenizer("Question number 1: how do I cook rice?\n")["input_ids"])
+    for model in (MiCRoRewardModel.from_backbone(path, num_heads=2), build_tiny_micro_model(tokenizer)):
+        with torch.no_grad():
+            in_full = model.backbone(input_ids=full).last_hidden_state[0, prompt_length - 1]
+            alone = model.backbone(input_ids=full[:, :prompt_length]).last_hidden_state[0, -1]
+        torch.testing.assert_close(in_full, alone, rtol=1e-4, atol=1e-4)

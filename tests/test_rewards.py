@@ -144,7 +144,7 @@ def test_checkpoint_path_is_a_drop_in_reward_model(conversational, tokenizer, po
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_missing_context_column_is_a_clear_error(reward_checkpoint, policy_path, tokenizer, tmp_path):
+def test_missing_context_column_is_a_clear_error(reward_checkpoint):
     reward = MiCRoReward.from_pretrained(reward_checkpoint)
     with pytest.raises(ValueError, match="column 'context', which the dataset does not have"):
         reward(prompts=[chat("user", "Hi?")], completions=[chat("assistant", SHORT)], persona=["x"])

@@ -13,8 +13,9 @@ With `--adaptation_pairs N`, N pairs of every context are taken out (seeded) to 
 (`trl_micro.routing.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with their head
 margins), and every method is reported on the remaining pairs only.
 
-Writes `<output_dir>/eval_report.json` and `.md` (`trl_micro.evaluation.write_report`), and the plots
-`accuracy_per_context.png` and `head_usage.png`.
+Writes `<output_dir>/eval_report.json` and `.md` (`trl_micro.evaluation.write_report`; the online router's weights are
+in the report too), and the plots `accuracy_per_context.png` and `head_usage.png` (the checkpoint router's mean weight
+per head and context).
 """
 
 from __future__ import annotations
@@ -184,10 +185,9 @@ def run_eval(args: EvalArguments) -> dict:
         paths["accuracy_plot"],
         title="Pairwise accuracy per context",
     )
-    routed_usage = usage[ROUTED] if not adaptation else usage[next(name for name in usage if name != ROUTED)]
     plot_head_usage_heatmap(
-        routed_usage["usage"], routed_usage["contexts"], paths["usage_plot"],
-        title="Mean weight per head and context" + (" (online routing)" if adaptation else " (checkpoint router)"),
+        usage[ROUTED]["usage"], usage[ROUTED]["contexts"], paths["usage_plot"],
+        title="Mean router weight per head and context (checkpoint router)",
     )
     return {"results": results, "paths": paths}
 

@@ -35,6 +35,7 @@ def backbone_fingerprint(backbone: torch.nn.Module, samples_per_tensor: int = 40
     config = getattr(backbone, "config", None)
     if config is not None:
         digest.update(config.to_json_string(use_diff=False).encode())
+        digest.update(str(getattr(config, "_attn_implementation", None)).encode())  # not in the JSON; changes features
     for name, tensor in sorted(backbone.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // samples_per_tensor)

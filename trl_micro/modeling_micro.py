@@ -172,6 +172,10 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
     def __init__(self, config: MiCRoConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.text_config)
+        if self.backbone.config._attn_implementation is None:
+            # MiCRoConfig(text_config=<a loaded backbone's config>) resets that sub-config's attention implementation
+            # to None, and a backbone without one runs attention with no causal mask: give it the model's own.
+            self.backbone.config._attn_implementation = self.config._attn_implementation
         self.heads = nn.Linear(config.hidden_size, config.num_heads, bias=False)
         self.router = build_router(config)
         self._warned_missing_marker = False

@@ -11,7 +11,6 @@ tell the users apart; the reward model then reads it from the prompt once, not t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from datasets import Dataset

@@ -2,7 +2,7 @@
 The MiCRo reward model of the RL runs in docs/rl_runs.md: the embedded SmolLM2-135M-Instruct, frozen, with K heads and
 a router trained on conversational synthetic preferences (each context as the system message).
 
-    python benchmarks/rl_runs/train_reward_model.py outputs/micro-rm-smollm2
+    python benchmarks/rl_runs/train_reward_model.py outputs/micro-rm-smollm2 [PAIRS_PER_SUBPOPULATION]
 """
 
 import sys
@@ -29,4 +29,4 @@ def main(output_dir: str, num_heads: int = 2, pairs_per_subpopulation: int = 160
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], pairs_per_subpopulation=int(sys.argv[2]) if len(sys.argv) > 2 else 160)

@@ -17,6 +17,12 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
     hundred pairs: many epochs over the cached backbone features, a higher learning rate than Stage 1, no head-usage
     balance penalty (a context is supposed to pick its heads), and a pull toward the Stage 1 router.
 
+    How they were chosen (sweeps with benchmarks/stage2_adaptation.py): on synthetic data with a tiny backbone, 8 pairs
+    per context need a learning rate of 1e-2 to 2e-2 (5e-3 stops short); `router_anchor_coef=1e-2` costs little and
+    prevents the collapse an unanchored run showed at 5e-2, while 1e-1 holds the router back. The router's logits move
+    by about `learning_rate * sum_i |h_i|` per step, so backbones with large hidden states (SmolLM2-135M: norm ~55 over
+    576 dims) saturate sooner: lower the learning rate (1e-3 to 5e-3) if `router_entropy` falls to 0 early on.
+
     The model fields of Stage 1 (`num_heads`, `use_router`, `router_type`, `router_hidden_size`) are ignored: the
     checkpoint keeps its own. `freeze_backbone` must stay `True` and `loss_type` `"mixture"`.
 
@@ -29,7 +35,7 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
             criterion) or raise the limit. `None` disables the check.
     """
 
-    learning_rate: float = field(default=2e-2, metadata={"help": "AdamW learning rate of the router."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the router."})
     num_train_epochs: float = field(default=30.0, metadata={"help": "Epochs over the (small) adaptation set."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps (adaptation runs are short)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training; the script saves at the end."})
