@@ -4,7 +4,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .configuration_micro import MiCRoConfig
 from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
-from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer
+from .ppo_reward import MiCRoRewardForPPO
+from .rewards import MiCRoReward
+from .routing import OnlineRouter
+from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
 
 __version__ = "0.1.0"
 
@@ -14,6 +17,11 @@ AutoModelForSequenceClassification.register(MiCRoConfig, MiCRoRewardModel, exist
 
 __all__ = [
     "MiCRoConfig",
+    "MiCRoReward",
+    "MiCRoRewardForPPO",
+    "OnlineRouter",
+    "RouterAdaptationConfig",
+    "RouterAdaptationTrainer",
     "MiCRoRewardConfig",
     "MiCRoRewardModel",
     "MiCRoRewardOutput",
