@@ -26,7 +26,7 @@ from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer
 class DemoArguments:
     model_name_or_path: str = field(default="embedded", metadata={"help": "Backbone; 'embedded' = SmolLM2-135M."})
     num_subpopulations: int = field(default=2, metadata={"help": "M, hidden subpopulations in the synthetic data."})
-    num_heads: int = field(default=4, metadata={"help": "K, MiCRo's reward heads."})
+    num_heads: int = field(default=2, metadata={"help": "K, MiCRo's reward heads (one per subpopulation)."})
     train_pairs_per_subpopulation: int = field(default=120, metadata={"help": "Training pairs per subpopulation."})
     test_pairs_per_subpopulation: int = field(default=60, metadata={"help": "Test pairs per subpopulation."})
     num_train_epochs: int = field(default=30, metadata={"help": "Epochs over the cached features."})
