@@ -4,7 +4,10 @@ The benchmark's preference pools: which pairs each benchmark draws its train / a
 - `hh_relabeled`: HH-RLHF test pairs relabelled per objective; context = objective (helpful / harmless).
 - `hh_rlhf`: the four HH-RLHF test splits; context = harmless (harmless-base) or helpful (the helpful-* splits).
 - `synthetic`: the synthetic generator with its M = 8 designed subpopulations; the M = 2 and M = 4 benchmarks use the
-  rows of the first M subpopulations only, so one feature cache serves the three mixtures.
+  rows of the first M subpopulations only, so one feature cache serves the three mixtures. With
+  `train_rater_follows_topic`, a training pair's rater is the subpopulation that owns the prompt's topic
+  (`trl_micro.synthetic.rated_by_topic_owner`: who rates depends on the prompt, as in HH-RLHF), while evaluation pairs
+  mix every topic, so at test time only the context says who rates.
 
 Real pairs are filtered to those whose longer sequence, context included, fits in `max_length` tokens of the
 backbone's tokenizer, then `pairs_per_context` are drawn per context (seeded). The filter and the draw are recorded in
@@ -24,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trl_micro.pair_pool import longest_sequence_lengths, tokenize_pairs
 from trl_micro.real_data import load_hh_relabeled, load_hh_rlhf, split_by_context, take_per_context
-from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
 
 POOL_SEED = 0
 
@@ -41,6 +44,7 @@ class PoolSpec:
         max_length: real pairs whose longer sequence (context included) exceeds this many tokens are left out.
         candidate_pairs: real pairs read before filtering (a seeded uniform sample; None reads every pair).
         num_subpopulations: M of the synthetic generator.
+        train_rater_follows_topic: synthetic training pairs are rated by the subpopulation owning the prompt's topic.
     """
 
     source: str
@@ -49,12 +53,14 @@ class PoolSpec:
     max_length: int = 256
     candidate_pairs: int | None = None
     num_subpopulations: int = 8
+    train_rater_follows_topic: bool = False
 
     def describe(self) -> str:
         if self.source == "synthetic":
+            raters = "; training pairs rated by the subpopulation owning the prompt's topic" * self.train_rater_follows_topic
             return (
                 f"synthetic generator, M={self.num_subpopulations} subpopulations, {self.pairs_per_context} pairs each "
-                f"(generator seed {POOL_SEED})"
+                f"(generator seed {POOL_SEED}){raters}"
             )
         read = "all pairs" if self.candidate_pairs is None else f"a seeded sample of {self.candidate_pairs} pairs"
         return (
@@ -70,6 +76,8 @@ def load_pool_dataset(
     The pool's pairs (prompt, chosen, rejected, context, context_id, ...), evaluation pairs first, and the number of
     evaluation pairs.
     """
+    if spec.source == "synthetic" and spec.train_rater_follows_topic:
+        return draw_topic_rated_synthetic_pool(spec)
     pairs = draw_pool_pairs(spec, tokenizer, context_template, data_dir)
     parts = split_by_context(
         pairs,
@@ -79,6 +87,30 @@ def load_pool_dataset(
         seed=POOL_SEED,
     )
     return concatenate_datasets([parts["adaptation"], parts["train"]]), len(parts["adaptation"])
+
+
+def draw_topic_rated_synthetic_pool(spec: PoolSpec) -> tuple[Dataset, int]:
+    """
+    Evaluation pairs from one generator draw (every topic), training pairs from another (seed + 1), kept only where
+    the rater owns the prompt's topic; evaluation pairs first.
+    """
+    num_evaluation = spec.pairs_per_context - spec.train_per_context
+    evaluation = generate_synthetic_preferences(
+        SyntheticPreferenceConfig(
+            num_subpopulations=spec.num_subpopulations, num_pairs_per_subpopulation=num_evaluation, seed=POOL_SEED
+        )
+    )
+    # A subpopulation owns about 1/M of the topics: draw enough candidates for `train_per_context` of its own.
+    candidates = generate_synthetic_preferences(
+        SyntheticPreferenceConfig(
+            num_subpopulations=spec.num_subpopulations,
+            num_pairs_per_subpopulation=2 * spec.num_subpopulations * spec.train_per_context,
+            seed=POOL_SEED + 1,
+        )
+    )
+    owned = rated_by_topic_owner(candidates, spec.num_subpopulations)
+    train = take_per_context(owned, spec.train_per_context, context_column="context_id", seed=POOL_SEED)
+    return concatenate_datasets([evaluation, train]), len(evaluation)
 
 
 def draw_pool_pairs(

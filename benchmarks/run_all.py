@@ -85,19 +85,19 @@ def full_plan() -> BenchmarkPlan:
     comparisons after it train heads and routers only.
     """
     synthetic = [
-        BenchmarkSpec(f"synthetic_m{m}", f"synthetic M={m}", "synthetic", k, 32, 32, synthetic_contexts(m), target=0.8)
+        BenchmarkSpec(f"synthetic_m{m}", f"synthetic M={m}", "synthetic", k, 32, 64, synthetic_contexts(m), target=0.8)
         for m, k in ((2, 4), (4, 6), (8, 10))
     ]
     return BenchmarkPlan(
         model="embedded",
         pools={
-            "hh_relabeled": PoolSpec("hh_relabeled", pairs_per_context=160, train_per_context=96, max_length=192),
-            "hh_rlhf": PoolSpec("hh_rlhf", pairs_per_context=160, train_per_context=96, max_length=192),
-            "synthetic": PoolSpec("synthetic", pairs_per_context=128, train_per_context=64),
+            "hh_relabeled": PoolSpec("hh_relabeled", pairs_per_context=256, train_per_context=128, max_length=192),
+            "hh_rlhf": PoolSpec("hh_rlhf", pairs_per_context=256, train_per_context=128, max_length=192),
+            "synthetic": PoolSpec("synthetic", pairs_per_context=224, train_per_context=128, train_rater_follows_topic=True),
         },
         benchmarks=[
-            BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 32, target=0.5),
-            BenchmarkSpec("hh_rlhf", "hh_rlhf", "hh_rlhf", 4, 32, 32),
+            BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 96, target=0.5),
+            BenchmarkSpec("hh_rlhf", "hh_rlhf", "hh_rlhf", 4, 32, 96),
             *synthetic,
         ],
         seeds=[0, 1, 2],
@@ -118,7 +118,7 @@ def smoke_plan() -> BenchmarkPlan:
         model="embedded",
         pools={
             "hh_relabeled": PoolSpec("hh_relabeled", 10, 4, max_length=320, candidate_pairs=200),
-            "synthetic": PoolSpec("synthetic", 10, 4, num_subpopulations=4),
+            "synthetic": PoolSpec("synthetic", 10, 4, num_subpopulations=4, train_rater_follows_topic=True),
         },
         benchmarks=[
             BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 2, 4, 2, target=0.5),

@@ -18,11 +18,15 @@ Datasets:
   frozen backbone (synthetic-4: four subpopulations over all six style axes, four heads). In the Stage 1 split the rater of a pair follows the prompt's topic (as
   harmless raters get red-teaming prompts in HH); that lets the unlabelled mixture split into one head per
   subpopulation. The adaptation and test splits mix every topic, so only the context says who rates.
+  synthetic-smollm2: the synthetic data again, on the embedded SmolLM2-135M-Instruct (frozen): a backbone that knows
+  what words mean, which is what routing an unseen wording of a context takes.
 - hh_relabeled: HH-RLHF test pairs relabelled for helpfulness or harmlessness (context: "Prefer the most helpful /
   harmless response."), the embedded SmolLM2-135M-Instruct as frozen backbone, pairs of at most --hh_max_tokens
   tokens (context included) to keep the backbone pass short.
 
-    python benchmarks/stage2_adaptation.py                         # both datasets (~15 min on 2 CPU cores)
+Router adaptation uses RouterAdaptationConfig's defaults on the tiny backbone and `EMBEDDED_ADAPTATION` on SmolLM2.
+
+    python benchmarks/stage2_adaptation.py                         # every dataset (~15 min on 2 CPU cores)
     python benchmarks/stage2_adaptation.py --datasets synthetic    # under a minute
 
 Writes benchmarks/results/stage2_adaptation.md and .json (with the command, settings and timings).
@@ -48,9 +52,9 @@ from trl_micro.real_data import load_hh_relabeled, split_by_context, take_per_co
 from trl_micro.scoring import score_preference_pairs
 from trl_micro.synthetic import (
     AXES,
-    TOPICS,
     SyntheticPreferenceConfig,
     generate_synthetic_preferences,
+    rated_by_topic_owner,
     subpopulation_paraphrases,
 )
 from trl_micro.testing import build_tiny_micro_model, build_tiny_tokenizer
@@ -70,6 +74,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning_rate", type=float, default=None, help="Router adaptation lr (config default).")
     parser.add_argument("--router_anchor_coef", type=float, default=None, help="Pull toward Stage 1 (config default).")
+    parser.add_argument("--num_train_epochs", type=float, default=None, help="Router adaptation epochs (config default).")
+    parser.add_argument("--max_steps", type=int, default=None, help="Router adaptation steps, overriding epochs.")
     parser.add_argument("--hh_train_pairs", type=int, default=200, help="Stage 1 pairs per context (HH).")
     parser.add_argument("--hh_test_pairs", type=int, default=120, help="Test pairs per context (HH).")
     parser.add_argument("--hh_max_tokens", type=int, default=160, help="Longest HH sequence kept, in tokens.")
@@ -80,28 +86,41 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+# Router adaptation on SmolLM2 features (hidden-state norm ~55): a lower learning rate than the config's default, and a
+# fixed number of steps, so that 8 pairs per context get as many updates as 128 (see RouterAdaptationConfig's docstring;
+# picked on synthetic-smollm2 among lr 5e-4 to 1e-2, 30 epochs or 300 steps).
+EMBEDDED_ADAPTATION = dict(learning_rate=2e-3, max_steps=300)
+
+
 # ------------------------------------------------------------------------------------------------------ datasets
-def synthetic_setup(args, num_subpopulations: int, axes: tuple[str, ...]):
-    """Tiny frozen random backbone and the synthetic splits described in the module docstring."""
+def synthetic_setup(args, num_subpopulations: int, axes: tuple[str, ...], backbone: str = "tiny"):
+    """
+    The synthetic splits described in the module docstring, on a frozen backbone: a tiny random one ("tiny") or the
+    embedded SmolLM2-135M-Instruct ("embedded"), whose features carry the meaning of a context's words.
+    """
     num_stage1, num_adaptation, num_test = 300 * num_subpopulations, max(args.counts), 200
     config = SyntheticPreferenceConfig(
         num_subpopulations=num_subpopulations, axes=axes, seed=args.seed,
         num_pairs_per_subpopulation=num_stage1 + num_adaptation + num_test,
     )
     data = generate_synthetic_preferences(config)
-    texts = [row[column] for row in data.select(range(200)) for column in ("prompt", "chosen", "rejected")]
-    tokenizer = build_tiny_tokenizer(texts + sorted(set(data["context"])), vocab_size=1000)
+    if backbone == "embedded":
+        from trl_micro.embedded import embedded_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+        model = MiCRoRewardModel.from_backbone(embedded_model_path(), num_heads=num_subpopulations)
+        stage1_args = dict(per_device_train_batch_size=32, num_train_epochs=30, learning_rate=5e-3,
+                           adaptation=EMBEDDED_ADAPTATION)
+    else:
+        texts = [row[column] for row in data.select(range(200)) for column in ("prompt", "chosen", "rejected")]
+        tokenizer = build_tiny_tokenizer(texts + sorted(set(data["context"])), vocab_size=1000)
+        model = build_tiny_micro_model(tokenizer, num_heads=num_subpopulations, seed=args.seed)
+        stage1_args = dict(per_device_train_batch_size=32, num_train_epochs=30, learning_rate=2e-2)
     parts = split_by_context(data, sizes_per_context=(num_stage1, num_adaptation, num_test), seed=args.seed)
 
-    def rater_follows_topic(row):
-        topic = next(index for index, t in enumerate(TOPICS) if t.goal in row["prompt"])
-        return topic % config.num_subpopulations == row["subpopulation"]
-
-    model = build_tiny_micro_model(tokenizer, num_heads=config.num_subpopulations, seed=args.seed)
-    stage1_args = dict(per_device_train_batch_size=32, num_train_epochs=30, learning_rate=2e-2)
     rewordings = {f"subpop-{m}": subpopulation_paraphrases(m)[0] for m in range(config.num_subpopulations)}
-    return (model, tokenizer, parts["train"].filter(rater_follows_topic), parts["adaptation"], parts["test"], stage1_args,
-            rewordings)
+    stage1_train = rated_by_topic_owner(parts["train"], num_subpopulations)
+    return model, tokenizer, stage1_train, parts["adaptation"], parts["test"], stage1_args, rewordings
 
 
 def hh_setup(args):
@@ -122,13 +141,15 @@ def hh_setup(args):
     parts = split_by_context(data, sizes_per_context=sizes, seed=args.seed)
     model = MiCRoRewardModel.from_backbone(path, num_heads=2)
     stage1_args = dict(per_device_train_batch_size=32, num_train_epochs=30, learning_rate=5e-3,
-                       prompt_marker=ASSISTANT_MARKER)
+                       prompt_marker=ASSISTANT_MARKER, adaptation=EMBEDDED_ADAPTATION)
     return model, tokenizer, parts["train"], parts["adaptation"], parts["test"], stage1_args, HH_REWORDINGS
 
 
 # ------------------------------------------------------------------------------------------------------ protocol
 def run_dataset(name, model, tokenizer, stage1_train, adaptation, test, stage1_args, rewordings, args, cache_dir):
     """Stage 1, then one adaptation per count; accuracy on `test` and on `test` with its contexts reworded."""
+    stage1_args = dict(stage1_args)
+    adaptation_args = stage1_args.pop("adaptation", {})
     common = dict(report_to="none", save_strategy="no", seed=args.seed, disable_tqdm=True, logging_steps=10_000,
                   feature_cache_dir=cache_dir, prompt_marker=stage1_args.pop("prompt_marker", None))
     timings = {}
@@ -160,7 +181,8 @@ def run_dataset(name, model, tokenizer, stage1_train, adaptation, test, stage1_a
     stage1_scores = evaluate("Stage 1 routing")
     timings["test_features_s"] = time.perf_counter() - start
     stage1_router = {key: value.clone() for key, value in model.router.state_dict().items()}
-    overrides = {key: getattr(args, key) for key in ("learning_rate", "router_anchor_coef") if getattr(args, key) is not None}
+    tuned = ("learning_rate", "router_anchor_coef", "num_train_epochs", "max_steps")
+    overrides = {**adaptation_args, **{key: getattr(args, key) for key in tuned if getattr(args, key) is not None}}
     for count in sorted(args.counts):
         model.router.load_state_dict(stage1_router)
         start = time.perf_counter()
@@ -176,6 +198,7 @@ def run_dataset(name, model, tokenizer, stage1_train, adaptation, test, stage1_a
         "timings": timings,
         "sizes": {"stage1_train": len(stage1_train), "adaptation_pool": len(adaptation), "test": len(test)},
         "rewordings": rewordings,
+        "adaptation_settings": overrides or "RouterAdaptationConfig defaults",
         "same_top_head_with_unseen_wording": agreement,
     }
     return methods, adaptation_curve(curve, method=f"{name}: adapted"), usage, run
@@ -184,6 +207,7 @@ def run_dataset(name, model, tokenizer, stage1_train, adaptation, test, stage1_a
 DATASETS = {
     "synthetic": lambda args: synthetic_setup(args, 2, ("length", "formality")),
     "synthetic-4": lambda args: synthetic_setup(args, 4, AXES),
+    "synthetic-smollm2": lambda args: synthetic_setup(args, 2, ("length", "formality"), backbone="embedded"),
     "hh_relabeled": hh_setup,
 }
 
@@ -225,6 +249,7 @@ def setup_notes(results) -> list[str]:
         sizes = ", ".join(f"{key} {value}" for key, value in run["sizes"].items())
         agreement = ", ".join(f"{key} {value:.2f}" for key, value in run["same_top_head_with_unseen_wording"].items())
         lines.append(f"- {name}: pairs {sizes}; seconds: {timings}.")
+        lines.append(f"  Router adaptation: {run['adaptation_settings']}.")
         lines.append(f"  Unseen wordings: {run['rewordings']}.")
         lines.append(f"  Fraction of test pairs whose top head is the same with the unseen wording: {agreement}.")
     return [*lines, ""]

@@ -12,7 +12,7 @@ from trl_micro.data import encode_prompt_completion, join_context
 from trl_micro.evaluation import per_context_accuracy
 from trl_micro.real_data import take_per_context
 from trl_micro.scoring import score_preference_pairs
-from trl_micro.synthetic import TOPICS, SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
 from trl_micro.testing import build_tiny_micro_model, build_tiny_tokenizer, save_tiny_backbone
 from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
 
@@ -179,10 +179,6 @@ def test_recipe_adapts_a_checkpoint_from_a_local_file(tokenizer, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- synthetic contexts
-def topic_of(prompt: str) -> int:
-    return next(index for index, topic in enumerate(TOPICS) if topic.goal in prompt)
-
-
 def synthetic_stage1_model(tmp_path, seed: int = 0):
     """
     A Stage 1 model whose heads specialize on two conflicting subpopulations, and the data to adapt and test it on.
@@ -200,7 +196,7 @@ def synthetic_stage1_model(tmp_path, seed: int = 0):
     )
     tokenizer = build_tiny_tokenizer([row[c] for row in data.select(range(200)) for c in ("prompt", "chosen", "rejected")]
                                      + sorted(set(data["context"])), vocab_size=1000)
-    stage1 = data.select(range(600)).filter(lambda row: topic_of(row["prompt"]) % 2 == row["subpopulation"])
+    stage1 = rated_by_topic_owner(data.select(range(600)), num_subpopulations=2)
     adaptation, test = data.select(range(600, 800)), data.select(range(800, 1000))
     model = build_tiny_micro_model(tokenizer, num_heads=2, seed=seed)
     args = MiCRoRewardConfig(

@@ -14,7 +14,7 @@ from trl_micro.synthetic import (
     utility,
 )
 
-COLUMNS = {"prompt", "chosen", "rejected", "context", "context_id", "subpopulation", "chosen_style", "rejected_style"}
+COLUMNS = {"prompt", "chosen", "rejected", "context", "context_id", "subpopulation", "topic", "chosen_style", "rejected_style"}
 
 
 def generate(**kwargs):

@@ -470,8 +470,8 @@ def preference_probability(
 def generate_synthetic_preferences(config: SyntheticPreferenceConfig | None = None) -> Dataset:
     """
     A preference dataset in TRL's explicit-prompt format (`prompt`, `chosen`, `rejected`, responses without EOS),
-    with the columns `context`, `context_id` ("subpop-m"), `subpopulation` (m) and the ground-truth styles
-    `chosen_style` / `rejected_style` (bits of `config.axes`). Rows are shuffled.
+    with the columns `context`, `context_id` ("subpop-m"), `subpopulation` (m), `topic` (index into `TOPICS`) and the
+    ground-truth styles `chosen_style` / `rejected_style` (bits of `config.axes`). Rows are shuffled.
     """
     config = config or SyntheticPreferenceConfig()
     rng = random.Random(config.seed)
@@ -511,12 +511,30 @@ def generate_synthetic_preferences(config: SyntheticPreferenceConfig | None = No
                     "context": context,
                     "context_id": f"subpop-{m}",
                     "subpopulation": m,
+                    "topic": topic_index,
                     "chosen_style": list(chosen),
                     "rejected_style": list(rejected),
                 }
             )
     rng.shuffle(rows)
     return Dataset.from_list(rows)
+
+
+def rated_by_topic_owner(dataset: Dataset, num_subpopulations: int) -> Dataset:
+    """
+    The rows whose rater owns the prompt's topic (subpopulation = topic index mod `num_subpopulations`): data in which
+    who rates depends on the prompt, as in HH-RLHF, where harmlessness raters got red-teaming prompts. Mixture modeling
+    without context labels can split such data into one head per subpopulation, its router telling them apart by the
+    prompt; evaluation data that mixes every topic then needs the context to say who rates.
+    """
+    if num_subpopulations < 1:
+        raise ValueError(f"num_subpopulations must be >= 1, got {num_subpopulations}.")
+    missing = {"topic", "subpopulation"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"rated_by_topic_owner needs the generator's columns {sorted(missing)}.")
+    return dataset.filter(
+        lambda row: row["topic"] % num_subpopulations == row["subpopulation"], desc="Keeping topic owners' ratings"
+    )
 
 
 def render_response(topic: Topic, style: dict[str, int], rng: random.Random) -> str:
