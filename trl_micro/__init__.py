@@ -7,6 +7,7 @@ from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
 from .ppo_reward import MiCRoRewardForPPO
 from .rewards import MiCRoReward
 from .routing import OnlineRouter
+from .scoring import PairScores, score_preference_pairs
 from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
 
 __version__ = "0.1.0"
@@ -20,10 +21,12 @@ __all__ = [
     "MiCRoReward",
     "MiCRoRewardForPPO",
     "OnlineRouter",
+    "PairScores",
     "RouterAdaptationConfig",
     "RouterAdaptationTrainer",
     "MiCRoRewardConfig",
     "MiCRoRewardModel",
     "MiCRoRewardOutput",
     "MiCRoRewardTrainer",
+    "score_preference_pairs",
 ]
