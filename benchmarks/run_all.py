@@ -104,7 +104,9 @@ def full_plan() -> BenchmarkPlan:
         comparison=ComparisonSettings(
             adaptation_sizes=(8, 16, 32),
             heads=HeadTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_balance_coef=0.1),
-            router=RouterTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_anchor_coef=1e-2),
+            # SmolLM2's hidden states are large (norm ~55): a lower learning rate and a fixed number of steps, as
+            # benchmarks/stage2_adaptation.py found (EMBEDDED_ADAPTATION there).
+            router=RouterTraining(learning_rate=2e-3, max_steps=300, batch_size=32, router_anchor_coef=1e-2),
         ),
         performance_pairs=32,
         overhead_completions=16,

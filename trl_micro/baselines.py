@@ -83,12 +83,17 @@ class HeadTraining:
 
 @dataclass
 class RouterTraining:
-    """Optimization of the router in Stage 2 router adaptation (see `RouterAdaptationConfig`)."""
+    """
+    Optimization of the router in Stage 2 router adaptation (see `RouterAdaptationConfig`). `max_steps > 0` trains
+    that many steps whatever the number of pairs (8 pairs per context then get as many updates as 32), overriding
+    `num_train_epochs`.
+    """
 
     num_train_epochs: float = 30
     learning_rate: float = 5e-3
     batch_size: int = 32
     router_anchor_coef: float = 1e-2
+    max_steps: int = -1
 
 
 @dataclass
@@ -240,6 +245,7 @@ def adapt_router(
                 output_dir, seed, training.num_train_epochs, training.learning_rate, training.batch_size
             ),
             router_anchor_coef=training.router_anchor_coef,
+            max_steps=training.max_steps,
         )
         trainer = RouterAdaptationTrainer(
             model=model,
