@@ -169,3 +169,22 @@ def test_bad_configs_and_mismatched_checkpoints(model, tokenizer, tmp_path):
     save_tiny_backbone(str(tmp_path / "llama"), tokenizer)
     with pytest.raises(ValueError, match="not a MiCRo checkpoint"):
         MiCRoRewardModel.from_pretrained(tmp_path / "llama")
+
+
+def test_router_reads_standardized_prompt_features(tokenizer):
+    """n(h) = (h - mean) / std: the router's logits ignore the scale and offset of the prompt feature; off, they don't."""
+    features = torch.randn(4, 64) * 50 + 3
+    rewards = torch.randn(4, 64)
+    normalized = build_tiny_micro_model(tokenizer, num_heads=3).eval()
+    raw = build_tiny_micro_model(tokenizer, num_heads=3, router_input_norm=False).eval()
+    raw.router.load_state_dict(normalized.router.state_dict())
+    with torch.no_grad():
+        out = normalized(reward_features=rewards, router_features=features)
+        rescaled = normalized(reward_features=rewards, router_features=features * 0.01 - 7)
+        unnormalized = raw(reward_features=rewards, router_features=features)
+        standardized = (features - features.mean(-1, keepdim=True)) / features.std(-1, unbiased=False, keepdim=True)
+        expected = normalized.router(standardized)
+    torch.testing.assert_close(out.router_logits, rescaled.router_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.router_logits, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unnormalized.router_logits, raw.router(features))
+    assert not torch.allclose(unnormalized.router_logits, out.router_logits)

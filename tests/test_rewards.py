@@ -61,8 +61,8 @@ def test_reward_follows_the_heads_the_context_routes_to(tokenizer):
     encoded = [reward._encode(context_joined(prompt, c, model.config.context_template), completion) for c in contexts]
     with torch.no_grad():
         model.heads.weight[1] = -model.heads.weight[0]
-        router_features = reward._score_batch(encoded, None).router_features
-        direction = router_features[0] - router_features[1]
+        router_inputs = model.router_input(reward._score_batch(encoded, None).router_features)
+        direction = router_inputs[0] - router_inputs[1]
         model.router.weight.copy_(torch.stack([direction, -direction]) * 50 / direction.norm() ** 2)
         model.router.bias.zero_()
     scores = reward.score([prompt] * 2, [completion] * 2, contexts=contexts)

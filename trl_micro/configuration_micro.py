@@ -29,6 +29,11 @@ class MiCRoConfig(PreTrainedConfig):
             Linear router `softmax(W h + b)` or a one-hidden-layer MLP.
         router_hidden_size (`int`, defaults to 256):
             Hidden width of the MLP router.
+        router_input_norm (`bool`, defaults to `True`):
+            Standardize the prompt feature the router reads (subtract its mean over the hidden dimensions and divide by
+            their standard deviation, no learned scale) before the router. Raw decoder hidden states are large and
+            dominated by a few dimensions (SmolLM2-135M: norm ~55), so an unnormalized router saturates within a few
+            steps, before the heads have specialized, and leaves heads unused. Parameter-free: it changes no weight.
         prompt_marker_ids (`list[int]`, *optional*):
             Token ids that end every prompt (a chat template's assistant header, or e.g. the ids of `"\n\nAssistant:"`
             for HH-style transcripts). Used to find the prompt boundary when only full texts are given (inference,
@@ -61,6 +66,7 @@ class MiCRoConfig(PreTrainedConfig):
     use_router: bool = True
     router_type: Literal["linear", "mlp"] = "linear"
     router_hidden_size: int = 256
+    router_input_norm: bool = True
     prompt_marker_ids: list[int] | None = None
     prompt_marker: str | None = None
     completion_end_ids: list[int] | None = None

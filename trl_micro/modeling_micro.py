@@ -5,10 +5,12 @@ For a prompt x and response y, with h(x, y) the backbone's last hidden state at 
 h(x) the hidden state at the last token of the prompt:
 
     r_k(x, y) = u_k . h(x, y)                      (K heads, kept in float32)
-    w(x)      = softmax(router(h(x)))              (router: linear or MLP; or one global vector, StaticMixture)
+    w(x)      = softmax(router(n(h(x))))           (router: linear or MLP; or one global vector, StaticMixture)
     r(x, y)   = sum_k w_k(x) r_k(x, y)             (the routed reward, `logits`)
 
-A context (user, criterion, persona) personalizes the reward by being part of the prompt the router reads.
+where n standardizes the prompt feature over its hidden dimensions, n(h) = (h - mean(h)) / std(h)
+(`config.router_input_norm`; the identity when off). A context (user, criterion, persona) personalizes the reward
+by being part of the prompt the router reads.
 """
 
 from __future__ import annotations
@@ -263,11 +265,17 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
             router_features = prompt_hidden[rows, prompt_end]
         return reward_features, router_features
 
+    def router_input(self, router_features: torch.Tensor) -> torch.Tensor:
+        """n(h(x)) of the module docstring: what the router reads."""
+        if not self.config.router_input_norm:
+            return router_features
+        return nn.functional.layer_norm(router_features, router_features.shape[-1:], eps=1e-5)
+
     def score_features(self, reward_features, router_features, mixture_weights=None) -> MiCRoRewardOutput:
         """Heads and router on backbone features; `mixture_weights` (batch, K) overrides the router's weights."""
         head_dtype = self.heads.weight.dtype
         head_rewards = self.heads(reward_features.to(head_dtype))
-        router_logits = self.router(router_features.to(head_dtype))
+        router_logits = self.router(self.router_input(router_features.to(head_dtype)))
         if mixture_weights is None:
             mixture_weights = torch.softmax(router_logits, dim=-1)
         else:

@@ -23,8 +23,8 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
     by about `learning_rate * sum_i |h_i|` per step, so backbones with large hidden states (SmolLM2-135M: norm ~55 over
     576 dims) saturate sooner: lower the learning rate (1e-3 to 5e-3) if `router_entropy` falls to 0 early on.
 
-    The model fields of Stage 1 (`num_heads`, `use_router`, `router_type`, `router_hidden_size`) are ignored: the
-    checkpoint keeps its own. `freeze_backbone` must stay `True` and `loss_type` `"mixture"`.
+    The model fields of Stage 1 (`num_heads`, `use_router`, `router_type`, `router_hidden_size`, `router_input_norm`)
+    are ignored: the checkpoint keeps its own. `freeze_backbone` must stay `True` and `loss_type` `"mixture"`.
 
     Fields of its own:
         router_anchor_coef: weight of the L2 pull `||theta - theta_stage1||^2` of the router's parameters toward their

@@ -16,7 +16,7 @@ class MiCRoRewardConfig(RewardConfig):
     `report_to`, saving) behaves as in TRL's reward trainer.
 
     Model fields (used when the trainer builds the model from a backbone path; a MiCRo checkpoint keeps its own):
-        num_heads, use_router, router_type, router_hidden_size.
+        num_heads, use_router, router_type, router_hidden_size, router_input_norm.
 
     Training fields:
         loss_type: `"mixture"` (MiCRo's mixture BT loss) or `"ensemble"` (each head its own BT loss: Shared-Base
@@ -41,6 +41,9 @@ class MiCRoRewardConfig(RewardConfig):
     use_router: bool = field(default=True, metadata={"help": "False learns one global weight vector (StaticMixture)."})
     router_type: Literal["linear", "mlp"] = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
     router_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the MLP router."})
+    router_input_norm: bool = field(
+        default=True, metadata={"help": "Standardize the prompt feature the router reads (see MiCRoConfig)."}
+    )
     loss_type: Literal["mixture", "ensemble"] = field(
         default="mixture", metadata={"help": "'mixture' (MiCRo) or 'ensemble' (independent heads)."}
     )

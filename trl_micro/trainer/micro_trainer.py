@@ -44,6 +44,7 @@ def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardMode
         use_router=args.use_router,
         router_type=args.router_type,
         router_hidden_size=args.router_hidden_size,
+        router_input_norm=args.router_input_norm,
     )
 
 
