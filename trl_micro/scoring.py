@@ -4,7 +4,7 @@ Scoring a preference dataset with a MiCRo reward model: every pair's per-head ma
 For a pair (x, c, y_w, y_l), with the context c joined to the prompt x as in training,
 
     head_margins[k]  = r_k(x, c, y_w) - r_k(x, c, y_l)
-    mixture_weights  = softmax(router(h(x, c)))          (the router reads the prompt once; both responses share it)
+    mixture_weights  = w(x, c)                           (the router reads the prompt once; both responses share it)
     margins          = sum_k mixture_weights[k] head_margins[k] = r(x, y_w | c) - r(x, y_l | c)
 
 so a pair is ranked correctly by the routed reward when its margin is positive. The backbone runs once per sequence
