@@ -38,6 +38,7 @@ from benchmarks.lora_backbone import LoraTuning, default_lora_tuning, tune_backb
 from benchmarks.performance import run_reward_overhead, time_stage1_epoch  # noqa: E402
 from benchmarks.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
 from benchmarks.report import BenchmarkOutcome, render_document, write_outcome_files  # noqa: E402
+from benchmarks.stage2_adaptation import EMBEDDED_ADAPTATION  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.baselines import ComparisonSettings, HeadTraining, RouterTraining, compare_methods, split_pool  # noqa: E402
 from trl_micro.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
@@ -107,9 +108,8 @@ def full_plan() -> BenchmarkPlan:
             # shared heads at M = 8 (seed-mean online-routing accuracy 78.3% vs 76.4% at 0.1; M = 2 and 4 within half
             # a point; a sweep of 0.01 to 2, standardized router input).
             heads=HeadTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_balance_coef=0.5),
-            # SmolLM2's hidden states are large (norm ~55): a lower learning rate and a fixed number of steps, as
-            # benchmarks/stage2_adaptation.py found (EMBEDDED_ADAPTATION there).
-            router=RouterTraining(learning_rate=2e-3, max_steps=300, batch_size=32, router_anchor_coef=1e-2),
+            # The router adaptation benchmarks/stage2_adaptation.py chose for SmolLM2 features.
+            router=RouterTraining(**EMBEDDED_ADAPTATION, batch_size=32, router_anchor_coef=1e-2),
         ),
         performance_pairs=32,
         overhead_completions=16,

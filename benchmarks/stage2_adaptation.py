@@ -86,9 +86,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-# Router adaptation on SmolLM2 features (hidden-state norm ~55): a lower learning rate than the config's default, and a
-# fixed number of steps, so that 8 pairs per context get as many updates as 128 (see RouterAdaptationConfig's docstring;
-# picked on synthetic-smollm2 among lr 5e-4 to 1e-2, 30 epochs or 300 steps).
+# Router adaptation on SmolLM2 features: a lower learning rate than the config's default, and a fixed number of steps,
+# so that 8 pairs per context get as many updates as 128 (see RouterAdaptationConfig's docstring). Picked on
+# synthetic-smollm2 among lr 5e-4 to 1e-2, 30 epochs or 300 steps, when the router read raw hidden states; with the
+# standardized router input, 1e-2 and 3e-2 were no better on the synthetic M=4 benchmark. benchmarks/run_all.py uses it.
 EMBEDDED_ADAPTATION = dict(learning_rate=2e-3, max_steps=300)
 
 

@@ -30,10 +30,10 @@ class MiCRoConfig(PreTrainedConfig):
         router_hidden_size (`int`, defaults to 256):
             Hidden width of the MLP router.
         router_input_norm (`bool`, defaults to `True`):
-            Standardize the prompt feature the router reads (subtract its mean over the hidden dimensions and divide by
-            their standard deviation, no learned scale) before the router. Raw decoder hidden states are large and
-            dominated by a few dimensions (SmolLM2-135M: norm ~55), so an unnormalized router saturates within a few
-            steps, before the heads have specialized, and leaves heads unused. Parameter-free: it changes no weight.
+            Standardize the prompt feature before the router (n in `trl_micro.modeling_micro`; no learned weights).
+            Raw decoder hidden states are large and dominated by a few dimensions (SmolLM2-135M: norm ~55), so an
+            unnormalized router saturates within a few steps, before the heads have specialized, and leaves heads
+            unused.
         prompt_marker_ids (`list[int]`, *optional*):
             Token ids that end every prompt (a chat template's assistant header, or e.g. the ids of `"\n\nAssistant:"`
             for HH-style transcripts). Used to find the prompt boundary when only full texts are given (inference,

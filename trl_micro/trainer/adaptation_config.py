@@ -20,8 +20,9 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
     How they were chosen (sweeps with benchmarks/stage2_adaptation.py): on synthetic data with a tiny backbone, 8 pairs
     per context need a learning rate of 1e-2 to 2e-2 (5e-3 stops short); `router_anchor_coef=1e-2` costs little and
     prevents the collapse an unanchored run showed at 5e-2, while 1e-1 holds the router back. The router's logits move
-    by about `learning_rate * sum_i |h_i|` per step, so backbones with large hidden states (SmolLM2-135M: norm ~55 over
-    576 dims) saturate sooner: lower the learning rate (1e-3 to 5e-3) if `router_entropy` falls to 0 early on.
+    by about `learning_rate * sum_i |n_i|` per step (n: the router's input, see `MiCRoConfig.router_input_norm`), which
+    grows with the hidden size: on SmolLM2-135M (576 dims) the benchmarks use 2e-3 for 300 steps; lower the learning
+    rate if `router_entropy` falls to 0 early on.
 
     The model fields of Stage 1 (`num_heads`, `use_router`, `router_type`, `router_hidden_size`, `router_input_norm`)
     are ignored: the checkpoint keeps its own. `freeze_backbone` must stay `True` and `loss_type` `"mixture"`.
