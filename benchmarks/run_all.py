@@ -281,16 +281,25 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="The Markdown report to write.")
     parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "results"),
                         help="Folder of the per-benchmark JSON/Markdown reports and PNG plots.")
+    add_input_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the backbone features are cached and the real data lives (every benchmark script takes these)."""
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default $TRL_MICRO_CACHE/features).")
     parser.add_argument("--data_dir", default=None, help="Real data folder (default ../shared/data).")
-    return parser.parse_args(argv)
+
+
+def start_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_arguments(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    transformers.logging.set_verbosity_error()
+    start_logging()
     started = time.perf_counter()
     load_at_start = os.getloadavg()
     plan = PRESETS[args.preset]()

@@ -130,3 +130,46 @@ def test_a_wrapped_backbone_stays_causal(tokenizer, tmp_path):
             in_full = model.backbone(input_ids=full).last_hidden_state[0, prompt_length - 1]
             alone = model.backbone(input_ids=full[:, :prompt_length]).last_hidden_state[0, -1]
         torch.testing.assert_close(in_full, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_path):
+    from benchmarks import stage1_sweep
+
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps([{"name": "as benchmarked"}, {"name": "K = M", "num_heads_minus_contexts": 0,
+                                                                 "heads": {"weight_decay": 0.1}, "eta": 0.5}]))
+    output = tmp_path / "sweep" / "stage1_sweep.md"
+    argv = ["--preset", "smoke", "--benchmark", "synthetic_m2", "--model", backbone, "--variants", str(variants),
+            "--output", str(output), "--cache_dir", str(tmp_path / "cache")]
+    assert stage1_sweep.main(argv) == 0
+
+    document = output.read_text()
+    assert f"python benchmarks/stage1_sweep.py {' '.join(argv)}" in document
+    result = json.loads(output.with_suffix(".json").read_text())
+    assert result["contexts"] == ["subpop-0", "subpop-1"] and result["seeds"] == [0, 1]
+    first, second = result["variants"]
+    assert (first["num_heads"], second["num_heads"]) == (2, 2)
+    assert (first["eta"], second["eta"], second["heads"]["weight_decay"]) == (1.0, 0.5, 0.1)
+    for row in result["variants"]:
+        assert f"| {row['variant']} |" in document
+        assert 0 <= row["picks"] <= row["cases"] == 4
+        for name in ("ceiling", "online"):
+            for context in result["contexts"]:
+                accuracy, single, oracle = (row[name]["accuracy"][context], row["single"][context],
+                                            row["oracle"][context])
+                if oracle != single:
+                    assert row[name]["gap"][context] == pytest.approx((accuracy - single) / (oracle - single))
+
+
+def test_stage1_sweep_rejects_bad_variants_and_benchmarks(tmp_path):
+    from benchmarks import stage1_sweep
+
+    with pytest.raises(ValueError, match="unknown: \\['epochs'\\]"):
+        stage1_sweep.check_variants([{"name": "x", "epochs": 3}])
+    with pytest.raises(ValueError, match="must have a `name`"):
+        stage1_sweep.check_variants([{"num_heads": 3}])
+    with pytest.raises(ValueError, match="not HeadTraining fields"):
+        stage1_sweep.check_variants([{"name": "x", "heads": {"lr": 1.0}}])
+    with pytest.raises(ValueError, match="--benchmark 'nope' is not a comparison"):
+        stage1_sweep.main(["--preset", "smoke", "--benchmark", "nope", "--output", str(tmp_path / "s.md")])

@@ -291,6 +291,40 @@ def router_prior_per_context(contexts: Sequence[str], mixture_weights: torch.Ten
     return priors
 
 
+def micro_online_routing(micro: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], eta: float) -> OnlineRouter:
+    """
+    MiCRo + online routing: one posterior per context id over `micro`'s heads, from the head margins of its pool
+    pairs `pairs` (scored without their context), starting from the Stage-1 router's mean weights over those pairs'
+    prompts with the context in them.
+    """
+    contexts = [pool.context_ids[pair] for pair in pairs]
+    priors = router_prior_per_context(contexts, score(micro, pool, pairs, with_context=True).mixture_weights)
+    return few_shot_head_weights(contexts, score(micro, pool, pairs, with_context=False).head_margins, priors, eta)
+
+
+def per_context_oracle_margins(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    split: PoolSplit,
+    training: HeadTraining,
+    seed: int,
+    num_heads: int = 1,
+) -> torch.Tensor:
+    """
+    Test margins (N,) of the oracle: for every context, a model with `num_heads` heads (and a router when K > 1)
+    trained on that context's training pairs only, scoring that context's test pairs.
+    """
+    test_contexts = [pool.context_ids[pair] for pair in split.test]
+    margins = torch.empty(len(split.test))
+    for context in sorted(set(test_contexts)):
+        train = pool.pairs_of_context(split.train, context)
+        model = train_heads(backbone, tokenizer, pool, train, training, seed, num_heads=num_heads)
+        rows = [row for row, other in enumerate(test_contexts) if other == context]
+        margins[rows] = score(model, pool, [split.test[row] for row in rows], with_context=False).margins
+    return margins
+
+
 def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
     """Margins (N,) of pairs with head margins (N, K), weighted by the online `router`'s weights for each row's context."""
     weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
@@ -399,10 +433,7 @@ def compare_methods(
             routed_margins(hyre, test_contexts, ensemble_test.head_margins), test_contexts
         )
         with timed(MICRO_ONLINE):
-            priors = router_prior_per_context(contexts, score(micro, pool, pairs, with_context=True).mixture_weights)
-            online = few_shot_head_weights(
-                contexts, score(micro, pool, pairs, with_context=False).head_margins, priors, settings.online_eta
-            )
+            online = micro_online_routing(micro, pool, pairs, settings.online_eta)
         result.adaptation[MICRO_ONLINE][size] = per_context_accuracy(
             routed_margins(online, test_contexts, micro_test.head_margins), test_contexts
         )
@@ -421,12 +452,7 @@ def compare_methods(
 
     for name, num_heads in ((ORACLE, 1), (ORACLE_MICRO, K)):
         with timed(name):
-            margins = torch.empty(len(split.test))
-            for context in sorted(set(test_contexts)):
-                train = pool.pairs_of_context(split.train, context)
-                model = train_heads(backbone, tokenizer, pool, train, heads, seed, num_heads=num_heads)
-                rows = [row for row, other in enumerate(test_contexts) if other == context]
-                margins[rows] = score(model, pool, [split.test[row] for row in rows], with_context=False).margins
+            margins = per_context_oracle_margins(backbone, tokenizer, pool, split, heads, seed, num_heads)
         record(name, margins)
     result.accuracy = {name: result.accuracy[name] for name in (*METHODS, *DIAGNOSTICS)}
     return result

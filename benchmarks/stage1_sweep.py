@@ -1,0 +1,254 @@
+"""
+What limits MiCRo + online routing on one comparison of BENCHMARKS.md: the Stage 1 heads, or picking among them?
+
+For every variant of the Stage 1 settings (K, head training, online eta) and every seed, this trains MiCRo Stage 1 on
+the comparison's training pairs and reports per context:
+
+- ceiling: the accuracy of the Stage-1 head that is best on the test pairs themselves (no routing that gives a
+  context one head can do better: the heads are the limit);
+- online: MiCRo + online routing with the largest adaptation size (32 pairs per context), as in BENCHMARKS.md;
+- picks: in how many (context, seed) cases the online posterior's top head is that best head (the selection).
+
+Both as the gap closed between SingleReward and the per-context oracle, the quantity of the benchmark's target; the
+two references are trained with the variant's head training, as the benchmark trains every method with the same.
+Writes `benchmarks/results/stage1_sweep.{md,json}`.
+
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/stage1_sweep.py                  # synthetic M=8, default variants
+    python benchmarks/stage1_sweep.py --benchmark synthetic_m4 --variants my.json   # [{"name": .., "num_heads": ..,
+                                                                                    #   "heads": {..}, "eta": ..}]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from benchmarks.preference_pools import load_pool_dataset  # noqa: E402
+from benchmarks.run_all import PRESETS, add_input_arguments, start_logging  # noqa: E402
+from trl_micro import MiCRoRewardModel  # noqa: E402
+from trl_micro.baselines import (  # noqa: E402
+    HeadTraining,
+    adaptation_subset,
+    micro_online_routing,
+    per_context_oracle_margins,
+    routed_margins,
+    score,
+    split_pool,
+    train_heads,
+)
+from trl_micro.evaluation import ensure_writable, gap_closed, head_accuracy, per_context_accuracy  # noqa: E402
+from trl_micro.pair_pool import build_pair_pool  # noqa: E402
+from trl_micro.sources import resolve_model_path  # noqa: E402
+
+logger = logging.getLogger("benchmarks")
+
+DEFAULT_VARIANTS = [
+    {"name": "benchmark settings"},
+    {"name": "K = M", "num_heads_minus_contexts": 0},
+    {"name": "K = M + 4", "num_heads_minus_contexts": 4},
+    {"name": "balance weight 0.1", "heads": {"router_balance_coef": 0.1}},
+    {"name": "balance weight 1.0", "heads": {"router_balance_coef": 1.0}},
+    {"name": "15 epochs", "heads": {"num_train_epochs": 15}},
+    {"name": "60 epochs", "heads": {"num_train_epochs": 60}},
+    {"name": "batch size 64", "heads": {"batch_size": 64}},
+    {"name": "weight decay 0.1", "heads": {"weight_decay": 0.1}},
+    {"name": "weight decay 0.3", "heads": {"weight_decay": 0.3}},
+    {"name": "weight decay 1.0", "heads": {"weight_decay": 1.0}},
+    {"name": "online eta 0.3", "eta": 0.3},
+]
+"""A variant changes the benchmark's settings: `num_heads` (or `num_heads_minus_contexts`), `heads` (HeadTraining
+fields) and `eta` (the online router's learning rate); unnamed fields keep the benchmark's values."""
+
+VARIANT_KEYS = {"name", "num_heads", "num_heads_minus_contexts", "heads", "eta"}
+
+
+def check_variants(variants: list[dict]) -> None:
+    head_fields = set(asdict(HeadTraining()))
+    for index, variant in enumerate(variants):
+        unknown = set(variant) - VARIANT_KEYS
+        if unknown or "name" not in variant:
+            raise ValueError(
+                f"Variant {index} ({variant}) must have a `name` and only the keys {sorted(VARIANT_KEYS)}; "
+                f"unknown: {sorted(unknown)}."
+            )
+        bad = set(variant.get("heads", {})) - head_fields
+        if bad:
+            raise ValueError(f"Variant {variant['name']!r}: `heads` fields {sorted(bad)} are not HeadTraining fields "
+                             f"({sorted(head_fields)}).")
+
+
+def mean_over_seeds(runs: list[dict], contexts) -> dict[str, float]:
+    return {context: float(np.mean([run[context] for run in runs])) for context in contexts}
+
+
+def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
+    contexts = spec.contexts or tuple(sorted(set(pool.context_ids)))
+    heads, largest = plan.comparison.heads, max(plan.comparison.adaptation_sizes)
+    splits = {seed: split_pool(pool, contexts, spec.adaptation_per_context, spec.test_per_context, seed) for seed in seeds}
+    test_contexts = {seed: [pool.context_ids[pair] for pair in split.test] for seed, split in splits.items()}
+
+    references = {}
+
+    def reference_accuracy(training: HeadTraining) -> dict[str, dict[str, float]]:
+        """Seed-mean SingleReward and oracle accuracy per context, trained with `training` (as in the benchmark)."""
+        key = json.dumps(asdict(training), sort_keys=True)
+        if key not in references:
+            runs = {"single": [], "oracle": []}
+            for seed, split in splits.items():
+                single = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=1)
+                margins = score(single, pool, split.test, with_context=False).margins
+                runs["single"].append(per_context_accuracy(margins, test_contexts[seed])["accuracy"])
+                margins = per_context_oracle_margins(backbone, tokenizer, pool, split, training, seed)
+                runs["oracle"].append(per_context_accuracy(margins, test_contexts[seed])["accuracy"])
+            references[key] = {name: mean_over_seeds(runs[name], contexts) for name in runs}
+        return references[key]
+
+    rows = []
+    for variant in variants:
+        started = time.perf_counter()
+        num_heads = variant.get("num_heads", spec.num_heads)
+        if "num_heads_minus_contexts" in variant:
+            num_heads = len(contexts) + variant["num_heads_minus_contexts"]
+        training = replace(heads, **variant.get("heads", {}))
+        eta = variant.get("eta", plan.comparison.online_eta)
+        ceiling, online, picks = [], [], 0
+        for seed, split in splits.items():
+            micro = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads)
+            test = score(micro, pool, split.test, with_context=False).head_margins
+            table = head_accuracy(test, test_contexts[seed])
+            best = {context: int(np.argmax(table["accuracy"][:, column]))
+                    for column, context in enumerate(table["contexts"])}
+            ceiling.append({context: float(table["accuracy"][best[context], column])
+                            for column, context in enumerate(table["contexts"])})
+            router = micro_online_routing(micro, pool, adaptation_subset(pool, split.adaptation, largest, seed), eta)
+            margins = routed_margins(router, test_contexts[seed], test)
+            online.append(per_context_accuracy(margins, test_contexts[seed])["accuracy"])
+            picks += sum(int(router.weights(context).argmax()) == best[context] for context in contexts)
+        reference = reference_accuracy(training)
+        single, oracle = reference["single"], reference["oracle"]
+        row = {"variant": variant["name"], "num_heads": num_heads, "heads": asdict(training), "eta": eta,
+               "single": single, "oracle": oracle, "picks": picks, "cases": len(contexts) * len(seeds),
+               "seconds": time.perf_counter() - started}
+        for name, runs in (("ceiling", ceiling), ("online", online)):
+            accuracy = mean_over_seeds(runs, contexts)
+            row[name] = {"accuracy": accuracy,
+                         "gap": {c: gap_closed(accuracy[c], single[c], oracle[c]) for c in contexts}}
+        rows.append(row)
+        logger.info("%s: online min gap %.2f, ceiling min gap %.2f, %d/%d picks (%.0f s)", variant["name"],
+                    min(row["online"]["gap"].values()), min(row["ceiling"]["gap"].values()), picks, row["cases"],
+                    row["seconds"])
+    return {"benchmark": spec.name, "title": spec.title, "contexts": list(contexts), "seeds": list(seeds),
+            "adaptation_per_context": largest, "target": spec.target, "benchmark_heads": asdict(heads),
+            "variants": rows}
+
+
+def head_training_label(heads: dict, benchmark_heads: dict) -> str:
+    changed = [f"{name}={value}" for name, value in heads.items() if benchmark_heads[name] != value]
+    return ", ".join(changed) or "as in the benchmark"
+
+
+def render(result: dict, command: str) -> str:
+    contexts = result["contexts"]
+    target = result["target"]
+    lines = [
+        f"# Stage 1 sweep: {result['title']}",
+        "",
+        f"Generated by `{command}` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; seeds "
+        f"{', '.join(map(str, result['seeds']))}. See the docstring of `benchmarks/stage1_sweep.py` for the method.",
+        "",
+        f"Gap closed per context = (acc - SingleReward) / (Oracle - SingleReward) on seed-mean accuracies (target "
+        f">= {target}). *online*: MiCRo + online routing with {result['adaptation_per_context']} adaptation pairs "
+        "per context; *ceiling*: the Stage-1 head best on the test pairs; *picks*: (context, seed) cases where the "
+        "online posterior's top head is that head.",
+        "",
+        "References, trained with each variant's head training (as the benchmark trains every method with the same):",
+        "",
+        "| head training | reference | " + " | ".join(contexts) + " |",
+        "|---|---|" + "---|" * len(contexts),
+    ]
+    shown = set()
+    for row in result["variants"]:
+        label = head_training_label(row["heads"], result["benchmark_heads"])
+        if label in shown:
+            continue
+        shown.add(label)
+        for name, title in (("single", "SingleReward acc."), ("oracle", "Oracle acc.")):
+            lines.append(f"| {label if name == 'single' else ''} | {title} | "
+                         + " | ".join(f"{100 * row[name][c]:.1f}" for c in contexts) + " |")
+    lines += [
+        "",
+        "| variant | K | | " + " | ".join(contexts) + " | min | macro acc. | picks |",
+        "|---|---|---|" + "---|" * len(contexts) + "---|---|---|",
+    ]
+    for row in result["variants"]:
+        for name in ("online", "ceiling"):
+            gaps = row[name]["gap"]
+            macro = 100 * float(np.mean(list(row[name]["accuracy"].values())))
+            picks = f"{row['picks']}/{row['cases']}" if name == "online" else ""
+            lines.append(
+                f"| {row['variant'] if name == 'online' else ''} | {row['num_heads'] if name == 'online' else ''} | "
+                f"{name} | " + " | ".join(f"{gaps[c]:.2f}" for c in contexts)
+                + f" | {min(gaps.values()):.2f} | {macro:.1f} | {picks} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="Plan of run_all.py (default full).")
+    parser.add_argument("--benchmark", default="synthetic_m8", help="A comparison of the plan (default synthetic_m8).")
+    parser.add_argument("--variants", default=None, help="JSON file with a list of variants (default: built in).")
+    parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the plan).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the plan's).")
+    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "stage1_sweep.md"),
+                        help="Markdown report; the JSON goes next to it.")
+    add_input_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_arguments(argv)
+    start_logging()
+    plan = PRESETS[args.preset]()
+    specs = {spec.name: spec for spec in plan.benchmarks}
+    if args.benchmark not in specs:
+        raise ValueError(f"--benchmark {args.benchmark!r} is not a comparison of the {args.preset} plan: {sorted(specs)}.")
+    spec = specs[args.benchmark]
+    variants = DEFAULT_VARIANTS if args.variants is None else json.loads(Path(args.variants).read_text())
+    check_variants(variants)
+    output = Path(args.output)
+    ensure_writable(output)
+
+    model_path = resolve_model_path(args.model or plan.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    feature_model = MiCRoRewardModel.from_backbone(model_path, num_heads=1).eval()
+    pool_spec = plan.pools[spec.pool]
+    dataset, num_evaluation = load_pool_dataset(pool_spec, tokenizer, feature_model.config.context_template,
+                                                args.data_dir)
+    pool = build_pair_pool(feature_model, tokenizer, dataset, cache_dir=args.cache_dir, num_with_context=num_evaluation)
+    gc.freeze()  # see run_all.run_benchmark
+    result = sweep(pool, feature_model.backbone, tokenizer, spec, plan, variants, args.seeds or plan.seeds)
+    command = " ".join(["python", "benchmarks/stage1_sweep.py", *argv])
+    output.write_text(render(result, command), encoding="utf-8")
+    output.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=1), encoding="utf-8")
+    logger.info("Wrote %s", output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
