@@ -156,16 +156,54 @@ class Timings:
     total: float = 0.0
 
 
+def build_pool(name: str, spec: PoolSpec, model, tokenizer, cache_dir, data_dir) -> CachedPairPool:
+    dataset, num_evaluation = load_pool_dataset(spec, tokenizer, model.config.context_template, data_dir)
+    logger.info("Pool %s: %d pairs, %d evaluation pairs", name, len(dataset), num_evaluation)
+    return build_pair_pool(model, tokenizer, dataset, cache_dir=cache_dir, num_with_context=num_evaluation)
+
+
 def build_pools(plan, model, tokenizer, args, timings) -> dict[str, CachedPairPool]:
     pools = {}
     for name, spec in plan.pools.items():
-        dataset, num_evaluation = load_pool_dataset(spec, tokenizer, model.config.context_template, args.data_dir)
-        logger.info("Pool %s: %d pairs, %d evaluation pairs", name, len(dataset), num_evaluation)
-        pools[name] = build_pair_pool(
-            model, tokenizer, dataset, cache_dir=args.cache_dir, num_with_context=num_evaluation
-        )
+        pools[name] = build_pool(name, spec, model, tokenizer, args.cache_dir, args.data_dir)
         timings.pools[name] = pools[name].build_seconds
     return pools
+
+
+@dataclass
+class LoadedComparison:
+    """One comparison of a plan with its backbone and pool, for the scripts that study a single comparison."""
+
+    plan: BenchmarkPlan
+    spec: BenchmarkSpec
+    tokenizer: object
+    feature_model: MiCRoRewardModel
+    pool: CachedPairPool
+
+
+def load_comparison(preset: str, benchmark: str, model: str | None, cache_dir, data_dir) -> LoadedComparison:
+    plan = PRESETS[preset]()
+    specs = {spec.name: spec for spec in plan.benchmarks}
+    if benchmark not in specs:
+        raise ValueError(f"--benchmark {benchmark!r} is not a comparison of the {preset} plan: {sorted(specs)}.")
+    spec = specs[benchmark]
+    model_path = resolve_model_path(model or plan.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    feature_model = MiCRoRewardModel.from_backbone(model_path, num_heads=1).eval()
+    pool = build_pool(spec.pool, plan.pools[spec.pool], feature_model, tokenizer, cache_dir, data_dir)
+    gc.freeze()  # see run_benchmark
+    return LoadedComparison(plan, spec, tokenizer, feature_model, pool)
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
+    """The arguments of the scripts that study one comparison of a plan (see `load_comparison`)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="Plan of run_all.py (default full).")
+    parser.add_argument("--benchmark", default="synthetic_m8", help="A comparison of the plan (default synthetic_m8).")
+    parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the plan).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the plan's).")
+    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / default_output),
+                        help="Markdown report; the JSON goes next to it.")
+    add_input_arguments(parser)
 
 
 def run_benchmark(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import logging
 import sys
@@ -35,11 +34,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importa
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
-from benchmarks.preference_pools import load_pool_dataset  # noqa: E402
-from benchmarks.run_all import PRESETS, add_input_arguments, start_logging  # noqa: E402
-from trl_micro import MiCRoRewardModel  # noqa: E402
+from benchmarks.run_all import add_comparison_arguments, load_comparison, start_logging  # noqa: E402
 from trl_micro.baselines import (  # noqa: E402
     HeadTraining,
     adaptation_subset,
@@ -51,8 +47,6 @@ from trl_micro.baselines import (  # noqa: E402
     train_heads,
 )
 from trl_micro.evaluation import ensure_writable, gap_closed, head_accuracy, per_context_accuracy  # noqa: E402
-from trl_micro.pair_pool import build_pair_pool  # noqa: E402
-from trl_micro.sources import resolve_model_path  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -209,14 +203,8 @@ def render(result: dict, command: str) -> str:
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="Plan of run_all.py (default full).")
-    parser.add_argument("--benchmark", default="synthetic_m8", help="A comparison of the plan (default synthetic_m8).")
+    add_comparison_arguments(parser, "stage1_sweep.md")
     parser.add_argument("--variants", default=None, help="JSON file with a list of variants (default: built in).")
-    parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the plan).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the plan's).")
-    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "stage1_sweep.md"),
-                        help="Markdown report; the JSON goes next to it.")
-    add_input_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -224,25 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_arguments(argv)
     start_logging()
-    plan = PRESETS[args.preset]()
-    specs = {spec.name: spec for spec in plan.benchmarks}
-    if args.benchmark not in specs:
-        raise ValueError(f"--benchmark {args.benchmark!r} is not a comparison of the {args.preset} plan: {sorted(specs)}.")
-    spec = specs[args.benchmark]
     variants = DEFAULT_VARIANTS if args.variants is None else json.loads(Path(args.variants).read_text())
     check_variants(variants)
-    output = Path(args.output)
-    ensure_writable(output)
-
-    model_path = resolve_model_path(args.model or plan.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    feature_model = MiCRoRewardModel.from_backbone(model_path, num_heads=1).eval()
-    pool_spec = plan.pools[spec.pool]
-    dataset, num_evaluation = load_pool_dataset(pool_spec, tokenizer, feature_model.config.context_template,
-                                                args.data_dir)
-    pool = build_pair_pool(feature_model, tokenizer, dataset, cache_dir=args.cache_dir, num_with_context=num_evaluation)
-    gc.freeze()  # see run_all.run_benchmark
-    result = sweep(pool, feature_model.backbone, tokenizer, spec, plan, variants, args.seeds or plan.seeds)
+    output = ensure_writable(args.output)
+    loaded = load_comparison(args.preset, args.benchmark, args.model, args.cache_dir, args.data_dir)
+    result = sweep(loaded.pool, loaded.feature_model.backbone, loaded.tokenizer, loaded.spec, loaded.plan, variants,
+                   args.seeds or loaded.plan.seeds)
     command = " ".join(["python", "benchmarks/stage1_sweep.py", *argv])
     output.write_text(render(result, command), encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=1), encoding="utf-8")

@@ -173,3 +173,44 @@ def test_stage1_sweep_rejects_bad_variants_and_benchmarks(tmp_path):
         stage1_sweep.check_variants([{"name": "x", "heads": {"lr": 1.0}}])
     with pytest.raises(ValueError, match="--benchmark 'nope' is not a comparison"):
         stage1_sweep.main(["--preset", "smoke", "--benchmark", "nope", "--output", str(tmp_path / "s.md")])
+
+
+def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(tokenizer, tmp_path):
+    from benchmarks import router_objective
+
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output = tmp_path / "objective.md"
+    argv = ["--preset", "smoke", "--benchmark", "synthetic_m2", "--model", backbone, "--output", str(output),
+            "--cache_dir", str(tmp_path / "cache")]
+    assert router_objective.main(argv) == 0
+
+    document = output.read_text()
+    assert f"python benchmarks/router_objective.py {' '.join(argv)}" in document
+    result = json.loads(output.with_suffix(".json").read_text())
+    assert result["contexts"] == ["subpop-0", "subpop-1"] and result["seeds"] == [0, 1]
+    for method in router_objective.METHODS:
+        assert f"| {method} |" in document
+        assert len(result["runs"][method]) == 2  # one per seed
+        for context in result["contexts"]:
+            per_seed = [run[context] for run in result["runs"][method]]
+            assert result["mean"][method][context] == pytest.approx(sum(per_seed) / 2)
+
+
+def test_router_fit_lowers_its_objective_and_moves_only_the_router(tokenizer):
+    from benchmarks.router_objective import fit_router, per_context_objective
+    from trl_micro.baselines import RouterTraining
+
+    torch.manual_seed(0)
+    stage1 = build_tiny_micro_model(tokenizer, num_heads=3).eval()
+    hidden = stage1.config.hidden_size
+    features, head_margins = torch.randn(12, hidden), torch.randn(12, 3) * 2
+    context_index = torch.tensor([0, 1, 2] * 4)
+
+    def objective_of(model):
+        return per_context_objective(head_margins, model.router(model.router_input(features)), context_index).item()
+
+    fitted = fit_router(stage1, features, head_margins, context_index, per_context_objective,
+                        RouterTraining(learning_rate=5e-2, max_steps=50, router_anchor_coef=0.0))
+    assert objective_of(fitted) < objective_of(stage1) - 0.05
+    torch.testing.assert_close(fitted.heads.weight, stage1.heads.weight)
+    assert not torch.equal(fitted.router.weight, stage1.router.weight)
