@@ -250,7 +250,9 @@ in the prompt also shifts the features the heads read (they were trained without
 (`loss_type="ensemble"`), averaged. HyRe: the ensemble's heads reweighted per context from its adaptation pairs,
 w_k ∝ exp(sum_i logsigmoid(delta_k,i)) (an `OnlineRouter` with a uniform prior computes exactly this). MiCRo Stage 1:
 K heads + a linear router on the prompt, mixture BT loss with the head-usage balance regularizer. MiCRo + router
-adaptation: `RouterAdaptationTrainer` on the adaptation pairs of all contexts at once (heads and backbone frozen).
+adaptation: `RouterAdaptationTrainer` on the adaptation pairs of all contexts at once (heads and backbone frozen),
+with the likelihood the plan's router settings name (`adaptation_likelihood`: "context" fits one latent head per
+context, `trl_micro.losses.context_mixture_bt_loss`; "pair" the per-pair mixture likelihood).
 MiCRo + online routing: one `OnlineRouter` posterior per context id, prior = the Stage-1 router's mean weights over
 the context's adaptation prompts (context in the prompt), updated with the adaptation pairs' head margins (eta = 1,
 exact Bayes). Oracle: one BT head per context trained on that context's training pairs (it knows every training

@@ -58,6 +58,7 @@ TRAINER = "router adaptation (RouterAdaptationTrainer, as benchmarked)"
 PER_PAIR, PER_CONTEXT = "router fit, per-pair likelihood", "router fit, per-context likelihood"
 ONLINE = "online routing"
 METHODS = (SINGLE, TRAINER, PER_PAIR, PER_CONTEXT, ONLINE, ORACLE)
+OVERRIDABLE = ("learning_rate", "max_steps", "router_anchor_coef", "batch_size", "adaptation_likelihood")
 
 
 def per_pair_objective(head_margins, router_logits, context_index):
@@ -160,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_comparison_arguments(parser, "router_objective.md")
-    for name in ("learning_rate", "max_steps", "router_anchor_coef"):
-        field_type = int if name == "max_steps" else float
+    for name in OVERRIDABLE:
+        field_type = {"max_steps": int, "batch_size": int, "adaptation_likelihood": str}.get(name, float)
         parser.add_argument(f"--router_{name.removeprefix('router_')}", dest=name, type=field_type, default=None,
-                            help=f"Override the plan's RouterTraining.{name} (both fits and the trainer).")
+                            help=f"Override the plan's RouterTraining.{name}.")
     args = parser.parse_args(argv)
     start_logging()
     output = ensure_writable(args.output)
     loaded = load_comparison(args.preset, args.benchmark, args.model, args.cache_dir, args.data_dir)
-    overrides = {name: getattr(args, name) for name in ("learning_rate", "max_steps", "router_anchor_coef")}
+    overrides = {name: getattr(args, name) for name in OVERRIDABLE}
     loaded.plan.comparison.router = replace(
         loaded.plan.comparison.router, **{name: value for name, value in overrides.items() if value is not None}
     )

@@ -178,6 +178,47 @@ def test_recipe_adapts_a_checkpoint_from_a_local_file(tokenizer, tmp_path):
     torch.testing.assert_close(adapted.heads.weight, stage1.heads.weight)
 
 
+@pytest.mark.parametrize("use_feature_cache", [True, False])
+def test_context_likelihood_batches_carry_each_pairs_context(tokenizer, tmp_path, use_feature_cache):
+    data = make_conflicting_pairs(16)
+    model = build_tiny_micro_model(tokenizer, num_heads=2)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = adapt(model, tokenizer, tmp_path, data=data, adaptation_likelihood="context",
+                    use_feature_cache=use_feature_cache, per_device_train_batch_size=16)
+    ids = {context: index for index, context in enumerate(sorted(set(data["context"])))}
+    assert trainer.train_dataset["context_index"] == [ids[context] for context in data["context"]]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert sorted(batch["context_index"].tolist()) == sorted(ids[context] for context in data["context"])
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed == {"router.weight", "router.bias"}
+
+
+def test_context_likelihood_is_the_per_context_loss_of_the_batch(tokenizer, tmp_path):
+    from trl_micro.losses import context_mixture_bt_loss, mixture_bt_loss
+
+    trainer = adapt(build_tiny_micro_model(tokenizer, num_heads=3), tokenizer, tmp_path,
+                    adaptation_likelihood="context", num_train_epochs=1)
+    head_margins, router_logits = torch.randn(6, 3), torch.randn(6, 3)
+    context_index = torch.tensor([0, 1, 0, 1, 1, 0])
+    torch.testing.assert_close(trainer.mixture_nll(head_margins, router_logits, None, context_index),
+                               context_mixture_bt_loss(head_margins, router_logits, context_index).mean())
+    assert not torch.allclose(trainer.mixture_nll(head_margins, router_logits, None, context_index),
+                              mixture_bt_loss(head_margins, router_logits).mean())
+    with pytest.raises(ValueError, match="needs a `context_index` in every batch"):
+        trainer.mixture_nll(head_margins, router_logits)
+
+
+def test_context_likelihood_bad_input(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="adaptation_likelihood` must be one of"):
+        make_args(tmp_path, adaptation_likelihood="user")
+    tokenized = Dataset.from_dict({"chosen_ids": [[5, 6, 7]], "rejected_ids": [[5, 6, 8]], "chosen_prompt_length": [2],
+                                   "rejected_prompt_length": [2]})
+    with pytest.raises(ValueError, match="give it a `context_index` column"):
+        RouterAdaptationTrainer(model=build_tiny_micro_model(tokenizer, num_heads=2),
+                                args=make_args(tmp_path, adaptation_likelihood="context"), train_dataset=tokenized,
+                                processing_class=tokenizer)
+
+
 # --------------------------------------------------------------------------------------------- synthetic contexts
 def synthetic_stage1_model(tmp_path, seed: int = 0):
     """
@@ -223,8 +264,24 @@ def synthetic_adaptation(tmp_path_factory):
     return model, tokenizer, test, cache, stage1, adapted
 
 
-def test_adapted_routing_beats_stage1_routing_on_every_context(synthetic_adaptation):
-    *_, test, _, stage1, adapted = synthetic_adaptation
+@pytest.fixture(scope="module")
+def synthetic_context_adaptation(tmp_path_factory):
+    """As `synthetic_adaptation`, with the per-context likelihood: one batch of all 64 pairs, no anchor."""
+    tmp_path = tmp_path_factory.mktemp("synthetic-context")
+    model, tokenizer, adaptation, test = synthetic_stage1_model(tmp_path)
+    cache = str(tmp_path / "cache")
+    stage1 = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
+    args = make_args(tmp_path, num_train_epochs=200, per_device_train_batch_size=64, logging_steps=100,
+                     disable_tqdm=True, adaptation_likelihood="context", router_anchor_coef=0.0)
+    RouterAdaptationTrainer(model=model, args=args, train_dataset=take_per_context(adaptation, 32, seed=0),
+                            processing_class=tokenizer).train()
+    adapted = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
+    return model, tokenizer, test, cache, stage1, adapted
+
+
+@pytest.mark.parametrize("fixture", ["synthetic_adaptation", "synthetic_context_adaptation"])
+def test_adapted_routing_beats_stage1_routing_on_every_context(fixture, request):
+    *_, test, _, stage1, adapted = request.getfixturevalue(fixture)
     stage1_accuracy = per_context_accuracy(stage1.margins, test["context_id"])["accuracy"]
     adapted_accuracy = per_context_accuracy(adapted.margins, test["context_id"])["accuracy"]
     assert set(adapted_accuracy) == {"subpop-0", "subpop-1"}

@@ -94,6 +94,7 @@ class RouterTraining:
     batch_size: int = 32
     router_anchor_coef: float = 1e-2
     max_steps: int = -1
+    adaptation_likelihood: str = "pair"
 
 
 @dataclass
@@ -246,11 +247,16 @@ def adapt_router(
             ),
             router_anchor_coef=training.router_anchor_coef,
             max_steps=training.max_steps,
+            adaptation_likelihood=training.adaptation_likelihood,
         )
+        dataset = pool.feature_dataset(pairs, with_context=True)
+        if training.adaptation_likelihood == "context":
+            contexts = sorted({pool.context_ids[pair] for pair in pairs})
+            dataset = dataset.add_column("context_index", [contexts.index(pool.context_ids[pair]) for pair in pairs])
         trainer = RouterAdaptationTrainer(
             model=model,
             args=args,
-            train_dataset=pool.feature_dataset(pairs, with_context=True),
+            train_dataset=dataset,
             data_collator=pool.features,
             processing_class=tokenizer,
         )

@@ -183,11 +183,21 @@ def pad_right(sequences: list[list[int]], padding_value: int, pad_to_multiple_of
     return out
 
 
+def pair_labels(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The per-pair values a batch carries besides the sequences: `margin` (float) and `context_index` (int)."""
+    labels = {}
+    if "margin" in examples[0]:
+        labels["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
+    if "context_index" in examples[0]:
+        labels["context_index"] = torch.tensor([example["context_index"] for example in examples], dtype=torch.long)
+    return labels
+
+
 @dataclass
 class MiCRoPreferenceCollator:
     """
     Batches tokenized pairs: rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones (TRL's layout),
-    right-padded, with `prompt_lengths` for every row and `margin` when the data has one.
+    right-padded, with `prompt_lengths` for every row and `margin` / `context_index` when the data has them.
     """
 
     pad_token_id: int
@@ -203,6 +213,5 @@ class MiCRoPreferenceCollator:
             "attention_mask": pad_right([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of),
             "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
         }
-        if "margin" in examples[0]:
-            batch["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
+        batch.update(pair_labels(examples))
         return batch

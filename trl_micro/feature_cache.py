@@ -20,7 +20,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import pad_right
+from .data import pad_right, pair_labels
 
 FEATURE_NAMES = ("chosen_reward", "rejected_reward", "router")
 
@@ -138,6 +138,5 @@ class CachedFeatureCollator:
             "reward_features": torch.cat([self.features["chosen_reward"][rows], self.features["rejected_reward"][rows]]),
             "router_features": torch.cat([router, router]),
         }
-        if "margin" in examples[0]:
-            batch["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
+        batch.update(pair_labels(examples))
         return batch

@@ -10,6 +10,8 @@ delta_k = r_k(x, c, y_w) - r_k(x, c, y_l) are constants and the objective is
 
 the mixture BT loss of Stage 1 as a function of the router alone (a maximum-likelihood fit of which heads the
 context's raters follow), plus an optional pull toward the Stage 1 router theta_1 (`router_anchor_coef` = lambda).
+With `adaptation_likelihood="context"` the first term is `context_mixture_bt_loss` instead (`trl_micro.losses`): one
+latent head for all the pairs of a context in the batch, the rows sharing a context text.
 Because the router reads the context's text rather than an id, it routes contexts it never saw (paraphrases, new
 criteria) by what the backbone makes of them.
 """
@@ -23,6 +25,7 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ..configuration_micro import MiCRoConfig
+from ..losses import context_mixture_bt_loss
 from ..modeling_micro import MiCRoRewardModel
 from .adaptation_config import RouterAdaptationConfig
 from .micro_trainer import TOKENIZED_COLUMNS, MiCRoRewardTrainer, build_micro_model
@@ -130,10 +133,27 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
         already_prepared = "pair_index" in dataset.column_names or set(TOKENIZED_COLUMNS) <= set(dataset.column_names)
         if not already_prepared:
             check_context_column(dataset.column_names, args.context_column, dataset_name)
-            check_contexts(
-                list(dataset[args.context_column]), processing_class, args.context_column, args.max_context_length, dataset_name
+            contexts = list(dataset[args.context_column])
+            check_contexts(contexts, processing_class, args.context_column, args.max_context_length, dataset_name)
+            if args.adaptation_likelihood == "context" and "context_index" not in dataset.column_names:
+                ids = {context: index for index, context in enumerate(sorted(set(contexts)))}
+                dataset = dataset.add_column("context_index", [ids[context] for context in contexts])
+        elif args.adaptation_likelihood == "context" and "context_index" not in dataset.column_names:
+            raise ValueError(
+                f"The {dataset_name} dataset is already tokenized or cached, so its contexts cannot be read: with "
+                "adaptation_likelihood='context' give it a `context_index` column (an integer id per context), or "
+                "pass the raw pairs with their context column."
             )
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def mixture_nll(self, head_margins, router_logits, margin=None, context_index=None) -> torch.Tensor:
+        """Per-pair (`adaptation_likelihood="pair"`) or per-context (`"context"`) mixture BT loss of the batch."""
+        if self.args.adaptation_likelihood == "pair":
+            return super().mixture_nll(head_margins, router_logits, margin)
+        if context_index is None:
+            raise ValueError("adaptation_likelihood='context' needs a `context_index` in every batch; the data "
+                             "collator dropped it (use the trainer's default collator or pass it through).")
+        return context_mixture_bt_loss(head_margins, router_logits, context_index, margin).mean()
 
     def router_drift(self) -> torch.Tensor:
         """||theta - theta_1||^2: squared distance of the router's parameters from their Stage 1 values."""

@@ -27,6 +27,7 @@ from .micro_config import MiCRoRewardConfig
 logger = logging.getLogger(__name__)
 
 TOKENIZED_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length"]
+PAIR_LABEL_COLUMNS = ["margin", "context_index"]  # per-pair values the collators pass through (data.pair_labels)
 
 
 def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
@@ -205,18 +206,20 @@ class MiCRoRewardTrainer(RewardTrainer):
         logger.info(f"{dataset_name} features: {path}")
         offset = self._feature_bank.add(features)
         columns = {"pair_index": list(range(offset, offset + len(dataset)))}
-        if "margin" in dataset.column_names:
-            columns["margin"] = dataset["margin"]
+        for label in PAIR_LABEL_COLUMNS:
+            if label in dataset.column_names:
+                columns[label] = dataset[label]
         return Dataset.from_dict(columns)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = [*TOKENIZED_COLUMNS, "margin", "pair_index"]
+            self._signature_columns = [*TOKENIZED_COLUMNS, *PAIR_LABEL_COLUMNS, "pair_index"]
 
     # ----------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         margin = inputs.pop("margin", None)
+        context_index = inputs.pop("context_index", None)
         outputs = model(**inputs)
         chosen_rewards, rejected_rewards = outputs.head_rewards.chunk(2)
         head_margins = chosen_rewards - rejected_rewards
@@ -228,7 +231,7 @@ class MiCRoRewardTrainer(RewardTrainer):
             nll = ensemble_bt_loss(head_margins, margin).mean()
             loss = nll
         else:
-            nll = mixture_bt_loss(head_margins, router_logits, margin).mean()
+            nll = self.mixture_nll(head_margins, router_logits, margin, context_index)
             loss = nll
             if head_margins.shape[-1] > 1 and args.router_balance_coef > 0:
                 loss = loss + args.router_balance_coef * balance_penalty(mixture_weights)
@@ -240,6 +243,10 @@ class MiCRoRewardTrainer(RewardTrainer):
 
         self._record_metrics(mode, routed, head_margins, mixture_weights, nll)
         return (loss, outputs) if return_outputs else loss
+
+    def mixture_nll(self, head_margins, router_logits, margin=None, context_index=None) -> torch.Tensor:
+        """The mixture BT loss of the batch (Stage 1: a latent head per pair; `context_index` is not used)."""
+        return mixture_bt_loss(head_margins, router_logits, margin).mean()
 
     @torch.no_grad()
     def _record_metrics(self, mode, routed, head_margins, mixture_weights, nll):
