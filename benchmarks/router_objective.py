@@ -1,19 +1,16 @@
 """
 Which likelihood should router adaptation fit: one latent head per pair, or one per context?
 
-`RouterAdaptationTrainer` fits the router to a few labelled pairs per context with the per-pair mixture likelihood
-(`mixture_bt_loss`); a router that reads each pair's prompt can then lower it by sending every pair to whichever head
-agrees with that pair's label, instead of finding the heads the whole context follows. `context_mixture_bt_loss`
-makes the head a latent of the context (the model online routing assumes). This script fits the same Stage-1 router
-both ways on the same adaptation pairs and scores both like the benchmark's router adaptation (context in the prompt),
-next to the benchmark's own rows: router adaptation by the trainer, online routing, SingleReward and the oracle.
-
-Both fits: full batch (every context's adaptation pairs at once), Adam with the benchmark's router learning rate,
-number of steps (`max_steps`, else one step per epoch) and anchor weight, constant learning rate, on cached features
-with the context in the prompt.
+With `adaptation_likelihood="pair"` (`mixture_bt_loss`) every adaptation pair has its own latent head, so a router that
+reads each pair's prompt can lower the loss by sending every pair to whichever head agrees with that pair's label,
+instead of finding the heads the whole context follows. `"context"` (`context_mixture_bt_loss`) makes the head a
+latent of the context, the model online routing assumes. This script adapts the same Stage-1 model both ways with
+`RouterAdaptationTrainer` and the plan's router settings (only the likelihood differs), scores both like the
+benchmark's router adaptation (context in the prompt), next to online routing, SingleReward and the oracle, and
+probes how well the router's input names the context at all.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/router_objective.py       # synthetic M=8 of BENCHMARKS.md
-    python benchmarks/router_objective.py --benchmark synthetic_m4
+    python benchmarks/router_objective.py --benchmark synthetic_m4 --router_batch_size 32
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import datetime
 import json
 import logging
 import sys
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -37,10 +33,8 @@ import torch  # noqa: E402
 from benchmarks.run_all import add_comparison_arguments, load_comparison, start_logging  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.baselines import (  # noqa: E402
-    RouterTraining,
     adapt_router,
     adaptation_subset,
-    copy_heads_and_router,
     micro_online_routing,
     per_context_oracle_margins,
     routed_margins,
@@ -49,47 +43,36 @@ from trl_micro.baselines import (  # noqa: E402
     train_heads,
 )
 from trl_micro.evaluation import ensure_writable, gap_closed, per_context_accuracy  # noqa: E402
-from trl_micro.losses import context_mixture_bt_loss, mixture_bt_loss  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
 SINGLE, ORACLE = "SingleReward", "Oracle (BT per context)"
-TRAINER = "router adaptation (RouterAdaptationTrainer, as benchmarked)"
-PER_PAIR, PER_CONTEXT = "router fit, per-pair likelihood", "router fit, per-context likelihood"
+PER_PAIR, PER_CONTEXT = "router adaptation, per-pair likelihood", "router adaptation, per-context likelihood"
+LIKELIHOODS = {PER_PAIR: "pair", PER_CONTEXT: "context"}
 ONLINE = "online routing"
-METHODS = (SINGLE, TRAINER, PER_PAIR, PER_CONTEXT, ONLINE, ORACLE)
-OVERRIDABLE = ("learning_rate", "max_steps", "router_anchor_coef", "batch_size", "adaptation_likelihood")
+METHODS = (SINGLE, PER_PAIR, PER_CONTEXT, ONLINE, ORACLE)
+OVERRIDABLE = ("learning_rate", "max_steps", "router_anchor_coef", "batch_size")
 
 
-def per_pair_objective(head_margins, router_logits, context_index):
-    return mixture_bt_loss(head_margins, router_logits).mean()
-
-
-def per_context_objective(head_margins, router_logits, context_index):
-    return context_mixture_bt_loss(head_margins, router_logits, context_index).mean()
-
-
-def fit_router(
-    stage1: MiCRoRewardModel,
-    router_features: torch.Tensor,
-    head_margins: torch.Tensor,
-    context_index: torch.Tensor,
-    objective: Callable,
-    training: RouterTraining,
-) -> MiCRoRewardModel:
-    """A copy of `stage1` whose router minimizes `objective` + anchor * ||theta - theta_1||^2 (full batch, Adam)."""
-    model = copy_heads_and_router(stage1)
-    stage1_router = [parameter.detach().clone() for parameter in model.router.parameters()]
-    optimizer = torch.optim.Adam(model.router.parameters(), lr=training.learning_rate)
-    router_input = model.router_input(router_features).detach()
-    steps = training.max_steps if training.max_steps > 0 else int(training.num_train_epochs)  # full batch: a step an epoch
+def context_probe_accuracy(model: MiCRoRewardModel, pool, contexts, seed: int, steps: int = 500) -> float:
+    """
+    How well the router's input names the context: a multinomial logistic regression (Adam, L2 1e-3) from what the
+    router reads on the evaluation pairs' prompts with their context, trained on a random half, accuracy on the other.
+    """
+    pairs = [pair for pair in range(pool.num_with_context) if pool.context_ids[pair] in contexts]
+    features = model.router_input(pool.tensors(pairs, with_context=True)["router"].float()).detach()
+    labels = torch.tensor([contexts.index(pool.context_ids[pair]) for pair in pairs])
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))
+    train, test = order[: len(pairs) // 2], order[len(pairs) // 2 :]
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(features.shape[1], len(contexts))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = objective(head_margins, model.router(router_input), context_index)
-        drift = sum((p - p1).pow(2).sum() for p, p1 in zip(model.router.parameters(), stage1_router, strict=True))
-        (loss + training.router_anchor_coef * drift).backward()
+        loss = torch.nn.functional.cross_entropy(probe(features[train]), labels[train])
+        (loss + 1e-3 * probe.weight.pow(2).sum()).backward()
         optimizer.step()
-    return model.eval()
+    return float((probe(features[test]).argmax(dim=-1) == labels[test]).float().mean())
 
 
 def compare_objectives(pool, backbone, tokenizer, spec, plan, seeds) -> dict:
@@ -109,28 +92,24 @@ def compare_objectives(pool, backbone, tokenizer, spec, plan, seeds) -> dict:
         record(ORACLE, per_context_oracle_margins(backbone, tokenizer, pool, split, heads, seed))
         micro = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=spec.num_heads)
         pairs = adaptation_subset(pool, split.adaptation, largest, seed)
-        record(TRAINER, score(adapt_router(micro, tokenizer, pool, pairs, router, seed), pool, split.test, True).margins)
+        for method, likelihood in LIKELIHOODS.items():
+            adapted = adapt_router(micro, tokenizer, pool, pairs, replace(router, adaptation_likelihood=likelihood), seed)
+            record(method, score(adapted, pool, split.test, with_context=True).margins)
         online = micro_online_routing(micro, pool, pairs, plan.comparison.online_eta)
         record(ONLINE, routed_margins(online, test_contexts, score(micro, pool, split.test, False).head_margins))
-
-        head_margins = score(micro, pool, pairs, with_context=True).head_margins
-        router_features = pool.tensors(pairs, with_context=True)["router"]
-        context_index = torch.tensor([contexts.index(pool.context_ids[pair]) for pair in pairs])
-        torch.manual_seed(seed)
-        for method, objective in ((PER_PAIR, per_pair_objective), (PER_CONTEXT, per_context_objective)):
-            fitted = fit_router(micro, router_features, head_margins, context_index, objective, router)
-            record(method, score(fitted, pool, split.test, with_context=True).margins)
         logger.info("%s, seed %d: %s", spec.name, seed, ", ".join(
             f"{method} {100 * np.mean(list(runs[method][-1].values())):.1f}" for method in METHODS))
 
+    probe = [context_probe_accuracy(micro, pool, list(contexts), seed) for seed in seeds]
     mean = {method: {c: float(np.mean([run[c] for run in runs[method]])) for c in contexts} for method in METHODS}
     spread = {method: {c: float(np.std([run[c] for run in runs[method]], ddof=1)) if len(seeds) > 1 else 0.0
                        for c in contexts} for method in METHODS}
     gaps = {method: {c: gap_closed(mean[method][c], mean[SINGLE][c], mean[ORACLE][c]) for c in contexts}
             for method in METHODS}
     return {"benchmark": spec.name, "title": spec.title, "contexts": list(contexts), "seeds": list(seeds),
-            "adaptation_per_context": largest, "target": spec.target, "router_training": asdict(router),
-            "mean": mean, "std": spread, "gap": gaps, "runs": runs}
+            "adaptation_per_context": largest, "target": spec.target,
+            "router_training": {key: value for key, value in asdict(router).items() if key != "adaptation_likelihood"},
+            "context_probe_accuracy": probe, "mean": mean, "std": spread, "gap": gaps, "runs": runs}
 
 
 def render(result: dict, command: str) -> str:
@@ -154,6 +133,11 @@ def render(result: dict, command: str) -> str:
         finite = [value for value in gap.values() if np.isfinite(value)]
         min_gap = f"{min(finite):.2f}" if method not in (SINGLE, ORACLE) and finite else ""
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * np.mean(list(mean.values())):.1f} | {min_gap} |")
+    probe = result["context_probe_accuracy"]
+    lines += ["", f"Context probe (`context_probe_accuracy`: a linear classifier on what the router reads, prompts with "
+              f"their context, half of the evaluation pairs to train, half to test): {100 * np.mean(probe):.1f}% "
+              f"held-out accuracy over {len(contexts)} contexts (per seed: "
+              f"{', '.join(f'{100 * value:.1f}' for value in probe)})."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_comparison_arguments(parser, "router_objective.md")
     for name in OVERRIDABLE:
-        field_type = {"max_steps": int, "batch_size": int, "adaptation_likelihood": str}.get(name, float)
+        field_type = int if name in ("max_steps", "batch_size") else float
         parser.add_argument(f"--router_{name.removeprefix('router_')}", dest=name, type=field_type, default=None,
                             help=f"Override the plan's RouterTraining.{name}.")
     args = parser.parse_args(argv)

@@ -108,10 +108,9 @@ def full_plan() -> BenchmarkPlan:
             # a point; a sweep of 0.01 to 2, standardized router input).
             heads=HeadTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_balance_coef=0.5),
             # Router adaptation with one latent head per context, the whole adaptation set in one batch, no anchor:
-            # on synthetic M=8 it reached 75.1% macro where the per-pair likelihood with the settings
-            # benchmarks/stage2_adaptation.py chose (EMBEDDED_ADAPTATION, batch 32, anchor 1e-2) reached 58.9%; per
-            # context, batches of 32 (4 pairs per context) stayed at 58.6% and a learning rate of 2e-3 reached 70.3%
-            # (benchmarks/router_objective.py with --router_* overrides).
+            # synthetic M=8, 75.1% macro; the per-pair likelihood with the same settings 62.3%, with the settings
+            # benchmarks/stage2_adaptation.py chose (lr 2e-3, batch 32, anchor 1e-2) 58.9%; per context with batches
+            # of 32, 65.1%, at lr 2e-3, 70.3% (benchmarks/router_objective.py, results/router_objective*.md).
             router=RouterTraining(learning_rate=5e-3, max_steps=300, batch_size=256, router_anchor_coef=0.0,
                                   adaptation_likelihood="context"),
         ),
