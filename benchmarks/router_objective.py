@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import sys
 from dataclasses import asdict, replace
@@ -30,7 +29,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.run_all import add_comparison_arguments, load_comparison, start_logging  # noqa: E402
+from benchmarks.run_all import (  # noqa: E402
+    add_comparison_arguments,
+    load_comparison,
+    start_logging,
+    write_study_report,
+)
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.baselines import (  # noqa: E402
     adapt_router,
@@ -159,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = compare_objectives(loaded.pool, loaded.feature_model.backbone, loaded.tokenizer, loaded.spec,
                                 loaded.plan, args.seeds or loaded.plan.seeds)
-    command = " ".join(["python", "benchmarks/router_objective.py", *argv])
-    output.write_text(render(result, command), encoding="utf-8")
-    output.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=1), encoding="utf-8")
-    logger.info("Wrote %s", output)
+    write_study_report(output, "benchmarks/router_objective.py", argv, result, render)
     return 0
 
 

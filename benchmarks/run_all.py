@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import json
 import logging
 import os
 import platform
@@ -196,6 +197,14 @@ def load_comparison(preset: str, benchmark: str, model: str | None, cache_dir, d
     pool = build_pool(spec.pool, plan.pools[spec.pool], feature_model, tokenizer, cache_dir, data_dir)
     gc.freeze()  # see run_benchmark
     return LoadedComparison(plan, spec, tokenizer, feature_model, pool)
+
+
+def write_study_report(output: Path, script: str, argv: list[str], result: dict, render) -> None:
+    """Write a single-comparison study's Markdown (`render(result, command)`) and its JSON next to it."""
+    command = " ".join(["python", script, *argv])
+    output.write_text(render(result, command), encoding="utf-8")
+    output.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=1), encoding="utf-8")
+    logger.info("Wrote %s", output)
 
 
 def add_comparison_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:

@@ -35,7 +35,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importa
 
 import numpy as np  # noqa: E402
 
-from benchmarks.run_all import add_comparison_arguments, load_comparison, start_logging  # noqa: E402
+from benchmarks.run_all import (  # noqa: E402
+    add_comparison_arguments,
+    load_comparison,
+    start_logging,
+    write_study_report,
+)
 from trl_micro.baselines import (  # noqa: E402
     HeadTraining,
     adaptation_subset,
@@ -218,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_comparison(args.preset, args.benchmark, args.model, args.cache_dir, args.data_dir)
     result = sweep(loaded.pool, loaded.feature_model.backbone, loaded.tokenizer, loaded.spec, loaded.plan, variants,
                    args.seeds or loaded.plan.seeds)
-    command = " ".join(["python", "benchmarks/stage1_sweep.py", *argv])
-    output.write_text(render(result, command), encoding="utf-8")
-    output.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=1), encoding="utf-8")
-    logger.info("Wrote %s", output)
+    write_study_report(output, "benchmarks/stage1_sweep.py", argv, result, render)
     return 0
 
 

@@ -249,34 +249,30 @@ def synthetic_stage1_model(tmp_path, seed: int = 0):
     return model, tokenizer, adaptation, test
 
 
-@pytest.fixture(scope="module")
-def synthetic_adaptation(tmp_path_factory):
-    """Stage 1 on the synthetic data, its test accuracy, then router adaptation on 32 pairs per context."""
-    tmp_path = tmp_path_factory.mktemp("synthetic")
+def adapt_synthetic_stage1_model(tmp_path, **overrides):
+    """Stage 1 on the synthetic data, its test scores, then router adaptation on 32 pairs per context."""
     model, tokenizer, adaptation, test = synthetic_stage1_model(tmp_path)
     cache = str(tmp_path / "cache")
     stage1 = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
-    RouterAdaptationTrainer(
-        model=model, args=make_args(tmp_path, num_train_epochs=30, logging_steps=100, disable_tqdm=True),
-        train_dataset=take_per_context(adaptation, 32, seed=0), processing_class=tokenizer,
-    ).train()
-    adapted = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
-    return model, tokenizer, test, cache, stage1, adapted
-
-
-@pytest.fixture(scope="module")
-def synthetic_context_adaptation(tmp_path_factory):
-    """As `synthetic_adaptation`, with the per-context likelihood: one batch of all 64 pairs, no anchor."""
-    tmp_path = tmp_path_factory.mktemp("synthetic-context")
-    model, tokenizer, adaptation, test = synthetic_stage1_model(tmp_path)
-    cache = str(tmp_path / "cache")
-    stage1 = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
-    args = make_args(tmp_path, num_train_epochs=200, per_device_train_batch_size=64, logging_steps=100,
-                     disable_tqdm=True, adaptation_likelihood="context", router_anchor_coef=0.0)
+    args = make_args(tmp_path, **{"num_train_epochs": 30, "logging_steps": 100, "disable_tqdm": True, **overrides})
     RouterAdaptationTrainer(model=model, args=args, train_dataset=take_per_context(adaptation, 32, seed=0),
                             processing_class=tokenizer).train()
     adapted = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
     return model, tokenizer, test, cache, stage1, adapted
+
+
+@pytest.fixture(scope="module")
+def synthetic_adaptation(tmp_path_factory):
+    return adapt_synthetic_stage1_model(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def synthetic_context_adaptation(tmp_path_factory):
+    """The per-context likelihood: one batch of all 64 pairs, no anchor."""
+    return adapt_synthetic_stage1_model(
+        tmp_path_factory.mktemp("synthetic-context"), num_train_epochs=200, per_device_train_batch_size=64,
+        adaptation_likelihood="context", router_anchor_coef=0.0,
+    )
 
 
 @pytest.mark.parametrize("fixture", ["synthetic_adaptation", "synthetic_context_adaptation"])
