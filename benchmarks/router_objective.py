@@ -40,7 +40,7 @@ from trl_micro.baselines import (  # noqa: E402
     adapt_router,
     adaptation_subset,
     micro_online_routing,
-    per_context_oracle_margins,
+    reference_accuracy,
     routed_margins,
     score,
     split_pool,
@@ -91,9 +91,9 @@ def compare_objectives(pool, backbone, tokenizer, spec, plan, seeds) -> dict:
         def record(method, margins):
             runs[method].append(per_context_accuracy(margins, test_contexts)["accuracy"])
 
-        single = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=1)
-        record(SINGLE, score(single, pool, split.test, with_context=False).margins)
-        record(ORACLE, per_context_oracle_margins(backbone, tokenizer, pool, split, heads, seed))
+        references = reference_accuracy(backbone, tokenizer, pool, split, heads, seed)
+        runs[SINGLE].append(references["single"])
+        runs[ORACLE].append(references["oracle"])
         micro = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=spec.num_heads)
         pairs = adaptation_subset(pool, split.adaptation, largest, seed)
         for method, likelihood in LIKELIHOODS.items():

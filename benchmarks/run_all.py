@@ -336,7 +336,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the backbone features are cached and the real data lives (every benchmark script takes these)."""
+    """Where the backbone features are cached and the real data lives (the scripts built on the plan's pools)."""
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default $TRL_MICRO_CACHE/features).")
     parser.add_argument("--data_dir", default=None, help="Real data folder (default ../shared/data).")
 

@@ -44,14 +44,16 @@ from benchmarks.run_all import (  # noqa: E402
 from trl_micro.baselines import (  # noqa: E402
     HeadTraining,
     adaptation_subset,
+    best_head_accuracy,
+    best_heads,
     micro_online_routing,
-    per_context_oracle_margins,
+    reference_accuracy,
     routed_margins,
     score,
     split_pool,
     train_heads,
 )
-from trl_micro.evaluation import ensure_writable, gap_closed, head_accuracy, per_context_accuracy  # noqa: E402
+from trl_micro.evaluation import ensure_writable, gap_closed, per_context_accuracy  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -102,18 +104,15 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
 
     references = {}
 
-    def reference_accuracy(training: HeadTraining) -> dict[str, dict[str, float]]:
+    def seed_mean_references(training: HeadTraining) -> dict[str, dict[str, float]]:
         """Seed-mean SingleReward and oracle accuracy per context, trained with `training` (as in the benchmark)."""
         key = json.dumps(asdict(training), sort_keys=True)
         if key not in references:
-            runs = {"single": [], "oracle": []}
-            for seed, split in splits.items():
-                single = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=1)
-                margins = score(single, pool, split.test, with_context=False).margins
-                runs["single"].append(per_context_accuracy(margins, test_contexts[seed])["accuracy"])
-                margins = per_context_oracle_margins(backbone, tokenizer, pool, split, training, seed)
-                runs["oracle"].append(per_context_accuracy(margins, test_contexts[seed])["accuracy"])
-            references[key] = {name: mean_over_seeds(runs[name], contexts) for name in runs}
+            runs = [reference_accuracy(backbone, tokenizer, pool, split, training, seed)
+                    for seed, split in splits.items()]
+            references[key] = {
+                name: mean_over_seeds([run[name] for run in runs], contexts) for name in ("single", "oracle")
+            }
         return references[key]
 
     rows = []
@@ -128,16 +127,13 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
         for seed, split in splits.items():
             micro = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads)
             test = score(micro, pool, split.test, with_context=False).head_margins
-            table = head_accuracy(test, test_contexts[seed])
-            best = {context: int(np.argmax(table["accuracy"][:, column]))
-                    for column, context in enumerate(table["contexts"])}
-            ceiling.append({context: float(table["accuracy"][best[context], column])
-                            for column, context in enumerate(table["contexts"])})
+            best = best_heads(test, test_contexts[seed])
+            ceiling.append(best_head_accuracy(test, test_contexts[seed], best)["accuracy"])
             router = micro_online_routing(micro, pool, adaptation_subset(pool, split.adaptation, largest, seed), eta)
             margins = routed_margins(router, test_contexts[seed], test)
             online.append(per_context_accuracy(margins, test_contexts[seed])["accuracy"])
             picks += sum(int(router.weights(context).argmax()) == best[context] for context in contexts)
-        reference = reference_accuracy(training)
+        reference = seed_mean_references(training)
         single, oracle = reference["single"], reference["oracle"]
         row = {"variant": variant["name"], "num_heads": num_heads, "heads": asdict(training), "eta": eta,
                "single": single, "oracle": oracle, "picks": picks, "cases": len(contexts) * len(seeds),

@@ -337,18 +337,42 @@ def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: 
     return (weights * head_margins).sum(dim=-1)
 
 
-def best_head_accuracy(head_margins: torch.Tensor, contexts: Sequence[str]) -> dict:
+def best_heads(head_margins: torch.Tensor, contexts: Sequence[str]) -> dict[str, int]:
+    """`{context: k}`, the head most accurate on each context's pairs (head margins (N, K), one context per row)."""
+    table = head_accuracy(head_margins, contexts)
+    return {context: int(np.argmax(table["accuracy"][:, column])) for column, context in enumerate(table["contexts"])}
+
+
+def best_head_accuracy(head_margins: torch.Tensor, contexts: Sequence[str], heads: dict[str, int] | None = None) -> dict:
     """
     Per-context accuracy of the head that is most accurate on that context's pairs (`per_context_accuracy` keys):
-    a ceiling for any routing that gives each context one head. The head is chosen on the scored pairs themselves,
-    so this is a diagnostic, not a method.
+    a ceiling for any routing that gives each context one head. The head is chosen on the scored pairs themselves
+    (`best_heads`, or `heads` when already known), so this is a diagnostic, not a method.
     """
-    table = head_accuracy(head_margins, contexts)
-    best_margins = torch.empty(head_margins.shape[0], dtype=head_margins.dtype)
-    for column, context in enumerate(table["contexts"]):
-        rows = [row for row, other in enumerate(contexts) if other == context]
-        best_margins[rows] = head_margins[rows, int(np.argmax(table["accuracy"][:, column]))]
+    heads = best_heads(head_margins, contexts) if heads is None else heads
+    best_margins = torch.stack([head_margins[row, heads[context]] for row, context in enumerate(contexts)])
     return per_context_accuracy(best_margins, contexts)
+
+
+def reference_accuracy(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    split: PoolSplit,
+    training: HeadTraining,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """
+    `{"single": acc, "oracle": acc}`: per-context test accuracy of SingleReward and of the per-context oracle, the two
+    ends of the gap closed, trained on `split` with `training`.
+    """
+    test_contexts = [pool.context_ids[pair] for pair in split.test]
+    single = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=1)
+    margins = {
+        "single": score(single, pool, split.test, with_context=False).margins,
+        "oracle": per_context_oracle_margins(backbone, tokenizer, pool, split, training, seed),
+    }
+    return {name: per_context_accuracy(value, test_contexts)["accuracy"] for name, value in margins.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- comparison
