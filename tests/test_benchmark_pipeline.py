@@ -97,7 +97,10 @@ def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, cap
     assert cli_main(argv) == 0
     report = json.loads((out / "eval_report.json").read_text())
     assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8}
-    assert set(report["methods"]) >= {"routed (checkpoint router)", "online routing (4 pairs per context)", "head 2 alone"}
+    assert set(report["methods"]) >= {"routed (checkpoint router)", "online routing (4 pairs per context)", "head 2 alone",
+                                      "online routing + residual heads (4 pairs per context)"}
+    residual = report["methods"]["online routing + residual heads (4 pairs per context)"]["accuracy"]
+    assert set(residual) == {"short", "long"} and all(0 <= value <= 1 for value in residual.values())
     assert set(report["methods"]["routed (checkpoint router)"]["accuracy"]) == {"short", "long"}
     for name in ("accuracy_per_context.png", "head_usage.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE

@@ -7,6 +7,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 import trl_micro  # noqa: F401  (registers MiCRo with AutoModelForSequenceClassification)
 from trl_micro.prompt_datasets import show_context_to_policy
+from trl_micro.residual_heads import ResidualHeads
 from trl_micro.rewards import MiCRoReward, context_joined, truncate_completion
 from trl_micro.routing import OnlineRouter
 from trl_micro.testing import build_tiny_micro_model, save_tiny_backbone
@@ -80,6 +81,35 @@ def test_online_router_overrides_known_users_only(reward_checkpoint):
     routed = reward.score([prompt], [completion])["mixture_weights"][0]
     torch.testing.assert_close(scores["mixture_weights"][1], routed)  # unknown user: the model's router
     torch.testing.assert_close(scores["rewards"][0], scores["head_rewards"][0] @ scores["mixture_weights"][0])
+
+
+def test_residual_heads_correct_their_users_rewards_only(reward_checkpoint, tmp_path):
+    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    residuals = ResidualHeads(hidden, l2=0.1)
+    residuals.fit("alice", torch.zeros(8), torch.randn(8, hidden, generator=generator))
+    residuals.save(tmp_path / "residuals.json")
+    reward = MiCRoReward.from_pretrained(reward_checkpoint, context_column=None, user_column="user",
+                                         residual_heads=tmp_path / "residuals.json")
+    prompt, completion = chat("user", "Question number 3: how do I plant tulips?"), chat("assistant", LONG)
+    scores = reward.score([prompt] * 2, [completion] * 2, users=["alice", "bob"])
+    plain = reward.score([prompt], [completion])
+    features = reward._score_batch([reward._encode(prompt, completion)], None).reward_features[0]
+    correction = float(features.double() @ residuals.residual("alice"))
+    assert abs(correction) > 1e-3
+    torch.testing.assert_close(scores["residual_rewards"], torch.tensor([correction, 0.0]))
+    torch.testing.assert_close(scores["rewards"], plain["rewards"].repeat(2) + torch.tensor([correction, 0.0]))
+    torch.testing.assert_close(scores["mixture_weights"], plain["mixture_weights"].repeat(2, 1))
+
+
+def test_residual_heads_of_another_backbone_or_without_users_are_refused(reward_checkpoint):
+    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.hidden_size
+    with pytest.raises(ValueError, match=f"hidden_size={hidden + 1}, the reward model's backbone {hidden}"):
+        MiCRoReward.from_pretrained(reward_checkpoint, user_column="user", residual_heads=ResidualHeads(hidden + 1))
+    with pytest.raises(ValueError, match="pass `user_column` too"):
+        MiCRoReward.from_pretrained(reward_checkpoint, residual_heads=ResidualHeads(hidden))
+    with pytest.raises(ValueError, match="pass `user_column` too"):
+        MiCRoReward.from_pretrained(reward_checkpoint, online_router=OnlineRouter(num_heads=2))
 
 
 def test_context_already_in_the_prompt_is_not_joined_twice(reward_checkpoint):
@@ -189,7 +219,7 @@ def test_non_micro_checkpoints_are_refused(tokenizer, tmp_path):
         MiCRoReward.from_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(TypeError, match="needs a MiCRoRewardModel"):
         MiCRoReward(torch.nn.Linear(2, 2), tokenizer)
-    with pytest.raises(ValueError, match="go together"):
+    with pytest.raises(ValueError, match="pass one of them too"):
         MiCRoReward(build_tiny_micro_model(tokenizer), tokenizer, user_column="user")
 
 

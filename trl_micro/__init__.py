@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from .configuration_micro import MiCRoConfig
 from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
 from .ppo_reward import MiCRoRewardForPPO
+from .residual_heads import ResidualHeads
 from .rewards import MiCRoReward
 from .routing import OnlineRouter
 from .scoring import PairScores, score_preference_pairs
@@ -22,6 +23,7 @@ __all__ = [
     "MiCRoRewardForPPO",
     "OnlineRouter",
     "PairScores",
+    "ResidualHeads",
     "RouterAdaptationConfig",
     "RouterAdaptationTrainer",
     "MiCRoRewardConfig",

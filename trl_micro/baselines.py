@@ -23,6 +23,10 @@ context c (a few labelled pairs); the context is never seen in Stage 1 (`train` 
                           per context c, an [`OnlineRouter`] posterior over the Stage-1 heads: its prior is the mean
                           Stage-1 router weight over A_c's prompts (context in the prompt), updated with A_c's head
                           margins; the context is known by its id, so heads score the pairs without it
+    MiCRo + online routing + residual heads
+                          online routing plus, per context, a [`ResidualHeads`] correction u_c . h(x, y) fitted on
+                          A_c (the routed margins held fixed, lambda cross-validated on A_c): a context no mixture of
+                          the heads matches can still move toward its own taste
     Oracle                one BT head per context, trained on that context's train pairs (an upper bound: it knows
                           every training pair's context)
 
@@ -49,6 +53,7 @@ from .evaluation import head_accuracy, head_usage, per_context_accuracy
 from .modeling_micro import MiCRoRewardModel
 from .pair_pool import CachedPairPool
 from .real_data import split_by_context, take_per_context
+from .residual_heads import ResidualHeads
 from .routing import OnlineRouter
 from .scoring import PairScores, score_pair_features
 from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
@@ -60,13 +65,15 @@ HYRE = "HyRe (ensemble reweighting)"
 MICRO = "MiCRo Stage 1"
 MICRO_ADAPTED = "MiCRo + router adaptation"
 MICRO_ONLINE = "MiCRo + online routing"
+MICRO_RESIDUAL = "MiCRo + online routing + residual heads"
 ORACLE = "Oracle (BT per context)"
 SINGLE_WITH_CONTEXT = "SingleReward, context in prompt (diagnostic)"
 BEST_HEAD = "MiCRo best head per context, chosen on test (diagnostic)"
 ORACLE_MICRO = "Oracle MiCRo: K heads + router per context (diagnostic)"
 
-METHODS = (SINGLE, STATIC, ENSEMBLE, HYRE, MICRO, MICRO_ADAPTED, MICRO_ONLINE, ORACLE)
-ADAPTIVE_METHODS = (HYRE, MICRO_ADAPTED, MICRO_ONLINE)
+METHODS = (SINGLE, STATIC, ENSEMBLE, HYRE, MICRO, MICRO_ADAPTED, MICRO_ONLINE, MICRO_RESIDUAL, ORACLE)
+ADAPTIVE_METHODS = (HYRE, MICRO_ADAPTED, MICRO_ONLINE, MICRO_RESIDUAL)
+RESIDUAL_CV_FOLDS = 4
 DIAGNOSTICS = (SINGLE_WITH_CONTEXT, BEST_HEAD, ORACLE_MICRO)
 
 
@@ -331,6 +338,26 @@ def per_context_oracle_margins(
     return margins
 
 
+def micro_residual_heads(
+    micro: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], online: OnlineRouter
+) -> ResidualHeads:
+    """
+    MiCRo + online routing + residual heads: per context id, a [`ResidualHeads`] residual fitted on its pool pairs
+    `pairs` on top of `online`'s routed margins (lambda cross-validated, up to `RESIDUAL_CV_FOLDS` folds).
+    """
+    contexts = [pool.context_ids[pair] for pair in pairs]
+    scores = score(micro, pool, pairs, with_context=False)
+    residuals = ResidualHeads(micro.config.hidden_size, cv_folds=residual_cv_folds(contexts))
+    residuals.fit_many(contexts, routed_margins(online, contexts, scores.head_margins), scores.feature_deltas)
+    return residuals
+
+
+def residual_cv_folds(contexts: Sequence[str]) -> int:
+    """Cross-validation folds for residual heads fitted on pairs of `contexts`: `RESIDUAL_CV_FOLDS`, fewer if needed."""
+    fewest = min(contexts.count(context) for context in set(contexts))
+    return max(2, min(RESIDUAL_CV_FOLDS, fewest))
+
+
 def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
     """Margins (N,) of pairs with head margins (N, K), weighted by the online `router`'s weights for each row's context."""
     weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
@@ -464,9 +491,12 @@ def compare_methods(
         )
         with timed(MICRO_ONLINE):
             online = micro_online_routing(micro, pool, pairs, settings.online_eta)
-        result.adaptation[MICRO_ONLINE][size] = per_context_accuracy(
-            routed_margins(online, test_contexts, micro_test.head_margins), test_contexts
-        )
+        online_test_margins = routed_margins(online, test_contexts, micro_test.head_margins)
+        result.adaptation[MICRO_ONLINE][size] = per_context_accuracy(online_test_margins, test_contexts)
+        with timed(MICRO_RESIDUAL):
+            residuals = micro_residual_heads(micro, pool, pairs, online)
+        residual_test_margins = online_test_margins + residuals.rewards(test_contexts, micro_test.feature_deltas)
+        result.adaptation[MICRO_RESIDUAL][size] = per_context_accuracy(residual_test_margins, test_contexts)
         with timed(MICRO_ADAPTED):
             adapted = adapt_router(micro, tokenizer, pool, pairs, settings.router, seed)
         adapted_test = score(adapted, pool, split.test, with_context=True)

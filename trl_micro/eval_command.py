@@ -10,8 +10,9 @@ text itself when that column is absent). Reported, per context: the routed rewar
 router), the accuracy of the uniform mixture of heads and of every single head, and the router's mean weight per head.
 
 With `--adaptation_pairs N`, N pairs of every context are taken out (seeded) to adapt an online router per context
-(`trl_micro.routing.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with their head
-margins), and every method is reported on the remaining pairs only.
+(`trl_micro.routing.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with their
+head margins) and, on top of it, a residual head per context (`trl_micro.residual_heads.ResidualHeads`, lambda
+cross-validated on the same pairs; from 2 pairs per context); every method is reported on the remaining pairs only.
 
 Writes `<output_dir>/eval_report.json` and `.md` (`trl_micro.evaluation.write_report`; the online router's weights are
 in the report too), and the plots `accuracy_per_context.png` and `head_usage.png` (the checkpoint router's mean weight
@@ -29,7 +30,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
-from .baselines import few_shot_head_weights, routed_margins, router_prior_per_context
+from .baselines import few_shot_head_weights, residual_cv_folds, routed_margins, router_prior_per_context
 from .evaluation import (
     ensure_writable,
     head_accuracy,
@@ -41,6 +42,7 @@ from .evaluation import (
 )
 from .modeling_micro import MiCRoRewardModel
 from .real_data import take_per_context
+from .residual_heads import ResidualHeads
 from .scoring import score_preference_pairs
 from .sources import load_named_dataset
 
@@ -166,6 +168,14 @@ def run_eval(args: EvalArguments) -> dict:
         online = f"online routing ({args.adaptation_pairs} pairs per context)"
         methods[online] = per_context_accuracy(margins, evaluated_labels)
         usage[online] = head_usage(torch.stack([router.weights(label) for label in evaluated_labels]), evaluated_labels)
+        if args.adaptation_pairs >= 2:
+            residuals = ResidualHeads(model.config.hidden_size, cv_folds=residual_cv_folds(adaptation_labels))
+            adaptation_margins = routed_margins(router, adaptation_labels, scores.head_margins[adaptation])
+            residuals.fit_many(adaptation_labels, adaptation_margins, scores.feature_deltas[adaptation])
+            corrected = margins + residuals.rewards(evaluated_labels, scores.feature_deltas[evaluated])
+            methods[f"online routing + residual heads ({args.adaptation_pairs} pairs per context)"] = (
+                per_context_accuracy(corrected, evaluated_labels)
+            )
     for k in range(head_margins.shape[1]):
         methods[f"head {k} alone"] = per_context_accuracy(head_margins[:, k], evaluated_labels)
 

@@ -4,13 +4,16 @@ A MiCRo reward model as a reward function of TRL's online trainers (GRPOTrainer,
 For a prompt x, a completion y and the example's context c (a user description, a criterion, a persona), the reward is
 the personalized reward the model was trained to give,
 
-    r(x, y | c) = sum_k w_k r_k(x, c, y),
+    r(x, y | c) = sum_k w_k r_k(x, c, y)  (+ u_user . h(x, c, y) for a user with a residual head),
 
 with the weights w chosen per completion by, in order of precedence:
 
 1. the user id in `user_column`, when an [`OnlineRouter`] has a posterior for that user (Stage 2 online routing);
 2. the router reading the prompt with the context joined as in training (`context_column`; a row whose context is
    `None` or empty, and every row when `context_column=None`, is routed by its prompt alone).
+
+A user with a fitted [`ResidualHeads`] residual (`residual_heads`) also gets its correction u_user . h on the backbone's
+reward features h (`trl_micro.residual_heads`); other rows get none.
 
 Every prompt + completion is tokenized by `encode_prompt_completion`, exactly as in training (EOS or the chat
 template's end of turn appended), and scored in batches of `batch_size`, one backbone pass each. A sequence longer
@@ -35,6 +38,7 @@ from trl.models import prepare_deepspeed
 
 from .data import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
 from .modeling_micro import MiCRoRewardModel
+from .residual_heads import ResidualHeads
 from .routing import OnlineRouter
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,8 @@ class MiCRoReward:
         user_column (`str`, *optional*): dataset column of user ids routed through `online_router`.
         online_router ([`OnlineRouter`] or path, *optional*): per-user weights over the heads. A user it does not
             know (or a `None` id) is routed by the model's router.
+        residual_heads ([`ResidualHeads`] or path, *optional*): per-user residual heads added to the routed reward
+            (needs `user_column`); a user without one gets no correction.
         batch_size (`int`, defaults to 16): sequences per backbone pass.
         max_length (`int`, *optional*): longest scored sequence, in tokens; defaults to the backbone's
             `max_position_embeddings`.
@@ -77,6 +83,7 @@ class MiCRoReward:
         context_column: str | None = "context",
         user_column: str | None = None,
         online_router: OnlineRouter | str | os.PathLike | None = None,
+        residual_heads: ResidualHeads | str | os.PathLike | None = None,
         batch_size: int = 16,
         max_length: int | None = None,
         group_column: str = "context_id",
@@ -85,13 +92,23 @@ class MiCRoReward:
     ):
         if not isinstance(model, MiCRoRewardModel):
             raise TypeError(f"MiCRoReward needs a MiCRoRewardModel, got {type(model).__name__}.")
-        if (user_column is None) != (online_router is None):
-            raise ValueError("`user_column` and `online_router` go together: pass both or neither.")
+        if user_column is not None and online_router is None and residual_heads is None:
+            raise ValueError("`user_column` names users for `online_router` / `residual_heads`: pass one of them too.")
+        if user_column is None and (online_router is not None or residual_heads is not None):
+            raise ValueError("`online_router` and `residual_heads` are per user: pass `user_column` too.")
         if isinstance(online_router, (str, os.PathLike)):
             online_router = OnlineRouter.load(online_router, expected_num_heads=model.num_heads)
         if online_router is not None and online_router.num_heads != model.num_heads:
             raise ValueError(
                 f"The online router has num_heads={online_router.num_heads}, the reward model {model.num_heads}."
+            )
+        hidden_size = model.config.hidden_size
+        if isinstance(residual_heads, (str, os.PathLike)):
+            residual_heads = ResidualHeads.load(residual_heads, expected_hidden_size=hidden_size)
+        if residual_heads is not None and residual_heads.hidden_size != hidden_size:
+            raise ValueError(
+                f"The residual heads have hidden_size={residual_heads.hidden_size}, the reward model's backbone "
+                f"{hidden_size}: they were fitted on another backbone's features."
             )
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
@@ -102,6 +119,7 @@ class MiCRoReward:
         self.context_column = context_column
         self.user_column = user_column
         self.online_router = online_router
+        self.residual_heads = residual_heads
         self.batch_size = batch_size
         self.max_length = max_length or getattr(model.config.text_config, "max_position_embeddings", None)
         self.group_column = group_column
@@ -200,8 +218,9 @@ class MiCRoReward:
         users: Sequence[str | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """
-        Score completions without a trainer: `rewards` (N,), `head_rewards` (N, K) and `mixture_weights` (N, K), on the
-        CPU. `contexts` and `users` are optional per-row lists (see the class docstring).
+        Score completions without a trainer: `rewards` (N,), `head_rewards` (N, K), `mixture_weights` (N, K) and
+        `residual_rewards` (N,; 0 for users without a residual head), on the CPU. `contexts` and `users` are optional
+        per-row lists (see the class docstring).
         """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
@@ -215,6 +234,7 @@ class MiCRoReward:
 
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
         head_rewards, weights = [None] * len(encoded), [None] * len(encoded)
+        residual_rewards = torch.zeros(len(encoded))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             batch_users = [users[i] for i in rows] if users is not None else None
@@ -222,12 +242,15 @@ class MiCRoReward:
             for position, row in enumerate(rows):
                 head_rewards[row] = output.head_rewards[position]
                 weights[row] = output.mixture_weights[position]
+            if self.residual_heads is not None and batch_users is not None:
+                residual_rewards[rows] = self.residual_heads.rewards(batch_users, output.reward_features).cpu()
         head_rewards = torch.stack(head_rewards).float().cpu()
         weights = torch.stack(weights).float().cpu()
         return {
-            "rewards": (weights * head_rewards).sum(dim=-1),
+            "rewards": (weights * head_rewards).sum(dim=-1) + residual_rewards,
             "head_rewards": head_rewards,
             "mixture_weights": weights,
+            "residual_rewards": residual_rewards,
         }
 
     def _score_batch(self, encoded: list[tuple[list[int], int]], users: list[str | None] | None):

@@ -25,17 +25,16 @@ The routed reward of context c is then r(x, y | c) = sum_k w_k(c) r_k(x, y) (see
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from .json_store import StoreReader, write_store
 
 STORE_FORMAT = "trl-micro-online-router"
 STORE_FORMAT_VERSION = 1
@@ -91,9 +90,9 @@ class OnlineRouter:
     ):
         if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
             raise ValueError(f"OnlineRouter.num_heads must be an integer >= 1, got {num_heads!r}.")
-        if not _is_real_number(eta) or not math.isfinite(eta) or eta <= 0:
+        if not is_real_number(eta) or not math.isfinite(eta) or eta <= 0:
             raise ValueError(f"OnlineRouter.eta must be a finite number > 0, got {eta!r}.")
-        if not _is_real_number(forgetting) or not 0 < forgetting <= 1:
+        if not is_real_number(forgetting) or not 0 < forgetting <= 1:
             raise ValueError(f"OnlineRouter.forgetting must be a number in (0, 1], got {forgetting!r}.")
         if model_fingerprint is not None and not isinstance(model_fingerprint, str):
             raise ValueError(
@@ -142,7 +141,7 @@ class OnlineRouter:
         Weights `(K,)` over the heads for `user_id`: its posterior if it has been updated, else `prior` (or
         `default_prior`, or uniform). An unknown user is not an error. `prior` is ignored for a known user.
         """
-        _check_user_id(user_id)
+        check_user_id(user_id)
         state = self._states.get(user_id)
         if state is not None:
             return state.log_weights.exp().to(dtype)
@@ -166,7 +165,7 @@ class OnlineRouter:
                 Prior for a user seen for the first time, e.g. the Stage-1 router's softmax weights for its context
                 (positive, summing to 1). Ignored for a known user. Defaults to `default_prior`, else uniform.
         """
-        _check_user_id(user_id)
+        check_user_id(user_id)
         log_prior = None if prior is None else self._log_prior(prior, "prior")
         deltas = self._delta_matrix(head_deltas)
         self._apply([user_id] * deltas.shape[0], deltas, {} if log_prior is None else {user_id: log_prior})
@@ -180,8 +179,8 @@ class OnlineRouter:
         """
         user_ids = list(user_ids)
         for user_id in user_ids:
-            _check_user_id(user_id)
-        deltas = _as_float64(head_deltas, "head_deltas")
+            check_user_id(user_id)
+        deltas = as_float64(head_deltas, "head_deltas")
         if deltas.shape != (len(user_ids), self.num_heads):
             raise ValueError(
                 f"update_many: `head_deltas` must have shape (len(user_ids), num_heads) = "
@@ -190,7 +189,7 @@ class OnlineRouter:
         deltas = self._delta_matrix(deltas)
         new_user_log_priors = {}
         if priors is not None:
-            prior_rows = _as_float64(priors, "priors")
+            prior_rows = as_float64(priors, "priors")
             if prior_rows.shape != (len(user_ids), self.num_heads):
                 raise ValueError(
                     f"update_many: `priors` must have shape (len(user_ids), num_heads) = "
@@ -248,7 +247,7 @@ class OnlineRouter:
 
     # -------------------------------------------------------------------------------------------------- validation
     def _delta_matrix(self, head_deltas: ArrayLike) -> torch.Tensor:
-        deltas = _as_float64(head_deltas, "head_deltas")
+        deltas = as_float64(head_deltas, "head_deltas")
         if deltas.dim() == 1:
             deltas = deltas[None, :]
         if deltas.dim() != 2 or deltas.shape[1] != self.num_heads:
@@ -264,7 +263,7 @@ class OnlineRouter:
 
     def _log_prior(self, prior: ArrayLike, name: str) -> torch.Tensor:
         """Validate a prior (K,) and return its normalized log (float64)."""
-        prior = _as_float64(prior, name)
+        prior = as_float64(prior, name)
         if prior.shape != (self.num_heads,):
             raise ValueError(f"`{name}` must have shape (num_heads,) = ({self.num_heads},), got {tuple(prior.shape)}.")
         if not bool(torch.isfinite(prior).all()) or not bool((prior > 0).all()):
@@ -278,12 +277,9 @@ class OnlineRouter:
 
     # ------------------------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """
-        Write the router to the JSON file `path`, atomically: the data go to a temporary file in the same directory,
-        are flushed and fsynced, then `os.replace`d onto `path`. A crash at any point leaves the previous store intact.
-        """
-        path = os.fspath(path)
-        payload = {
+        """Write the router to the JSON file `path`, atomically (`json_store.write_store`: a crash leaves the previous
+        store intact)."""
+        write_store(path, {
             "format": STORE_FORMAT,
             "format_version": STORE_FORMAT_VERSION,
             "num_heads": self.num_heads,
@@ -299,9 +295,7 @@ class OnlineRouter:
                 }
                 for user_id, state in self._states.items()
             },
-        }
-        text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
-        _write_atomically(path, text)
+        })
 
     @classmethod
     def load(
@@ -312,45 +306,20 @@ class OnlineRouter:
         is ever returned), or if its `num_heads` / `model_fingerprint` differ from `expected_num_heads` /
         `expected_fingerprint` (when given).
         """
-        path = os.fspath(path)
-        with open(path, "rb") as file:
-            raw = file.read()
-        try:
-            payload = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"The routing store at {path} is corrupt or truncated: {err}.") from err
-        try:
-            if not isinstance(payload, dict) or payload.get("format") != STORE_FORMAT:
-                raise ValueError(f"not a {STORE_FORMAT} file")
-            if payload["format_version"] != STORE_FORMAT_VERSION:
-                raise ValueError(
-                    f"format version {payload['format_version']!r} is not supported (expected {STORE_FORMAT_VERSION})"
-                )
-            num_heads = payload["num_heads"]
-            fingerprint = payload["model_fingerprint"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"The routing store at {path} is corrupt or truncated: {err}.") from err
-        if expected_num_heads is not None and num_heads != expected_num_heads:
-            raise ValueError(
-                f"The routing store at {path} has num_heads={num_heads}, but num_heads={expected_num_heads} was "
-                f"expected (a store of another reward model?)."
-            )
-        if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-            raise ValueError(
-                f"The routing store at {path} has model_fingerprint={fingerprint!r}, but "
-                f"model_fingerprint={expected_fingerprint!r} was expected (a store of another reward model?)."
-            )
+        store = StoreReader(path, "routing store", STORE_FORMAT, STORE_FORMAT_VERSION)
+        num_heads = store.check("num_heads", expected_num_heads, "a store of another reward model?")
+        fingerprint = store.check("model_fingerprint", expected_fingerprint, "a store of another reward model?")
         try:
             router = cls(
                 num_heads=num_heads,
-                eta=payload["eta"],
-                forgetting=payload["forgetting"],
-                default_prior=payload["default_prior"],
+                eta=store.payload["eta"],
+                forgetting=store.payload["forgetting"],
+                default_prior=store.payload["default_prior"],
                 model_fingerprint=fingerprint,
             )
-            router._states = _read_states(payload["users"], router.num_heads)
+            router._states = _read_states(store.payload["users"], router.num_heads)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"The routing store at {path} is corrupt or truncated: {err}.") from err
+            raise store.corrupt(err) from err
         return router
 
 
@@ -363,16 +332,16 @@ def log_sigmoid(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(max=0) - torch.log1p(torch.exp(-values.abs()))
 
 
-def _is_real_number(value: Any) -> bool:
+def is_real_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _check_user_id(user_id: Any) -> None:
+def check_user_id(user_id: Any) -> None:
     if not isinstance(user_id, str):
         raise TypeError(f"`user_id` must be a str (context ids are JSON keys), got {type(user_id).__name__}.")
 
 
-def _as_float64(values: ArrayLike, name: str) -> torch.Tensor:
+def as_float64(values: ArrayLike, name: str) -> torch.Tensor:
     """A CPU float64 tensor from a tensor, an array or a (nested) list."""
     if isinstance(values, torch.Tensor):
         return values.detach().to(device="cpu", dtype=torch.float64)
@@ -402,39 +371,6 @@ def _read_states(users: Any, num_heads: int) -> dict[str, ContextState]:
         user_id: ContextState(log_weights=weights, log_prior=prior, num_updates=count)
         for user_id, (weights, prior, count) in zip(users, rows)
     }
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Write `text` to a temporary file next to `path`, fsync it, then atomically replace `path` with it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    descriptor, temporary_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        if os.path.exists(path):
-            os.chmod(temporary_path, stat.S_IMODE(os.stat(path).st_mode))
-        os.replace(temporary_path, path)
-    finally:
-        if os.path.exists(temporary_path):
-            os.unlink(temporary_path)
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 __all__ = ["ContextState", "OnlineRouter"]

@@ -29,10 +29,14 @@ from .pair_pool import tokenize_pairs
 
 @dataclass
 class PairScores:
-    """Per-pair scores of a preference dataset: `head_margins` and `router_logits`, each (N, K), on the CPU."""
+    """
+    Per-pair scores of a preference dataset, on the CPU: `head_margins` and `router_logits`, each (N, K), and
+    `feature_deltas` (N, hidden), h(x, c, y_w) - h(x, c, y_l) of the reward features (what residual heads read).
+    """
 
     head_margins: torch.Tensor
     router_logits: torch.Tensor
+    feature_deltas: torch.Tensor
 
     @property
     def mixture_weights(self) -> torch.Tensor:
@@ -83,4 +87,5 @@ def score_pair_features(model: MiCRoRewardModel, features: dict[str, torch.Tenso
     return PairScores(
         head_margins=(chosen.head_rewards - rejected.head_rewards).float().cpu(),
         router_logits=chosen.router_logits.float().cpu(),
+        feature_deltas=(features["chosen_reward"].float() - features["rejected_reward"].float()).cpu(),
     )
