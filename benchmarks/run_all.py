@@ -107,13 +107,12 @@ def full_plan() -> BenchmarkPlan:
         comparison=ComparisonSettings(
             adaptation_sizes=(8, 16, 32),
             # A balance weight of 0.5 (rather than the trainer's 0.1) keeps Stage 1 from merging subpopulations into
-            # shared heads at M = 8 (seed-mean online-routing accuracy 78.3% vs 76.4% at 0.1; M = 2 and 4 within half
-            # a point; a sweep of 0.01 to 2, standardized router input).
+            # shared heads at M = 8 (seed-mean online-routing accuracy 75.8% vs 71.6% at 0.1 and 76.7% at 1.0,
+            # benchmarks/results/stage1_sweep.md; M = 2 and 4 were within half a point in an earlier sweep).
             heads=HeadTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_balance_coef=0.5),
             # Router adaptation with one latent head per context, the whole adaptation set in one batch, no anchor:
-            # synthetic M=8, 75.1% macro; the per-pair likelihood with the same settings 62.3%, with the settings
-            # benchmarks/stage2_adaptation.py chose (lr 2e-3, batch 32, anchor 1e-2) 58.9%; per context with batches
-            # of 32, 65.1%, at lr 2e-3, 70.3% (benchmarks/router_objective.py, results/router_objective*.md).
+            # synthetic M=8, 73.1% macro; the per-pair likelihood with the same settings 61.5%; per context with
+            # batches of 32, 62.4%, at lr 2e-3, 68.9% (benchmarks/router_objective.py, results/router_objective*.md).
             router=RouterTraining(learning_rate=5e-3, max_steps=300, batch_size=256, router_anchor_coef=0.0,
                                   adaptation_likelihood="context"),
         ),
