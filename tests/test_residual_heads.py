@@ -80,6 +80,27 @@ def test_large_l2_means_no_correction_and_refits_are_deterministic():
     torch.testing.assert_close(residuals.fit("dave", margins, deltas), first, rtol=0, atol=0)
 
 
+def test_fit_many_fits_each_user_on_its_own_rows():
+    generator = torch.Generator().manual_seed(8)
+    alice, bob = labelled_pairs(generator, unit(generator), 8), labelled_pairs(generator, unit(generator), 6)
+    users = ["alice", "bob"] * 6 + ["alice", "alice"]
+    rows = {"alice": [0, 2, 4, 6, 8, 10, 12, 13], "bob": [1, 3, 5, 7, 9, 11]}
+    margins, deltas = torch.zeros(14, dtype=torch.float64), torch.zeros(14, HIDDEN, dtype=torch.float64)
+    for name, (user_margins, user_deltas) in (("alice", alice), ("bob", bob)):
+        margins[rows[name]], deltas[rows[name]] = user_margins, user_deltas
+    many = ResidualHeads(HIDDEN, l2=1.0)
+    many.fit_many(users, margins, deltas)
+    one = ResidualHeads(HIDDEN, l2=1.0)
+    for name, pairs in (("alice", alice), ("bob", bob)):
+        torch.testing.assert_close(many.residual(name), one.fit(name, *pairs))
+    with pytest.raises(ValueError, match="13 user ids for 14 labelled pairs"):
+        many.fit_many(users[:-1], margins, deltas)
+    fresh = ResidualHeads(HIDDEN, l2=1.0)
+    with pytest.raises(TypeError, match="must be a str"):
+        fresh.fit_many(users[:-1] + [None], margins, deltas)
+    assert len(fresh) == 0, "a bad id must stop the call before any user is fitted"
+
+
 # ----------------------------------------------------------------------------------------------------------- scoring
 def test_rewards_add_each_users_residual_and_nothing_for_the_others():
     generator = torch.Generator().manual_seed(4)

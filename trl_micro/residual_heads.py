@@ -156,6 +156,8 @@ class ResidualHeads:
         margins, deltas = self._check_pairs(routed_margins, feature_deltas)
         if len(user_ids) != margins.shape[0]:
             raise ValueError(f"{len(user_ids)} user ids for {margins.shape[0]} labelled pairs.")
+        for user_id in user_ids:
+            check_user_id(user_id)  # before any fit: a bad id changes nothing
         for user_id in dict.fromkeys(user_ids):
             rows = [row for row, other in enumerate(user_ids) if other == user_id]
             self.fit(user_id, margins[rows], deltas[rows])
