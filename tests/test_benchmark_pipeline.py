@@ -10,6 +10,7 @@ from benchmarks import run_all
 from trl_micro.baselines import DIAGNOSTICS, METHODS, few_shot_head_weights, routed_margins
 from trl_micro.cli import main as cli_main
 from trl_micro.pair_pool import build_pair_pool
+from trl_micro.rewards import MiCRoReward
 from trl_micro.real_data import resolve_data_dir
 from trl_micro.testing import build_tiny_micro_model, save_tiny_backbone
 
@@ -106,6 +107,15 @@ def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, cap
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     assert "## Accuracy per context" in (out / "eval_report.md").read_text()
     assert "online routing (4 pairs per context): macro" in capsys.readouterr().out
+    # What was adapted is saved per context id and drops into the RL reward.
+    reward = MiCRoReward.from_pretrained(checkpoint, context_column=None, user_column="taste",
+                                         online_router=out / "online_router.json",
+                                         residual_heads=out / "residual_heads.json")
+    assert set(reward.online_router.users()) == set(reward.residual_heads.users()) == {"short", "long"}
+    row = make_conflicting_pairs(1)[0]
+    scores = reward.score([row["prompt"]] * 3, [row["chosen"]] * 3, users=["short", "long", "nobody"])
+    assert scores["residual_rewards"][2] == 0 and scores["residual_rewards"][:2].abs().min() > 0
+    torch.testing.assert_close(scores["mixture_weights"][0], reward.online_router.weights("short"))
 
 
 def test_eval_command_bad_input(checkpoint_and_data, tmp_path):

@@ -16,7 +16,9 @@ cross-validated on the same pairs; from 2 pairs per context); every method is re
 
 Writes `<output_dir>/eval_report.json` and `.md` (`trl_micro.evaluation.write_report`; the online router's weights are
 in the report too), and the plots `accuracy_per_context.png` and `head_usage.png` (the checkpoint router's mean weight
-per head and context).
+per head and context). With adaptation it also saves what was adapted, keyed by context id, ready for the reward in
+RL (`MiCRoReward.from_pretrained(checkpoint, user_column=<context id column>, online_router=<output_dir>/
+online_router.json, residual_heads=<output_dir>/residual_heads.json)`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from .sources import load_named_dataset
 REPORT_NAME = "eval_report"
 ACCURACY_PLOT = "accuracy_per_context.png"
 USAGE_PLOT = "head_usage.png"
+ONLINE_ROUTER_STORE = "online_router.json"
+RESIDUAL_HEADS_STORE = "residual_heads.json"
 ROUTED, UNIFORM = "routed (checkpoint router)", "uniform mixture of heads"
 
 
@@ -78,14 +82,20 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the built-in splits and of the adaptation draw."})
 
 
-def report_paths(output_dir: str | Path) -> dict[str, Path]:
+def report_paths(output_dir: str | Path, adaptation_pairs: int = 0) -> dict[str, Path]:
+    """The files `run_eval` writes (the adaptation stores only when it adapts, the residual heads from 2 pairs)."""
     folder = Path(output_dir)
-    return {
+    paths = {
         "json": folder / f"{REPORT_NAME}.json",
         "markdown": folder / f"{REPORT_NAME}.md",
         "accuracy_plot": folder / ACCURACY_PLOT,
         "usage_plot": folder / USAGE_PLOT,
     }
+    if adaptation_pairs > 0:
+        paths["online_router"] = folder / ONLINE_ROUTER_STORE
+    if adaptation_pairs > 1:
+        paths["residual_heads"] = folder / RESIDUAL_HEADS_STORE
+    return paths
 
 
 def load_split(args: EvalArguments):
@@ -133,11 +143,11 @@ def split_adaptation(dataset, labels: list[str], label_column: str, args: EvalAr
 
 def run_eval(args: EvalArguments) -> dict:
     """Score, then write the report and the plots; returns the results and the written paths."""
-    paths = report_paths(args.output_dir)
-    for path in paths.values():
-        ensure_writable(path)
     if args.adaptation_pairs < 0:
         raise ValueError(f"--adaptation_pairs must be >= 0, got {args.adaptation_pairs}.")
+    paths = report_paths(args.output_dir, args.adaptation_pairs)
+    for path in paths.values():
+        ensure_writable(path)
     dataset = load_split(args)
     labels, label_column = context_labels(dataset, args)
     adaptation, evaluated = split_adaptation(dataset, labels, label_column, args)
@@ -168,6 +178,7 @@ def run_eval(args: EvalArguments) -> dict:
         online = f"online routing ({args.adaptation_pairs} pairs per context)"
         methods[online] = per_context_accuracy(margins, evaluated_labels)
         usage[online] = head_usage(torch.stack([router.weights(label) for label in evaluated_labels]), evaluated_labels)
+        router.save(paths["online_router"])
         if args.adaptation_pairs >= 2:
             residuals = ResidualHeads(model.config.hidden_size, cv_folds=residual_cv_folds(adaptation_labels))
             adaptation_margins = routed_margins(router, adaptation_labels, scores.head_margins[adaptation])
@@ -176,6 +187,7 @@ def run_eval(args: EvalArguments) -> dict:
             methods[f"online routing + residual heads ({args.adaptation_pairs} pairs per context)"] = (
                 per_context_accuracy(corrected, evaluated_labels)
             )
+            residuals.save(paths["residual_heads"])
     for k in range(head_margins.shape[1]):
         methods[f"head {k} alone"] = per_context_accuracy(head_margins[:, k], evaluated_labels)
 
