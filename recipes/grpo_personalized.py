@@ -15,6 +15,9 @@ On CPU add `--num_processes 2 --mixed_precision no` to `accelerate launch` (with
 SmolLM2-135M-Instruct. Without `--prompt_dataset`, the prompts are the synthetic ones with their subpopulations'
 contexts. Logged per step: `rewards/micro_reward/mean`, `micro/reward/<context_id>`, `micro/head_reward/<k>` and
 `micro/head_weight/<k>`; with `--probe_prompts N`, the mean reward per context of N held-out prompts, before and after.
+
+Per-user Stage 2 state, e.g. what `trl-micro eval --adaptation_pairs N` saved: `--user_column context_id
+--online_router eval/online_router.json --residual_heads eval/residual_heads.json` (either store, or both).
 """
 
 import argparse
@@ -39,13 +42,24 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 class GRPOPersonalizedArguments(PersonalizedRLArguments):
     trainer: str = field(default="grpo", metadata={"help": "'grpo' or 'rloo'."})
     reward_model_path: str | None = field(default=None, metadata={"help": "A MiCRo reward checkpoint."})
+    user_column: str | None = field(
+        default=None, metadata={"help": "Column of user / context ids for --online_router and --residual_heads."}
+    )
+    online_router: str | None = field(default=None, metadata={"help": "An OnlineRouter store (JSON), per user id."})
+    residual_heads: str | None = field(default=None, metadata={"help": "A ResidualHeads store (JSON), per user id."})
 
 
 def main(script_args: GRPOPersonalizedArguments, training_args, model_args: ModelConfig):
     if script_args.reward_model_path is None:
         raise ValueError("--reward_model_path is required: a MiCRo reward checkpoint.")
     trainer_class = TRAINERS[script_args.trainer][1]
-    reward = MiCRoReward.from_pretrained(script_args.reward_model_path, context_column=script_args.context_column)
+    reward = MiCRoReward.from_pretrained(
+        script_args.reward_model_path,
+        context_column=script_args.context_column,
+        user_column=script_args.user_column,
+        online_router=script_args.online_router,
+        residual_heads=script_args.residual_heads,
+    )
     dataset = load_prompt_dataset(script_args, reward.config.context_template)
     group_column = script_args.group_column if script_args.group_column in dataset.column_names else None
     reward.group_column = group_column or script_args.context_column

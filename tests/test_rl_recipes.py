@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from trl_micro import MiCRoReward, OnlineRouter, ResidualHeads
 
 from .conftest import REPO_ROOT
 from .rl_fixtures import policy_path, prompt_dataset, save_untrained_micro  # noqa: F401 (fixtures)
@@ -56,6 +59,29 @@ def test_rloo_recipe_logs_reward_per_context_and_probes(run_inputs, tmp_path):
     assert len(steps) == 2 and any(key.startswith("micro/reward/") for key in steps[0])
     assert set(logged["probe"]["after"]) == {"short-reader", "long-reader"}
     assert (output_dir / "adapter_model.safetensors").exists()
+
+
+def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
+    """The stores `trl-micro eval` saves drop into the recipe: the probe's rewards move by each user's residual."""
+    reward_path = run_inputs[run_inputs.index("--reward_model_path") + 1]
+    hidden = MiCRoReward.from_pretrained(reward_path).config.hidden_size
+    router, residuals = OnlineRouter(num_heads=2), ResidualHeads(hidden, l2=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for user in ("short-reader", "long-reader"):
+        router.update(user, torch.tensor([[4.0, -4.0]]))
+        residuals.fit(user, torch.zeros(4), 10 * torch.randn(4, hidden, generator=generator))
+    router.save(tmp_path / "router.json")
+    residuals.save(tmp_path / "residuals.json")
+    flags = [*run_inputs, *CPU_FLAGS, *GRPO_FLAGS, "--max_steps", "1", "--probe_prompts", "1",
+             "--probe_max_new_tokens", "6"]
+    plain = run([sys.executable, GRPO_RECIPE, *flags, "--output_dir", str(tmp_path / "plain")], tmp_path / "plain")
+    stores = ["--user_column", "context_id", "--online_router", str(tmp_path / "router.json"),
+              "--residual_heads", str(tmp_path / "residuals.json")]
+    personal = run([sys.executable, GRPO_RECIPE, *flags, *stores, "--output_dir", str(tmp_path / "personal")],
+                   tmp_path / "personal")
+    before = {"plain": plain["probe"]["before"], "personal": personal["probe"]["before"]}
+    assert set(before["plain"]) == set(before["personal"]) == {"short-reader", "long-reader"}
+    assert all(abs(before["personal"][user] - before["plain"][user]) > 1e-3 for user in before["plain"])
 
 
 @pytest.mark.slow

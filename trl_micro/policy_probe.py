@@ -26,7 +26,8 @@ def reward_per_context(
 ) -> dict[str, float]:
     """
     Mean reward of one sampled completion per row of `prompts` (a prompt dataset as the recipes build it: `prompt`
-    already showing the context, and `group_column`), per group. Sampling uses the policy's generation config.
+    already showing the context, and `group_column`), per group; the reward's per-user state applies to the rows of
+    its `user_column`. Sampling uses the policy's generation config.
     """
     torch.manual_seed(seed)
     was_training = policy.training
@@ -51,7 +52,8 @@ def reward_per_context(
     finally:
         tokenizer.padding_side = padding_side
         policy.train(was_training)
-    rewards = reward.score(prompts["prompt"], completions)["rewards"].tolist()
+    users = prompts[reward.user_column] if reward.user_column in prompts.column_names else None
+    rewards = reward.score(prompts["prompt"], completions, users=users)["rewards"].tolist()
     totals: dict[str, list[float]] = {}
     for group, value in zip(prompts[group_column], rewards):
         totals.setdefault(str(group), []).append(value)
