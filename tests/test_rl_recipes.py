@@ -82,6 +82,9 @@ def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
     before = {"plain": plain["probe"]["before"], "personal": personal["probe"]["before"]}
     assert set(before["plain"]) == set(before["personal"]) == {"short-reader", "long-reader"}
     assert all(abs(before["personal"][user] - before["plain"][user]) > 1e-3 for user in before["plain"])
+    logged = [entry for entry in personal["log_history"] if "rewards/micro_reward/mean" in entry]
+    assert logged and all(entry["micro/residual_reward"] != 0 for entry in logged)
+    assert not any("micro/residual_reward" in entry for entry in plain["log_history"])
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ Every prompt + completion is tokenized by `encode_prompt_completion`, exactly as
 template's end of turn appended), and scored in batches of `batch_size`, one backbone pass each. A sequence longer
 than `max_length` keeps its prompt and its ending and loses the tail of the completion; a prompt that does not fit on
 its own loses its beginning (and, with it, a context put in front of it). The trainer logs, next to TRL's metrics:
-`micro/head_reward/k` and `micro/head_weight/k` (which heads drive the reward), and `micro/reward/<group>`, the mean
-reward of each context id (`group_column`), user or context, for up to `max_logged_groups` groups.
+`micro/head_reward/k` and `micro/head_weight/k` (which heads drive the reward), `micro/residual_reward` (the mean
+residual-head correction, with `residual_heads`), and `micro/reward/<group>`, the mean reward of each context id
+(`group_column`), user or context, for up to `max_logged_groups` groups.
 """
 
 from __future__ import annotations
@@ -299,6 +300,8 @@ class MiCRoReward:
         for k in range(scores["head_rewards"].shape[1]):
             log_metric(f"micro/head_reward/{k}", scores["head_rewards"][:, k].mean().item())
             log_metric(f"micro/head_weight/{k}", scores["mixture_weights"][:, k].mean().item())
+        if self.residual_heads is not None:
+            log_metric("micro/residual_reward", scores["residual_rewards"].mean().item())
         if groups is None:
             return
         rewards_of_group: dict[str, list[float]] = {}
