@@ -37,10 +37,10 @@ from trl_micro.evaluation import (
     write_report,
 )
 
-STAGE2_METHODS = (MICRO_ADAPTED, MICRO_ONLINE, MICRO_RESIDUAL)
-STAGE2_SHORT_NAMES = {
+STAGE2_SHORT_NAMES = {  # the Stage 2 variants, with their column name in the targets table
     MICRO_ADAPTED: "router adapt.", MICRO_ONLINE: "online routing", MICRO_RESIDUAL: "online + residual"
 }
+STAGE2_METHODS = tuple(STAGE2_SHORT_NAMES)
 
 
 @dataclass
@@ -265,8 +265,9 @@ exact Bayes). MiCRo + online routing + residual heads: online routing plus, per 
 u_c . h(x, y) on the backbone's reward features, the maximum a posteriori fit on the adaptation pairs with the routed
 margins held fixed and its L2 weight chosen by 4-fold cross-validation on those same pairs
 (`trl_micro.residual_heads`): it can move a context beyond what any mixture of the heads gives. Oracle: one BT head
-per context trained on that context's training pairs (it knows every training pair's context: the paper's upper bound, for a reward that is linear in the features). Adaptive methods are reported
-with the largest number of adaptation pairs per context; their curves show the smaller, nested draws. Three
+per context trained on that context's training pairs (it knows every training pair's context: the paper's upper
+bound, for a reward that is linear in the features). Adaptive methods are reported with the largest number of
+adaptation pairs per context; their curves show the smaller, nested draws. Three
 diagnostics (not methods): SingleReward scored with the context in the prompt; the best Stage-1 head of each context,
 chosen on the test pairs themselves (the ceiling of any routing that gives a context one head); and an oracle with
 MiCRo's own architecture, K heads + router trained per context. MiCRo's routed reward sum_k w_k(x) r_k(x, y) is not

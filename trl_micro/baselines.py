@@ -49,6 +49,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from .data import context_indices
 from .evaluation import head_accuracy, head_usage, per_context_accuracy
 from .modeling_micro import MiCRoRewardModel
 from .pair_pool import CachedPairPool
@@ -258,8 +259,7 @@ def adapt_router(
         )
         dataset = pool.feature_dataset(pairs, with_context=True)
         if training.adaptation_likelihood == "context":
-            contexts = sorted({pool.context_ids[pair] for pair in pairs})
-            dataset = dataset.add_column("context_index", [contexts.index(pool.context_ids[pair]) for pair in pairs])
+            dataset = dataset.add_column("context_index", context_indices([pool.context_ids[pair] for pair in pairs]))
         trainer = RouterAdaptationTrainer(
             model=model,
             args=args,

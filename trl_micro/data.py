@@ -15,6 +15,7 @@ front of a standard prompt, or as the system message of a conversational one (me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +182,12 @@ def pad_right(sequences: list[list[int]], padding_value: int, pad_to_multiple_of
     for row, sequence in enumerate(sequences):
         out[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
     return out
+
+
+def context_indices(contexts: Sequence[str]) -> list[int]:
+    """The `context_index` column of rows with these contexts: each context's rank among the distinct ones, sorted."""
+    ids = {context: index for index, context in enumerate(sorted(set(contexts)))}
+    return [ids[context] for context in contexts]
 
 
 def pair_labels(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ..configuration_micro import MiCRoConfig
+from ..data import context_indices
 from ..losses import context_mixture_bt_loss
 from ..modeling_micro import MiCRoRewardModel
 from .adaptation_config import RouterAdaptationConfig
@@ -136,8 +137,7 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
             contexts = list(dataset[args.context_column])
             check_contexts(contexts, processing_class, args.context_column, args.max_context_length, dataset_name)
             if args.adaptation_likelihood == "context" and "context_index" not in dataset.column_names:
-                ids = {context: index for index, context in enumerate(sorted(set(contexts)))}
-                dataset = dataset.add_column("context_index", [ids[context] for context in contexts])
+                dataset = dataset.add_column("context_index", context_indices(contexts))
         elif args.adaptation_likelihood == "context" and "context_index" not in dataset.column_names:
             raise ValueError(
                 f"The {dataset_name} dataset is already tokenized or cached, so its contexts cannot be read: with "
