@@ -345,17 +345,23 @@ def micro_residual_heads(
     MiCRo + online routing + residual heads: per context id, a [`ResidualHeads`] residual fitted on its pool pairs
     `pairs` on top of `online`'s routed margins (lambda cross-validated, up to `RESIDUAL_CV_FOLDS` folds).
     """
-    contexts = [pool.context_ids[pair] for pair in pairs]
     scores = score(micro, pool, pairs, with_context=False)
-    residuals = ResidualHeads(micro.config.hidden_size, cv_folds=residual_cv_folds(contexts))
-    residuals.fit_many(contexts, routed_margins(online, contexts, scores.head_margins), scores.feature_deltas)
-    return residuals
+    return fit_residual_heads(online, [pool.context_ids[pair] for pair in pairs], scores.head_margins,
+                              scores.feature_deltas)
 
 
-def residual_cv_folds(contexts: Sequence[str]) -> int:
-    """Cross-validation folds for residual heads fitted on pairs of `contexts`: `RESIDUAL_CV_FOLDS`, fewer if needed."""
+def fit_residual_heads(
+    router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor, feature_deltas: torch.Tensor
+) -> ResidualHeads:
+    """
+    A [`ResidualHeads`] residual per context of `contexts` (one per row of head margins (N, K) and feature deltas
+    (N, hidden)), on top of `router`'s routed margins; lambda cross-validated with `RESIDUAL_CV_FOLDS` folds, fewer
+    when a context has fewer pairs (at least 2).
+    """
     fewest = min(contexts.count(context) for context in set(contexts))
-    return max(2, min(RESIDUAL_CV_FOLDS, fewest))
+    residuals = ResidualHeads(feature_deltas.shape[1], cv_folds=max(2, min(RESIDUAL_CV_FOLDS, fewest)))
+    residuals.fit_many(contexts, routed_margins(router, contexts, head_margins), feature_deltas)
+    return residuals
 
 
 def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
-from .baselines import few_shot_head_weights, residual_cv_folds, routed_margins, router_prior_per_context
+from .baselines import few_shot_head_weights, fit_residual_heads, routed_margins, router_prior_per_context
 from .evaluation import (
     ensure_writable,
     head_accuracy,
@@ -44,7 +44,6 @@ from .evaluation import (
 )
 from .modeling_micro import MiCRoRewardModel
 from .real_data import take_per_context
-from .residual_heads import ResidualHeads
 from .scoring import score_preference_pairs
 from .sources import load_named_dataset
 
@@ -180,9 +179,9 @@ def run_eval(args: EvalArguments) -> dict:
         usage[online] = head_usage(torch.stack([router.weights(label) for label in evaluated_labels]), evaluated_labels)
         router.save(paths["online_router"])
         if args.adaptation_pairs >= 2:
-            residuals = ResidualHeads(model.config.hidden_size, cv_folds=residual_cv_folds(adaptation_labels))
-            adaptation_margins = routed_margins(router, adaptation_labels, scores.head_margins[adaptation])
-            residuals.fit_many(adaptation_labels, adaptation_margins, scores.feature_deltas[adaptation])
+            residuals = fit_residual_heads(
+                router, adaptation_labels, scores.head_margins[adaptation], scores.feature_deltas[adaptation]
+            )
             corrected = margins + residuals.rewards(evaluated_labels, scores.feature_deltas[evaluated])
             methods[f"online routing + residual heads ({args.adaptation_pairs} pairs per context)"] = (
                 per_context_accuracy(corrected, evaluated_labels)
