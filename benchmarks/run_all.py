@@ -97,7 +97,8 @@ def full_plan() -> BenchmarkPlan:
             # 192 test pairs per context. With the earlier 64, one test pair moved a context's accuracy in a seed by 1.6
             # points, about 0.06 of its gap closed, and the per-context verdicts were within that noise.
             # 384 training pairs per subpopulation: with 128, Stage 1 could not separate M=8's subpopulations (the
-            # best head per context, chosen on test, closed 0.72 of the gap on the weakest; stage1_sweep.py, 60aa0b9).
+            # best head per context, chosen on test, closed 0.72 of the gap on the weakest context;
+            # results/stage1_sweep_train128.md).
             "synthetic": PoolSpec("synthetic", pairs_per_context=608, train_per_context=384, train_rater_follows_topic=True),
         },
         benchmarks=[
@@ -109,12 +110,13 @@ def full_plan() -> BenchmarkPlan:
         comparison=ComparisonSettings(
             adaptation_sizes=(8, 16, 32),
             # A balance weight of 0.5 (rather than the trainer's 0.1) keeps Stage 1 from merging subpopulations into
-            # shared heads at M = 8 (seed-mean online-routing accuracy 75.8% vs 71.6% at 0.1 and 76.7% at 1.0,
-            # benchmarks/results/stage1_sweep.md; M = 2 and 4 were within half a point in an earlier sweep).
+            # shared heads at M = 8 (seed-mean online-routing accuracy 75.8% vs 71.6% at 0.1 and 76.7% at 1.0 with
+            # 128 training pairs per subpopulation, results/stage1_sweep_train128.md; M = 2 and 4 were within half a
+            # point in an earlier sweep).
             heads=HeadTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_balance_coef=0.5),
             # Router adaptation with one latent head per context, the whole adaptation set in one batch, no anchor:
-            # synthetic M=8, 73.1% macro; the per-pair likelihood with the same settings 61.5%; per context with
-            # batches of 32, 62.4%, at lr 2e-3, 68.9% (benchmarks/router_objective.py, results/router_objective*.md).
+            # synthetic M=8, 77.4% macro; the per-pair likelihood with the same settings 63.6%; per context with
+            # batches of 32, 61.5%, at lr 2e-3, 66.8% (benchmarks/router_objective.py, results/router_objective*.md).
             router=RouterTraining(learning_rate=5e-3, max_steps=300, batch_size=256, router_anchor_coef=0.0,
                                   adaptation_likelihood="context"),
         ),

@@ -38,9 +38,9 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
             context (rows with the same context text) within a batch, so the router cannot fit the few pairs by
             sending each one to whichever head agrees with its label. With `"context"`, give each batch several
             pairs of every context (for a few-shot set, one batch holding all of it) and consider
-            `router_anchor_coef=0`: on SmolLM2 features, synthetic M=8, 32 pairs per context, it reached 73.1% macro
-            (one batch, learning rate 5e-3, 300 steps, no anchor) against 61.5% for the per-pair likelihood, and
-            62.4% with batches of 32 (benchmarks/router_objective.py).
+            `router_anchor_coef=0`: on SmolLM2 features, synthetic M=8, 32 pairs per context, it reached 77.4% macro
+            (one batch, learning rate 5e-3, 300 steps, no anchor) against 63.6% for the per-pair likelihood, and
+            61.5% with batches of 32 (benchmarks/router_objective.py).
         max_context_length: most tokens a context may have (its text alone, before the template joins it to the
             prompt). Longer contexts raise an error naming the row: shorten them (summarize the user or the
             criterion) or raise the limit. `None` disables the check.
