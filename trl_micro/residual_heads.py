@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .json_store import StoreReader, write_store
-from .routing import ArrayLike, as_float64, check_user_id, is_real_number
+from .routing import ArrayLike, as_float64, check_user_id, is_integer, is_real_number
 
 STORE_FORMAT = "trl-micro-residual-heads"
 STORE_FORMAT_VERSION = 1
@@ -79,16 +79,16 @@ class ResidualHeads:
         max_iter: int = 200,
         model_fingerprint: str | None = None,
     ):
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) or hidden_size < 1:
+        if not is_integer(hidden_size) or hidden_size < 1:
             raise ValueError(f"ResidualHeads.hidden_size must be an integer >= 1, got {hidden_size!r}.")
         if l2 is not None and not _is_positive(l2):
             raise ValueError(f"ResidualHeads.l2 must be a finite number > 0 or None (cross-validated), got {l2!r}.")
         grid = tuple(l2_grid)
         if not grid or not all(_is_positive(value) for value in grid):
             raise ValueError(f"ResidualHeads.l2_grid must be a non-empty list of finite numbers > 0, got {l2_grid!r}.")
-        if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
+        if not is_integer(cv_folds) or cv_folds < 2:
             raise ValueError(f"ResidualHeads.cv_folds must be an integer >= 2, got {cv_folds!r}.")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        if not is_integer(max_iter) or max_iter < 1:
             raise ValueError(f"ResidualHeads.max_iter must be an integer >= 1, got {max_iter!r}.")
         if model_fingerprint is not None and not isinstance(model_fingerprint, str):
             raise ValueError(

@@ -88,7 +88,7 @@ class OnlineRouter:
         default_prior: ArrayLike | None = None,
         model_fingerprint: str | None = None,
     ):
-        if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+        if not is_integer(num_heads) or num_heads < 1:
             raise ValueError(f"OnlineRouter.num_heads must be an integer >= 1, got {num_heads!r}.")
         if not is_real_number(eta) or not math.isfinite(eta) or eta <= 0:
             raise ValueError(f"OnlineRouter.eta must be a finite number > 0, got {eta!r}.")
@@ -334,6 +334,10 @@ def log_sigmoid(values: torch.Tensor) -> torch.Tensor:
 
 def is_real_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def check_user_id(user_id: Any) -> None:
