@@ -180,9 +180,11 @@ def test_bad_input_is_named_and_changes_nothing():
     "kwargs, message",
     [
         ({"hidden_size": 0}, "hidden_size must be an integer >= 1"),
+        ({"hidden_size": True}, "hidden_size must be an integer >= 1"),
         ({"hidden_size": HIDDEN, "l2": -1.0}, "l2 must be a finite number > 0"),
         ({"hidden_size": HIDDEN, "l2_grid": []}, "l2_grid must be a non-empty list"),
         ({"hidden_size": HIDDEN, "cv_folds": 1}, "cv_folds must be an integer >= 2"),
+        ({"hidden_size": HIDDEN, "cv_folds": 4.0}, "cv_folds must be an integer >= 2"),
         ({"hidden_size": HIDDEN, "max_iter": 0}, "max_iter must be an integer >= 1"),
     ],
 )
