@@ -15,7 +15,7 @@ the report.
 
 Each pool is ordered evaluation pairs first, training pairs last (`train_per_context` of every context, drawn with the
 pool's seed): only evaluation pairs are ever scored with their context, so only they need the backbone's second pass
-(see `trl_micro.pair_pool`). Every seed of the benchmark re-draws which evaluation pairs adapt and which test.
+(see `benchmarks.pair_pool`). Every seed of the benchmark re-draws which evaluation pairs adapt and which test.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
-from trl_micro.pair_pool import longest_sequence_lengths, tokenize_pairs
-from trl_micro.real_data import load_hh_relabeled, load_hh_rlhf, split_by_context, take_per_context
-from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
+from trl_micro.bundled.hh import load_hh_relabeled, load_hh_rlhf
+from trl_micro.data_utils import split_by_context, take_per_context, tokenize_pairs
+
+from .pair_pool import longest_sequence_lengths
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
 
 POOL_SEED = 0
 

@@ -1,6 +1,6 @@
 """
 Turning comparison runs into the benchmark's files: one JSON + Markdown report and PNG plots per benchmark (through
-`trl_micro.evaluation`), and the sections of BENCHMARKS.md.
+`study_metrics`), and the sections of BENCHMARKS.md.
 
 Gap closed, per context c: (acc_method(c) - acc_SingleReward(c)) / (acc_Oracle(c) - acc_SingleReward(c)), computed
 on the accuracies averaged over seeds (undefined when the oracle is not above SingleReward).
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trl_micro.baselines import (
+from trl_micro.evaluation import markdown_table, plot_accuracy_per_context, plot_head_usage_heatmap
+
+from .comparison import (
     ADAPTIVE_METHODS,
     MICRO_ADAPTED,
     MICRO_ONLINE,
@@ -25,17 +27,7 @@ from trl_micro.baselines import (
     SINGLE,
     ComparisonResult,
 )
-from trl_micro.evaluation import (
-    adaptation_curve,
-    format_accuracy_cell,
-    gap_closed,
-    markdown_table,
-    plot_accuracy_per_context,
-    plot_adaptation_curves,
-    plot_head_usage_heatmap,
-    summarize_methods,
-    write_report,
-)
+from .study_metrics import adaptation_curve, gap_closed, plot_adaptation_curves, summarize_methods, write_seeded_report
 
 STAGE2_SHORT_NAMES = {  # the Stage 2 variants, with their column name in the targets table
     MICRO_ADAPTED: "router adapt.", MICRO_ONLINE: "online routing", MICRO_RESIDUAL: "online + residual"
@@ -144,11 +136,13 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
         "description": outcome.description,
         "setup": setup,
     }
-    json_path, markdown_path = write_report(results, stem)
+    json_path, markdown_path = write_seeded_report(results, stem)
     files = {"json": json_path, "markdown": markdown_path}
+    summary = summarize_methods(outcome.accuracy_runs(list(METHODS)))
     files["accuracy_plot"] = plot_accuracy_per_context(
-        outcome.accuracy_runs(list(METHODS)),
+        summary["mean"],
         stem.with_name(f"{outcome.name}_accuracy.png"),
+        std=summary["std"],
         title=f"{outcome.title}: test accuracy per context (mean ± std over {len(outcome.seeds)} seeds)",
     )
     references = {
@@ -237,7 +231,7 @@ def outcome_section(outcome: BenchmarkOutcome, document: Path) -> list[str]:
 SETUP_TEXT = """\
 **Backbone and features.** Every method uses the same frozen backbone and the same cached features: the last hidden
 state at the last token of each response (what the reward heads read) and at the last prompt token (what the router
-reads), computed once per pair and form and cached on disk (`trl_micro.pair_pool`, `trl_micro.feature_cache`). All
+reads), computed once per pair and form and cached on disk (`benchmarks.pair_pool`, `trl_micro.feature_cache`). All
 training goes through the project's trainers (`MiCRoRewardTrainer`, `RouterAdaptationTrainer`) on those cached
 features (`freeze_backbone=True`); the backbone never runs during the comparison.
 

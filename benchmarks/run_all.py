@@ -35,14 +35,15 @@ import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from benchmarks import default_data_dir  # noqa: E402
+from benchmarks.comparison import ComparisonSettings, HeadTraining, RouterTraining, compare_methods, split_pool  # noqa: E402
 from benchmarks.lora_backbone import LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
+from benchmarks.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
 from benchmarks.performance import run_reward_overhead, time_stage1_epoch  # noqa: E402
 from benchmarks.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
 from benchmarks.report import BenchmarkOutcome, render_document, write_outcome_files  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.baselines import ComparisonSettings, HeadTraining, RouterTraining, compare_methods, split_pool  # noqa: E402
-from trl_micro.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
-from trl_micro.sources import resolve_model_path  # noqa: E402
+from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -343,7 +344,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the backbone features are cached and the real data lives (the scripts built on the plan's pools)."""
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default $TRL_MICRO_CACHE/features).")
-    parser.add_argument("--data_dir", default=None, help="Real data folder (default ../shared/data).")
+    parser.add_argument("--data_dir", default=default_data_dir(), help="Real data folder (default: $TRL_MICRO_DATA_DIR, else ../shared/data).")
 
 
 def start_logging() -> None:

@@ -41,19 +41,18 @@ from benchmarks.run_all import (  # noqa: E402
     start_logging,
     write_study_report,
 )
-from trl_micro.baselines import (  # noqa: E402
+from benchmarks.comparison import (  # noqa: E402
     HeadTraining,
     adaptation_subset,
-    best_head_accuracy,
-    best_heads,
     micro_online_routing,
     reference_accuracy,
-    routed_margins,
     score,
     split_pool,
     train_heads,
 )
-from trl_micro.evaluation import ensure_writable, gap_closed, per_context_accuracy  # noqa: E402
+from benchmarks.study_metrics import best_head_accuracy, best_heads, gap_closed  # noqa: E402
+from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
+from trl_micro.online_router import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 

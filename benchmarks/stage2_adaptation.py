@@ -42,22 +42,28 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, set_seed
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
 
-from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
-from trl_micro.baselines import best_head_accuracy
-from trl_micro.evaluation import adaptation_curve, head_usage, per_context_accuracy, write_report
-from trl_micro.real_data import load_hh_relabeled, split_by_context, take_per_context
-from trl_micro.scoring import score_preference_pairs
-from trl_micro.synthetic import (
+import torch  # noqa: E402
+from transformers import AutoTokenizer, set_seed  # noqa: E402
+
+from benchmarks import default_data_dir  # noqa: E402
+from benchmarks.study_metrics import adaptation_curve, best_head_accuracy, write_seeded_report  # noqa: E402
+from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer  # noqa: E402
+from trl_micro.bundled.hh import load_hh_relabeled  # noqa: E402
+from trl_micro.data_utils import split_by_context, take_per_context  # noqa: E402
+from trl_micro.evaluation import head_usage, per_context_accuracy  # noqa: E402
+from trl_micro.scoring import score_preference_pairs  # noqa: E402
+from trl_micro.bundled.synthetic import (  # noqa: E402
     AXES,
     SyntheticPreferenceConfig,
     generate_synthetic_preferences,
     rated_by_topic_owner,
     subpopulation_paraphrases,
 )
-from trl_micro.testing import build_tiny_micro_model, build_tiny_tokenizer
+from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer
 from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stage2_adaptation"
@@ -79,7 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--hh_train_pairs", type=int, default=200, help="Stage 1 pairs per context (HH).")
     parser.add_argument("--hh_test_pairs", type=int, default=120, help="Test pairs per context (HH).")
     parser.add_argument("--hh_max_tokens", type=int, default=160, help="Longest HH sequence kept, in tokens.")
-    parser.add_argument("--data_dir", default=None, help="Folder of the real data (default ../shared/data).")
+    parser.add_argument("--data_dir", default=default_data_dir(), help="Real data folder (default: $TRL_MICRO_DATA_DIR, else ../shared/data).")
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default: a temporary folder).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--output", default=str(RESULTS), help="Report path prefix (.md and .json are added).")
@@ -106,7 +112,7 @@ def synthetic_setup(args, num_subpopulations: int, axes: tuple[str, ...], backbo
     )
     data = generate_synthetic_preferences(config)
     if backbone == "embedded":
-        from trl_micro.embedded import embedded_model_path
+        from trl_micro.bundled.embedded import embedded_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
         model = MiCRoRewardModel.from_backbone(embedded_model_path(), num_heads=num_subpopulations)
@@ -126,8 +132,8 @@ def synthetic_setup(args, num_subpopulations: int, axes: tuple[str, ...], backbo
 
 def hh_setup(args):
     """Embedded SmolLM2 backbone and HH-relabeled pairs short enough for a CPU run."""
-    from trl_micro.embedded import embedded_model_path
-    from trl_micro.real_data import ASSISTANT_MARKER
+    from trl_micro.bundled.embedded import embedded_model_path
+    from trl_micro.bundled.hh import ASSISTANT_MARKER
 
     path = embedded_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -232,7 +238,7 @@ def main(argv=None):
         results["head_usage"].update(usage)
         results["runs"][name] = run
         print(f"{name}: {run['timings']}", flush=True)
-    json_path, markdown_path = write_report(results, args.output)
+    json_path, markdown_path = write_seeded_report(results, args.output)
     lines = markdown_path.read_text().splitlines()
     notes = [f"Command: `{results['command']}`", "", *setup_notes(results)]
     markdown_path.write_text("\n".join([lines[0], "", *notes, *lines[1:]]) + "\n")

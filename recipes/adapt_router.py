@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from trl_micro.real_data import take_per_context
-from trl_micro.sources import load_named_dataset, resolve_model_path
+from trl_micro.data_utils import take_per_context
+from trl_micro.bundled.catalog import load_named_dataset, resolve_model_path
 from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
 
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOConfig, RLOOTrainer, TrlParser, get_peft_config
 
-from trl_micro.embedded import embedded_model_path
-from trl_micro.policy_probe import reward_per_context
-from trl_micro.prompt_datasets import hold_out_per_context, load_prompt_dataset
-from trl_micro.recipe_arguments import PersonalizedRLArguments
+from trl_micro.bundled.embedded import embedded_model_path
+from trl_micro.scripts.rl_utils import load_prompt_dataset, reward_per_context
+from trl_micro.data_utils import hold_out_per_context
+from trl_micro.scripts.rl_utils import PersonalizedRLArguments
 from trl_micro.rewards import MiCRoReward
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}

@@ -36,11 +36,11 @@ except ImportError:
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 from trl import ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
-from trl_micro.embedded import embedded_model_path  # noqa: E402
-from trl_micro.policy_probe import reward_per_context  # noqa: E402
+from trl_micro.bundled.embedded import embedded_model_path  # noqa: E402
+from trl_micro.scripts.rl_utils import load_prompt_dataset, reward_per_context  # noqa: E402
 from trl_micro.ppo_reward import MiCRoRewardForPPO  # noqa: E402
-from trl_micro.prompt_datasets import hold_out_per_context, load_prompt_dataset  # noqa: E402
-from trl_micro.recipe_arguments import PersonalizedRLArguments  # noqa: E402
+from trl_micro.data_utils import hold_out_per_context  # noqa: E402
+from trl_micro.scripts.rl_utils import PersonalizedRLArguments  # noqa: E402
 from trl_micro.rewards import MiCRoReward  # noqa: E402
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

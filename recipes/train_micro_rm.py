@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardTrainer
-from trl_micro.sources import load_named_dataset, resolve_model_path
+from trl_micro.bundled.catalog import load_named_dataset, resolve_model_path
 from trl_micro.trainer import build_micro_model
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from trl_micro.testing import build_tiny_tokenizer
+from trl_micro.testing_utils import build_tiny_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The real preference data beside the checkout, as the recipes and benchmarks default to it.
+os.environ.setdefault("TRL_MICRO_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
 
 STRICT_ENV_VAR = "TRL_MICRO_STRICT_TESTS"
 

@@ -8,8 +8,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardTrainer
-from trl_micro.data import assistant_header, completion_end_token_ids, marker_token_ids
-from trl_micro.testing import build_tiny_micro_model, tiny_backbone_config
+from trl_micro.data_utils import assistant_header, completion_end_token_ids, marker_token_ids
+from trl_micro.testing_utils import build_tiny_micro_model, tiny_backbone_config
 
 from .conftest import CONTEXTS, make_conflicting_pairs
 

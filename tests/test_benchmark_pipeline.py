@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from benchmarks import run_all
-from trl_micro.baselines import DIAGNOSTICS, METHODS, few_shot_head_weights, routed_margins
-from trl_micro.cli import main as cli_main
-from trl_micro.pair_pool import build_pair_pool
+from benchmarks.comparison import DIAGNOSTICS, METHODS
+from trl_micro.scripts.cli import main as cli_main
+from benchmarks.pair_pool import build_pair_pool
 from trl_micro.rewards import MiCRoReward
-from trl_micro.real_data import resolve_data_dir
-from trl_micro.testing import build_tiny_micro_model, save_tiny_backbone
+from trl_micro.bundled.catalog import resolve_data_dir
+from trl_micro.online_router import fit_online_router, routed_margins
+from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
 from .conftest import make_conflicting_pairs, skip_unless_strict
 
@@ -59,7 +60,7 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
 def test_hyre_weights_are_the_normalized_likelihood_of_each_head():
     head_margins = torch.tensor([[2.0, -1.0], [1.0, 0.5], [-3.0, 1.0]])
     contexts = ["a", "a", "b"]
-    router = few_shot_head_weights(contexts, head_margins)
+    router = fit_online_router(contexts, head_margins)
     likelihood = torch.nn.functional.logsigmoid(head_margins[:2]).sum(dim=0).exp()
     torch.testing.assert_close(router.weights("a"), (likelihood / likelihood.sum()).float())
     margins = routed_margins(router, ["a", "b"], torch.tensor([[1.0, 1.0], [1.0, -1.0]]))

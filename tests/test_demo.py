@@ -6,9 +6,9 @@ MiCRo's routed reward beats SingleReward on every subpopulation.
 
 import pytest
 
-from trl_micro.demo import DemoArguments, format_results, run_demo
-from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
-from trl_micro.testing import build_tiny_tokenizer, save_tiny_backbone
+from trl_micro.scripts.demo import DemoArguments, format_results, run_demo
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.testing_utils import build_tiny_tokenizer, save_tiny_backbone
 
 
 @pytest.fixture(scope="module")

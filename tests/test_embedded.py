@@ -4,8 +4,8 @@ import os
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from trl_micro import embedded
-from trl_micro.embedded import EMBEDDED_CACHE_SUBDIR, embedded_model_path
+from trl_micro.bundled import embedded
+from trl_micro.bundled.embedded import EMBEDDED_CACHE_SUBDIR, embedded_model_path
 
 from .conftest import skip_unless_strict
 

@@ -4,9 +4,9 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 
 import trl_micro  # noqa: F401  (registers the Auto classes)
 from trl_micro import MiCRoConfig, MiCRoRewardModel
-from trl_micro.data import encode_prompt_completion, marker_token_ids
+from trl_micro.data_utils import encode_prompt_completion, marker_token_ids
 from trl_micro.modeling_micro import find_prompt_end
-from trl_micro.testing import build_tiny_micro_model, save_tiny_backbone
+from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
 
 def encode_batch(tokenizer, prompts, completions, padding_side="right"):

@@ -10,21 +10,19 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from trl_micro.real_data import (
+from trl_micro.bundled.catalog import DATA_DIR_ENV_VAR, resolve_data_dir
+from trl_micro.bundled.hh import (
     ASSISTANT_MARKER,
     CONTEXT_TEXTS,
-    DATA_DIR_ENV_VAR,
     HARMLESS_CONTEXT,
     HELPFUL_CONTEXT,
     HH_RELABELED_FILE,
     HH_RLHF_SPLITS,
     load_hh_relabeled,
     load_hh_rlhf,
-    resolve_data_dir,
-    split_by_context,
     split_transcripts,
-    take_per_context,
 )
+from trl_micro.data_utils import split_by_context, take_per_context
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STANDARD_COLUMNS = {"prompt", "chosen", "rejected", "context_id", "context"}
@@ -106,7 +104,7 @@ def test_relabeled_prompt_plus_response_is_the_original_transcript(relabeled, da
 
 
 def test_relabeled_skips_and_logs_empty_or_identical_pairs(data_dir, caplog):
-    with caplog.at_level(logging.INFO, logger="trl_micro.real_data"):
+    with caplog.at_level(logging.INFO, logger="trl_micro.bundled.hh"):
         dataset = load_hh_relabeled(data_dir, max_pairs=10)
     total = len(_raw_lines(data_dir / HH_RELABELED_FILE))
     message = next(record.getMessage() for record in caplog.records if "skipped" in record.getMessage())
@@ -146,7 +144,7 @@ def test_hh_rlhf_loads_the_four_splits(data_dir):
 
 
 def test_hh_rlhf_counts_skipped_pairs(data_dir, caplog):
-    with caplog.at_level(logging.INFO, logger="trl_micro.real_data"):
+    with caplog.at_level(logging.INFO, logger="trl_micro.bundled.hh"):
         dataset = load_hh_rlhf(data_dir, splits=("helpful-rejection-sampled",))
     total = len(_raw_lines(data_dir / "hh_rlhf" / "helpful-rejection-sampled_test.jsonl.gz"))
     assert 0 < total - len(dataset) < 0.05 * total
@@ -184,6 +182,10 @@ def test_data_dir_from_env_var_and_errors(data_dir, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as error:
         resolve_data_dir()
     assert str(missing) in str(error.value) and DATA_DIR_ENV_VAR in str(error.value)
+
+    monkeypatch.delenv(DATA_DIR_ENV_VAR)
+    with pytest.raises(FileNotFoundError, match=f"--data_dir.*{DATA_DIR_ENV_VAR}"):
+        resolve_data_dir()  # the library has no default location: an installed package has no checkout beside it
 
     with pytest.raises(FileNotFoundError, match="both_test.jsonl.gz"):
         load_hh_relabeled(tmp_path)

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import trl_micro
-from trl_micro.testing import save_tiny_backbone
+from trl_micro.testing_utils import save_tiny_backbone
 
 from .conftest import REPO_ROOT, make_conflicting_pairs
 

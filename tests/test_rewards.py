@@ -6,11 +6,12 @@ from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 import trl_micro  # noqa: F401  (registers MiCRo with AutoModelForSequenceClassification)
-from trl_micro.prompt_datasets import show_context_to_policy
+from trl_micro.scripts.rl_utils import show_context_to_policy
 from trl_micro.residual_heads import ResidualHeads
-from trl_micro.rewards import MiCRoReward, context_joined, truncate_completion
-from trl_micro.routing import OnlineRouter
-from trl_micro.testing import build_tiny_micro_model, save_tiny_backbone
+from trl_micro.data_utils import join_context
+from trl_micro.rewards import MiCRoReward, truncate_completion
+from trl_micro.online_router import OnlineRouter
+from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
 from .conftest import CONTEXTS, STYLES
 from .rl_fixtures import CONTEXT_IDS, policy_path, prompt_dataset, reward_checkpoint, save_untrained_micro  # noqa: F401
@@ -59,7 +60,7 @@ def test_reward_follows_the_heads_the_context_routes_to(tokenizer):
     reward = MiCRoReward(model, tokenizer)
     prompt, completion = chat("user", "Question number 1: how do I learn chess?"), chat("assistant", SHORT)
     contexts = [CONTEXTS["short"], CONTEXTS["long"]]
-    encoded = [reward._encode(context_joined(prompt, c, model.config.context_template), completion) for c in contexts]
+    encoded = [reward._encode(join_context(prompt, c, model.config.context_template, skip_if_present=True), completion) for c in contexts]
     with torch.no_grad():
         model.heads.weight[1] = -model.heads.weight[0]
         router_inputs = model.router_input(reward._score_batch(encoded, None).router_features)

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from trl_micro.synthetic import (
+from trl_micro.bundled.synthetic import (
     AXES,
     MAX_SUBPOPULATIONS,
     SyntheticPreferenceConfig,

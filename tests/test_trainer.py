@@ -4,7 +4,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
-from trl_micro.testing import build_tiny_micro_model
+from trl_micro.testing_utils import build_tiny_micro_model
 
 from .conftest import make_conflicting_pairs
 

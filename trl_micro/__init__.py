@@ -3,11 +3,12 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .configuration_micro import MiCRoConfig
+from .context_adaptation import ContextAdaptation, adapt_to_contexts
 from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
 from .ppo_reward import MiCRoRewardForPPO
 from .residual_heads import ResidualHeads
 from .rewards import MiCRoReward
-from .routing import OnlineRouter
+from .online_router import OnlineRouter
 from .scoring import PairScores, score_preference_pairs
 from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
 
@@ -18,6 +19,7 @@ AutoModel.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
 AutoModelForSequenceClassification.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
 
 __all__ = [
+    "ContextAdaptation",
     "MiCRoConfig",
     "MiCRoReward",
     "MiCRoRewardForPPO",
@@ -30,5 +32,6 @@ __all__ = [
     "MiCRoRewardModel",
     "MiCRoRewardOutput",
     "MiCRoRewardTrainer",
+    "adapt_to_contexts",
     "score_preference_pairs",
 ]

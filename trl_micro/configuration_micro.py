@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -9,17 +10,16 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-class MiCRoConfig(PreTrainedConfig):
-    r"""
-    Configuration of [`MiCRoRewardModel`].
+ROUTER_TYPES = ("linear", "mlp")
 
-    The backbone's own configuration is kept as the sub-config `text_config`, so `config.get_text_config()` returns it
-    (TRL writes the pad token there). `num_labels` stays 1: to TRL the model is an ordinary one-label reward model whose
-    `logits` are the routed reward.
+
+@dataclass(kw_only=True)  # keyword-only: the trainers' configs keep TrainingArguments' positional `output_dir`
+class MiCRoArchitecture:
+    r"""
+    The fields that shape a MiCRo model beyond its backbone, declared once: [`MiCRoConfig`] stores them in a
+    checkpoint, and the trainers' configs take them as arguments (`--num_heads`, ...) to build a model from a backbone.
 
     Args:
-        text_config (`dict` or `PreTrainedConfig`):
-            Configuration of the backbone, anything `AutoModel.from_config` builds (Llama, Qwen2, SmolLM2, BERT, ...).
         num_heads (`int`, defaults to 4):
             K, the number of Bradley-Terry reward heads. `num_heads=1` is a plain BT reward model (SingleReward).
         use_router (`bool`, defaults to `True`):
@@ -31,9 +31,47 @@ class MiCRoConfig(PreTrainedConfig):
             Hidden width of the MLP router.
         router_input_norm (`bool`, defaults to `True`):
             Standardize the prompt feature before the router (n in `trl_micro.modeling_micro`; no learned weights).
-            Raw decoder hidden states are large and dominated by a few dimensions (SmolLM2-135M: norm ~55), so an
-            unnormalized router saturates within a few steps, before the heads have specialized, and leaves heads
-            unused.
+            Raw decoder hidden states are large and dominated by a few dimensions, so an unnormalized router
+            saturates within a few steps, before the heads have specialized, and leaves heads unused.
+    """
+
+    num_heads: int = field(default=4, metadata={"help": "K, the number of reward heads (1 = plain BT)."})
+    use_router: bool = field(default=True, metadata={"help": "False learns one global weight vector (StaticMixture)."})
+    router_type: Literal["linear", "mlp"] = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
+    router_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the MLP router."})
+    router_input_norm: bool = field(
+        default=True, metadata={"help": "Standardize the prompt feature the router reads."}
+    )
+
+    def check_architecture(self) -> None:
+        """Raise a `ValueError` naming the first invalid architecture field."""
+        owner = type(self).__name__
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"{owner}.num_heads must be an integer >= 1, got {self.num_heads!r}.")
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"{owner}.router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}.")
+        if isinstance(self.router_hidden_size, bool) or not isinstance(self.router_hidden_size, int) or (
+            self.router_hidden_size < 1
+        ):
+            raise ValueError(f"{owner}.router_hidden_size must be an integer >= 1, got {self.router_hidden_size!r}.")
+
+    def architecture_kwargs(self) -> dict:
+        """The architecture fields as keyword arguments of [`MiCRoConfig`] (or `MiCRoRewardModel.from_backbone`)."""
+        return {f.name: getattr(self, f.name) for f in fields(MiCRoArchitecture)}
+
+
+class MiCRoConfig(PreTrainedConfig, MiCRoArchitecture):
+    r"""
+    Configuration of [`MiCRoRewardModel`].
+
+    The backbone's own configuration is kept as the sub-config `text_config`, so `config.get_text_config()` returns it
+    (TRL writes the pad token there). `num_labels` stays 1: to TRL the model is an ordinary one-label reward model whose
+    `logits` are the routed reward. The head and router fields (`num_heads`, `use_router`, `router_type`,
+    `router_hidden_size`, `router_input_norm`) are those of [`MiCRoArchitecture`].
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`):
+            Configuration of the backbone, anything `AutoModel.from_config` builds (Llama, Qwen2, SmolLM2, BERT, ...).
         prompt_marker_ids (`list[int]`, *optional*):
             Token ids that end every prompt (a chat template's assistant header, or e.g. the ids of `"\n\nAssistant:"`
             for HH-style transcripts). Used to find the prompt boundary when only full texts are given (inference,
@@ -62,11 +100,6 @@ class MiCRoConfig(PreTrainedConfig):
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None
-    num_heads: int = 4
-    use_router: bool = True
-    router_type: Literal["linear", "mlp"] = "linear"
-    router_hidden_size: int = 256
-    router_input_norm: bool = True
     prompt_marker_ids: list[int] | None = None
     prompt_marker: str | None = None
     completion_end_ids: list[int] | None = None
@@ -79,10 +112,7 @@ class MiCRoConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.num_labels != 1:
             raise ValueError("MiCRoConfig.num_labels must be 1: the routed reward is a single score.")
-        if not isinstance(self.num_heads, int) or self.num_heads < 1:
-            raise ValueError(f"MiCRoConfig.num_heads must be an integer >= 1, got {self.num_heads!r}.")
-        if self.router_type not in ("linear", "mlp"):
-            raise ValueError(f"MiCRoConfig.router_type must be 'linear' or 'mlp', got {self.router_type!r}.")
+        self.check_architecture()
         if "{context}" not in self.context_template:
             raise ValueError(
                 f"MiCRoConfig.context_template must contain '{{context}}', got {self.context_template!r}."

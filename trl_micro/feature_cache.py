@@ -20,13 +20,21 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import pad_right, pair_labels
+from .data_utils import TOKENIZED_COLUMNS, pad_right, pair_labels
 
 FEATURE_NAMES = ("chosen_reward", "rejected_reward", "router")
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("TRL_MICRO_CACHE", Path.home() / ".cache" / "trl_micro"))
+CACHE_ENV_VAR = "TRL_MICRO_CACHE"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Root of trl-micro's caches: `cache_dir`, else `$TRL_MICRO_CACHE`, else `~/.cache/trl_micro`."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    return Path.home() / ".cache" / "trl_micro"
 
 
 def backbone_fingerprint(backbone: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
@@ -93,13 +101,11 @@ def load_or_compute_pair_features(
     """The cached features of `dataset` under `model`'s backbone, computing and saving them on a miss."""
     key = {
         "backbone": backbone_fingerprint(model.backbone),
-        "data": dataset_fingerprint(
-            dataset, ("chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length")
-        ),
+        "data": dataset_fingerprint(dataset, TOKENIZED_COLUMNS),
         "causal": bool(model.config.backbone_is_causal),
     }
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "features"
     path = root / f"{name}.safetensors"
     if path.exists():
         features = load_file(str(path))

@@ -34,13 +34,14 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from trl.models import prepare_deepspeed
 
-from .data import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
+from .data_utils import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
 from .modeling_micro import MiCRoRewardModel
 from .residual_heads import ResidualHeads
-from .routing import OnlineRouter
+from .online_router import OnlineRouter
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class MiCRoReward:
 
     @property
     def config(self):
-        return unwrap(self.model).config
+        return extract_model_from_parallel(self.model).config
 
     # -------------------------------------------------------------------------------------------------- scoring
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
@@ -231,7 +232,7 @@ class MiCRoReward:
         encoded = []
         for index, (prompt, completion) in enumerate(zip(prompts, completions)):
             context = contexts[index] if contexts is not None else None
-            encoded.append(self._encode(context_joined(prompt, context, template), completion))
+            encoded.append(self._encode(join_context(prompt, context, template, skip_if_present=True), completion))
 
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
         head_rewards, weights = [None] * len(encoded), [None] * len(encoded)
@@ -320,29 +321,6 @@ class MiCRoReward:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")[:40] or "group"
             self._logged_groups[key] = slug if slug not in self._logged_groups.values() else f"{slug}_{len(self._logged_groups)}"
         return self._logged_groups[key]
-
-
-def unwrap(model):
-    """The model inside a DeepSpeed engine or a DDP wrapper."""
-    return getattr(model, "module", model)
-
-
-def context_joined(prompt: str | Messages, context: str | None, context_template: str) -> str | Messages:
-    """
-    `join_context`, except for a prompt that already carries the context (a policy prompt that shows the context,
-    as in the recipes): it is left as it is, so the reward model reads the context once, as in training.
-    """
-    if context is None or not str(context).strip():
-        return prompt
-    joined_text = context_template.format(context=context)
-    if isinstance(prompt, str):
-        if prompt.startswith(joined_text):
-            return prompt
-    elif prompt and prompt[0].get("role") == "system" and str(prompt[0].get("content", "")).startswith(
-        joined_text.strip()
-    ):
-        return prompt
-    return join_context(prompt, context, context_template)
 
 
 def truncate_completion(ids: list[int], prompt_length: int, max_length: int, ending: list[int]) -> tuple[list[int], int]:

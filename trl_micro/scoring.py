@@ -21,10 +21,9 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .data import check_preference_columns
+from .data_utils import check_preference_columns, tokenize_pairs
 from .feature_cache import compute_pair_features, load_or_compute_pair_features
 from .modeling_micro import MiCRoRewardModel
-from .pair_pool import tokenize_pairs
 
 
 @dataclass
@@ -41,6 +40,10 @@ class PairScores:
     @property
     def mixture_weights(self) -> torch.Tensor:
         return torch.softmax(self.router_logits, dim=-1)
+
+    def subset(self, rows) -> PairScores:
+        """The scores of the pairs `rows` (indices), in that order."""
+        return PairScores(self.head_margins[rows], self.router_logits[rows], self.feature_deltas[rows])
 
     @property
     def margins(self) -> torch.Tensor:

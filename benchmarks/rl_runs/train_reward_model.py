@@ -8,8 +8,8 @@ a router trained on conversational synthetic preferences (each context as the sy
 import sys
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
-from trl_micro.embedded import embedded_model_path
-from trl_micro.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.bundled.embedded import embedded_model_path
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 
 
 def main(output_dir: str, num_heads: int = 2, pairs_per_subpopulation: int = 160):

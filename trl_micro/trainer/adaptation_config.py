@@ -19,12 +19,11 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
     hundred pairs: many epochs over the cached backbone features, a higher learning rate than Stage 1, no head-usage
     balance penalty (a context is supposed to pick its heads), and a pull toward the Stage 1 router.
 
-    How they were chosen (sweeps with benchmarks/stage2_adaptation.py): on synthetic data with a tiny backbone, 8 pairs
-    per context need a learning rate of 1e-2 to 2e-2 (5e-3 stops short); `router_anchor_coef=1e-2` costs little and
-    prevents the collapse an unanchored run showed at 5e-2, while 1e-1 holds the router back. The router's logits move
-    by about `learning_rate * sum_i |n_i|` per step (n: the router's input, see `MiCRoConfig.router_input_norm`), which
-    grows with the hidden size: on SmolLM2-135M (576 dims) the benchmarks use 2e-3 for 300 steps; lower the learning
-    rate if `router_entropy` falls to 0 early on.
+    The router's logits move by about `learning_rate * sum_i |n_i|` per step (n: the router's input, see
+    `MiCRoConfig.router_input_norm`), which grows with the hidden size: lower the learning rate for wide backbones, or
+    if `router_entropy` falls to 0 early on. `router_anchor_coef` keeps few-pair adaptations from drifting along
+    directions the pairs do not pin down; too large a value holds the router back. How the defaults compare on the
+    project's data is in README.md and BENCHMARKS.md.
 
     The model fields of Stage 1 (`num_heads`, `use_router`, `router_type`, `router_hidden_size`, `router_input_norm`)
     are ignored: the checkpoint keeps its own. `freeze_backbone` must stay `True` and `loss_type` `"mixture"`.
@@ -38,9 +37,7 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
             context (rows with the same context text) within a batch, so the router cannot fit the few pairs by
             sending each one to whichever head agrees with its label. With `"context"`, give each batch several
             pairs of every context (for a few-shot set, one batch holding all of it) and consider
-            `router_anchor_coef=0`: on SmolLM2 features, synthetic M=8, 32 pairs per context, it reached 77.4% macro
-            (one batch, learning rate 5e-3, 300 steps, no anchor) against 63.6% for the per-pair likelihood, and
-            61.5% with batches of 32 (benchmarks/router_objective.py).
+            `router_anchor_coef=0`.
         max_context_length: most tokens a context may have (its text alone, before the template joins it to the
             prompt). Longer contexts raise an error naming the row: shorten them (summarize the user or the
             criterion) or raise the limit. `None` disables the check.

@@ -25,11 +25,11 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ..configuration_micro import MiCRoConfig
-from ..data import context_indices
+from ..data_utils import TOKENIZED_COLUMNS, context_indices
 from ..losses import context_mixture_bt_loss
 from ..modeling_micro import MiCRoRewardModel
 from .adaptation_config import RouterAdaptationConfig
-from .micro_trainer import TOKENIZED_COLUMNS, MiCRoRewardTrainer, build_micro_model
+from .micro_trainer import MiCRoRewardTrainer, build_micro_model
 
 
 def load_stage1_model(model_id: str, args: RouterAdaptationConfig) -> MiCRoRewardModel:

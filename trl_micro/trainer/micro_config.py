@@ -8,15 +8,17 @@ from typing import Literal
 import torch
 from trl import RewardConfig
 
+from ..configuration_micro import MiCRoArchitecture
+
 
 @dataclass
-class MiCRoRewardConfig(RewardConfig):
+class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     r"""
     [`RewardConfig`] plus the MiCRo fields. Everything else (learning rate, batch sizes, `max_length`, logging,
     `report_to`, saving) behaves as in TRL's reward trainer.
 
-    Model fields (used when the trainer builds the model from a backbone path; a MiCRo checkpoint keeps its own):
-        num_heads, use_router, router_type, router_hidden_size, router_input_norm.
+    Model fields, those of [`MiCRoArchitecture`] (used when the trainer builds the model from a backbone path; a MiCRo
+    checkpoint keeps its own): num_heads, use_router, router_type, router_hidden_size, router_input_norm.
 
     Training fields:
         loss_type: `"mixture"` (MiCRo's mixture BT loss) or `"ensemble"` (each head its own BT loss: Shared-Base
@@ -37,13 +39,6 @@ class MiCRoRewardConfig(RewardConfig):
     """
 
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (heads and router learn fast)."})
-    num_heads: int = field(default=4, metadata={"help": "K, the number of reward heads (1 = plain BT)."})
-    use_router: bool = field(default=True, metadata={"help": "False learns one global weight vector (StaticMixture)."})
-    router_type: Literal["linear", "mlp"] = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
-    router_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the MLP router."})
-    router_input_norm: bool = field(
-        default=True, metadata={"help": "Standardize the prompt feature the router reads (see MiCRoConfig)."}
-    )
     loss_type: Literal["mixture", "ensemble"] = field(
         default="mixture", metadata={"help": "'mixture' (MiCRo) or 'ensemble' (independent heads)."}
     )
@@ -67,12 +62,9 @@ class MiCRoRewardConfig(RewardConfig):
         if self.freeze_backbone:
             self.gradient_checkpointing = False  # nothing to recompute: no gradient flows into the backbone
         super().__post_init__()
-        if self.num_heads < 1:
-            raise ValueError(f"`num_heads` must be >= 1, got {self.num_heads}.")
+        self.check_architecture()
         if self.loss_type not in ("mixture", "ensemble"):
             raise ValueError(f"`loss_type` must be 'mixture' or 'ensemble', got {self.loss_type!r}.")
-        if self.router_type not in ("linear", "mlp"):
-            raise ValueError(f"`router_type` must be 'linear' or 'mlp', got {self.router_type!r}.")
         for name in ("router_balance_coef", "router_entropy_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")

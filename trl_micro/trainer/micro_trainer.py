@@ -9,9 +9,11 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from trl import RewardTrainer
-from trl.data_utils import is_conversational
+from trl.data_utils import get_dataset_column_names, is_conversational
 
-from ..data import (
+from ..data_utils import (
+    PAIR_LABEL_COLUMNS,
+    TOKENIZED_COLUMNS,
     MiCRoPreferenceCollator,
     assistant_header,
     check_preference_columns,
@@ -26,8 +28,6 @@ from .micro_config import MiCRoRewardConfig
 
 logger = logging.getLogger(__name__)
 
-TOKENIZED_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length"]
-PAIR_LABEL_COLUMNS = ["margin", "context_index"]  # per-pair values the collators pass through (data.pair_labels)
 
 
 def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
@@ -38,15 +38,7 @@ def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardMode
         dtype = getattr(torch, dtype)
     if AutoConfig.from_pretrained(model_id).model_type == "micro":
         return MiCRoRewardModel.from_pretrained(model_id, dtype=dtype, **init_kwargs)
-    return MiCRoRewardModel.from_backbone(
-        model_id,
-        dtype=dtype,
-        num_heads=args.num_heads,
-        use_router=args.use_router,
-        router_type=args.router_type,
-        router_hidden_size=args.router_hidden_size,
-        router_input_norm=args.router_input_norm,
-    )
+    return MiCRoRewardModel.from_backbone(model_id, dtype=dtype, **args.architecture_kwargs())
 
 
 class MiCRoRewardTrainer(RewardTrainer):
@@ -105,7 +97,7 @@ class MiCRoRewardTrainer(RewardTrainer):
         if data_collator is None:
             pad_to_multiple_of = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None
             data_collator = self._feature_bank or MiCRoPreferenceCollator(
-                processing_class.pad_token_id, pad_to_multiple_of
+                processing_class.pad_token_id, pad_to_multiple_of=pad_to_multiple_of
             )
         self._features_model = model  # the backbone the cache is computed with, before any wrapping
         super().__init__(
@@ -147,7 +139,7 @@ class MiCRoRewardTrainer(RewardTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if isinstance(dataset, Dataset) and "pair_index" in dataset.column_names:
             return dataset  # already turned into cached features
-        column_names = list(next(iter(dataset)).keys()) if isinstance(dataset, IterableDataset) else dataset.column_names
+        column_names = get_dataset_column_names(dataset)
         if not all(column in column_names for column in TOKENIZED_COLUMNS):
             check_preference_columns(column_names, dataset_name)
             context_column = args.context_column if args.context_column in column_names else None

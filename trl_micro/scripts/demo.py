@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer
 
-from .modeling_micro import MiCRoRewardModel
-from .real_data import split_by_context
-from .scoring import score_preference_pairs
-from .synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
-from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer
+from ..bundled.catalog import resolve_model_path
+from ..bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from ..data_utils import split_by_context
+from ..modeling_micro import MiCRoRewardModel
+from ..scoring import score_preference_pairs
+from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer
 
 
 @dataclass
@@ -60,8 +61,6 @@ def train_reward_model(model_path, tokenizer, train_dataset, num_heads, args: De
 
 def run_demo(args: DemoArguments) -> dict:
     """Train both models and return per-subpopulation accuracies, per-head accuracies and head usage."""
-    from .sources import resolve_model_path
-
     started = time.perf_counter()
     model_path = resolve_model_path(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

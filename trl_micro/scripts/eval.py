@@ -10,7 +10,7 @@ text itself when that column is absent). Reported, per context: the routed rewar
 router), the accuracy of the uniform mixture of heads and of every single head, and the router's mean weight per head.
 
 With `--adaptation_pairs N`, N pairs of every context are taken out (seeded) to adapt an online router per context
-(`trl_micro.routing.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with their
+(`trl_micro.online_router.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with their
 head margins) and, on top of it, a residual head per context (`trl_micro.residual_heads.ResidualHeads`, lambda
 cross-validated on the same pairs; from 2 pairs per context); every method is reported on the remaining pairs only.
 
@@ -32,8 +32,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
-from .baselines import few_shot_head_weights, fit_residual_heads, routed_margins, router_prior_per_context
-from .evaluation import (
+from ..bundled.catalog import load_named_dataset
+from ..context_adaptation import ONLINE_ROUTER_STORE, RESIDUAL_HEADS_STORE, adapt_to_contexts
+from ..data_utils import take_per_context
+from ..evaluation import (
     ensure_writable,
     head_accuracy,
     head_usage,
@@ -42,16 +44,12 @@ from .evaluation import (
     plot_head_usage_heatmap,
     write_report,
 )
-from .modeling_micro import MiCRoRewardModel
-from .real_data import take_per_context
-from .scoring import score_preference_pairs
-from .sources import load_named_dataset
+from ..modeling_micro import MiCRoRewardModel
+from ..scoring import score_preference_pairs
 
 REPORT_NAME = "eval_report"
 ACCURACY_PLOT = "accuracy_per_context.png"
 USAGE_PLOT = "head_usage.png"
-ONLINE_ROUTER_STORE = "online_router.json"
-RESIDUAL_HEADS_STORE = "residual_heads.json"
 ROUTED, UNIFORM = "routed (checkpoint router)", "uniform mixture of heads"
 
 
@@ -171,22 +169,21 @@ def run_eval(args: EvalArguments) -> dict:
     usage = {ROUTED: head_usage(scores.mixture_weights[evaluated], evaluated_labels)}
     if adaptation:
         adaptation_labels = [labels[row] for row in adaptation]
-        priors = router_prior_per_context(adaptation_labels, scores.mixture_weights[adaptation])
-        router = few_shot_head_weights(adaptation_labels, scores.head_margins[adaptation], priors)
-        margins = routed_margins(router, evaluated_labels, head_margins)
+        adapted = adapt_to_contexts(
+            adaptation_labels, scores.subset(adaptation), residual_heads=args.adaptation_pairs >= 2
+        )
+        evaluated_scores = scores.subset(evaluated)
         online = f"online routing ({args.adaptation_pairs} pairs per context)"
-        methods[online] = per_context_accuracy(margins, evaluated_labels)
-        usage[online] = head_usage(torch.stack([router.weights(label) for label in evaluated_labels]), evaluated_labels)
-        router.save(paths["online_router"])
-        if args.adaptation_pairs >= 2:
-            residuals = fit_residual_heads(
-                router, adaptation_labels, scores.head_margins[adaptation], scores.feature_deltas[adaptation]
-            )
-            corrected = margins + residuals.rewards(evaluated_labels, scores.feature_deltas[evaluated])
+        methods[online] = per_context_accuracy(
+            adapted.margins(evaluated_scores, evaluated_labels, with_residuals=False), evaluated_labels
+        )
+        online_weights = torch.stack([adapted.online_router.weights(label) for label in evaluated_labels])
+        usage[online] = head_usage(online_weights, evaluated_labels)
+        if adapted.residual_heads is not None:
             methods[f"online routing + residual heads ({args.adaptation_pairs} pairs per context)"] = (
-                per_context_accuracy(corrected, evaluated_labels)
+                per_context_accuracy(adapted.margins(evaluated_scores, evaluated_labels), evaluated_labels)
             )
-            residuals.save(paths["residual_heads"])
+        adapted.save(args.output_dir)
     for k in range(head_margins.shape[1]):
         methods[f"head {k} alone"] = per_context_accuracy(head_margins[:, k], evaluated_labels)
 

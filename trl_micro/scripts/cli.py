@@ -25,7 +25,7 @@ def run_demo_command(argv: list[str]) -> int:
 
 
 def run_eval_command(argv: list[str]) -> int:
-    from .eval_command import main as eval_main
+    from .eval import main as eval_main
 
     return eval_main(argv)
 

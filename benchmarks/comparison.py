@@ -1,7 +1,7 @@
 r"""
 MiCRo and the paper's baselines, trained and scored side by side on one pool of cached backbone features.
 
-Every method trains through the project's trainers (`MiCRoRewardTrainer`, `RouterAdaptationTrainer`) with a frozen
+Every method trains through the library's trainers (`MiCRoRewardTrainer`, `RouterAdaptationTrainer`) with a frozen
 backbone, reading the features of a [`CachedPairPool`] (pairs without their context, or with it in the prompt), so
 all methods see the same pairs and the same backbone features and the backbone never runs again.
 
@@ -43,21 +43,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from .data import context_indices
-from .evaluation import head_accuracy, head_usage, per_context_accuracy
-from .modeling_micro import MiCRoRewardModel
+from trl_micro.data_utils import context_indices, split_by_context, take_per_context
+from trl_micro.evaluation import head_accuracy, head_usage, per_context_accuracy
+from trl_micro.modeling_micro import MiCRoRewardModel
+from trl_micro.online_router import OnlineRouter, fit_online_router, routed_margins, router_priors
+from trl_micro.residual_heads import ResidualHeads, fit_residual_heads
+from trl_micro.scoring import PairScores, score_pair_features
+from trl_micro.trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
+
 from .pair_pool import CachedPairPool
-from .real_data import split_by_context, take_per_context
-from .residual_heads import ResidualHeads
-from .routing import OnlineRouter
-from .scoring import PairScores, score_pair_features
-from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
+from .study_metrics import best_head_accuracy
 
 SINGLE = "SingleReward"
 STATIC = "StaticMixture"
@@ -277,33 +277,6 @@ def score(model: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], w
 
 
 # ----------------------------------------------------------------------------------------------------- few-shot routing
-def few_shot_head_weights(
-    contexts: Sequence[str],
-    head_margins: torch.Tensor,
-    priors: dict[str, torch.Tensor] | None = None,
-    eta: float = 1.0,
-) -> OnlineRouter:
-    """
-    An [`OnlineRouter`] in which every context c has seen the head margins (N, K) of its few labelled pairs (the rows
-    whose `contexts` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe).
-    """
-    router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta)
-    for context in sorted(set(contexts)):
-        rows = [row for row, other in enumerate(contexts) if other == context]
-        router.update(context, head_margins[rows], prior=None if priors is None else priors[context])
-    return router
-
-
-def router_prior_per_context(contexts: Sequence[str], mixture_weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean router weights (N, K) over each context's rows: the prior of that context's online router."""
-    priors = {}
-    for context in sorted(set(contexts)):
-        rows = [row for row, other in enumerate(contexts) if other == context]
-        mean = mixture_weights[rows].double().mean(dim=0)
-        priors[context] = mean / mean.sum()
-    return priors
-
-
 def micro_online_routing(micro: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], eta: float) -> OnlineRouter:
     """
     MiCRo + online routing: one posterior per context id over `micro`'s heads, from the head margins of its pool
@@ -311,8 +284,8 @@ def micro_online_routing(micro: MiCRoRewardModel, pool: CachedPairPool, pairs: S
     prompts with the context in them.
     """
     contexts = [pool.context_ids[pair] for pair in pairs]
-    priors = router_prior_per_context(contexts, score(micro, pool, pairs, with_context=True).mixture_weights)
-    return few_shot_head_weights(contexts, score(micro, pool, pairs, with_context=False).head_margins, priors, eta)
+    priors = router_priors(contexts, score(micro, pool, pairs, with_context=True).mixture_weights)
+    return fit_online_router(contexts, score(micro, pool, pairs, with_context=False).head_margins, priors, eta)
 
 
 def per_context_oracle_margins(
@@ -346,45 +319,8 @@ def micro_residual_heads(
     `pairs` on top of `online`'s routed margins (lambda cross-validated, up to `RESIDUAL_CV_FOLDS` folds).
     """
     scores = score(micro, pool, pairs, with_context=False)
-    return fit_residual_heads(online, [pool.context_ids[pair] for pair in pairs], scores.head_margins,
-                              scores.feature_deltas)
-
-
-def fit_residual_heads(
-    router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor, feature_deltas: torch.Tensor
-) -> ResidualHeads:
-    """
-    A [`ResidualHeads`] residual per context of `contexts` (one per row of head margins (N, K) and feature deltas
-    (N, hidden)), on top of `router`'s routed margins; lambda cross-validated with `RESIDUAL_CV_FOLDS` folds, fewer
-    when a context has fewer pairs (at least 2).
-    """
-    fewest = min(contexts.count(context) for context in set(contexts))
-    residuals = ResidualHeads(feature_deltas.shape[1], cv_folds=max(2, min(RESIDUAL_CV_FOLDS, fewest)))
-    residuals.fit_many(contexts, routed_margins(router, contexts, head_margins), feature_deltas)
-    return residuals
-
-
-def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
-    """Margins (N,) of pairs with head margins (N, K), weighted by the online `router`'s weights for each row's context."""
-    weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
-    return (weights * head_margins).sum(dim=-1)
-
-
-def best_heads(head_margins: torch.Tensor, contexts: Sequence[str]) -> dict[str, int]:
-    """`{context: k}`, the head most accurate on each context's pairs (head margins (N, K), one context per row)."""
-    table = head_accuracy(head_margins, contexts)
-    return {context: int(np.argmax(table["accuracy"][:, column])) for column, context in enumerate(table["contexts"])}
-
-
-def best_head_accuracy(head_margins: torch.Tensor, contexts: Sequence[str], heads: dict[str, int] | None = None) -> dict:
-    """
-    Per-context accuracy of the head that is most accurate on that context's pairs (`per_context_accuracy` keys):
-    a ceiling for any routing that gives each context one head. The head is chosen on the scored pairs themselves
-    (`best_heads`, or `heads` when already known), so this is a diagnostic, not a method.
-    """
-    heads = best_heads(head_margins, contexts) if heads is None else heads
-    best_margins = torch.stack([head_margins[row, heads[context]] for row, context in enumerate(contexts)])
-    return per_context_accuracy(best_margins, contexts)
+    contexts = [pool.context_ids[pair] for pair in pairs]
+    return fit_residual_heads(online, contexts, scores.head_margins, scores.feature_deltas, RESIDUAL_CV_FOLDS)
 
 
 def reference_accuracy(
@@ -491,7 +427,7 @@ def compare_methods(
         pairs = adaptation_subset(pool, split.adaptation, size, seed)
         contexts = [pool.context_ids[pair] for pair in pairs]
         with timed(HYRE):
-            hyre = few_shot_head_weights(contexts, score(ensemble, pool, pairs, with_context=False).head_margins)
+            hyre = fit_online_router(contexts, score(ensemble, pool, pairs, with_context=False).head_margins)
         result.adaptation[HYRE][size] = per_context_accuracy(
             routed_margins(hyre, test_contexts, ensemble_test.head_margins), test_contexts
         )

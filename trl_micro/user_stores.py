@@ -1,6 +1,7 @@
 """
-JSON stores of per-user Stage 2 state ([`OnlineRouter`] weights, [`ResidualHeads`] residuals): atomic writes, and
-reads that check the format, its version and which model the store belongs to before anything is built from it.
+The per-user Stage 2 stores ([`OnlineRouter`] weights, [`ResidualHeads`] residuals): JSON files written atomically and
+read with checks of the format, its version and which model the store belongs to before anything is built from it;
+and the checks of what goes into them (user ids, numbers).
 """
 
 from __future__ import annotations
@@ -9,7 +10,13 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 
 
 class StoreReader:
@@ -87,4 +94,28 @@ def _fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
-__all__ = ["StoreReader", "write_store"]
+# --------------------------------------------------------------------------------------------------------- checks
+def is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_user_id(user_id: Any) -> None:
+    if not isinstance(user_id, str):
+        raise TypeError(f"`user_id` must be a str (context ids are JSON keys), got {type(user_id).__name__}.")
+
+
+def as_float64(values: ArrayLike, name: str) -> torch.Tensor:
+    """A CPU float64 tensor from a tensor, an array or a (nested) list."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(device="cpu", dtype=torch.float64)
+    try:
+        return torch.as_tensor(np.asarray(values, dtype=np.float64))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}` must be a tensor, an array or a list of numbers: {err}") from err
+
+
+__all__ = ["ArrayLike", "StoreReader", "as_float64", "check_user_id", "is_integer", "is_real_number", "write_store"]

@@ -34,13 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .json_store import StoreReader, write_store
+from .user_stores import ArrayLike, StoreReader, as_float64, check_user_id, is_integer, is_real_number, write_store
 
 STORE_FORMAT = "trl-micro-online-router"
 STORE_FORMAT_VERSION = 1
 PRIOR_SUM_TOLERANCE = 1e-3
-
-ArrayLike = torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 
 
 @dataclass
@@ -332,29 +330,6 @@ def log_sigmoid(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(max=0) - torch.log1p(torch.exp(-values.abs()))
 
 
-def is_real_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def check_user_id(user_id: Any) -> None:
-    if not isinstance(user_id, str):
-        raise TypeError(f"`user_id` must be a str (context ids are JSON keys), got {type(user_id).__name__}.")
-
-
-def as_float64(values: ArrayLike, name: str) -> torch.Tensor:
-    """A CPU float64 tensor from a tensor, an array or a (nested) list."""
-    if isinstance(values, torch.Tensor):
-        return values.detach().to(device="cpu", dtype=torch.float64)
-    try:
-        return torch.as_tensor(np.asarray(values, dtype=np.float64))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"`{name}` must be a tensor, an array or a list of numbers: {err}") from err
-
-
 def _read_states(users: Any, num_heads: int) -> dict[str, ContextState]:
     """Parse and check the `users` section of a store in a few vectorized steps (fast for many users)."""
     if not isinstance(users, dict):
@@ -377,4 +352,39 @@ def _read_states(users: Any, num_heads: int) -> dict[str, ContextState]:
     }
 
 
-__all__ = ["ContextState", "OnlineRouter"]
+# ---------------------------------------------------------------------------------------------- fitting from a few pairs
+def router_priors(contexts: Sequence[str], mixture_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`{context: prior}`: the mean of the router weights (N, K) over each context's rows, renormalized."""
+    priors = {}
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        mean = torch.as_tensor(mixture_weights)[rows].double().mean(dim=0)
+        priors[context] = mean / mean.sum()
+    return priors
+
+
+def fit_online_router(
+    contexts: Sequence[str],
+    head_margins: torch.Tensor,
+    priors: dict[str, torch.Tensor] | None = None,
+    eta: float = 1.0,
+    model_fingerprint: str | None = None,
+) -> OnlineRouter:
+    """
+    An [`OnlineRouter`] in which every context c has seen the head margins (N, K) of its labelled pairs (the rows whose
+    `contexts` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe's reweighting).
+    """
+    router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta, model_fingerprint=model_fingerprint)
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        router.update(context, head_margins[rows], prior=None if priors is None else priors[context])
+    return router
+
+
+def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
+    """Margins (N,) of pairs with head margins (N, K), weighted by `router`'s weights for each row's context."""
+    weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
+    return (weights * head_margins).sum(dim=-1)
+
+
+__all__ = ["ContextState", "OnlineRouter", "fit_online_router", "routed_margins", "router_priors"]

@@ -1,5 +1,6 @@
 """
-Preference data for MiCRo: context joining, tokenization that keeps the prompt boundary, and the collator.
+Preference data for MiCRo: context joining, tokenization that keeps the prompt boundary, the collator, and seeded
+splits stratified by context.
 
 Every sequence the model scores is `prompt (+ context) + completion (+ EOS)`; the router reads the hidden state at the
 last prompt token, so each tokenized sequence carries `prompt_length`, the number of its leading tokens that belong to
@@ -15,15 +16,24 @@ front of a standard prompt, or as the system message of a conversational one (me
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import is_conversational
+from trl.trainer.reward_trainer import DataCollatorForPreference
+from trl.trainer.utils import pad
 
 Messages = list[dict[str, Any]]
+
+TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length")
+PAIR_LABEL_COLUMNS = ("margin", "context_index")  # per-pair values the collators pass through (`pair_labels`)
+DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+SPLIT_NAMES = ("train", "adaptation", "test")
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
@@ -69,15 +79,23 @@ def marker_token_ids(tokenizer: PreTrainedTokenizerBase, marker: str | None) -> 
     return tokenizer(marker, add_special_tokens=False)["input_ids"] or None
 
 
-def join_context(prompt: str | Messages, context: str | None, context_template: str) -> str | Messages:
-    """Put `context` into `prompt` (see the module docstring). `None` or empty context leaves the prompt unchanged."""
+def join_context(
+    prompt: str | Messages, context: str | None, context_template: str, skip_if_present: bool = False
+) -> str | Messages:
+    """
+    Put `context` into `prompt` (see the module docstring). `None` or empty context leaves the prompt unchanged, and so
+    does, with `skip_if_present`, a prompt that already starts with the joined context (a policy prompt that shows
+    its context, read by a reward that would otherwise join it twice).
+    """
     if context is None or not str(context).strip():
         return prompt
     text = context_template.format(context=context)
     if isinstance(prompt, str):
-        return text + prompt
+        return prompt if skip_if_present and prompt.startswith(text) else text + prompt
     system = text.strip()
     if prompt and prompt[0].get("role") == "system":
+        if skip_if_present and str(prompt[0].get("content", "")).startswith(system):
+            return prompt
         return [{"role": "system", "content": f"{system}\n\n{prompt[0]['content']}"}, *prompt[1:]]
     return [{"role": "system", "content": system}, *prompt]
 
@@ -174,14 +192,32 @@ def check_preference_columns(column_names: list[str], dataset_name: str = "train
         )
 
 
-def pad_right(sequences: list[list[int]], padding_value: int, pad_to_multiple_of: int | None = None) -> torch.Tensor:
-    length = max(len(sequence) for sequence in sequences)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    out = torch.full((len(sequences), length), padding_value, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        out[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-    return out
+def pad_right(sequences: Sequence[Sequence[int]], padding_value: int) -> torch.Tensor:
+    """Right-padded (rows, longest) long tensor of token id lists (TRL's `pad`)."""
+    return pad([torch.tensor(sequence, dtype=torch.long) for sequence in sequences], padding_value, "right")
+
+
+def tokenize_pairs(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    context_template: str,
+    context_column: str | None,
+    prompt_marker: str | None = None,
+    desc: str | None = None,
+) -> Dataset:
+    """Token ids and prompt lengths (`TOKENIZED_COLUMNS`) of every pair, `context_column` joined (None: no context)."""
+    return dataset.map(
+        tokenize_preference_example,
+        with_indices=True,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "context_template": context_template,
+            "context_column": context_column,
+            "prompt_marker": prompt_marker,
+        },
+        remove_columns=dataset.column_names,
+        desc=desc or ("Tokenizing pairs" + (" with their context" if context_column else "")),
+    )
 
 
 def context_indices(contexts: Sequence[str]) -> list[int]:
@@ -201,24 +237,124 @@ def pair_labels(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 @dataclass
-class MiCRoPreferenceCollator:
+class MiCRoPreferenceCollator(DataCollatorForPreference):
     """
-    Batches tokenized pairs: rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones (TRL's layout),
-    right-padded, with `prompt_lengths` for every row and `margin` / `context_index` when the data has them.
+    TRL's preference collator (rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected ones, right-padded, with
+    `margin` when the data has it) plus `prompt_lengths` for every row and `context_index` when the data has it.
     """
 
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences = [example["chosen_ids"] for example in examples] + [example["rejected_ids"] for example in examples]
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().torch_call(examples)
         prompt_lengths = [example["chosen_prompt_length"] for example in examples] + [
             example["rejected_prompt_length"] for example in examples
         ]
-        batch = {
-            "input_ids": pad_right(sequences, self.pad_token_id, self.pad_to_multiple_of),
-            "attention_mask": pad_right([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of),
-            "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
-        }
+        batch["prompt_lengths"] = torch.tensor(prompt_lengths, dtype=torch.long)
         batch.update(pair_labels(examples))
         return batch
+
+
+# ------------------------------------------------------------------------------------------------------ splits
+def _context_values(dataset: Dataset, context_column: str) -> list:
+    if context_column not in dataset.column_names:
+        raise ValueError(
+            f"Context column {context_column!r} is not in the dataset; columns present: {dataset.column_names}."
+        )
+    return list(dataset[context_column])
+
+
+def _indices_per_context(contexts: Iterable) -> dict:
+    groups: dict = {}
+    for index, context in enumerate(contexts):
+        groups.setdefault(context, []).append(index)
+    return {context: groups[context] for context in sorted(groups, key=str)}
+
+
+def _per_context_sizes(count: int, fractions: Sequence[float]) -> list[int]:
+    """Sizes of the later parts rounded to the nearest pair; the first part takes the rest (each within 1 pair)."""
+    later = [int(round(count * fraction)) for fraction in fractions[1:]]
+    return [count - sum(later), *later]
+
+
+def split_by_context(
+    dataset: Dataset,
+    context_column: str = "context_id",
+    fractions: Sequence[float] | None = DEFAULT_SPLIT_FRACTIONS,
+    sizes_per_context: Sequence[int] | None = None,
+    seed: int = 0,
+) -> DatasetDict:
+    """
+    Seeded split into `train`, `adaptation` and `test`, stratified by `context_column`.
+
+    Give either `fractions` (three non-negative numbers summing to 1, applied within every context; each context's
+    adaptation and test parts are its share rounded to the nearest pair and train takes the rest, so every part is
+    within one pair of the requested share) or `sizes_per_context` (three pair counts taken from every context; the
+    rest of each context is left out). Rows keep their order in `dataset` within each part.
+
+    Raises `ValueError` when the context column is missing, the fractions are invalid, or a context has fewer pairs
+    than `sizes_per_context` asks for.
+    """
+    contexts = _context_values(dataset, context_column)
+    if sizes_per_context is not None:
+        sizes_per_context = [int(size) for size in sizes_per_context]
+        if len(sizes_per_context) != 3 or min(sizes_per_context) < 0:
+            raise ValueError(f"sizes_per_context must be three counts >= 0, got {sizes_per_context}.")
+    else:
+        if fractions is None or len(fractions) != 3 or min(fractions) < 0:
+            raise ValueError(f"fractions must be three numbers >= 0 (train, adaptation, test), got {fractions}.")
+        if abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1, got {list(fractions)} (sum {sum(fractions)}).")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for context, indices in _indices_per_context(contexts).items():
+        if sizes_per_context is not None:
+            if sum(sizes_per_context) > len(indices):
+                raise ValueError(
+                    f"Context {context!r} has {len(indices)} pairs but sizes_per_context asks for "
+                    f"{sum(sizes_per_context)} ({sizes_per_context})."
+                )
+            sizes = sizes_per_context
+        else:
+            sizes = _per_context_sizes(len(indices), fractions)
+        shuffled = np.asarray(indices)[rng.permutation(len(indices))]
+        start = 0
+        for part, size in zip(parts, sizes):
+            part.extend(shuffled[start : start + size].tolist())
+            start += size
+    return DatasetDict({name: dataset.select(sorted(part)) for name, part in zip(SPLIT_NAMES, parts)})
+
+
+def take_per_context(dataset: Dataset, n: int, context_column: str = "context_id", seed: int = 0) -> Dataset:
+    """
+    `n` pairs from every context, drawn without replacement (seeded), in the dataset's order.
+
+    For one seed the draws are nested: the pairs taken with a smaller `n` are among those taken with a larger one,
+    so adaptation curves (8, 32, 128 pairs) grow one subset. Raises `ValueError` when the context column is missing or
+    a context has fewer than `n` pairs.
+    """
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}.")
+    contexts = _context_values(dataset, context_column)
+    rng = np.random.default_rng(seed)
+    taken = []
+    for context, indices in _indices_per_context(contexts).items():
+        if len(indices) < n:
+            raise ValueError(
+                f"Context {context!r} has only {len(indices)} pairs in column {context_column!r}, "
+                f"but {n} pairs per context were asked for."
+            )
+        taken.extend(np.asarray(indices)[rng.permutation(len(indices))[:n]].tolist())
+    return dataset.select(sorted(taken))
+
+
+def hold_out_per_context(dataset: Dataset, num_per_context: int, group_column: str) -> tuple[Dataset, Dataset | None]:
+    """(train, held_out): the last `num_per_context` rows of every group are held out; `(dataset, None)` for 0."""
+    if num_per_context <= 0:
+        return dataset, None
+    groups = dataset[group_column]
+    held_out, counts = set(), {}
+    for index in reversed(range(len(dataset))):
+        if counts.get(groups[index], 0) < num_per_context:
+            held_out.add(index)
+            counts[groups[index]] = counts.get(groups[index], 0) + 1
+    train = dataset.select([index for index in range(len(dataset)) if index not in held_out])
+    return train, dataset.select(sorted(held_out))

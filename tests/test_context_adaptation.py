@@ -1,0 +1,62 @@
+"""adapt_to_contexts: online routing then residual heads per context, from a few labelled pairs."""
+
+import pytest
+import torch
+
+from trl_micro import ContextAdaptation, OnlineRouter, ResidualHeads, adapt_to_contexts
+from trl_micro.online_router import fit_online_router, routed_margins, router_priors
+from trl_micro.residual_heads import fit_residual_heads
+from trl_micro.scoring import PairScores
+
+
+def _scores(num_pairs: int = 24, num_heads: int = 3, hidden: int = 8, seed: int = 0) -> tuple[list[str], PairScores]:
+    generator = torch.Generator().manual_seed(seed)
+    contexts = ["alice" if i % 2 else "bob" for i in range(num_pairs)]
+    head_margins = torch.randn(num_pairs, num_heads, generator=generator)
+    head_margins[::2, 0] = head_margins[::2, 0].abs() + 1.0  # bob's pairs all agree with head 0
+    scores = PairScores(head_margins, torch.randn(num_pairs, num_heads, generator=generator),
+                        torch.randn(num_pairs, hidden, generator=generator))
+    return contexts, scores
+
+
+def test_adaptation_is_the_online_router_then_residual_heads():
+    contexts, scores = _scores()
+    adapted = adapt_to_contexts(contexts, scores)
+    router = fit_online_router(contexts, scores.head_margins, router_priors(contexts, scores.mixture_weights))
+    for user in ("alice", "bob"):
+        torch.testing.assert_close(adapted.online_router.weights(user), router.weights(user))
+    assert adapted.online_router.weights("bob").argmax() == 0
+    residuals = fit_residual_heads(router, contexts, scores.head_margins, scores.feature_deltas)
+    expected = routed_margins(router, contexts, scores.head_margins) + residuals.rewards(contexts, scores.feature_deltas)
+    torch.testing.assert_close(adapted.margins(scores, contexts), expected)
+    torch.testing.assert_close(
+        adapted.margins(scores, contexts, with_residuals=False), routed_margins(router, contexts, scores.head_margins)
+    )
+
+
+def test_saved_stores_load_into_the_reward(tmp_path):
+    contexts, scores = _scores()
+    paths = adapt_to_contexts(contexts, scores).save(tmp_path / "stage2")
+    assert set(paths) == {"online_router", "residual_heads"}
+    assert OnlineRouter.load(paths["online_router"]).users() == ["alice", "bob"]
+    assert set(ResidualHeads.load(paths["residual_heads"]).users()) == {"alice", "bob"}
+    routing_only = adapt_to_contexts(contexts, scores, residual_heads=False)
+    assert routing_only.residual_heads is None
+    assert set(routing_only.save(tmp_path / "routing_only")) == {"online_router"}
+
+
+def test_uniform_prior_is_hyre_reweighting():
+    contexts, scores = _scores()
+    uniform = torch.full_like(scores.mixture_weights, 1 / 3)
+    adapted = adapt_to_contexts(contexts, scores, prior_weights=uniform, residual_heads=False)
+    likelihood = torch.nn.functional.logsigmoid(scores.head_margins[1::2]).sum(dim=0).exp()
+    torch.testing.assert_close(adapted.online_router.weights("alice"), (likelihood / likelihood.sum()).float())
+
+
+def test_bad_input_is_refused():
+    contexts, scores = _scores()
+    with pytest.raises(ValueError, match="23 context ids for 24 scored pairs"):
+        adapt_to_contexts(contexts[:-1], scores)
+    with pytest.raises(ValueError, match="at least 2 labelled pairs per context"):
+        adapt_to_contexts(["solo", *contexts[1:]], scores)
+    assert isinstance(adapt_to_contexts(["solo", *contexts[1:]], scores, residual_heads=False), ContextAdaptation)

@@ -1,0 +1,39 @@
+"""The package's layout: the library never imports its benchmark harness or its tests, and its modules stay small."""
+
+import ast
+from pathlib import Path
+
+import trl_micro
+
+PACKAGE = Path(trl_micro.__file__).resolve().parent
+MAX_MODULE_LINES = 450
+
+
+def _modules():
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every absolute module name `path` imports (relative imports stay inside the package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_library_never_imports_benchmarks_or_tests():
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(name for name in _imported_names(path) if name.split(".")[0] in {"benchmarks", "tests"})
+        for path in _modules()
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_modules_stay_readable():
+    long = {str(path.relative_to(PACKAGE)): n for path in _modules() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+    root_modules = [path.name for path in PACKAGE.glob("*.py")]
+    assert len(root_modules) <= 16, root_modules

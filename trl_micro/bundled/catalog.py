@@ -1,0 +1,120 @@
+"""
+What trl-micro ships by name, and where datasets and models named on the command line come from.
+
+Datasets (`--dataset_name`), in this order:
+- a built-in: `trl-micro/synthetic` (the synthetic personalized-preference generator; `--dataset_config` = number of
+  subpopulations, default 2), `trl-micro/hh_relabeled`, `trl-micro/hh_rlhf` (real preference data read from the data
+  directory, see `resolve_data_dir`); each split train / adaptation / test by context, seeded;
+- a local file (`.json`, `.jsonl`, `.json.gz`, `.jsonl.gz`, `.parquet`, `.csv`) or directory (`save_to_disk` output or
+  a folder of data files);
+- anything else is a Hub dataset id, loaded as TRL's scripts load one: `datasets.load_dataset(name, config)`.
+
+Models (`--model_name_or_path`): a local checkpoint, a Hub model id, or `embedded` for the bundled
+SmolLM2-135M-Instruct (`trl_micro.bundled.embedded`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+BUILTIN_DATASETS = ("trl-micro/synthetic", "trl-micro/hh_relabeled", "trl-micro/hh_rlhf")
+EMBEDDED_MODEL = "embedded"
+DATA_DIR_ENV_VAR = "TRL_MICRO_DATA_DIR"
+_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """
+    The folder of the real preference data the built-in datasets read: `data_dir` if given, else the
+    `TRL_MICRO_DATA_DIR` environment variable. Raises `FileNotFoundError` naming what was tried and how to fix it.
+    """
+    if data_dir is not None:
+        path, origin = Path(data_dir), "the data_dir argument"
+    elif os.environ.get(DATA_DIR_ENV_VAR):
+        path, origin = Path(os.environ[DATA_DIR_ENV_VAR]), f"the {DATA_DIR_ENV_VAR} environment variable"
+    else:
+        raise FileNotFoundError(
+            f"No preference data directory given. Pass data_dir=... (`--data_dir` on the command line) or set the "
+            f"{DATA_DIR_ENV_VAR} environment variable to the folder holding hh_relabeled/, hh_rlhf/ and dsp/."
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Preference data directory {str(path)!r} (from {origin}) does not exist. Pass data_dir=... or set the "
+            f"{DATA_DIR_ENV_VAR} environment variable to the folder holding hh_relabeled/, hh_rlhf/ and dsp/."
+        )
+    return path
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`embedded` -> the converted bundled model's directory; any other name or path is returned as it is."""
+    if name_or_path == EMBEDDED_MODEL:
+        from .embedded import embedded_model_path
+
+        return embedded_model_path()
+    return name_or_path
+
+
+def load_named_dataset(
+    name: str, config: str | None = None, data_dir: str | None = None, seed: int = 0
+) -> DatasetDict:
+    """A `DatasetDict` for `name` (see the module docstring); built-ins have train / adaptation / test splits."""
+    if name == "trl-micro/synthetic":
+        from .synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+
+        num_subpopulations = int(config) if config else 2
+        data = generate_synthetic_preferences(
+            SyntheticPreferenceConfig(num_subpopulations=num_subpopulations, seed=seed)
+        )
+        return _split(data, seed)
+    if name == "trl-micro/hh_relabeled":
+        from .hh import load_hh_relabeled
+
+        return _split(load_hh_relabeled(data_dir=data_dir, seed=seed), seed)
+    if name == "trl-micro/hh_rlhf":
+        from .hh import load_hh_rlhf
+
+        return _split(load_hh_rlhf(data_dir=data_dir, seed=seed), seed)
+    if name.startswith("trl-micro/"):
+        raise ValueError(f"Unknown built-in dataset {name!r}; the built-ins are {BUILTIN_DATASETS}.")
+    if Path(name).exists():
+        return load_local_dataset(name)
+    return load_hub_dataset(name, config)
+
+
+def _split(data: Dataset, seed: int) -> DatasetDict:
+    from ..data_utils import split_by_context
+
+    return split_by_context(data, context_column="context_id", seed=seed)
+
+
+def load_local_dataset(path: str) -> DatasetDict:
+    """A local file or directory as a `DatasetDict` (a single file or dataset becomes the `train` split)."""
+    location = Path(path)
+    if not location.exists():
+        raise FileNotFoundError(f"Dataset {path!r} is not a local file or directory.")
+    if location.is_dir():
+        if (location / "dataset_dict.json").exists() or (location / "dataset_info.json").exists():
+            loaded = load_from_disk(str(location))
+            return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+        return load_dataset(str(location))
+    suffix = location.suffix
+    if suffix not in _FILE_FORMATS:
+        raise ValueError(f"Cannot read {path!r}: use one of {sorted(_FILE_FORMATS)} (or a directory).")
+    return load_dataset(_FILE_FORMATS[suffix], data_files={"train": str(location)})
+
+
+def load_hub_dataset(name: str, config: str | None = None) -> DatasetDict:
+    """`datasets.load_dataset(name, config)`, as TRL's scripts call it; no network is a clear error naming `name`."""
+    try:
+        return load_dataset(name, config)
+    except (ConnectionError, OSError) as error:
+        offline = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
+        raise FileNotFoundError(
+            f"Dataset {name!r}{f' (config {config!r})' if config else ''} is not a built-in ({', '.join(BUILTIN_DATASETS)}), "
+            f"not a local file or directory, and could not be loaded from the Hugging Face Hub"
+            f"{' (offline mode is on: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)' if offline else ''}: {error}. Check "
+            "the name, download it where there is a network and pass the local copy, or use a built-in."
+        ) from error

@@ -1,0 +1,101 @@
+r"""
+Stage 2 from a few labelled pairs per context, in one call: online routing, then residual heads.
+
+Given the scores of a context's labelled pairs (`trl_micro.scoring.PairScores`: per-head margins delta_i and reward
+feature differences d_i), [`adapt_to_contexts`] fits, per context c,
+
+1. an [`OnlineRouter`] posterior over the K heads (`trl_micro.online_router`), starting from a prior: by default the
+   model's own router weights averaged over c's pairs, then updated with c's head margins;
+2. a [`ResidualHeads`] residual u_c (`trl_micro.residual_heads`) on top of the routed margins sum_k w_k(c) delta_ik,
+   its L2 weight cross-validated on c's pairs (needs 2 pairs per context or more).
+
+The personalized margin of a pair of context c is then sum_k w_k(c) delta_k + u_c . d; what was fitted saves as the two
+JSON stores that [`MiCRoReward`] reads by user id (`user_column`), for RL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .online_router import OnlineRouter, fit_online_router, routed_margins, router_priors
+from .residual_heads import ResidualHeads, fit_residual_heads
+from .scoring import PairScores
+
+ONLINE_ROUTER_STORE = "online_router.json"
+RESIDUAL_HEADS_STORE = "residual_heads.json"
+
+
+@dataclass
+class ContextAdaptation:
+    """What [`adapt_to_contexts`] fitted: per-context weights over the heads, and residual heads (or `None`)."""
+
+    online_router: OnlineRouter
+    residual_heads: ResidualHeads | None = None
+
+    def margins(self, scores: PairScores, contexts: Sequence[str], with_residuals: bool = True) -> torch.Tensor:
+        """(N,) personalized margins of scored pairs of the given contexts (routed, plus the residual correction)."""
+        margins = routed_margins(self.online_router, contexts, scores.head_margins)
+        if with_residuals and self.residual_heads is not None:
+            margins = margins + self.residual_heads.rewards(contexts, scores.feature_deltas)
+        return margins
+
+    def save(self, output_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write `online_router.json` (and `residual_heads.json`) in `output_dir`; returns the paths."""
+        folder = Path(output_dir)
+        paths = {"online_router": folder / ONLINE_ROUTER_STORE}
+        self.online_router.save(paths["online_router"])
+        if self.residual_heads is not None:
+            paths["residual_heads"] = folder / RESIDUAL_HEADS_STORE
+            self.residual_heads.save(paths["residual_heads"])
+        return paths
+
+
+def adapt_to_contexts(
+    contexts: Sequence[str],
+    scores: PairScores,
+    prior_weights: torch.Tensor | None = None,
+    eta: float = 1.0,
+    residual_heads: bool = True,
+    cv_folds: int = 4,
+    model_fingerprint: str | None = None,
+) -> ContextAdaptation:
+    """
+    Fit online routing and residual heads per context from a few labelled pairs (see the module docstring).
+
+    Args:
+        contexts (`Sequence[str]`): each pair's context (or user) id.
+        scores ([`PairScores`]): the pairs scored by the Stage 1 model (`score_preference_pairs`).
+        prior_weights (`(N, K)`, *optional*): router weights to average into each context's prior; defaults to the
+            model router's weights in `scores`. Pass a uniform `(N, K)` tensor for no prior (HyRe's reweighting).
+        eta (`float`, defaults to 1.0): the online router's learning rate (1.0: the exact Bayesian posterior).
+        residual_heads (`bool`, defaults to `True`): also fit residual heads (every context needs >= 2 pairs).
+        cv_folds (`int`, defaults to 4): cross-validation folds of the residual heads' L2 weight (fewer for a context
+            with fewer pairs).
+        model_fingerprint (`str`, *optional*): saved with the stores, checked when they are loaded.
+    """
+    contexts = list(contexts)
+    if len(contexts) != scores.head_margins.shape[0]:
+        raise ValueError(f"{len(contexts)} context ids for {scores.head_margins.shape[0]} scored pairs.")
+    if not contexts:
+        raise ValueError("No labelled pairs to adapt to.")
+    weights = scores.mixture_weights if prior_weights is None else prior_weights
+    router = fit_online_router(
+        contexts, scores.head_margins, router_priors(contexts, weights), eta, model_fingerprint=model_fingerprint
+    )
+    residuals = None
+    if residual_heads:
+        fewest = min(contexts.count(context) for context in set(contexts))
+        if fewest < 2:
+            raise ValueError(
+                f"Residual heads need at least 2 labelled pairs per context (cross-validation); a context has {fewest}. "
+                "Give more pairs or pass residual_heads=False."
+            )
+        residuals = fit_residual_heads(
+            router, contexts, scores.head_margins, scores.feature_deltas, cv_folds, model_fingerprint
+        )
+    return ContextAdaptation(router, residuals)
