@@ -25,6 +25,7 @@ import torch
 from .online_router import OnlineRouter, fit_online_router, routed_margins, router_priors
 from .residual_heads import ResidualHeads, fit_residual_heads
 from .scoring import PairScores
+from .user_stores import normalize_user_id
 
 ONLINE_ROUTER_STORE = "online_router.json"
 RESIDUAL_HEADS_STORE = "residual_heads.json"
@@ -68,7 +69,7 @@ def adapt_to_contexts(
     Fit online routing and residual heads per context from a few labelled pairs (see the module docstring).
 
     Args:
-        contexts (`Sequence[str]`): each pair's context (or user) id.
+        contexts (`Sequence[str]`): each pair's context (or user) id (an int is read as its decimal string).
         scores ([`PairScores`]): the pairs scored by the Stage 1 model (`score_preference_pairs`).
         prior_weights (`(N, K)`, *optional*): router weights to average into each context's prior; defaults to the
             model router's weights in `scores`. Pass a uniform `(N, K)` tensor for no prior (HyRe's reweighting).
@@ -78,7 +79,7 @@ def adapt_to_contexts(
             with fewer pairs).
         model_fingerprint (`str`, *optional*): saved with the stores, checked when they are loaded.
     """
-    contexts = list(contexts)
+    contexts = [normalize_user_id(context, f"contexts[{row}]") for row, context in enumerate(contexts)]
     if len(contexts) != scores.head_margins.shape[0]:
         raise ValueError(f"{len(contexts)} context ids for {scores.head_margins.shape[0]} scored pairs.")
     if not contexts:

@@ -46,6 +46,7 @@ from ..evaluation import (
 )
 from ..modeling_micro import MiCRoRewardModel
 from ..scoring import score_preference_pairs
+from ..user_stores import normalize_user_id
 
 REPORT_NAME = "eval_report"
 ACCURACY_PLOT = "accuracy_per_context.png"
@@ -118,7 +119,7 @@ def context_labels(dataset, args: EvalArguments) -> tuple[list[str], str]:
             "context-level report needs each pair's context text: name its column with --context_column."
         )
     column = args.context_id_column if args.context_id_column in dataset.column_names else args.context_column
-    return [str(value) for value in dataset[column]], column
+    return [normalize_user_id(value, f"{column}[{row}]") for row, value in enumerate(dataset[column])], column
 
 
 def split_adaptation(dataset, labels: list[str], label_column: str, args: EvalArguments) -> tuple[list[int], list[int]]:
