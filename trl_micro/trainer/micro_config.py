@@ -26,8 +26,8 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         router_balance_coef, router_entropy_coef: weights of the regularizers against router collapse
             (see `trl_micro.losses`); 0 switches one off.
         freeze_backbone: train heads and router only.
-        use_feature_cache: with a frozen backbone (and no PEFT adapter, no ZeRO-3), compute backbone features once,
-            cache them on disk and train on them.
+        use_feature_cache: with a frozen backbone (and no PEFT adapter, no ZeRO-3, no streaming `IterableDataset`),
+            compute backbone features once, cache them on disk and train on them.
         bf16: as in TRL, except that unset means "where the hardware supports it" instead of always.
         feature_cache_dir: where the features are cached (default `$TRL_MICRO_CACHE/features`, with
             `TRL_MICRO_CACHE` defaulting to `~/.cache/trl_micro`).
