@@ -13,9 +13,9 @@ ever scored or adapted on those, so a pool can put its training pairs last and s
 The features (last-token hidden state of each response, last-prompt-token hidden state of the router) live in one
 [`CachedFeatureCollator`]: rows `[0, N)` hold the pairs without their context, rows `[N, N + num_with_context)` the
 first pairs with it, so any method trained through the trainers' cached-feature path (`pair_index` datasets) picks
-either form of any subset of the pool without running the backbone again. The backbone's work is cached on disk in
-shards of `shard_size` pairs (`feature_cache.load_or_compute_pair_features`), so an interrupted build resumes where it
-stopped.
+either form of any subset of the pool without running the backbone again. The backbone's work is kept on disk per
+distinct sequence (`trl_micro.feature_cache.FeatureStore`, saved segment by segment), so an interrupted build resumes
+where it stopped and pools that share sequences share their features.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from trl_micro.data_utils import tokenize_pairs
-from trl_micro.feature_cache import FEATURE_NAMES, CachedFeatureCollator, load_or_compute_pair_features
+from trl_micro.feature_cache import FEATURE_NAMES, CachedFeatureCollator, pair_features
 from trl_micro.modeling_micro import MiCRoRewardModel
 
 
@@ -114,14 +114,13 @@ def build_pair_pool(
     context_column: str = "context",
     context_id_column: str = "context_id",
     cache_dir: str | os.PathLike | None = None,
-    shard_size: int = 128,
     batch_size: int = 16,
     prompt_marker: str | None = None,
     num_with_context: int | None = None,
 ) -> CachedPairPool:
     """
     Tokenize `dataset` without its `context_column`, and its first `num_with_context` pairs (all when None) with it,
-    and load (or compute and cache) the backbone features of both forms, `shard_size` pairs at a time. `model`'s heads
+    and load (or compute and store) the backbone features of both forms. `model`'s heads
     and router are not used, only its backbone.
     """
     started = time.perf_counter()
@@ -138,16 +137,14 @@ def build_pair_pool(
     for form_context_column, pairs in ((None, dataset), (context_column, dataset.select(range(num_with_context)))):
         tokenized = tokenize_pairs(pairs, tokenizer, model.config.context_template, form_context_column, prompt_marker)
         form = "with context" if form_context_column else "without context"
-        for start in range(0, len(tokenized), shard_size):
-            shard = tokenized.select(range(start, min(start + shard_size, len(tokenized))))
-            features, _ = load_or_compute_pair_features(
-                model,
-                shard,
-                cache_dir=cache_dir,
-                batch_size=batch_size,
-                desc=f"Backbone features ({form}, pairs {start}-{start + len(shard) - 1} of {len(tokenized)})",
-            )
-            bank.add(features)
+        features = pair_features(
+            model,
+            tokenized,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            desc=f"Backbone features ({form}, {len(tokenized)} pairs)",
+        )
+        bank.add(features)
     return CachedPairPool(
         dataset=dataset,
         features=bank,

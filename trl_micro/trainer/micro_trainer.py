@@ -22,7 +22,7 @@ from ..data_utils import (
     marker_token_ids,
     tokenize_preference_example,
 )
-from ..feature_cache import CachedFeatureCollator, load_or_compute_pair_features
+from ..feature_cache import CachedFeatureCollator, pair_features
 from ..losses import balance_penalty, ensemble_bt_loss, entropy, entropy_penalty, mixture_bt_loss
 from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
 from .micro_config import MiCRoRewardConfig
@@ -225,14 +225,13 @@ class MiCRoRewardTrainer(RewardTrainer):
     def _cache_features(self, dataset: Dataset, args, dataset_name: str) -> Dataset:
         model = self._features_model
         with args.main_process_first(desc=f"caching {dataset_name} features"):
-            features, path = load_or_compute_pair_features(
+            features = pair_features(
                 model.to(args.device),
                 dataset,
                 cache_dir=args.feature_cache_dir,
                 batch_size=args.feature_batch_size,
                 desc=f"Backbone features ({dataset_name})",
             )
-        logger.info(f"{dataset_name} features: {path}")
         offset = self._feature_bank.add(features)
         columns = {"pair_index": list(range(offset, offset + len(dataset)))}
         for label in PAIR_LABEL_COLUMNS:
