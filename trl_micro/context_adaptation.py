@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .online_router import OnlineRouter, fit_online_router, routed_margins, router_priors
-from .residual_heads import ResidualHeads, fit_residual_heads
+from .online_router import OnlineRouter
+from .residual_heads import ResidualHeads
 from .scoring import PairScores
 from .user_stores import normalize_user_id
 
@@ -100,3 +100,59 @@ def adapt_to_contexts(
             router, contexts, scores.head_margins, scores.feature_deltas, cv_folds, model_fingerprint
         )
     return ContextAdaptation(router, residuals)
+
+
+# ---------------------------------------------------------------------------------------------------- the pieces
+def router_priors(contexts: Sequence[str], mixture_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`{context: prior}`: the mean of the router weights (N, K) over each context's rows, renormalized."""
+    priors = {}
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        mean = torch.as_tensor(mixture_weights)[rows].double().mean(dim=0)
+        priors[context] = mean / mean.sum()
+    return priors
+
+
+def fit_online_router(
+    contexts: Sequence[str],
+    head_margins: torch.Tensor,
+    priors: dict[str, torch.Tensor] | None = None,
+    eta: float = 1.0,
+    model_fingerprint: str | None = None,
+) -> OnlineRouter:
+    """
+    An [`OnlineRouter`] in which every context c has seen the head margins (N, K) of its labelled pairs (the rows whose
+    `contexts` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe's reweighting).
+    """
+    router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta, model_fingerprint=model_fingerprint)
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        router.update(context, head_margins[rows], prior=None if priors is None else priors[context])
+    return router
+
+
+def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
+    """Margins (N,) of pairs with head margins (N, K), weighted by `router`'s weights for each row's context."""
+    weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
+    return (weights * head_margins).sum(dim=-1)
+
+
+def fit_residual_heads(
+    router: OnlineRouter,
+    contexts: Sequence[str],
+    head_margins: torch.Tensor,
+    feature_deltas: torch.Tensor,
+    cv_folds: int = 4,
+    model_fingerprint: str | None = None,
+) -> ResidualHeads:
+    """
+    A [`ResidualHeads`] residual per context of `contexts` (one per row of head margins (N, K) and feature deltas
+    (N, hidden)), on top of `router`'s routed margins; lambda cross-validated with `cv_folds` folds, fewer when a
+    context has fewer pairs (at least 2).
+    """
+    fewest = min(list(contexts).count(context) for context in set(contexts))
+    residuals = ResidualHeads(
+        feature_deltas.shape[1], cv_folds=max(2, min(cv_folds, fewest)), model_fingerprint=model_fingerprint
+    )
+    residuals.fit_many(contexts, routed_margins(router, contexts, head_margins), feature_deltas)
+    return residuals

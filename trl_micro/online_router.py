@@ -427,39 +427,4 @@ def _read_states(users: Any, num_heads: int) -> dict[str, ContextState]:
     }
 
 
-# ---------------------------------------------------------------------------------------------- fitting from a few pairs
-def router_priors(contexts: Sequence[str], mixture_weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`{context: prior}`: the mean of the router weights (N, K) over each context's rows, renormalized."""
-    priors = {}
-    for context in sorted(set(contexts)):
-        rows = [row for row, other in enumerate(contexts) if other == context]
-        mean = torch.as_tensor(mixture_weights)[rows].double().mean(dim=0)
-        priors[context] = mean / mean.sum()
-    return priors
-
-
-def fit_online_router(
-    contexts: Sequence[str],
-    head_margins: torch.Tensor,
-    priors: dict[str, torch.Tensor] | None = None,
-    eta: float = 1.0,
-    model_fingerprint: str | None = None,
-) -> OnlineRouter:
-    """
-    An [`OnlineRouter`] in which every context c has seen the head margins (N, K) of its labelled pairs (the rows whose
-    `contexts` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe's reweighting).
-    """
-    router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta, model_fingerprint=model_fingerprint)
-    for context in sorted(set(contexts)):
-        rows = [row for row, other in enumerate(contexts) if other == context]
-        router.update(context, head_margins[rows], prior=None if priors is None else priors[context])
-    return router
-
-
-def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
-    """Margins (N,) of pairs with head margins (N, K), weighted by `router`'s weights for each row's context."""
-    weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
-    return (weights * head_margins).sum(dim=-1)
-
-
-__all__ = ["ContextState", "OnlineRouter", "fit_online_router", "routed_margins", "router_priors"]
+__all__ = ["ContextState", "OnlineRouter"]

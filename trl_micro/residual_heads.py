@@ -34,7 +34,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .online_router import OnlineRouter, routed_margins
 from .user_stores import ArrayLike, StoreReader, as_float64, check_mergeable, is_integer, is_real_number
 from .user_stores import normalize_user_id, store_lock, write_store
 
@@ -343,25 +342,4 @@ def _map_residual(margins: torch.Tensor, deltas: torch.Tensor, l2: float, max_it
     return residual.detach()
 
 
-def fit_residual_heads(
-    router: OnlineRouter,
-    contexts: Sequence[str],
-    head_margins: torch.Tensor,
-    feature_deltas: torch.Tensor,
-    cv_folds: int = 4,
-    model_fingerprint: str | None = None,
-) -> ResidualHeads:
-    """
-    A [`ResidualHeads`] residual per context of `contexts` (one per row of head margins (N, K) and feature deltas
-    (N, hidden)), on top of `router`'s routed margins; lambda cross-validated with `cv_folds` folds, fewer when a
-    context has fewer pairs (at least 2).
-    """
-    fewest = min(list(contexts).count(context) for context in set(contexts))
-    residuals = ResidualHeads(
-        feature_deltas.shape[1], cv_folds=max(2, min(cv_folds, fewest)), model_fingerprint=model_fingerprint
-    )
-    residuals.fit_many(contexts, routed_margins(router, contexts, head_margins), feature_deltas)
-    return residuals
-
-
-__all__ = ["DEFAULT_L2_GRID", "ResidualHeads", "fit_residual_heads"]
+__all__ = ["DEFAULT_L2_GRID", "ResidualHeads"]
