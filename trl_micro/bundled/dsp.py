@@ -113,8 +113,8 @@ def dsp_pairs(
 ) -> Dataset:
     """
     The preference pairs of the queries `query_ids` (indices into `items`) under the contexts `domains`, each pair's
-    context worded by a seeded draw from `wordings[domain]` (default `SEEN_WORDINGS`). Pairs whose two answers are
-    the same text carry no preference: they are skipped and counted in the log.
+    context worded by a seeded draw from `wordings[domain]` (default `SEEN_WORDINGS`). Pairs with an empty answer, or
+    whose two answers are the same text, carry no preference: they are skipped and counted in the log.
     """
     wordings = SEEN_WORDINGS if wordings is None else wordings
     rng = random.Random(seed)
@@ -129,8 +129,11 @@ def dsp_pairs(
                 rejected = item["responses"][other]
                 if other == domain:
                     continue
+                if not chosen.strip() or not rejected.strip():
+                    skipped["empty answer"] += 1
+                    continue
                 if chosen.strip() == rejected.strip():
-                    skipped[f"{domain} = {other}"] += 1
+                    skipped["identical answers"] += 1
                     continue
                 rows.append(
                     {
@@ -146,7 +149,7 @@ def dsp_pairs(
                     }
                 )
     if skipped:
-        logger.info("DSP: skipped %d pairs with identical answers (%s).", sum(skipped.values()), dict(skipped))
+        logger.info("DSP: skipped %d pairs (%s).", sum(skipped.values()), dict(skipped))
     return Dataset.from_list(rows)
 
 
