@@ -38,6 +38,7 @@ oracle is linear in the features, while MiCRo's prompt-dependent routing is not,
 
 from __future__ import annotations
 
+import random
 import tempfile
 import time
 from collections.abc import Sequence
@@ -51,8 +52,9 @@ from transformers.trainer_callback import PrinterCallback
 from trl_micro.data_utils import context_indices, split_by_context, take_per_context
 from trl_micro.evaluation import head_accuracy, head_usage, per_context_accuracy
 from trl_micro.modeling_micro import MiCRoRewardModel
-from trl_micro.online_router import OnlineRouter, fit_online_router, routed_margins, router_priors
-from trl_micro.residual_heads import ResidualHeads, fit_residual_heads
+from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
+from trl_micro.online_router import OnlineRouter
+from trl_micro.residual_heads import ResidualHeads
 from trl_micro.scoring import PairScores, score_pair_features
 from trl_micro.trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
 
@@ -128,30 +130,58 @@ class ComparisonSettings:
 
 @dataclass
 class PoolSplit:
-    """Pool pair indices of one seed's train / adaptation / test splits."""
+    """
+    Pool pair indices of one seed's train / adaptation / test splits. `stage1_train` is what every method but the
+    oracle trains on: `train` without the pairs of a held-out context, when one is held out (the oracle of that context
+    still trains on its own pairs).
+    """
 
     train: list[int]
     adaptation: list[int]
     test: list[int]
+    stage1_train: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.stage1_train:
+            self.stage1_train = list(self.train)
 
 
 def split_pool(
-    pool: CachedPairPool, contexts: Sequence[str], adaptation_per_context: int, test_per_context: int, seed: int
+    pool: CachedPairPool,
+    contexts: Sequence[str],
+    adaptation_per_context: int,
+    test_per_context: int | None,
+    seed: int,
+    adaptation_share: float | None = None,
+    held_out_context: str | None = None,
 ) -> PoolSplit:
     """
     One seed's split of the pool pairs of `contexts`. The pairs that have features with their context (the first
     `pool.num_with_context`) are the evaluation pairs: a seeded draw, stratified by context, makes
-    `adaptation_per_context` of each context adaptation pairs and `test_per_context` test pairs. Every other pair of
-    those contexts is a training pair (the same for every seed).
+    `adaptation_per_context` of each context adaptation pairs and `test_per_context` test pairs. With
+    `adaptation_share`, evaluation pairs are split by query instead (the pool's `query_id` column): a seeded
+    `adaptation_share` of the evaluation queries adapt, every pair of the other ones tests. Every other pair of those
+    contexts is a training pair (the same for every seed); `held_out_context` leaves its pairs out of Stage 1.
     """
     wanted = set(contexts)
     evaluation = [pair for pair in range(pool.num_with_context) if pool.context_ids[pair] in wanted]
-    table = Dataset.from_dict({"pair": evaluation, "context_id": [pool.context_ids[pair] for pair in evaluation]})
-    parts = split_by_context(
-        table, context_column="context_id", fractions=None, sizes_per_context=(0, adaptation_per_context, test_per_context), seed=seed
-    )
+    if adaptation_share is None:
+        table = Dataset.from_dict({"pair": evaluation, "context_id": [pool.context_ids[pair] for pair in evaluation]})
+        parts = split_by_context(
+            table, context_column="context_id", fractions=None,
+            sizes_per_context=(0, adaptation_per_context, test_per_context), seed=seed,
+        )
+        adaptation, test = list(parts["adaptation"]["pair"]), list(parts["test"]["pair"])
+    else:
+        query_ids = pool.dataset["query_id"]
+        queries = sorted({query_ids[pair] for pair in evaluation})
+        random.Random(seed).shuffle(queries)
+        adapting = set(queries[: round(adaptation_share * len(queries))])
+        adaptation = [pair for pair in evaluation if query_ids[pair] in adapting]
+        test = [pair for pair in evaluation if query_ids[pair] not in adapting]
     train = [pair for pair in range(pool.num_with_context, len(pool)) if pool.context_ids[pair] in wanted]
-    return PoolSplit(train, list(parts["adaptation"]["pair"]), list(parts["test"]["pair"]))
+    stage1_train = [pair for pair in train if pool.context_ids[pair] != held_out_context]
+    return PoolSplit(train, adaptation, test, stage1_train)
 
 
 def adaptation_subset(pool: CachedPairPool, adaptation: Sequence[int], pairs_per_context: int, seed: int) -> list[int]:
@@ -336,7 +366,7 @@ def reference_accuracy(
     ends of the gap closed, trained on `split` with `training`.
     """
     test_contexts = [pool.context_ids[pair] for pair in split.test]
-    single = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=1)
+    single = train_heads(backbone, tokenizer, pool, split.stage1_train, training, seed, num_heads=1)
     margins = {
         "single": score(single, pool, split.test, with_context=False).margins,
         "oracle": per_context_oracle_margins(backbone, tokenizer, pool, split, training, seed),
@@ -399,21 +429,21 @@ def compare_methods(
         return _Stopwatch(result.seconds, name)
 
     with timed(SINGLE):
-        single = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=1)
+        single = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=1)
     record(SINGLE, score(single, pool, split.test, with_context=False).margins)
     record(SINGLE_WITH_CONTEXT, score(single, pool, split.test, with_context=True).margins)
 
     with timed(STATIC):
-        static = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=K, use_router=False)
+        static = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=K, use_router=False)
     record(STATIC, score(static, pool, split.test, with_context=False).margins)
 
     with timed(ENSEMBLE):
-        ensemble = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=K, loss_type="ensemble")
+        ensemble = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=K, loss_type="ensemble")
     ensemble_test = score(ensemble, pool, split.test, with_context=False)
     record(ENSEMBLE, ensemble_test.head_margins.mean(dim=-1))
 
     with timed(MICRO):
-        micro = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=K)
+        micro = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=K)
     micro_test_with_context = score(micro, pool, split.test, with_context=True)
     micro_test = score(micro, pool, split.test, with_context=False)
     record(MICRO, micro_test_with_context.margins)

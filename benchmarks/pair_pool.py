@@ -13,9 +13,9 @@ ever scored or adapted on those, so a pool can put its training pairs last and s
 The features (last-token hidden state of each response, last-prompt-token hidden state of the router) live in one
 [`CachedFeatureCollator`]: rows `[0, N)` hold the pairs without their context, rows `[N, N + num_with_context)` the
 first pairs with it, so any method trained through the trainers' cached-feature path (`pair_index` datasets) picks
-either form of any subset of the pool without running the backbone again. The backbone's work is cached on disk in
-shards of `shard_size` pairs (`feature_cache.load_or_compute_pair_features`), so an interrupted build resumes where it
-stopped.
+either form of any subset of the pool without running the backbone again. The backbone's work is kept on disk per
+distinct sequence (`trl_micro.feature_cache.FeatureStore`, saved segment by segment), so an interrupted build resumes
+where it stopped and pools that share sequences share their features.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from trl_micro.data_utils import tokenize_pairs
-from trl_micro.feature_cache import FEATURE_NAMES, CachedFeatureCollator, load_or_compute_pair_features
+from trl_micro.feature_cache import FEATURE_NAMES, CachedFeatureCollator, pair_features
 from trl_micro.modeling_micro import MiCRoRewardModel
+
+UNSEEN_CONTEXT_COLUMN = "unseen_context"
 
 
 def longest_sequence_lengths(tokenized: Dataset) -> list[int]:
@@ -50,6 +52,8 @@ class CachedPairPool:
         context_ids: every pair's context label (e.g. "helpful", "subpop-3").
         num_with_context: pairs `0 .. num_with_context - 1` also have features with their context.
         build_seconds: time spent building the pool (tokenizing, and running the backbone on cache misses).
+        has_unseen_wordings: those pairs also have features with their context worded another way (the dataset's
+            `unseen_context` column: wordings Stage 2 never adapts on), scored with `with_context="unseen"`.
     """
 
     dataset: Dataset
@@ -57,28 +61,32 @@ class CachedPairPool:
     context_ids: list[str]
     num_with_context: int
     build_seconds: float = 0.0
+    has_unseen_wordings: bool = False
 
     def __len__(self) -> int:
         return len(self.context_ids)
 
-    def rows(self, pairs: Sequence[int], with_context: bool) -> list[int]:
-        """Feature-bank rows of the pool pairs `pairs`, scored without or with their context."""
+    def rows(self, pairs: Sequence[int], with_context: bool | str) -> list[int]:
+        """Feature-bank rows of the pool pairs `pairs`, scored without or with their context (or its unseen wording)."""
         pairs = [int(pair) for pair in pairs]
         if not with_context:
             return pairs
+        if with_context == "unseen" and not self.has_unseen_wordings:
+            raise ValueError("This pool has no features with unseen context wordings (no `unseen_context` column).")
         outside = [pair for pair in pairs if not 0 <= pair < self.num_with_context]
         if outside:
             raise ValueError(
                 f"Pool pairs {outside[:5]} have no features with their context: only pairs 0 to "
                 f"{self.num_with_context - 1} do (see `num_with_context` of build_pair_pool)."
             )
-        return [len(self) + pair for pair in pairs]
+        offset = len(self) + (self.num_with_context if with_context == "unseen" else 0)
+        return [offset + pair for pair in pairs]
 
-    def feature_dataset(self, pairs: Sequence[int], with_context: bool) -> Dataset:
+    def feature_dataset(self, pairs: Sequence[int], with_context: bool | str) -> Dataset:
         """A `pair_index` dataset of `pairs`: the trainers read it through `features` without running the backbone."""
         return Dataset.from_dict({"pair_index": self.rows(pairs, with_context)})
 
-    def tensors(self, pairs: Sequence[int], with_context: bool) -> dict[str, torch.Tensor]:
+    def tensors(self, pairs: Sequence[int], with_context: bool | str) -> dict[str, torch.Tensor]:
         """The features of `pairs`, `{name: (len(pairs), hidden)}` for the names of `feature_cache.FEATURE_NAMES`."""
         index = torch.tensor(self.rows(pairs, with_context), dtype=torch.long)
         return {name: self.features.features[name][index] for name in FEATURE_NAMES}
@@ -114,14 +122,14 @@ def build_pair_pool(
     context_column: str = "context",
     context_id_column: str = "context_id",
     cache_dir: str | os.PathLike | None = None,
-    shard_size: int = 128,
     batch_size: int = 16,
     prompt_marker: str | None = None,
     num_with_context: int | None = None,
 ) -> CachedPairPool:
     """
-    Tokenize `dataset` without its `context_column`, and its first `num_with_context` pairs (all when None) with it,
-    and load (or compute and cache) the backbone features of both forms, `shard_size` pairs at a time. `model`'s heads
+    Tokenize `dataset` without its `context_column`, and its first `num_with_context` pairs (all when None) with it
+    (and with its `unseen_context` column, when the dataset has one), and load (or compute and store) the backbone
+    features of every form. `model`'s heads
     and router are not used, only its backbone.
     """
     started = time.perf_counter()
@@ -135,23 +143,27 @@ def build_pair_pool(
                 "A pool needs every pair's context text and context label."
             )
     bank = CachedFeatureCollator()
-    for form_context_column, pairs in ((None, dataset), (context_column, dataset.select(range(num_with_context)))):
+    evaluation = dataset.select(range(num_with_context))
+    forms = [(None, dataset), (context_column, evaluation)]
+    has_unseen_wordings = UNSEEN_CONTEXT_COLUMN in dataset.column_names
+    if has_unseen_wordings:
+        forms.append((UNSEEN_CONTEXT_COLUMN, evaluation))
+    for form_context_column, pairs in forms:
         tokenized = tokenize_pairs(pairs, tokenizer, model.config.context_template, form_context_column, prompt_marker)
-        form = "with context" if form_context_column else "without context"
-        for start in range(0, len(tokenized), shard_size):
-            shard = tokenized.select(range(start, min(start + shard_size, len(tokenized))))
-            features, _ = load_or_compute_pair_features(
-                model,
-                shard,
-                cache_dir=cache_dir,
-                batch_size=batch_size,
-                desc=f"Backbone features ({form}, pairs {start}-{start + len(shard) - 1} of {len(tokenized)})",
-            )
-            bank.add(features)
+        form = f"with {form_context_column}" if form_context_column else "without context"
+        features = pair_features(
+            model,
+            tokenized,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            desc=f"Backbone features ({form}, {len(tokenized)} pairs)",
+        )
+        bank.add(features)
     return CachedPairPool(
         dataset=dataset,
         features=bank,
         context_ids=[str(context) for context in dataset[context_id_column]],
         num_with_context=num_with_context,
         build_seconds=time.perf_counter() - started,
+        has_unseen_wordings=has_unseen_wordings,
     )

@@ -3,6 +3,11 @@ The benchmark's preference pools: which pairs each benchmark draws its train / a
 
 - `hh_relabeled`: HH-RLHF test pairs relabelled per objective; context = objective (helpful / harmless).
 - `hh_rlhf`: the four HH-RLHF test splits; context = harmless (harmless-base) or helpful (the helpful-* splits).
+- `dsp`: DSP's four domain contexts (academy, business, entertainment, literature) over queries answered in every
+  style; each domain's answer wins under its own context, so any two domains reverse exactly between their contexts.
+  Queries, never pairs, are split: `train_queries` of them train, the rest are evaluation queries, whose pairs carry a
+  seen wording of their context (`context`) and a held-out one (`unseen_context`). Queries whose longest sequence
+  (context included) exceeds `max_length` tokens are left out first.
 - `synthetic`: the synthetic generator with its M = 8 designed subpopulations; the M = 2 and M = 4 benchmarks use the
   rows of the first M subpopulations only, so one feature cache serves the three mixtures. With
   `train_rater_follows_topic`, a training pair's rater is the subpopulation that owns the prompt's topic
@@ -25,11 +30,14 @@ from dataclasses import dataclass
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
+import random
+
+from trl_micro.bundled.dsp import HELD_OUT_WORDINGS, dsp_pairs, load_dsp_queries
 from trl_micro.bundled.hh import load_hh_relabeled, load_hh_rlhf
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
 from trl_micro.data_utils import split_by_context, take_per_context, tokenize_pairs
 
-from .pair_pool import longest_sequence_lengths
-from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
+from .pair_pool import UNSEEN_CONTEXT_COLUMN, longest_sequence_lengths
 
 POOL_SEED = 0
 
@@ -40,13 +48,14 @@ class PoolSpec:
     How a pool is drawn.
 
     Args:
-        source: "hh_relabeled", "hh_rlhf" or "synthetic".
+        source: "hh_relabeled", "hh_rlhf", "dsp" or "synthetic".
         pairs_per_context: pairs drawn per context (per subpopulation for the synthetic generator).
         train_per_context: of those, the training pairs; the others are evaluation (adaptation and test) pairs.
         max_length: real pairs whose longer sequence (context included) exceeds this many tokens are left out.
         candidate_pairs: real pairs read before filtering (a seeded uniform sample; None reads every pair).
         num_subpopulations: M of the synthetic generator.
         train_rater_follows_topic: synthetic training pairs are rated by the subpopulation owning the prompt's topic.
+        train_queries: dsp: queries whose pairs train (the other kept queries are evaluation queries).
     """
 
     source: str
@@ -56,8 +65,15 @@ class PoolSpec:
     candidate_pairs: int | None = None
     num_subpopulations: int = 8
     train_rater_follows_topic: bool = False
+    train_queries: int = 0
 
     def describe(self) -> str:
+        if self.source == "dsp":
+            return (
+                f"DSP: queries whose every sequence fits in {self.max_length} tokens (context included), "
+                f"{self.train_queries} of them training queries (seed {POOL_SEED}), the rest evaluation queries; 16 "
+                "pairs per query (4 per domain context)"
+            )
         if self.source == "synthetic":
             raters = "; training pairs rated by the subpopulation owning the prompt's topic" * self.train_rater_follows_topic
             return (
@@ -80,6 +96,8 @@ def load_pool_dataset(
     """
     if spec.source == "synthetic" and spec.train_rater_follows_topic:
         return draw_topic_rated_synthetic_pool(spec)
+    if spec.source == "dsp":
+        return draw_dsp_pool(spec, tokenizer, context_template, data_dir)
     pairs = draw_pool_pairs(spec, tokenizer, context_template, data_dir)
     parts = split_by_context(
         pairs,
@@ -138,3 +156,26 @@ def draw_pool_pairs(
     lengths = longest_sequence_lengths(tokenized)
     short = candidates.select([i for i, length in enumerate(lengths) if length <= spec.max_length])
     return take_per_context(short, spec.pairs_per_context, context_column="context_id", seed=POOL_SEED)
+
+
+def draw_dsp_pool(
+    spec: PoolSpec, tokenizer: PreTrainedTokenizerBase, context_template: str, data_dir: str | None = None
+) -> tuple[Dataset, int]:
+    """DSP pairs of the evaluation queries (with a held-out wording of each context too), then of the training queries."""
+    items = load_dsp_queries(data_dir)
+    pairs = dsp_pairs(items, range(len(items)), seed=POOL_SEED)
+    tokenized = tokenize_pairs(pairs, tokenizer, context_template, "context")
+    longest: dict[int, int] = {}
+    for query, length in zip(pairs["query_id"], longest_sequence_lengths(tokenized)):
+        longest[query] = max(longest.get(query, 0), length)
+    kept = [query for query, length in sorted(longest.items()) if length <= spec.max_length]
+    if len(kept) <= spec.train_queries:
+        raise ValueError(f"Only {len(kept)} DSP queries fit in {spec.max_length} tokens; lower train_queries.")
+    random.Random(POOL_SEED).shuffle(kept)
+    train, evaluation = sorted(kept[: spec.train_queries]), sorted(kept[spec.train_queries :])
+    evaluation_pairs = dsp_pairs(items, evaluation, seed=POOL_SEED)
+    unseen = dsp_pairs(items, evaluation, HELD_OUT_WORDINGS, seed=POOL_SEED + 1)
+    evaluation_pairs = evaluation_pairs.add_column(UNSEEN_CONTEXT_COLUMN, unseen["context"])
+    train_pairs = dsp_pairs(items, train, seed=POOL_SEED)
+    train_pairs = train_pairs.add_column(UNSEEN_CONTEXT_COLUMN, train_pairs["context"])  # never scored with it
+    return concatenate_datasets([evaluation_pairs, train_pairs]), len(evaluation_pairs)

@@ -52,7 +52,7 @@ from benchmarks.comparison import (  # noqa: E402
 )
 from benchmarks.study_metrics import best_head_accuracy, best_heads, gap_closed  # noqa: E402
 from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
-from trl_micro.online_router import routed_margins  # noqa: E402
+from trl_micro.context_adaptation import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 

@@ -60,15 +60,20 @@ def make_conflicting_pairs(num_pairs: int, seed: int = 0, conversational: bool =
     return Dataset.from_list(rows)
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def tokenizer_corpus() -> list[str]:
+    """The texts the tests' tokenizer is trained on (the same tokenizer in every process that trains it)."""
     corpus = []
     for texts in STYLES.values():
         corpus += texts
     corpus += list(CONTEXTS.values())
     corpus += [f"Question number {i}: how do I cook rice fix a bike learn chess?" for i in range(50)]
     corpus += ["\n\nHuman: hello\n\nAssistant: hi there", "user assistant system"]
-    return build_tiny_tokenizer(corpus * 4)
+    return corpus * 4
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer(tokenizer_corpus())
 
 
 @pytest.fixture()

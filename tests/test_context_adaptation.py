@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from trl_micro import ContextAdaptation, OnlineRouter, ResidualHeads, adapt_to_contexts
-from trl_micro.online_router import fit_online_router, routed_margins, router_priors
-from trl_micro.residual_heads import fit_residual_heads
+from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
 from trl_micro.scoring import PairScores
 
 

@@ -1,6 +1,8 @@
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as hf_logging
 
 import trl_micro  # noqa: F401  (registers the Auto classes)
 from trl_micro import MiCRoConfig, MiCRoRewardModel
@@ -143,6 +145,47 @@ def test_heads_stay_float32_under_bf16(model, tmp_path, tokenizer):
     input_ids, attention_mask, prompt_lengths = encode_batch(tokenizer, PROMPTS, COMPLETIONS)
     out = loaded(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths)
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("router_type", ["linear", "mlp", "static"])
+def test_heads_and_router_stay_float32_when_the_model_is_cast(tokenizer, router_type):
+    kwargs = {"use_router": False} if router_type == "static" else {"router_type": router_type}
+    model = build_tiny_micro_model(tokenizer, num_heads=3, **kwargs).eval()
+    input_ids, attention_mask, prompt_lengths = encode_batch(tokenizer, PROMPTS, COMPLETIONS)
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths).logits
+    float32 = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("backbone.")}
+    for cast, low in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                      (lambda m: m.to("cpu", dtype=torch.bfloat16), torch.bfloat16),
+                      (lambda m: m.bfloat16(), torch.bfloat16)):
+        model.float()
+        assert cast(model) is model
+        assert model.backbone.embed_tokens.weight.dtype == low
+        for name, parameter in model.named_parameters():
+            if not name.startswith("backbone."):  # float32, and not rounded through the low precision on the way
+                assert parameter.dtype == torch.float32 and torch.equal(parameter, float32[name]), name
+    model.to(torch.bfloat16)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths)
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, expected, rtol=0.1, atol=0.05)
+    model.to(torch.float64)  # a cast up applies to every module
+    assert model.heads.weight.dtype == torch.float64 and model.backbone.embed_tokens.weight.dtype == torch.float64
+
+
+def test_from_pretrained_says_nothing_about_model_types(model, tmp_path):
+    """Loading a MiCRo checkpoint printed transformers' "a model of type `micro` ... of type ``" warning every time."""
+    model.save_pretrained(tmp_path)
+    with CaptureLogger(hf_logging.get_logger("transformers")) as captured:
+        MiCRoRewardModel.from_pretrained(tmp_path)
+        hf_logging.get_logger("transformers.configuration_utils").warning("still captured")
+    assert "still captured" in captured.out and "to instantiate a model of type" not in captured.out
+
+
+def test_missing_model_paths_are_named(tmp_path):
+    missing = str(tmp_path / "no" / "such-model")
+    with pytest.raises(ValueError, match="`model`: there is no model directory at .*such-model"):
+        MiCRoRewardModel.from_pretrained(missing)
+    with pytest.raises(ValueError, match="`backbone`: there is no model directory at .*such-model"):
+        MiCRoRewardModel.from_backbone(missing)
 
 
 def test_from_backbone_and_static_mixture(tokenizer, tmp_path):

@@ -87,7 +87,7 @@ def test_modeling_files_import_only_each_other():
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
                 assert all(module.split(".")[0] in {"__future__", "os", "warnings", "dataclasses", "typing", "torch",
-                                                    "transformers"} for module in modules), (name, modules)
+                                                    "transformers", "huggingface_hub"} for module in modules), (name, modules)
 
 
 def test_checkpoint_loads_without_trl_micro_and_scores_the_same(

@@ -115,6 +115,20 @@ def test_rewards_add_each_users_residual_and_nothing_for_the_others():
         residuals.rewards(["alice", "bob", None], features[:, :8])
 
 
+def test_integer_and_string_ids_are_one_user():
+    generator = torch.Generator().manual_seed(8)
+    residuals = ResidualHeads(HIDDEN, l2=1.0)
+    residuals.fit(17, *labelled_pairs(generator, unit(generator), 6))
+    assert residuals.users() == ["17"] and 17 in residuals and "17" in residuals and None not in residuals
+    features = torch.randn(3, HIDDEN, generator=generator)
+    rewards = residuals.rewards([17, "17", None], features)
+    assert rewards[0] != 0 and rewards[2] == 0
+    torch.testing.assert_close(rewards[0], (features[0].double() @ residuals.residual("17")).float())
+    torch.testing.assert_close(residuals.rewards(["17"], features[1:2])[0], rewards[1])
+    with pytest.raises(TypeError, match=r"`user_ids\[1\]` must be a str or an int"):
+        residuals.rewards(["17", 1.5, None], features)
+
+
 # ------------------------------------------------------------------------------------------------------------- store
 def test_save_and_load_round_trip(tmp_path):
     generator = torch.Generator().manual_seed(5)
@@ -154,6 +168,31 @@ def test_load_rejects_other_models_and_corrupt_files(tmp_path):
         ResidualHeads.load(tmp_path / "router.json")
 
 
+def test_merge_keeps_every_writers_users(tmp_path):
+    """Two writers of one store fit their own users and save with merge=True: the store keeps all of them."""
+    generator = torch.Generator().manual_seed(9)
+    path = tmp_path / "residuals.json"
+    base = ResidualHeads(HIDDEN, l2=1.0, model_fingerprint="rm-1")
+    base.fit("carol", *labelled_pairs(generator, unit(generator), 4))
+    base.save(path)
+    writer_a, writer_b = ResidualHeads.load(path), ResidualHeads.load(path)
+    writer_a.fit("alice", *labelled_pairs(generator, unit(generator), 5))
+    writer_b.fit("bob", *labelled_pairs(generator, unit(generator), 6))
+    writer_b.fit("carol", *labelled_pairs(generator, unit(generator), 7))  # a refit replaces the stored residual
+    writer_a.save(path, merge=True)
+    writer_b.save(path, merge=True)
+    stored = ResidualHeads.load(path)
+    assert sorted(stored.users()) == ["alice", "bob", "carol"]
+    for user_id, writer in (("alice", writer_a), ("bob", writer_b), ("carol", writer_b)):
+        torch.testing.assert_close(stored.residual(user_id), writer.residual(user_id), rtol=0, atol=0)
+    assert stored.num_pairs("carol") == 7 and sorted(writer_b.users()) == ["alice", "bob", "carol"]
+    other = ResidualHeads(HIDDEN, l2=1.0, model_fingerprint="rm-2")
+    other.fit("dave", *labelled_pairs(generator, unit(generator), 4))
+    with pytest.raises(ValueError, match="Cannot merge into the residual-head store.*model_fingerprint='rm-1'"):
+        other.save(path, merge=True)
+    assert sorted(ResidualHeads.load(path).users()) == ["alice", "bob", "carol"]
+
+
 # --------------------------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_named_and_changes_nothing():
     generator = torch.Generator().manual_seed(7)
@@ -169,8 +208,9 @@ def test_bad_input_is_named_and_changes_nothing():
         residuals.fit("alice", margins.clone().fill_(float("nan")), deltas)
     with pytest.raises(ValueError, match="fewer than cv_folds=4.*fixed `l2`"):
         residuals.fit("alice", margins[:3], deltas[:3])
-    with pytest.raises(TypeError, match="must be a str"):
-        residuals.fit(7, margins, deltas)
+    for bad_id in (7.0, None, False):
+        with pytest.raises(TypeError, match="`user_id` must be a str or an int"):
+            residuals.fit(bad_id, margins, deltas)
     torch.testing.assert_close(residuals.residual("alice"), before, rtol=0, atol=0)
     with pytest.raises(KeyError, match="No residual head for user 'bob'"):
         residuals.residual("bob")

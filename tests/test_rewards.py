@@ -1,5 +1,8 @@
 """MiCRoReward inside TRL's GRPO and RLOO trainers, the by-path drop-in, and bad input."""
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
@@ -101,6 +104,35 @@ def test_residual_heads_correct_their_users_rewards_only(reward_checkpoint, tmp_
     torch.testing.assert_close(scores["residual_rewards"], torch.tensor([correction, 0.0]))
     torch.testing.assert_close(scores["rewards"], plain["rewards"].repeat(2) + torch.tensor([correction, 0.0]))
     torch.testing.assert_close(scores["mixture_weights"], plain["mixture_weights"].repeat(2, 1))
+
+
+def test_integer_user_ids_find_the_stores_eval_writes(reward_checkpoint, tmp_path, caplog):
+    """An int `context_id` column reaches stores keyed by str(context_id), as `trl-micro eval` saves them; rows of users
+    the stores do not know are counted in the logged metrics and named in a warning."""
+    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.hidden_size
+    router = OnlineRouter(num_heads=2)
+    router.update("17", torch.tensor([[8.0, -8.0]] * 5))
+    router.save(tmp_path / "online_router.json")
+    residuals = ResidualHeads(hidden, l2=0.1)
+    residuals.fit("17", torch.zeros(8), torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)))
+    residuals.save(tmp_path / "residual_heads.json")
+    reward = MiCRoReward.from_pretrained(reward_checkpoint, context_column=None, user_column="context_id",
+                                         online_router=tmp_path / "online_router.json",
+                                         residual_heads=tmp_path / "residual_heads.json")
+    prompt, completion = chat("user", "Question number 2: how do I fix a bike?"), chat("assistant", SHORT)
+    logged = {}
+    with caplog.at_level(logging.WARNING, logger="trl_micro"):
+        rewards = reward(prompts=[prompt] * 3, completions=[completion] * 3, context_id=[17, np.int64(17), 99],
+                         log_metric=logged.__setitem__)
+    by_string = reward.score([prompt], [completion], users=["17"])
+    assert rewards[0] == pytest.approx(by_string["rewards"][0].item(), abs=1e-5) and rewards[1] == rewards[0]
+    assert by_string["online_routed"].tolist() == [True] and by_string["mixture_weights"][0, 0] > 0.99
+    unknown = reward.score([prompt], [completion])["rewards"][0].item()  # routed by the model's router, no residual
+    assert rewards[2] == pytest.approx(unknown, abs=1e-5) and abs(rewards[0] - unknown) > 1e-3
+    assert logged["micro/fallback_rows"] == 1.0 and logged["micro/rows_without_residual"] == 1.0
+    assert "1 of 3 rows have a user that the OnlineRouter does not know (e.g. '99'" in caplog.text
+    with pytest.raises(TypeError, match=r"`context_id\[0\]` must be a str or an int"):
+        reward(prompts=[prompt], completions=[completion], context_id=[17.0])
 
 
 def test_residual_heads_of_another_backbone_or_without_users_are_refused(reward_checkpoint):
@@ -222,6 +254,28 @@ def test_non_micro_checkpoints_are_refused(tokenizer, tmp_path):
         MiCRoReward(torch.nn.Linear(2, 2), tokenizer)
     with pytest.raises(ValueError, match="pass one of them too"):
         MiCRoReward(build_tiny_micro_model(tokenizer), tokenizer, user_column="user")
+
+
+PROMPT, COMPLETION = chat("user", "Hi?"), chat("assistant", SHORT)
+BAD_CALLS = {
+    "None prompt": (dict(prompts=[PROMPT, None], completions=[COMPLETION] * 2),
+                    r"`prompts\[1\]` is NoneType None: every prompt and completion"),
+    "None completion": (dict(prompts=[PROMPT], completions=[None]), r"`completions\[0\]` is NoneType None"),
+    "zero rows": (dict(prompts=[], completions=[]), "no rows: `prompts` and `completions` are empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_calls_name_the_field(reward_checkpoint, case):
+    call, message = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=message):
+        MiCRoReward.from_pretrained(reward_checkpoint, context_column=None)(**call)
+
+
+@pytest.mark.parametrize("max_length", [0, -5, 2.5])
+def test_max_length_must_be_a_positive_integer(reward_checkpoint, max_length):
+    with pytest.raises(ValueError, match="`max_length` must be an integer >= 1"):
+        MiCRoReward.from_pretrained(reward_checkpoint, max_length=max_length)
 
 
 def test_logged_groups_are_capped(reward_checkpoint):

@@ -216,9 +216,27 @@ def test_invalid_updates():
         router.update("u", torch.tensor([[1.0, 0.0, 0.0, 0.0], [float("inf"), 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="prior"):
         router.update("u", torch.ones(K), prior=torch.zeros(K) + 1.0)
-    with pytest.raises(TypeError, match="user_id"):
-        router.update(7, torch.ones(K))
+    for bad_id in (7.0, True, None, b"7"):
+        with pytest.raises(TypeError, match="`user_id` must be a str or an int"):
+            router.update(bad_id, torch.ones(K))
+    with pytest.raises(TypeError, match=r"`user_ids\[1\]` must be a str or an int"):
+        router.update_many(["a", 2.5], torch.ones(2, K))
     assert len(router) == 0  # nothing was half-applied
+
+
+def test_integer_and_string_ids_are_one_user():
+    """The one id rule: 17, np.int64(17) and "17" name the same user everywhere (the store keys it "17")."""
+    router = OnlineRouter(K)
+    router.update(17, [2.0, -1.0, 0.5, 0.0])
+    router.update_many([np.int64(17), "17", 18], torch.tensor([[1.0, 0.0, -2.0, 0.5]] * 3))
+    assert router.users() == ["17", "18"] and router.num_updates("17") == 3 and router.num_updates(17) == 3
+    assert 17 in router and np.int32(17) in router and "17" in router and None not in router
+    torch.testing.assert_close(router.weights(np.int64(17)), router.weights("17"))
+    reference = OnlineRouter(K)
+    reference.update("17", torch.tensor([[2.0, -1.0, 0.5, 0.0], [1.0, 0.0, -2.0, 0.5], [1.0, 0.0, -2.0, 0.5]]))
+    torch.testing.assert_close(router.weights("17"), reference.weights("17"))
+    router.reset(17)
+    assert "17" not in router
 
 
 # ---------------------------------------------------------------------------------------------------------- persistence
@@ -257,7 +275,7 @@ def test_save_load_round_trip(tmp_path):
     router.update("user-7", [1.0, 2.0, -3.0, 0.5])
     loaded.update("user-7", [1.0, 2.0, -3.0, 0.5])
     assert torch.equal(loaded.weights("user-7"), router.weights("user-7"))
-    assert sorted(os.listdir(tmp_path)) == ["routing.json"]
+    assert sorted(os.listdir(tmp_path)) == ["routing.json", "routing.json.lock"]  # the store and its writers' lock
 
 
 def test_ten_thousand_users_save_and_load_quickly(tmp_path):
@@ -287,7 +305,7 @@ def test_crash_during_save_keeps_the_previous_store(tmp_path, monkeypatch, faili
         new.save(path)
     monkeypatch.undo()
     assert_same_router(OnlineRouter.load(path), old)
-    assert sorted(os.listdir(tmp_path)) == ["routing.json"]  # no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["routing.json", "routing.json.lock"]  # no temporary file left behind
 
 
 def test_truncated_or_corrupt_store_is_a_clear_error(tmp_path):
@@ -309,6 +327,18 @@ def test_truncated_or_corrupt_store_is_a_clear_error(tmp_path):
         OnlineRouter.load(path)
 
 
+def test_unnormalized_weights_in_a_store_are_refused(tmp_path):
+    path = tmp_path / "routing.json"
+    populated_router(4).save(path)
+    payload = json.loads(path.read_text())
+    for field in ("log_weights", "log_prior"):
+        edited = json.loads(json.dumps(payload))
+        edited["users"]["user-2"][field] = [value + 0.5 for value in edited["users"]["user-2"][field]]  # sum e^0.5
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=rf"corrupt.*{field} of user 'user-2' are not normalized.*1\.6487"):
+            OnlineRouter.load(path)
+
+
 def test_store_of_another_model_is_refused(tmp_path):
     path = tmp_path / "routing.json"
     populated_router(5, model_fingerprint="model-a").save(path)
@@ -317,6 +347,63 @@ def test_store_of_another_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'model-a'.*'model-b'"):
         OnlineRouter.load(path, expected_fingerprint="model-b")
     assert len(OnlineRouter.load(path, expected_num_heads=K, expected_fingerprint="model-a")) == 5
+
+
+# -------------------------------------------------------------------------------------------------- several writers
+def test_merge_replays_each_writers_comparisons_on_the_store(tmp_path):
+    """
+    Two writers load one store, each applies its own comparisons (to a shared user and to a user of its own), and both
+    save with merge=True: the store ends as if every comparison had been applied in the order the writers saved,
+    forgetting included; each writer then holds the merged store.
+    """
+    generator = torch.Generator().manual_seed(5)
+    path = tmp_path / "routing.json"
+    prior = random_prior(generator)
+    first_deltas, a_deltas, b_deltas = (2 * torch.randn(n, K, generator=generator) for n in (3, 4, 5))
+    start = OnlineRouter(K, forgetting=0.8)
+    start.update("shared", first_deltas, prior=prior)
+    start.save(path)
+    writer_a, writer_b = OnlineRouter.load(path), OnlineRouter.load(path)
+    writer_a.update("shared", a_deltas)
+    writer_a.update("only-a", a_deltas[:2])
+    writer_b.update("shared", b_deltas)
+    writer_b.update("only-b", b_deltas[:3], prior=prior)
+    writer_a.save(path, merge=True)
+    writer_b.save(path, merge=True)
+
+    sequential = OnlineRouter(K, forgetting=0.8)
+    sequential.update("shared", torch.cat([first_deltas, a_deltas, b_deltas]), prior=prior)
+    sequential.update("only-a", a_deltas[:2])
+    sequential.update("only-b", b_deltas[:3], prior=prior)
+    stored = OnlineRouter.load(path)
+    assert sorted(stored.users()) == ["only-a", "only-b", "shared"]
+    for user_id in stored.users():
+        torch.testing.assert_close(
+            stored.weights(user_id, dtype=torch.float64), sequential.weights(user_id, dtype=torch.float64),
+            rtol=1e-10, atol=1e-12,
+        )
+        assert stored.num_updates(user_id) == sequential.num_updates(user_id)
+    torch.testing.assert_close(stored._states["shared"].log_prior, sequential._states["shared"].log_prior)
+    assert_same_router(writer_b, stored)  # the last writer holds the store
+    assert sorted(writer_a.users()) == ["only-a", "shared"]  # the first one, the store as it saved it
+
+    writer_a.reset("only-a")  # a reset is merged too: the user leaves the store
+    writer_a.save(path, merge=True)
+    assert sorted(OnlineRouter.load(path).users()) == ["only-b", "shared"]
+
+
+def test_merge_refuses_a_store_of_other_settings_and_changes_nothing(tmp_path):
+    path = tmp_path / "routing.json"
+    populated_router(3, eta=0.5).save(path)
+    before = path.read_bytes()
+    router = OnlineRouter(K, eta=1.0)
+    router.update("user-1", [1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"Cannot merge into the routing store .* eta=0\.5, this one eta=1\.0"):
+        router.save(path, merge=True)
+    assert path.read_bytes() == before and router.num_updates("user-1") == 1
+    fresh = tmp_path / "new" / "routing.json"  # a missing store is created
+    router.save(fresh, merge=True)
+    assert OnlineRouter.load(fresh).users() == ["user-1"]
 
 
 def test_accepts_tensors_that_require_grad_and_other_dtypes():

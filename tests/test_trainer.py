@@ -1,9 +1,12 @@
+import logging
+
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
+from trl_micro.data_utils import pair_labels, tokenize_preference_example
 from trl_micro.testing_utils import build_tiny_micro_model
 
 from .conftest import make_conflicting_pairs
@@ -77,7 +80,7 @@ def test_feature_cache_matches_the_slow_path(tokenizer, tmp_path):
     for name, value in results[False][0].items():
         torch.testing.assert_close(results[True][0][name], value, rtol=1e-4, atol=1e-5)
     assert results[True][1] == pytest.approx(results[False][1], rel=1e-4)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 1  # one segment in the backbone's folder
 
 
 def test_frozen_backbone_trains_only_heads_and_router(tokenizer, tmp_path):
@@ -161,3 +164,71 @@ def test_overlong_pairs_are_dropped(tokenizer, tmp_path):
                                  train_dataset=data, processing_class=tokenizer)
     assert 0 < len(trainer.train_dataset) < len(data)
     assert all(len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length for r in trainer.train_dataset)
+
+
+def test_streaming_dataset_trains_with_a_frozen_backbone(tokenizer, tmp_path, caplog):
+    """The feature cache (on by default) cannot cache a stream: the trainer runs the backbone every step instead."""
+    model = build_tiny_micro_model(tokenizer, num_heads=2)
+    heads_before = model.heads.weight.detach().clone()
+    args = make_args(tmp_path, freeze_backbone=True, max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="trl_micro"):
+        trainer = MiCRoRewardTrainer(model=model, args=args, train_dataset=make_conflicting_pairs(16).to_iterable_dataset(),
+                                     processing_class=tokenizer)
+    assert "Feature cache off: a streaming IterableDataset" in caplog.text
+    trainer.train()
+    assert trainer.state.global_step == 2 and not torch.equal(model.heads.weight, heads_before)
+    assert not list((tmp_path / "cache").glob("*"))  # nothing was cached
+
+
+def train_on(rows, tokenizer, tmp_path, **overrides):
+    data = rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
+    return MiCRoRewardTrainer(model=build_tiny_micro_model(tokenizer), args=make_args(tmp_path, **overrides),
+                              train_dataset=data, processing_class=tokenizer)
+
+
+BAD_DATA = {
+    "int chosen": ([{"prompt": "Question?", "chosen": 3, "rejected": 4}] * 2,
+                   r"Row 0: `chosen` must be text or a list of chat messages, got int 3"),
+    "margin None": ([{"prompt": "Q?", "chosen": "Sure.", "rejected": "Ok.", "margin": m} for m in (1.0, None)],
+                    r"Row 1 of the train dataset: `margin` is NoneType None"),
+    "margin string": ([{"prompt": "Q?", "chosen": "Sure.", "rejected": "Ok.", "margin": "1.0"}] * 2,
+                      r"Row 0 of the train dataset: `margin` is str '1.0'"),
+    "empty dataset": (Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}), "The train dataset is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_named_by_row_and_column(tokenizer, tmp_path, case):
+    rows, message = BAD_DATA[case]
+    with pytest.raises(ValueError, match=message):
+        train_on(rows, tokenizer, tmp_path)
+
+
+def test_bad_values_met_later_are_named_too(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"Row 1 of a batch: `margin` is float nan"):  # a stream is checked per batch
+        pair_labels([{"margin": 1.0}, {"margin": float("nan")}])
+    implicit = {"chosen": "\n\nHuman: hi\n\nAssistant: Sure.", "rejected": "\n\nHuman: hi\n\nAssistant: Sure."}
+    with pytest.raises(ValueError, match="Row 5: `chosen` and `rejected` are identical"):  # scoring an identical pair
+        tokenize_preference_example(implicit, 5, tokenizer, "{context}\n\n", None, "\n\nAssistant:")
+
+
+def test_missing_model_path_is_named(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="`model`: there is no model directory at .*such-model"):
+        MiCRoRewardTrainer(model=str(tmp_path / "no" / "such-model"), args=make_args(tmp_path),
+                           train_dataset=make_conflicting_pairs(4), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("implicit_prompt", [False, True])
+def test_identical_pairs_are_dropped_with_a_count(tokenizer, tmp_path, caplog, implicit_prompt):
+    rows = make_conflicting_pairs(8).remove_columns(["context", "taste"]).to_list()
+    if implicit_prompt:
+        rows = [{"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]} for row in rows]
+    for index in (1, 4):
+        rows[index]["rejected"] = rows[index]["chosen"]
+    with caplog.at_level(logging.WARNING, logger="trl_micro"):
+        trainer = train_on(rows, tokenizer, tmp_path, prompt_marker="\n" if implicit_prompt else None)
+    assert len(trainer.train_dataset) == 6
+    assert "Dropped 2 of 8 train pairs identical (`chosen` == `rejected`)" in caplog.text
+    trainer.train()
+    with pytest.raises(ValueError, match=r"Every pair of the train dataset is identical \(`chosen` == `rejected`\)"):
+        train_on([{**row, "rejected": row["chosen"]} for row in rows], tokenizer, tmp_path)

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .online_router import OnlineRouter, fit_online_router, routed_margins, router_priors
-from .residual_heads import ResidualHeads, fit_residual_heads
+from .online_router import OnlineRouter
+from .residual_heads import ResidualHeads
 from .scoring import PairScores
+from .user_stores import normalize_user_id
 
 ONLINE_ROUTER_STORE = "online_router.json"
 RESIDUAL_HEADS_STORE = "residual_heads.json"
@@ -68,7 +69,7 @@ def adapt_to_contexts(
     Fit online routing and residual heads per context from a few labelled pairs (see the module docstring).
 
     Args:
-        contexts (`Sequence[str]`): each pair's context (or user) id.
+        contexts (`Sequence[str]`): each pair's context (or user) id (an int is read as its decimal string).
         scores ([`PairScores`]): the pairs scored by the Stage 1 model (`score_preference_pairs`).
         prior_weights (`(N, K)`, *optional*): router weights to average into each context's prior; defaults to the
             model router's weights in `scores`. Pass a uniform `(N, K)` tensor for no prior (HyRe's reweighting).
@@ -78,7 +79,7 @@ def adapt_to_contexts(
             with fewer pairs).
         model_fingerprint (`str`, *optional*): saved with the stores, checked when they are loaded.
     """
-    contexts = list(contexts)
+    contexts = [normalize_user_id(context, f"contexts[{row}]") for row, context in enumerate(contexts)]
     if len(contexts) != scores.head_margins.shape[0]:
         raise ValueError(f"{len(contexts)} context ids for {scores.head_margins.shape[0]} scored pairs.")
     if not contexts:
@@ -99,3 +100,59 @@ def adapt_to_contexts(
             router, contexts, scores.head_margins, scores.feature_deltas, cv_folds, model_fingerprint
         )
     return ContextAdaptation(router, residuals)
+
+
+# ---------------------------------------------------------------------------------------------------- the pieces
+def router_priors(contexts: Sequence[str], mixture_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`{context: prior}`: the mean of the router weights (N, K) over each context's rows, renormalized."""
+    priors = {}
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        mean = torch.as_tensor(mixture_weights)[rows].double().mean(dim=0)
+        priors[context] = mean / mean.sum()
+    return priors
+
+
+def fit_online_router(
+    contexts: Sequence[str],
+    head_margins: torch.Tensor,
+    priors: dict[str, torch.Tensor] | None = None,
+    eta: float = 1.0,
+    model_fingerprint: str | None = None,
+) -> OnlineRouter:
+    """
+    An [`OnlineRouter`] in which every context c has seen the head margins (N, K) of its labelled pairs (the rows whose
+    `contexts` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe's reweighting).
+    """
+    router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta, model_fingerprint=model_fingerprint)
+    for context in sorted(set(contexts)):
+        rows = [row for row, other in enumerate(contexts) if other == context]
+        router.update(context, head_margins[rows], prior=None if priors is None else priors[context])
+    return router
+
+
+def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
+    """Margins (N,) of pairs with head margins (N, K), weighted by `router`'s weights for each row's context."""
+    weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
+    return (weights * head_margins).sum(dim=-1)
+
+
+def fit_residual_heads(
+    router: OnlineRouter,
+    contexts: Sequence[str],
+    head_margins: torch.Tensor,
+    feature_deltas: torch.Tensor,
+    cv_folds: int = 4,
+    model_fingerprint: str | None = None,
+) -> ResidualHeads:
+    """
+    A [`ResidualHeads`] residual per context of `contexts` (one per row of head margins (N, K) and feature deltas
+    (N, hidden)), on top of `router`'s routed margins; lambda cross-validated with `cv_folds` folds, fewer when a
+    context has fewer pairs (at least 2).
+    """
+    fewest = min(list(contexts).count(context) for context in set(contexts))
+    residuals = ResidualHeads(
+        feature_deltas.shape[1], cv_folds=max(2, min(cv_folds, fewest)), model_fingerprint=model_fingerprint
+    )
+    residuals.fit_many(contexts, routed_margins(router, contexts, head_margins), feature_deltas)
+    return residuals

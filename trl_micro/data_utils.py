@@ -28,6 +28,8 @@ from trl.data_utils import is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
+from .user_stores import is_real_number
+
 Messages = list[dict[str, Any]]
 
 TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length")
@@ -155,13 +157,29 @@ def tokenize_preference_example(
     context_column: str | None,
     prompt_marker: str | None = None,
 ) -> dict[str, Any]:
-    """One preference example -> `chosen_ids`, `rejected_ids` and their prompt lengths. Raises on empty texts."""
+    """
+    One preference example -> `chosen_ids`, `rejected_ids` and their prompt lengths. Raises, naming the row and the
+    column, on a value that is neither text nor a list of messages, on empty texts, and on an implicit-prompt pair whose
+    two texts are identical (there is no response to split off).
+    """
     chosen, rejected = example["chosen"], example["rejected"]
-    if "prompt" in example and example["prompt"] is not None:
+    has_prompt = "prompt" in example and example["prompt"] is not None
+    for column in ("prompt", "chosen", "rejected") if has_prompt else ("chosen", "rejected"):
+        if not isinstance(example[column], (str, list)):
+            raise ValueError(
+                f"Row {index}: `{column}` must be text or a list of chat messages, got "
+                f"{type(example[column]).__name__} {example[column]!r}. Fix the column or drop this row."
+            )
+    if has_prompt:
         prompt = example["prompt"]
         if is_conversational({"chosen": chosen}) and not isinstance(prompt, list):
             raise ValueError(f"Row {index}: `prompt` is text but `chosen` is a conversation; use one format.")
     else:
+        if chosen == rejected:
+            raise ValueError(
+                f"Row {index}: `chosen` and `rejected` are identical, so there is no response to tell from the "
+                "implicit prompt (and no preference). Drop this row."
+            )
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, prompt_marker)
     for column, value in (("chosen", chosen), ("rejected", rejected)):
         if value is None or _content_is_empty(value):
@@ -226,10 +244,22 @@ def context_indices(contexts: Sequence[str]) -> list[int]:
     return [ids[context] for context in contexts]
 
 
+def check_margins(margins: Iterable, source: str = "the train dataset") -> None:
+    """Every value of a `margin` column must be a finite number; the error names the first row that is not."""
+    for row, margin in enumerate(margins):
+        if not is_real_number(margin) or not np.isfinite(margin):
+            raise ValueError(
+                f"Row {row} of {source}: `margin` is {type(margin).__name__} {margin!r}; the "
+                "`margin` column holds a finite number for every pair (how much `chosen` is preferred). Fill it in, "
+                "or remove the column to train without margins."
+            )
+
+
 def pair_labels(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """The per-pair values a batch carries besides the sequences: `margin` (float) and `context_index` (int)."""
     labels = {}
     if "margin" in examples[0]:
+        check_margins([example["margin"] for example in examples], "a batch")
         labels["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
     if "context_index" in examples[0]:
         labels["context_index"] = torch.tensor([example["context_index"] for example in examples], dtype=torch.long)

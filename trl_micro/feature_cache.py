@@ -1,31 +1,52 @@
-"""
-Frozen-backbone feature cache.
+r"""
+Frozen-backbone features, stored once per distinct sequence.
 
-When the backbone is frozen, each pair's backbone features never change: the chosen and rejected sequences' last-token
-hidden states and the last prompt token's hidden state. They are computed once (sorted by length so batches carry
-little padding), saved as safetensors under a key made of the backbone's fingerprint and the tokenized data's
-fingerprint, and every epoch after that trains heads and router on them, without running the backbone.
+With a frozen backbone the features of a sequence never change: h(x, y), the last hidden state at its last token (what
+the heads read), and h(x), the last hidden state at its last prompt token (what the router reads). They are computed
+once per distinct sequence, keyed by
+
+    key = sha256(token ids, prompt length)        within a folder named by the backbone's fingerprint,
+
+so a response that appears in several pairs, splits or datasets (the trainers, `trl-micro eval`, the benchmarks) runs
+through the backbone once, and a dataset that grows computes only its new sequences. Sequences are batched by length,
+so batches carry little padding.
+
+On disk, `<root>/<fingerprint>/<segment>.safetensors`: each segment holds the features of a batch of new sequences
+(float32 tensors `reward` and `router`, (n, hidden)) with, in its metadata, their keys and a SHA-256 of the tensor
+bytes. A segment is written to a temporary file and renamed into place, so no reader sees half of one, and every
+writer writes segments of its own, so two processes filling one store lose nothing (a sequence both computed is
+stored twice, with the same features). Every segment is checked when read (its header, shapes, hash and finiteness);
+one that fails is named in a warning, deleted, and its sequences are computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .data_utils import TOKENIZED_COLUMNS, pad_right, pair_labels
+from .data_utils import pad_right, pair_labels
+
+logger = logging.getLogger(__name__)
 
 FEATURE_NAMES = ("chosen_reward", "rejected_reward", "router")
-
-
 CACHE_ENV_VAR = "TRL_MICRO_CACHE"
+SEGMENT_FORMAT = "trl-micro-features-v1"
+
+TokenSequence = tuple[Sequence[int], int]  # (token ids, number of prompt tokens)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -52,77 +73,200 @@ def backbone_fingerprint(backbone: torch.nn.Module, samples_per_tensor: int = 40
     return digest.hexdigest()[:16]
 
 
-def dataset_fingerprint(dataset: Dataset, columns: tuple[str, ...]) -> str:
-    """Hash of the token ids and prompt lengths that the features are computed from."""
-    digest = hashlib.sha256()
-    table = dataset.with_format("arrow")[:]
-    for column in columns:
-        array = table.column(column).combine_chunks()
-        if hasattr(array, "offsets"):
-            digest.update(np.asarray(array.offsets).tobytes())
-            array = array.values
-        digest.update(np.asarray(array).tobytes())
-    return digest.hexdigest()[:16]
+def sequence_key(ids: Sequence[int], prompt_length: int) -> str:
+    """The store key of one sequence: its token ids and where its prompt ends."""
+    digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes())
+    digest.update(int(prompt_length).to_bytes(8, "little"))
+    return digest.hexdigest()[:32]
 
 
 @torch.no_grad()
-def compute_pair_features(model, dataset: Dataset, batch_size: int = 16, device=None, desc: str = "Backbone features"):
-    """Run the backbone over every pair once; returns {name: (N, hidden)} on the CPU, in the dataset's order."""
+def compute_sequence_features(
+    model, sequences: Sequence[TokenSequence], batch_size: int = 16, device=None, desc: str = "Backbone features"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backbone pass per sequence, batched by length: (reward features, router features), each (N, hidden), CPU."""
     device = device or next(model.parameters()).device
+    hidden = model.config.hidden_size
+    reward = torch.empty(len(sequences), hidden, dtype=torch.float32)
+    router = torch.empty(len(sequences), hidden, dtype=torch.float32)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     was_training = model.training
     model.eval()
-    sequences = [("chosen_ids", "chosen_prompt_length", "chosen_reward"), ("rejected_ids", "rejected_prompt_length", "rejected_reward")]
-    hidden = model.config.hidden_size
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not order):
+            rows = order[start : start + batch_size]
+            input_ids = pad_right([sequences[i][0] for i in rows], 0).to(device)
+            attention_mask = pad_right([[1] * len(sequences[i][0]) for i in rows], 0).to(device)
+            prompt_lengths = torch.tensor([sequences[i][1] for i in rows], device=device)
+            reward_features, router_features = model.compute_features(input_ids, attention_mask, prompt_lengths)
+            reward[rows] = reward_features.float().cpu()
+            router[rows] = router_features.float().cpu()
+    finally:
+        model.train(was_training)
+    return reward, router
+
+
+class FeatureStore:
+    """
+    The features of `model`'s backbone per distinct sequence, on disk under `root` (default
+    `$TRL_MICRO_CACHE/features`); see the module docstring.
+
+    Args:
+        model: a `MiCRoRewardModel` (only its backbone and `config.backbone_is_causal` matter).
+        root (`str` or `Path`, *optional*): the store's root folder.
+        segment_size (`int`, defaults to 1024): new sequences per segment file; a long computation is saved segment by
+            segment, so an interrupted one resumes where it stopped.
+
+    Attributes `num_computed` and `num_reused` count the distinct sequences of the last [`features`] call that ran
+    through the backbone and that were read from the store.
+    """
+
+    def __init__(self, model, root: str | os.PathLike | None = None, segment_size: int = 1024):
+        if segment_size < 1:
+            raise ValueError(f"FeatureStore.segment_size must be >= 1, got {segment_size}.")
+        self.model = model
+        fingerprint = backbone_fingerprint(model.backbone)
+        causal = "causal" if model.config.backbone_is_causal else "bidirectional"
+        self.directory = (Path(root) if root is not None else cache_root() / "features") / f"{fingerprint}-{causal}"
+        self.segment_size = segment_size
+        self.num_computed = self.num_reused = 0
+
+    def features(
+        self, sequences: Sequence[TokenSequence], batch_size: int = 16, device=None, desc: str = "Backbone features"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward features, router features), each (N, hidden) float32 on the CPU, of `sequences` in their order."""
+        keys = [sequence_key(ids, prompt_length) for ids, prompt_length in sequences]
+        first_row = {}
+        for row, key in enumerate(keys):
+            first_row.setdefault(key, row)
+        stored = self._read(set(first_row))
+        missing = [key for key in first_row if key not in stored]
+        for start in range(0, len(missing), self.segment_size):
+            chunk = missing[start : start + self.segment_size]
+            reward, router = compute_sequence_features(
+                self.model, [sequences[first_row[key]] for key in chunk], batch_size, device, desc
+            )
+            self._write(chunk, reward, router)
+            stored.update({key: (reward[i], router[i]) for i, key in enumerate(chunk)})
+        self.num_computed, self.num_reused = len(missing), len(first_row) - len(missing)
+        if not keys:
+            empty = torch.empty(0, self.model.config.hidden_size)
+            return empty, empty.clone()
+        return torch.stack([stored[key][0] for key in keys]), torch.stack([stored[key][1] for key in keys])
+
+    # ------------------------------------------------------------------------------------------------------ disk
+    def segments(self) -> list[Path]:
+        return sorted(self.directory.glob("*.safetensors"))
+
+    def _read(self, wanted: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The stored features of the keys in `wanted`; segments that fail their checks are dropped (with a warning)."""
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for path in self.segments():
+            if wanted.issubset(found):
+                break
+            try:
+                keys, reward, router = self._load_segment(path, wanted - set(found))
+            except FileNotFoundError:
+                continue  # deleted by another process meanwhile
+            except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
+                warnings.warn(f"Feature store: {path} is damaged ({error}); deleting it, its sequences are recomputed.")
+                path.unlink(missing_ok=True)
+                continue
+            found.update({key: (reward[i], router[i]) for i, key in enumerate(keys)})
+        return found
+
+    def _load_segment(self, path: Path, wanted: set[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The rows of `path` whose keys are in `wanted`, after checking the whole segment."""
+        with safe_open(str(path), framework="pt") as segment:
+            metadata = segment.metadata() or {}
+            if metadata.get("format") != SEGMENT_FORMAT:
+                raise ValueError(f"not a {SEGMENT_FORMAT} segment")
+            keys = json.loads(metadata["keys"])
+            if not any(key in wanted for key in keys):
+                return [], torch.empty(0), torch.empty(0)
+            reward, router = segment.get_tensor("reward"), segment.get_tensor("router")
+        hidden = self.model.config.hidden_size
+        if reward.shape != (len(keys), hidden) or router.shape != (len(keys), hidden):
+            raise ValueError(f"tensors of shape {tuple(reward.shape)}, expected ({len(keys)}, {hidden})")
+        if _digest(reward, router) != metadata["sha256"]:
+            raise ValueError("its data do not match their SHA-256")
+        if not (torch.isfinite(reward).all() and torch.isfinite(router).all()):
+            raise ValueError("it holds non-finite features")
+        rows = [i for i, key in enumerate(keys) if key in wanted]
+        return [keys[i] for i in rows], reward[rows], router[rows]
+
+    def _write(self, keys: list[str], reward: torch.Tensor, router: torch.Tensor) -> None:
+        """Save one segment atomically: a temporary file in the same folder, renamed into place; removed on failure."""
+        if not (torch.isfinite(reward).all() and torch.isfinite(router).all()):
+            raise ValueError(
+                "The backbone produced non-finite features (NaN or infinity); check the backbone's weights and dtype "
+                "(fp16 overflows on some models: load it in float32 or bfloat16)."
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": SEGMENT_FORMAT, "keys": json.dumps(keys), "sha256": _digest(reward, router)}
+        descriptor, temporary = tempfile.mkstemp(prefix=".segment-", suffix=".tmp", dir=self.directory)
+        os.close(descriptor)
+        try:
+            save_file({"reward": reward.contiguous(), "router": router.contiguous()}, temporary, metadata=metadata)
+            os.replace(temporary, self.directory / f"{uuid.uuid4().hex}.safetensors")
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+def _digest(reward: torch.Tensor, router: torch.Tensor) -> str:
+    digest = hashlib.sha256(reward.contiguous().numpy().tobytes())
+    digest.update(router.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------- pairs
+def pair_sequences(dataset: Dataset) -> list[TokenSequence]:
+    """The 2N sequences of N tokenized pairs: every chosen sequence, then every rejected one."""
+    return list(zip(dataset["chosen_ids"], dataset["chosen_prompt_length"])) + list(
+        zip(dataset["rejected_ids"], dataset["rejected_prompt_length"])
+    )
+
+
+def pair_features(
+    model,
+    dataset: Dataset,
+    cache_dir: str | os.PathLike | None = None,
+    use_store: bool = True,
+    batch_size: int = 16,
+    device=None,
+    desc: str = "Backbone features",
+) -> dict[str, torch.Tensor]:
+    """
+    `{chosen_reward, rejected_reward, router}`, each (N, hidden), of the N tokenized pairs of `dataset` (columns of
+    `data_utils.TOKENIZED_COLUMNS`); the router reads the chosen sequence's prompt. With `use_store`, through the
+    [`FeatureStore`] under `cache_dir` (default root when None); otherwise computed, each distinct sequence once.
+    """
+    sequences = pair_sequences(dataset)
+    if use_store:
+        store = FeatureStore(model, cache_dir)
+        reward, router = store.features(sequences, batch_size, device, desc)
+        logger.info(
+            "%s: %d distinct sequences computed, %d read from %s.", desc, store.num_computed, store.num_reused,
+            store.directory,
+        )
+    else:
+        keys = [sequence_key(*sequence) for sequence in sequences]
+        distinct = dict(zip(keys, sequences))
+        index = {key: row for row, key in enumerate(distinct)}
+        distinct_reward, distinct_router = compute_sequence_features(
+            model, list(distinct.values()), batch_size, device, desc
+        )
+        rows = torch.tensor([index[key] for key in keys], dtype=torch.long)
+        reward, router = distinct_reward[rows], distinct_router[rows]
     num_pairs = len(dataset)
-    features = {name: torch.empty(num_pairs, hidden, dtype=torch.float32) for name in FEATURE_NAMES}
-    total = 2 * -(-num_pairs // batch_size)
-    with tqdm(total=total, desc=desc, unit="batch") as progress:
-        for ids_column, length_column, name in sequences:
-            all_ids = dataset[ids_column]
-            all_lengths = dataset[length_column]
-            order = sorted(range(num_pairs), key=lambda i: len(all_ids[i]))
-            for start in range(0, num_pairs, batch_size):
-                rows = order[start : start + batch_size]
-                input_ids = pad_right([all_ids[i] for i in rows], 0).to(device)
-                attention_mask = pad_right([[1] * len(all_ids[i]) for i in rows], 0).to(device)
-                prompt_lengths = torch.tensor([all_lengths[i] for i in rows], device=device)
-                reward_features, router_features = model.compute_features(input_ids, attention_mask, prompt_lengths)
-                features[name][rows] = reward_features.float().cpu()
-                if name == "chosen_reward":
-                    features["router"][rows] = router_features.float().cpu()
-                progress.update(1)
-    model.train(was_training)
-    return features
-
-
-def load_or_compute_pair_features(
-    model, dataset: Dataset, cache_dir: str | os.PathLike | None = None, batch_size: int = 16, device=None, desc=None
-) -> tuple[dict[str, torch.Tensor], Path]:
-    """The cached features of `dataset` under `model`'s backbone, computing and saving them on a miss."""
-    key = {
-        "backbone": backbone_fingerprint(model.backbone),
-        "data": dataset_fingerprint(dataset, TOKENIZED_COLUMNS),
-        "causal": bool(model.config.backbone_is_causal),
-    }
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    root = Path(cache_dir) if cache_dir is not None else cache_root() / "features"
-    path = root / f"{name}.safetensors"
-    if path.exists():
-        features = load_file(str(path))
-        if set(features) == set(FEATURE_NAMES) and all(len(t) == len(dataset) for t in features.values()):
-            return features, path
-    features = compute_pair_features(model, dataset, batch_size=batch_size, device=device, desc=desc or "Backbone features")
-    root.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in features.items()}, str(temporary), metadata={"key": json.dumps(key)})
-    os.replace(temporary, path)
-    return features, path
+    return {"chosen_reward": reward[:num_pairs], "rejected_reward": reward[num_pairs:], "router": router[:num_pairs]}
 
 
 class CachedFeatureCollator:
     """
-    A bank of cached pair features and the collator that batches them by `pair_index`, laid out like token batches:
-    chosen rows first, then rejected rows. Each prepared dataset (train, eval) is appended to the bank.
+    A bank of pair features and the collator that batches them by `pair_index`, laid out like token batches: chosen
+    rows first, then rejected rows. Each prepared dataset (train, eval) is appended to the bank.
     """
 
     def __init__(self):

@@ -4,7 +4,7 @@ MiCRo reward model: one backbone, K linear Bradley-Terry heads and a router that
 For a prompt x and response y, with h(x, y) the backbone's last hidden state at the last token of the sequence and
 h(x) the hidden state at the last token of the prompt:
 
-    r_k(x, y) = u_k . h(x, y)                      (K heads, kept in float32)
+    r_k(x, y) = u_k . h(x, y)                      (K heads, kept in float32; so is the router)
     w(x)      = softmax(router(n(h(x))))           (router: linear or MLP; or one global vector, StaticMixture)
     r(x, y)   = sum_k w_k(x) r_k(x, y)             (the routed reward, `logits`)
 
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -124,12 +126,38 @@ def complete_sequence_endings(input_ids: torch.Tensor, attention_mask: torch.Ten
     return completed_ids, completed_mask
 
 
+def check_model_path(path: str | os.PathLike, field: str = "model") -> None:
+    """A `ValueError` naming `field` for a model path that is neither a local directory nor a Hub repo id."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ValueError(
+            f"`{field}`: there is no model directory at {path!r} (and it is not a Hub repo id, 'org/name'). Check the "
+            "path: it must be a folder with a config.json, as written by save_pretrained."
+        ) from None
+
+
+def checkpoint_config_dict(path: str | os.PathLike, field: str = "model") -> dict:
+    """The config.json of the checkpoint at `path`, as a dict (no config object is built)."""
+    check_model_path(path, field)
+    config_dict, _ = PreTrainedConfig.get_config_dict(os.fspath(path))
+    return config_dict
+
+
+def checkpoint_model_type(path: str | os.PathLike, field: str = "model") -> str | None:
+    """The `model_type` of the checkpoint at `path`, read from its config.json without building a config object."""
+    return checkpoint_config_dict(path, field).get("model_type")
+
+
 def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
     """
     Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked; a
     warning for one saved without its modeling code (which only trl_micro can load).
     """
-    saved, _ = PreTrainedConfig.get_config_dict(path)
+    saved = checkpoint_config_dict(path)
     if saved.get("model_type") != MiCRoConfig.model_type:
         raise ValueError(
             f"{path} is not a MiCRo checkpoint (model_type={saved.get('model_type')!r}). To start from this backbone, "
@@ -159,6 +187,23 @@ def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
                 )
 
 
+FLOAT32_MODULES = ("heads", "router")
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def keeping_float32(fn):
+    """`fn` (a tensor conversion of `Module._apply`) made to move floating tensors without lowering their precision."""
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            target = fn(tensor.new_empty(0))  # where and to what `fn` would take this tensor
+            if target.dtype in LOW_PRECISION_DTYPES:
+                return tensor.to(device=target.device)
+        return fn(tensor)
+
+    return convert
+
+
 class MiCRoPreTrainedModel(PreTrainedModel):
     config_class = MiCRoConfig
     base_model_prefix = "backbone"
@@ -167,7 +212,19 @@ class MiCRoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["heads", "router"]
+    _keep_in_fp32_modules_strict = list(FLOAT32_MODULES)
+
+    def _apply(self, fn, recurse=True):
+        """
+        `Module._apply`, behind `.to()`, `.half()`, `.bfloat16()`, `.cuda()`: heads and router are never cast to float16
+        or bfloat16 (transformers applies `_keep_in_fp32_modules_strict` only when loading, in `from_pretrained`), so
+        `model.to(torch.bfloat16)` gives a bfloat16 backbone and float32 heads and router, as
+        `from_pretrained(dtype=torch.bfloat16)` does. Device moves apply to every module.
+        """
+        if recurse:
+            for name, module in self.named_children():
+                module._apply(keeping_float32(fn) if name in FLOAT32_MODULES else fn)
+        return super()._apply(fn, recurse=False)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -207,7 +264,8 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         Wrap a pretrained backbone (a path, or a loaded `AutoModel`/`AutoModelFor*` model) with fresh heads and router.
         `config_kwargs` are [`MiCRoConfig`] fields (`num_heads`, `use_router`, ...).
         """
-        if isinstance(backbone, str):
+        if isinstance(backbone, (str, os.PathLike)):
+            check_model_path(backbone, "backbone")
             backbone = AutoModel.from_pretrained(backbone, dtype=dtype or torch.float32)
         backbone = getattr(backbone, "base_model", backbone)  # a *ForCausalLM / *ForSequenceClassification
         config = MiCRoConfig(text_config=backbone.config, **config_kwargs)

@@ -21,6 +21,16 @@ one context are applied in one step, from the unrolled recursion (constants vani
 
 The routed reward of context c is then r(x, y | c) = sum_k w_k(c) r_k(x, y) (see `MiCRoRewardModel(mixture_weights=)`).
 [`OnlineRouter.save`] / [`OnlineRouter.load`] keep the weights between sessions in one JSON file, written atomically.
+
+Several writers. Because of the unrolled recursion, the comparisons one writer applied to a user since it last synced
+with the store (N of them, moving that user's log-weights from b to m, from prior p) can be replayed on top of
+whatever the store holds for that user now (log-weights s, prior p_s), exactly, without the comparisons themselves:
+
+    log w  =  m  +  gamma^N (s - b)  +  (1 - gamma^N) (p_s - p)         (+ const; with gamma = 1: m + s - b)
+
+i.e. the store's state with this writer's evidence added. `save(path, merge=True)` does this for every user the writer
+changed, under the store's lock (`trl_micro.user_stores`), so concurrent writers lose no comparison, and the result is
+the same as if each writer's comparisons had been applied in the order the writers took the lock.
 """
 
 from __future__ import annotations
@@ -34,11 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .user_stores import ArrayLike, StoreReader, as_float64, check_user_id, is_integer, is_real_number, write_store
+from .user_stores import ArrayLike, StoreReader, as_float64, check_mergeable, is_integer, is_real_number
+from .user_stores import normalize_user_id, store_lock, write_store
 
 STORE_FORMAT = "trl-micro-online-router"
 STORE_FORMAT_VERSION = 1
 PRIOR_SUM_TOLERANCE = 1e-3
+STORED_SUM_TOLERANCE = 1e-6  # stored log-weights are normalized to float64 precision; more is a damaged or edited file
 
 
 @dataclass
@@ -68,13 +80,17 @@ class OnlineRouter:
             Identifies the reward model whose heads the weights refer to (e.g. a checkpoint hash); saved with the store
             and checked by `load(expected_fingerprint=...)`.
 
-    Example:
+    User ids are `str`; an `int` (Python or NumPy) is the same user as its decimal string (`17` and `"17"`); any other
+    type is a `TypeError` (`trl_micro.user_stores.normalize_user_id`).
+
+    Example (`merge=True`: one of several processes writing the store, see [`save`]):
 
     ```python
-    router = OnlineRouter(num_heads=4)
+    router = OnlineRouter(num_heads=4)                            # or OnlineRouter.load("routing.json")
     deltas = out_chosen.head_rewards - out_rejected.head_rewards  # (N, K) for N comparisons of "alice"
     router.update("alice", deltas, prior=stage1_weights)          # prior only used the first time "alice" is seen
     reward = model(**batch, mixture_weights=router.weights("alice")).logits
+    router.save("routing.json", merge=True)                       # adds these comparisons to the store as it is now
     ```
     """
 
@@ -107,6 +123,9 @@ class OnlineRouter:
             self._default_log_prior = self._log_prior(default_prior, "default_prior")
             self.default_prior = self._default_log_prior.exp()
         self._states: dict[str, ContextState] = {}
+        # Users changed since the last load / save: their (log-weights, update count) at that time, or None for a user
+        # reset here (a merge then replaces the stored user by this router's, or removes it).
+        self._pending: dict[str, tuple[torch.Tensor, int] | None] = {}
 
     def __repr__(self) -> str:
         return (
@@ -116,7 +135,8 @@ class OnlineRouter:
 
     # ------------------------------------------------------------------------------------------------------- users
     def __contains__(self, user_id: object) -> bool:
-        return user_id in self._states
+        """Whether `user_id` has a posterior; `None` (no user) is never in it, another non-id type is a `TypeError`."""
+        return user_id is not None and normalize_user_id(user_id) in self._states
 
     def __len__(self) -> int:
         return len(self._states)
@@ -125,22 +145,28 @@ class OnlineRouter:
         """Ids of the contexts with a posterior, in the order they were first updated."""
         return list(self._states)
 
-    def num_updates(self, user_id: str) -> int:
+    def num_updates(self, user_id: str | int) -> int:
         """Number of (informative) comparisons applied to `user_id`; 0 for an unknown user."""
-        state = self._states.get(user_id)
+        state = self._states.get(normalize_user_id(user_id))
         return 0 if state is None else state.num_updates
 
-    def reset(self, user_id: str) -> None:
-        """Forget `user_id`: its next update starts again from a prior. No error for an unknown user."""
+    def reset(self, user_id: str | int) -> None:
+        """
+        Forget `user_id`: its next update starts again from a prior. No error for an unknown user. A later
+        `save(path, merge=True)` replaces the stored user by this router's (removes it, if not updated since).
+        """
+        user_id = normalize_user_id(user_id)
         self._states.pop(user_id, None)
+        self._pending[user_id] = None
 
-    def weights(self, user_id: str, prior: ArrayLike | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def weights(
+        self, user_id: str | int, prior: ArrayLike | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """
         Weights `(K,)` over the heads for `user_id`: its posterior if it has been updated, else `prior` (or
         `default_prior`, or uniform). An unknown user is not an error. `prior` is ignored for a known user.
         """
-        check_user_id(user_id)
-        state = self._states.get(user_id)
+        state = self._states.get(normalize_user_id(user_id))
         if state is not None:
             return state.log_weights.exp().to(dtype)
         if prior is not None:
@@ -148,12 +174,12 @@ class OnlineRouter:
         return self._default_log_prior.exp().to(dtype)
 
     # ----------------------------------------------------------------------------------------------------- updates
-    def update(self, user_id: str, head_deltas: ArrayLike, prior: ArrayLike | None = None) -> torch.Tensor:
+    def update(self, user_id: str | int, head_deltas: ArrayLike, prior: ArrayLike | None = None) -> torch.Tensor:
         """
         Apply observed comparisons of `user_id` and return its new weights `(K,)`.
 
         Args:
-            user_id (`str`):
+            user_id (`str` or `int`):
                 The context id.
             head_deltas (`(K,)` or `(N, K)`; tensor, array or list):
                 r_k(chosen) - r_k(rejected) for one comparison, or for N comparisons applied in order (the same result
@@ -163,21 +189,21 @@ class OnlineRouter:
                 Prior for a user seen for the first time, e.g. the Stage-1 router's softmax weights for its context
                 (positive, summing to 1). Ignored for a known user. Defaults to `default_prior`, else uniform.
         """
-        check_user_id(user_id)
+        user_id = normalize_user_id(user_id)
         log_prior = None if prior is None else self._log_prior(prior, "prior")
         deltas = self._delta_matrix(head_deltas)
         self._apply([user_id] * deltas.shape[0], deltas, {} if log_prior is None else {user_id: log_prior})
         return self.weights(user_id, prior=prior)
 
-    def update_many(self, user_ids: Sequence[str], head_deltas: ArrayLike, priors: ArrayLike | None = None) -> None:
+    def update_many(
+        self, user_ids: Sequence[str | int], head_deltas: ArrayLike, priors: ArrayLike | None = None
+    ) -> None:
         """
         Apply a mixed batch in one vectorized step: row i of `head_deltas` `(N, K)` is a comparison of `user_ids[i]`;
         rows of one user are applied in their order, as by [`update`]. `priors` `(N, K)`, *optional*: row i is a prior
         for `user_ids[i]`, used if that user is new (its first row counts).
         """
-        user_ids = list(user_ids)
-        for user_id in user_ids:
-            check_user_id(user_id)
+        user_ids = [normalize_user_id(user_id, f"user_ids[{row}]") for row, user_id in enumerate(user_ids)]
         deltas = as_float64(head_deltas, "head_deltas")
         if deltas.shape != (len(user_ids), self.num_heads):
             raise ValueError(
@@ -230,6 +256,8 @@ class OnlineRouter:
             if state is None:
                 log_prior = new_user_log_priors.get(user_id, self._default_log_prior)
                 state = ContextState(log_weights=log_prior, log_prior=log_prior)
+            if user_id not in self._pending:
+                self._pending[user_id] = (state.log_weights, state.num_updates)
             states.append(state)
         log_weights = torch.stack([state.log_weights for state in states])
         if self.forgetting != 1.0:
@@ -274,26 +302,64 @@ class OnlineRouter:
         return prior.log() - math.log(total)
 
     # ------------------------------------------------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the router to the JSON file `path`, atomically (`json_store.write_store`: a crash leaves the previous
-        store intact)."""
-        write_store(path, {
-            "format": STORE_FORMAT,
-            "format_version": STORE_FORMAT_VERSION,
-            "num_heads": self.num_heads,
-            "eta": self.eta,
-            "forgetting": self.forgetting,
-            "default_prior": None if self.default_prior is None else self.default_prior.tolist(),
-            "model_fingerprint": self.model_fingerprint,
-            "users": {
-                user_id: {
-                    "log_weights": state.log_weights.tolist(),
-                    "log_prior": state.log_prior.tolist(),
-                    "num_updates": state.num_updates,
-                }
-                for user_id, state in self._states.items()
-            },
-        })
+    def save(self, path: str | os.PathLike, merge: bool = False) -> None:
+        """
+        Write the router to the JSON file `path`, atomically and under the store's lock (`trl_micro.user_stores`: a
+        crash leaves the previous store intact).
+
+        Args:
+            path: the store.
+            merge (`bool`, defaults to `False`):
+                `False`: the store becomes this router (one writer per store). `True`: the comparisons this router
+                applied since it was loaded or last saved are added to the store as it is now, users it did not touch
+                keep what the store holds, and this router then holds the merged store: every writer of a shared
+                store saves this way. The store must have the same `num_heads`, `eta`, `forgetting` and
+                `model_fingerprint`; a missing store is created.
+        """
+        with store_lock(path):
+            states = self._merged_states(path) if merge and os.path.exists(path) else self._states
+            write_store(path, {
+                "format": STORE_FORMAT,
+                "format_version": STORE_FORMAT_VERSION,
+                "num_heads": self.num_heads,
+                "eta": self.eta,
+                "forgetting": self.forgetting,
+                "default_prior": None if self.default_prior is None else self.default_prior.tolist(),
+                "model_fingerprint": self.model_fingerprint,
+                "users": {
+                    user_id: {
+                        "log_weights": state.log_weights.tolist(),
+                        "log_prior": state.log_prior.tolist(),
+                        "num_updates": state.num_updates,
+                    }
+                    for user_id, state in states.items()
+                },
+            })
+        self._states, self._pending = dict(states), {}
+
+    def _merged_states(self, path: str | os.PathLike) -> dict[str, ContextState]:
+        """The store at `path` with this router's pending changes replayed on it (module docstring)."""
+        stored = OnlineRouter.load(path)
+        check_mergeable("routing store", path, stored, self, ("num_heads", "eta", "forgetting", "model_fingerprint"))
+        states = dict(stored._states)
+        for user_id, base in self._pending.items():
+            mine, theirs = self._states.get(user_id), states.get(user_id)
+            if base is None or theirs is None:  # reset here, or new to the store: this router's state
+                if mine is None:
+                    states.pop(user_id, None)
+                else:
+                    states[user_id] = mine
+                continue
+            base_log_weights, base_count = base
+            count = mine.num_updates - base_count
+            kept = self.forgetting**count
+            log_weights = (
+                mine.log_weights + kept * (theirs.log_weights - base_log_weights)
+                + (1 - kept) * (theirs.log_prior - mine.log_prior)
+            )
+            log_weights = log_weights - torch.logsumexp(log_weights, dim=0)
+            states[user_id] = ContextState(log_weights, theirs.log_prior, theirs.num_updates + count)
+        return states
 
     @classmethod
     def load(
@@ -343,6 +409,15 @@ def _read_states(users: Any, num_heads: int) -> dict[str, ContextState]:
         raise ValueError(f"user weights must have {num_heads} entries each")
     if not (np.isfinite(log_weights).all() and np.isfinite(log_prior).all()):
         raise ValueError("some user weights are not finite")
+    for name, values in (("log_weights", log_weights), ("log_prior", log_prior)):
+        log_sums = torch.logsumexp(torch.from_numpy(values), dim=1)
+        unnormalized = (log_sums.abs() > STORED_SUM_TOLERANCE).nonzero()
+        if len(unnormalized):
+            row = int(unnormalized[0])
+            raise ValueError(
+                f"the {name} of user {list(users)[row]!r} are not normalized: their exponentials sum to "
+                f"{math.exp(float(log_sums[row])):.6g}, not 1 (a damaged or hand-edited file)"
+            )
     if not all(type(count) is int and count >= 0 for count in counts):
         raise ValueError("some user counts are not non-negative integers")
     rows = zip(torch.from_numpy(log_weights).unbind(0), torch.from_numpy(log_prior).unbind(0), counts)
@@ -352,39 +427,4 @@ def _read_states(users: Any, num_heads: int) -> dict[str, ContextState]:
     }
 
 
-# ---------------------------------------------------------------------------------------------- fitting from a few pairs
-def router_priors(contexts: Sequence[str], mixture_weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`{context: prior}`: the mean of the router weights (N, K) over each context's rows, renormalized."""
-    priors = {}
-    for context in sorted(set(contexts)):
-        rows = [row for row, other in enumerate(contexts) if other == context]
-        mean = torch.as_tensor(mixture_weights)[rows].double().mean(dim=0)
-        priors[context] = mean / mean.sum()
-    return priors
-
-
-def fit_online_router(
-    contexts: Sequence[str],
-    head_margins: torch.Tensor,
-    priors: dict[str, torch.Tensor] | None = None,
-    eta: float = 1.0,
-    model_fingerprint: str | None = None,
-) -> OnlineRouter:
-    """
-    An [`OnlineRouter`] in which every context c has seen the head margins (N, K) of its labelled pairs (the rows whose
-    `contexts` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe's reweighting).
-    """
-    router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta, model_fingerprint=model_fingerprint)
-    for context in sorted(set(contexts)):
-        rows = [row for row, other in enumerate(contexts) if other == context]
-        router.update(context, head_margins[rows], prior=None if priors is None else priors[context])
-    return router
-
-
-def routed_margins(router: OnlineRouter, contexts: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
-    """Margins (N,) of pairs with head margins (N, K), weighted by `router`'s weights for each row's context."""
-    weights = torch.stack([router.weights(context) for context in contexts]).to(head_margins.dtype)
-    return (weights * head_margins).sum(dim=-1)
-
-
-__all__ = ["ContextState", "OnlineRouter", "fit_online_router", "routed_margins", "router_priors"]
+__all__ = ["ContextState", "OnlineRouter"]

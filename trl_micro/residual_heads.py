@@ -19,7 +19,9 @@ routed one. Left unset, it is chosen per context from `l2_grid` by `cv_folds`-fo
 pairs (held-out Bradley-Terry negative log-likelihood): the scale of h differs between backbones, so no single value
 suits them all. With lambda -> infinity, u_c -> 0 and the reward is the routed one.
 
-[`ResidualHeads.save`] / [`ResidualHeads.load`] keep the residuals in one JSON file, written atomically.
+[`ResidualHeads.save`] / [`ResidualHeads.load`] keep the residuals in one JSON file, written atomically; several
+processes can update one file with `save(path, merge=True)` (a user's residual is a fit on all its pairs, so merging
+replaces the stored residuals of the users this object fitted and keeps the others).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .online_router import OnlineRouter, routed_margins
-from .user_stores import ArrayLike, StoreReader, as_float64, check_user_id, is_integer, is_real_number, write_store
+from .user_stores import ArrayLike, StoreReader, as_float64, check_mergeable, is_integer, is_real_number
+from .user_stores import normalize_user_id, store_lock, write_store
 
 STORE_FORMAT = "trl-micro-residual-heads"
 STORE_FORMAT_VERSION = 1
@@ -57,6 +59,8 @@ class ResidualHeads:
             L-BFGS iterations per fit.
         model_fingerprint (`str`, *optional*):
             Identifies the reward model the residuals belong to; saved and checked by `load(expected_fingerprint=...)`.
+
+    User ids follow the rule of [`OnlineRouter`]: a `str`, or an `int` read as its decimal string.
 
     Example:
 
@@ -103,13 +107,15 @@ class ResidualHeads:
         self._residuals: dict[str, torch.Tensor] = {}
         self._chosen_l2: dict[str, float] = {}
         self._num_pairs: dict[str, int] = {}
+        self._pending: set[str] = set()  # users fitted since the last load / save
 
     def __repr__(self) -> str:
         l2 = "cross-validated" if self.l2 is None else self.l2
         return f"{type(self).__name__}(hidden_size={self.hidden_size}, l2={l2}, users={len(self)})"
 
     def __contains__(self, user_id: object) -> bool:
-        return user_id in self._residuals
+        """Whether `user_id` has a residual; `None` (no user) never has one, another non-id type is a `TypeError`."""
+        return user_id is not None and normalize_user_id(user_id) in self._residuals
 
     def __len__(self) -> int:
         return len(self._residuals)
@@ -117,47 +123,48 @@ class ResidualHeads:
     def users(self) -> list[str]:
         return list(self._residuals)
 
-    def residual(self, user_id: str) -> torch.Tensor:
+    def residual(self, user_id: str | int) -> torch.Tensor:
         """u_c `(hidden_size,)` of `user_id`, float64. A user without a fitted residual is a `KeyError`."""
-        check_user_id(user_id)
+        user_id = normalize_user_id(user_id)
         if user_id not in self._residuals:
             raise KeyError(f"No residual head for user {user_id!r}: fit one with `ResidualHeads.fit` first.")
         return self._residuals[user_id].clone()
 
-    def l2_of(self, user_id: str) -> float:
+    def l2_of(self, user_id: str | int) -> float:
         """The lambda `user_id`'s residual was fitted with (chosen by cross-validation when `l2` is unset)."""
         self.residual(user_id)  # same checks and error
-        return self._chosen_l2[user_id]
+        return self._chosen_l2[normalize_user_id(user_id)]
 
-    def num_pairs(self, user_id: str) -> int:
+    def num_pairs(self, user_id: str | int) -> int:
         self.residual(user_id)
-        return self._num_pairs[user_id]
+        return self._num_pairs[normalize_user_id(user_id)]
 
     # ------------------------------------------------------------------------------------------------------ fitting
-    def fit(self, user_id: str, routed_margins: ArrayLike, feature_deltas: ArrayLike) -> torch.Tensor:
+    def fit(self, user_id: str | int, routed_margins: ArrayLike, feature_deltas: ArrayLike) -> torch.Tensor:
         """
         Fit (or refit, from all its pairs) the residual of `user_id` and return it `(hidden_size,)`.
 
         Args:
-            user_id (`str`): the context id.
+            user_id (`str` or `int`): the context id.
             routed_margins (`(N,)`): m_i, the routed reward's margin (chosen minus rejected) of each labelled pair.
             feature_deltas (`(N, hidden_size)`): d_i, the reward features of the chosen minus those of the rejected.
         """
-        check_user_id(user_id)
+        user_id = normalize_user_id(user_id)
         margins, deltas = self._check_pairs(routed_margins, feature_deltas)
         l2 = self.l2 if self.l2 is not None else self._cross_validated_l2(user_id, margins, deltas)
         self._residuals[user_id] = _map_residual(margins, deltas, l2, self.max_iter)
         self._chosen_l2[user_id] = l2
         self._num_pairs[user_id] = int(margins.shape[0])
+        self._pending.add(user_id)
         return self._residuals[user_id].clone()
 
-    def fit_many(self, user_ids: Sequence[str], routed_margins: ArrayLike, feature_deltas: ArrayLike) -> None:
+    def fit_many(self, user_ids: Sequence[str | int], routed_margins: ArrayLike, feature_deltas: ArrayLike) -> None:
         """`fit` every user of `user_ids` (one per row of `routed_margins` (N,) and `feature_deltas` (N, hidden))."""
         margins, deltas = self._check_pairs(routed_margins, feature_deltas)
         if len(user_ids) != margins.shape[0]:
             raise ValueError(f"{len(user_ids)} user ids for {margins.shape[0]} labelled pairs.")
-        for user_id in user_ids:
-            check_user_id(user_id)  # before any fit: a bad id changes nothing
+        # Every id is checked before any fit: a bad id changes nothing.
+        user_ids = [normalize_user_id(user_id, f"user_ids[{row}]") for row, user_id in enumerate(user_ids)]
         for user_id in dict.fromkeys(user_ids):
             rows = [row for row, other in enumerate(user_ids) if other == user_id]
             self.fit(user_id, margins[rows], deltas[rows])
@@ -199,11 +206,15 @@ class ResidualHeads:
         return self.l2_grid[int(np.argmin(losses))]
 
     # ------------------------------------------------------------------------------------------------------ scoring
-    def rewards(self, user_ids: Sequence[str | None], reward_features: ArrayLike) -> torch.Tensor:
+    def rewards(self, user_ids: Sequence[str | int | None], reward_features: ArrayLike) -> torch.Tensor:
         """
         u_c . h(x, y) `(N,)` of rows with reward features `(N, hidden_size)`, float32 on the features' device; 0 for a
         row whose user (`None`, or not fitted) has no residual.
         """
+        user_ids = [
+            None if user_id is None else normalize_user_id(user_id, f"user_ids[{row}]")
+            for row, user_id in enumerate(user_ids)
+        ]
         features = torch.as_tensor(reward_features)
         if features.dim() != 2 or features.shape != (len(user_ids), self.hidden_size):
             raise ValueError(
@@ -217,26 +228,52 @@ class ResidualHeads:
         return (features.double() * residuals.to(features.device)).sum(dim=-1).float()
 
     # -------------------------------------------------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the residuals to the JSON file `path`, atomically (a crash leaves the previous file intact)."""
-        write_store(path, {
-            "format": STORE_FORMAT,
-            "format_version": STORE_FORMAT_VERSION,
-            "hidden_size": self.hidden_size,
-            "l2": self.l2,
-            "l2_grid": list(self.l2_grid),
-            "cv_folds": self.cv_folds,
-            "max_iter": self.max_iter,
-            "model_fingerprint": self.model_fingerprint,
-            "users": {
-                user_id: {
-                    "residual": residual.tolist(),
-                    "l2": self._chosen_l2[user_id],
-                    "num_pairs": self._num_pairs[user_id],
-                }
-                for user_id, residual in self._residuals.items()
-            },
-        })
+    def save(self, path: str | os.PathLike, merge: bool = False) -> None:
+        """
+        Write the residuals to the JSON file `path`, atomically and under the store's lock (a crash leaves the previous
+        file intact).
+
+        Args:
+            path: the store.
+            merge (`bool`, defaults to `False`):
+                `False`: the store becomes this object (one writer per store). `True`: the residuals this object fitted
+                since it was loaded or last saved replace those of the store as it is now, the store's other users are
+                kept, and this object then holds the merged store: every writer of a shared store saves this way. The
+                store must have the same `hidden_size` and `model_fingerprint`; a missing store is created.
+        """
+        with store_lock(path):
+            users = self._merged_users(path) if merge and os.path.exists(path) else self._user_entries()
+            write_store(path, {
+                "format": STORE_FORMAT,
+                "format_version": STORE_FORMAT_VERSION,
+                "hidden_size": self.hidden_size,
+                "l2": self.l2,
+                "l2_grid": list(self.l2_grid),
+                "cv_folds": self.cv_folds,
+                "max_iter": self.max_iter,
+                "model_fingerprint": self.model_fingerprint,
+                "users": {
+                    user_id: {"residual": residual.tolist(), "l2": l2, "num_pairs": num_pairs}
+                    for user_id, (residual, l2, num_pairs) in users.items()
+                },
+            })
+        self._residuals = {user_id: entry[0] for user_id, entry in users.items()}
+        self._chosen_l2 = {user_id: entry[1] for user_id, entry in users.items()}
+        self._num_pairs = {user_id: entry[2] for user_id, entry in users.items()}
+        self._pending = set()
+
+    def _user_entries(self, user_ids=None) -> dict[str, tuple[torch.Tensor, float, int]]:
+        """`{user: (residual, l2, num_pairs)}` of `user_ids` (default: every user), as a store holds them."""
+        entries = {}
+        for user_id in self._residuals if user_ids is None else user_ids:
+            entries[user_id] = (self._residuals[user_id], self._chosen_l2[user_id], self._num_pairs[user_id])
+        return entries
+
+    def _merged_users(self, path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, float, int]]:
+        """The store at `path` with the residuals fitted here since the last load / save in place of its own."""
+        stored = ResidualHeads.load(path)
+        check_mergeable("residual-head store", path, stored, self, ("hidden_size", "model_fingerprint"))
+        return {**stored._user_entries(), **self._user_entries(self._pending)}
 
     @classmethod
     def load(
@@ -305,25 +342,4 @@ def _map_residual(margins: torch.Tensor, deltas: torch.Tensor, l2: float, max_it
     return residual.detach()
 
 
-def fit_residual_heads(
-    router: OnlineRouter,
-    contexts: Sequence[str],
-    head_margins: torch.Tensor,
-    feature_deltas: torch.Tensor,
-    cv_folds: int = 4,
-    model_fingerprint: str | None = None,
-) -> ResidualHeads:
-    """
-    A [`ResidualHeads`] residual per context of `contexts` (one per row of head margins (N, K) and feature deltas
-    (N, hidden)), on top of `router`'s routed margins; lambda cross-validated with `cv_folds` folds, fewer when a
-    context has fewer pairs (at least 2).
-    """
-    fewest = min(list(contexts).count(context) for context in set(contexts))
-    residuals = ResidualHeads(
-        feature_deltas.shape[1], cv_folds=max(2, min(cv_folds, fewest)), model_fingerprint=model_fingerprint
-    )
-    residuals.fit_many(contexts, routed_margins(router, contexts, head_margins), feature_deltas)
-    return residuals
-
-
-__all__ = ["DEFAULT_L2_GRID", "ResidualHeads", "fit_residual_heads"]
+__all__ = ["DEFAULT_L2_GRID", "ResidualHeads"]

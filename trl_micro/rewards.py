@@ -15,6 +15,12 @@ with the weights w chosen per completion by, in order of precedence:
 A user with a fitted [`ResidualHeads`] residual (`residual_heads`) also gets its correction u_user . h on the backbone's
 reward features h (`trl_micro.residual_heads`); other rows get none.
 
+User ids follow the stores' one rule (`trl_micro.user_stores.normalize_user_id`): a `str`, or an `int` read as its
+decimal string (an integer `context_id` column finds the stores `trl-micro eval` keys by `str(context_id)`); `None`
+is "no user"; any other type is an error. Rows whose user a store does not know are counted and logged
+(`micro/fallback_rows`: routed by the model's router instead of the online router; `micro/rows_without_residual`), and
+the first time it happens a warning names one such user.
+
 Every prompt + completion is tokenized by `encode_prompt_completion`, exactly as in training (EOS or the chat
 template's end of turn appended), and scored in batches of `batch_size`, one backbone pass each. A sequence longer
 than `max_length` keeps its prompt and its ending and loses the tail of the completion; a prompt that does not fit on
@@ -40,8 +46,9 @@ from trl.models import prepare_deepspeed
 
 from .data_utils import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
 from .modeling_micro import MiCRoRewardModel
-from .residual_heads import ResidualHeads
 from .online_router import OnlineRouter
+from .residual_heads import ResidualHeads
+from .user_stores import is_integer, normalize_user_id
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +71,13 @@ class MiCRoReward:
         tokenizer: the tokenizer the reward model was trained with.
         context_column (`str` or `None`, defaults to `"context"`): dataset column joined to each prompt. A column
             missing from the dataset is an error; `None` routes by the prompt alone.
-        user_column (`str`, *optional*): dataset column of user ids routed through `online_router`.
+        user_column (`str`, *optional*): dataset column of user ids (str or int) routed through `online_router`.
         online_router ([`OnlineRouter`] or path, *optional*): per-user weights over the heads. A user it does not
-            know (or a `None` id) is routed by the model's router.
+            know (or a `None` id) is routed by the model's router, and counted (`micro/fallback_rows`).
         residual_heads ([`ResidualHeads`] or path, *optional*): per-user residual heads added to the routed reward
             (needs `user_column`); a user without one gets no correction.
         batch_size (`int`, defaults to 16): sequences per backbone pass.
-        max_length (`int`, *optional*): longest scored sequence, in tokens; defaults to the backbone's
+        max_length (`int`, *optional*): longest scored sequence, in tokens (>= 1); `None`: the backbone's
             `max_position_embeddings`.
         group_column (`str`, defaults to `"context_id"`): column naming the groups whose mean reward is logged; when
             absent from the dataset, the user id or the context text names the group.
@@ -112,8 +119,13 @@ class MiCRoReward:
                 f"The residual heads have hidden_size={residual_heads.hidden_size}, the reward model's backbone "
                 f"{hidden_size}: they were fitted on another backbone's features."
             )
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if not is_integer(batch_size) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+        if max_length is not None and (not is_integer(max_length) or max_length < 1):
+            raise ValueError(
+                f"`max_length` must be an integer >= 1 (tokens), or None for the backbone's maximum; got "
+                f"{max_length!r}."
+            )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model.eval()
@@ -123,11 +135,14 @@ class MiCRoReward:
         self.online_router = online_router
         self.residual_heads = residual_heads
         self.batch_size = batch_size
-        self.max_length = max_length or getattr(model.config.text_config, "max_position_embeddings", None)
+        if max_length is None:
+            max_length = getattr(model.config.text_config, "max_position_embeddings", None)
+        self.max_length = max_length
         self.group_column = group_column
         self.max_logged_groups = max_logged_groups
         self.__name__ = name
         self._logged_groups: dict[str, str] = {}
+        self._warned_unknown_users: set[str] = set()
         self._prepared = False
 
     @classmethod
@@ -201,11 +216,15 @@ class MiCRoReward:
         columns = {key: value for key, value in kwargs.items() if key not in TRAINER_KWARGS}
         contexts = self._column(columns, self.context_column, len(prompts))
         users = self._column(columns, self.user_column, len(prompts))
+        if users is not None:
+            users = row_user_ids(users, self.user_column)
         scores = self.score(prompts, completions, contexts=contexts, users=users)
         rewards = scores["rewards"].tolist()
         if log_metric is not None:
             groups = columns.get(self.group_column) or users or contexts
             self._log_metrics(log_metric, scores, groups)
+        if users is not None:
+            self._report_unknown_users(scores, users, log_metric)
         if log_extra is not None:
             for k in range(scores["head_rewards"].shape[1]):
                 log_extra(f"micro/head_reward/{k}", scores["head_rewards"][:, k].tolist())
@@ -220,12 +239,25 @@ class MiCRoReward:
         users: Sequence[str | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """
-        Score completions without a trainer: `rewards` (N,), `head_rewards` (N, K), `mixture_weights` (N, K) and
-        `residual_rewards` (N,; 0 for users without a residual head), on the CPU. `contexts` and `users` are optional
-        per-row lists (see the class docstring).
+        Score completions without a trainer: `rewards` (N,), `head_rewards` (N, K), `mixture_weights` (N, K),
+        `residual_rewards` (N,; 0 for users without a residual head), and which rows the stores knew the user of,
+        `online_routed` and `has_residual` (N,; bool), on the CPU. `contexts` and `users` are optional per-row lists
+        (see the class docstring). A prompt or completion that is neither text nor a list of messages (e.g. `None`),
+        and an empty call, are errors.
         """
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+        if len(prompts) == 0:
+            raise ValueError("MiCRoReward got no rows: `prompts` and `completions` are empty. Pass one per completion.")
+        for name, values in (("prompts", prompts), ("completions", completions)):
+            for row, value in enumerate(values):
+                if not isinstance(value, (str, list)):
+                    raise ValueError(
+                        f"`{name}[{row}]` is {type(value).__name__} {value!r}: every prompt and completion must be "
+                        "text or a list of chat messages. Drop or fill in that row."
+                    )
+        if users is not None:
+            users = row_user_ids(users, "users")
         if not self._prepared:
             self._place_without_accelerator()
         template = self.config.context_template
@@ -253,6 +285,8 @@ class MiCRoReward:
             "head_rewards": head_rewards,
             "mixture_weights": weights,
             "residual_rewards": residual_rewards,
+            "online_routed": known_users(self.online_router, users, len(encoded)),
+            "has_residual": known_users(self.residual_heads, users, len(encoded)),
         }
 
     def _score_batch(self, encoded: list[tuple[list[int], int]], users: list[str | None] | None):
@@ -261,7 +295,7 @@ class MiCRoReward:
         attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0).to(device)
         prompt_lengths = torch.tensor([length for _, length in encoded], device=device)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths)
-        known = [self.online_router is not None and user is not None and user in self.online_router for user in users or []]
+        known = known_users(self.online_router, users, len(encoded)).tolist()
         if not any(known):
             return output
         weights = output.mixture_weights.clone()
@@ -297,6 +331,25 @@ class MiCRoReward:
         return values
 
     # -------------------------------------------------------------------------------------------------- logging
+    def _report_unknown_users(self, scores: dict[str, torch.Tensor], users: list[str | None], log_metric) -> None:
+        """Log how many rows a store did not know the user of; warn once per store, naming one such user."""
+        for found, store, metric, consequence in (
+            ("online_routed", self.online_router, "micro/fallback_rows", "routed by the model's own router"),
+            ("has_residual", self.residual_heads, "micro/rows_without_residual", "scored without a residual head"),
+        ):
+            if store is None:
+                continue
+            missing = [user for user, known in zip(users, scores[found].tolist()) if not known]
+            if log_metric is not None:
+                log_metric(metric, float(len(missing)))
+            if missing and metric not in self._warned_unknown_users:
+                self._warned_unknown_users.add(metric)
+                logger.warning(
+                    f"MiCRoReward: {len(missing)} of {len(users)} rows have a user that the {type(store).__name__} "
+                    f"does not know (e.g. {missing[0]!r}; it has {len(store)} users, e.g. {store.users()[:3]}), so "
+                    f"they are {consequence}. Counted in `{metric}`; this warning is shown once."
+                )
+
     def _log_metrics(self, log_metric, scores: dict[str, torch.Tensor], groups: list | None) -> None:
         for k in range(scores["head_rewards"].shape[1]):
             log_metric(f"micro/head_reward/{k}", scores["head_rewards"][:, k].mean().item())
@@ -321,6 +374,20 @@ class MiCRoReward:
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")[:40] or "group"
             self._logged_groups[key] = slug if slug not in self._logged_groups.values() else f"{slug}_{len(self._logged_groups)}"
         return self._logged_groups[key]
+
+
+def row_user_ids(values: Sequence, name: str) -> list[str | None]:
+    """Each row's user id by the stores' rule (`normalize_user_id`); `None` stays "no user"."""
+    return [None if value is None else normalize_user_id(value, f"{name}[{row}]") for row, value in enumerate(values)]
+
+
+def known_users(
+    store: OnlineRouter | ResidualHeads | None, users: list[str | None] | None, num_rows: int
+) -> torch.Tensor:
+    """(num_rows,) bool: whether `store` has the row's user (all False without a store or without users)."""
+    if store is None or users is None:
+        return torch.zeros(num_rows, dtype=torch.bool)
+    return torch.tensor([user in store for user in users], dtype=torch.bool)
 
 
 def truncate_completion(ids: list[int], prompt_length: int, max_length: int, ending: list[int]) -> tuple[list[int], int]:

@@ -7,8 +7,8 @@ For a pair (x, c, y_w, y_l), with the context c joined to the prompt x as in tra
     mixture_weights  = w(x, c)                           (the router reads the prompt once; both responses share it)
     margins          = sum_k mixture_weights[k] head_margins[k] = r(x, y_w | c) - r(x, y_l | c)
 
-so a pair is ranked correctly by the routed reward when its margin is positive. The backbone runs once per sequence
-(its features can be cached on disk like the trainers' ones); any other weights, e.g. an online router's, can be
+so a pair is ranked correctly by the routed reward when its margin is positive. The backbone runs once per distinct
+sequence (its features can be kept in the trainers' feature store, `trl_micro.feature_cache`); any other weights, e.g. an online router's, can be
 applied to the same head margins afterwards.
 """
 
@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .data_utils import check_preference_columns, tokenize_pairs
-from .feature_cache import compute_pair_features, load_or_compute_pair_features
+from .feature_cache import pair_features
 from .modeling_micro import MiCRoRewardModel
 
 
@@ -74,12 +74,10 @@ def score_preference_pairs(
     check_preference_columns(dataset.column_names, "scored")
     context_column = context_column if context_column in dataset.column_names else None
     tokenized = tokenize_pairs(dataset, tokenizer, model.config.context_template, context_column, prompt_marker)
-    if feature_cache_dir is None:
-        features = compute_pair_features(model, tokenized, batch_size=batch_size, desc="Scoring pairs")
-    else:
-        features, _ = load_or_compute_pair_features(
-            model, tokenized, cache_dir=feature_cache_dir, batch_size=batch_size, desc="Scoring pairs"
-        )
+    features = pair_features(
+        model, tokenized, feature_cache_dir, use_store=feature_cache_dir is not None, batch_size=batch_size,
+        desc="Scoring pairs",
+    )
     return score_pair_features(model, features)
 
 

@@ -1,7 +1,19 @@
 """
 The per-user Stage 2 stores ([`OnlineRouter`] weights, [`ResidualHeads`] residuals): JSON files written atomically and
 read with checks of the format, its version and which model the store belongs to before anything is built from it;
-and the checks of what goes into them (user ids, numbers).
+the lock that lets several processes write one store; and the checks of what goes into them (user ids, numbers).
+
+Writers. Every write happens under an inter-process lock on the sidecar file `<store>.lock` (a `filelock.FileLock`,
+the lock `huggingface_hub` and `datasets` use for their caches; the empty file stays beside the store). `save(path)`
+replaces the store with the object's state: one writer per store. `save(path, merge=True)` reads the store under the
+lock, applies to it what this object changed since it was loaded or last saved, writes the result and takes it as its
+own state: any number of processes (GRPO ranks, services) can update one store this way and no update is lost.
+Readers need no lock: a store is only ever replaced whole (`os.replace`), so a read sees the previous or the next
+version, never a torn one.
+
+User ids. One rule everywhere a user (context) id meets a store, the reward or `trl-micro eval`
+([`normalize_user_id`]): a `str` is the id; an `int` (Python or NumPy) becomes its decimal string, so `17`,
+`np.int64(17)` and `"17"` are one user; anything else is refused with a `TypeError`.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]
 
@@ -54,6 +67,27 @@ class StoreReader:
                 f"({mismatch})."
             )
         return found
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def store_lock(path: str | os.PathLike) -> FileLock:
+    """The inter-process lock of the store at `path` (on `<path>.lock`; its directory is created if needed)."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return FileLock(path + LOCK_SUFFIX)
+
+
+def check_mergeable(what: str, path: str | os.PathLike, stored: Any, mine: Any, settings: Sequence[str]) -> None:
+    """A `ValueError` naming the first of `settings` in which `stored` (the store at `path`) differs from `mine`."""
+    for name in settings:
+        theirs, ours = getattr(stored, name), getattr(mine, name)
+        if theirs != ours:
+            raise ValueError(
+                f"Cannot merge into the {what} at {os.fspath(path)}: it has {name}={theirs!r}, this one "
+                f"{name}={ours!r}. Merge only objects of the same settings and reward model, or save elsewhere."
+            )
 
 
 def write_store(path: str | os.PathLike, payload: dict) -> None:
@@ -103,9 +137,20 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_user_id(user_id: Any) -> None:
-    if not isinstance(user_id, str):
-        raise TypeError(f"`user_id` must be a str (context ids are JSON keys), got {type(user_id).__name__}.")
+def normalize_user_id(user_id: Any, name: str = "user_id") -> str:
+    """
+    The id of a user (or context) as the stores key it: a `str` as it is, an `int` (Python or NumPy; not a `bool`) as
+    its decimal string. Anything else (a float, a bool, bytes, `None`, ...) is a `TypeError` naming `name`: ids are
+    JSON keys, and a float such as `17.0` has no single text form.
+    """
+    if isinstance(user_id, str):
+        return user_id
+    if is_integer(user_id):
+        return str(int(user_id))
+    raise TypeError(
+        f"`{name}` must be a str or an int (a user or context id; ints are read as their decimal string), got "
+        f"{type(user_id).__name__} {user_id!r}. Convert the ids first, e.g. a float column with `int(...)`."
+    )
 
 
 def as_float64(values: ArrayLike, name: str) -> torch.Tensor:
@@ -118,4 +163,14 @@ def as_float64(values: ArrayLike, name: str) -> torch.Tensor:
         raise ValueError(f"`{name}` must be a tensor, an array or a list of numbers: {err}") from err
 
 
-__all__ = ["ArrayLike", "StoreReader", "as_float64", "check_user_id", "is_integer", "is_real_number", "write_store"]
+__all__ = [
+    "ArrayLike",
+    "StoreReader",
+    "as_float64",
+    "check_mergeable",
+    "is_integer",
+    "is_real_number",
+    "normalize_user_id",
+    "store_lock",
+    "write_store",
+]

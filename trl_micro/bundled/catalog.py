@@ -4,7 +4,8 @@ What trl-micro ships by name, and where datasets and models named on the command
 Datasets (`--dataset_name`), in this order:
 - a built-in: `trl-micro/synthetic` (the synthetic personalized-preference generator; `--dataset_config` = number of
   subpopulations, default 2), `trl-micro/hh_relabeled`, `trl-micro/hh_rlhf` (real preference data read from the data
-  directory, see `resolve_data_dir`); each split train / adaptation / test by context, seeded;
+  directory, see `resolve_data_dir`), each split train / adaptation / test by context, seeded; `trl-micro/dsp` (DSP's
+  four domain contexts, split by query, plus a test split with context wordings adaptation never sees);
 - a local file (`.json`, `.jsonl`, `.json.gz`, `.jsonl.gz`, `.parquet`, `.csv`) or directory (`save_to_disk` output or
   a folder of data files);
 - anything else is a Hub dataset id, loaded as TRL's scripts load one: `datasets.load_dataset(name, config)`.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-BUILTIN_DATASETS = ("trl-micro/synthetic", "trl-micro/hh_relabeled", "trl-micro/hh_rlhf")
+BUILTIN_DATASETS = ("trl-micro/synthetic", "trl-micro/hh_relabeled", "trl-micro/hh_rlhf", "trl-micro/dsp")
 EMBEDDED_MODEL = "embedded"
 DATA_DIR_ENV_VAR = "TRL_MICRO_DATA_DIR"
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -112,6 +113,10 @@ def load_named_dataset(
         from .hh import load_hh_rlhf
 
         return _split(load_hh_rlhf(data_dir=data_dir, seed=seed), seed)
+    if name == "trl-micro/dsp":
+        from .dsp import load_dsp
+
+        return load_dsp(data_dir=data_dir, seed=seed)
     if name.startswith("trl-micro/"):
         raise ValueError(f"Unknown built-in dataset {name!r}; the built-ins are {BUILTIN_DATASETS}.")
     if not is_hub_dataset_name(name):

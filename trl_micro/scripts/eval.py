@@ -56,6 +56,7 @@ from ..evaluation import (
 from ..model_card import add_evaluation_section, message_text
 from ..modeling_micro import MiCRoRewardModel
 from ..scoring import score_preference_pairs
+from ..user_stores import normalize_user_id
 
 REPORT_NAME = "eval_report"
 ACCURACY_PLOT = "accuracy_per_context.png"
@@ -180,8 +181,13 @@ def malformed_field(example: dict, text_column: str | None, label_column: str) -
         return "prompt", "is empty (the router reads the prompt)"
     if text_column is not None and not isinstance(example[text_column], (str, type(None))):
         return text_column, f"is {_describe(example[text_column])}, not text"
-    if example[label_column] is None or not str(example[label_column]).strip():
+    label = example[label_column]
+    if label is None or (isinstance(label, str) and not label.strip()):
         return label_column, "is missing: every pair needs its context or user id"
+    try:
+        normalize_user_id(label, label_column)
+    except TypeError:
+        return label_column, f"is {_describe(label)}: ids are text or integers"
     return None
 
 
@@ -231,7 +237,7 @@ def run_eval(args: EvalArguments) -> dict:
     dataset, skipped = check_rows(dataset, text_column, label_column, args)
     if len(dataset) == 0:
         raise ValueError(f"Every row of {args.dataset_name} is malformed: nothing to evaluate.")
-    labels = [str(value) for value in dataset[label_column]]
+    labels = [normalize_user_id(value, f"{label_column}[{row}]") for row, value in enumerate(dataset[label_column])]
     adaptation, evaluated = split_adaptation(dataset, labels, label_column, args)
 
     model_path = resolve_model_path(args.model_name_or_path)

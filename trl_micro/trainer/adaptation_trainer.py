@@ -22,19 +22,19 @@ from collections.abc import Callable
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..configuration_micro import MiCRoConfig
 from ..data_utils import TOKENIZED_COLUMNS, context_indices
 from ..losses import context_mixture_bt_loss
-from ..modeling_micro import MiCRoRewardModel
+from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
 from .adaptation_config import RouterAdaptationConfig
 from .micro_trainer import MiCRoRewardTrainer, build_micro_model
 
 
 def load_stage1_model(model_id: str, args: RouterAdaptationConfig) -> MiCRoRewardModel:
     """Load a Stage 1 MiCRo checkpoint; a plain backbone is refused (its heads would be untrained)."""
-    model_type = AutoConfig.from_pretrained(model_id).model_type
+    model_type = checkpoint_model_type(model_id)
     if model_type != MiCRoConfig.model_type:
         raise ValueError(
             f"{model_id} is not a MiCRo checkpoint (model_type={model_type!r}). Router adaptation starts from a "

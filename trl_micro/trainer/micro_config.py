@@ -27,11 +27,12 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         router_balance_coef, router_entropy_coef: weights of the regularizers against router collapse
             (see `trl_micro.losses`); 0 switches one off.
         freeze_backbone: train heads and router only.
-        use_feature_cache: with a frozen backbone (and no PEFT adapter, no ZeRO-3), compute backbone features once,
-            cache them on disk and train on them.
+        use_feature_cache: with a frozen backbone (and no PEFT adapter, no ZeRO-3, no streaming `IterableDataset`),
+            compute the backbone features of each distinct sequence once, keep them in the feature store on disk
+            (`trl_micro.feature_cache`, shared with other datasets and runs on the same backbone) and train on them.
         bf16: as in TRL, except that unset means "where the hardware supports it" instead of always.
-        feature_cache_dir: where the features are cached (default `$TRL_MICRO_CACHE/features`, with
-            `TRL_MICRO_CACHE` defaulting to `~/.cache/trl_micro`).
+        feature_cache_dir: root of the feature store (default `$TRL_MICRO_CACHE/features`, with `TRL_MICRO_CACHE`
+            defaulting to `~/.cache/trl_micro`).
         context_column: dataset column whose text (a user, a criterion, a persona) joins each prompt through the
             model's `context_template`; ignored when absent from the dataset.
         prompt_marker: text that ends every prompt in standard (non-chat) data, e.g. `"\n\nAssistant:"`. It splits

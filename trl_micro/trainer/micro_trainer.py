@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational
 
@@ -16,19 +16,19 @@ from ..data_utils import (
     TOKENIZED_COLUMNS,
     MiCRoPreferenceCollator,
     assistant_header,
+    check_margins,
     check_preference_columns,
     completion_end_token_ids,
     marker_token_ids,
     tokenize_preference_example,
 )
-from ..feature_cache import CachedFeatureCollator, load_or_compute_pair_features
+from ..feature_cache import CachedFeatureCollator, pair_features
 from ..losses import balance_penalty, ensemble_bt_loss, entropy, entropy_penalty, mixture_bt_loss
 from ..model_card import MiCRoModelCardMixin
-from ..modeling_micro import MiCRoRewardModel
+from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
 from .micro_config import MiCRoRewardConfig
 
 logger = logging.getLogger(__name__)
-
 
 
 def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
@@ -37,7 +37,7 @@ def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardMode
     dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", torch.float32))
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    if AutoConfig.from_pretrained(model_id).model_type == "micro":
+    if checkpoint_model_type(model_id) == "micro":
         return MiCRoRewardModel.from_pretrained(model_id, dtype=dtype, **init_kwargs)
     return MiCRoRewardModel.from_backbone(model_id, dtype=dtype, **args.architecture_kwargs())
 
@@ -49,7 +49,12 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
     Takes TRL's preference formats (explicit or implicit prompt, standard or conversational) and keeps, for every
     sequence, where its prompt ends, so each pair is routed by its own prompt. An optional context column joins the
     prompt. `model` is a [`MiCRoRewardModel`], a MiCRo checkpoint path, or a backbone path (wrapped with fresh heads
-    and router from `args`). With `args.freeze_backbone`, backbone features are computed once and cached.
+    and router from `args`). With `args.freeze_backbone`, backbone features are computed once and cached (not for a
+    streaming `IterableDataset`: its features are computed every step, with a warning).
+
+    Pairs whose `chosen` equals `rejected` carry no preference (their loss has no gradient): they are dropped with a
+    warning that counts them, like pairs over `max_length`. An empty dataset, a value that is neither text nor a list of
+    messages, and a `margin` that is not a finite number are errors naming the row and the column.
 
     Logged, besides TRL's reward metrics: `mixture_nll`, `head_accuracy/k`, `head_usage/k`, `router_entropy` and the
     regularizers. Every save also writes the model card, with a card per head (`trl_micro.model_card`).
@@ -74,6 +79,9 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             raise TypeError(f"`args` must be a MiCRoRewardConfig, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        first_example = next(iter(train_dataset), None)
+        if first_example is None:
+            raise ValueError("The train dataset is empty: MiCRoRewardTrainer needs at least one preference pair.")
         if isinstance(model, str):
             model = build_micro_model(model, args)
         if not isinstance(model, MiCRoRewardModel):
@@ -86,7 +94,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         if processing_class.pad_token is None:
             processing_class.pad_token = processing_class.eos_token
 
-        self._set_prompt_marker(model, processing_class, train_dataset, args)
+        self._set_prompt_marker(model, processing_class, first_example, args)
         if args.freeze_backbone:
             model.freeze_backbone()
         if peft_config is not None:
@@ -94,7 +102,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(trained_modules))
             peft_config.exclude_modules = sorted(set(peft_config.exclude_modules or []) | set(trained_modules))
 
-        self._feature_bank = self._make_feature_bank(args, peft_config)
+        self._feature_bank = self._make_feature_bank(args, peft_config, train_dataset, eval_dataset)
         if data_collator is None:
             pad_to_multiple_of = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None
             data_collator = self._feature_bank or MiCRoPreferenceCollator(
@@ -115,10 +123,9 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
 
     # ------------------------------------------------------------------------------------------------ preparation
     @staticmethod
-    def _set_prompt_marker(model, tokenizer, dataset, args) -> None:
+    def _set_prompt_marker(model, tokenizer, first_example, args) -> None:
         """Store in the model the marker that ends prompts and the ids that end completions, so full texts can be
         routed and scored after training as they were in training."""
-        first_example = next(iter(dataset))
         conversational = is_conversational({k: first_example[k] for k in ("chosen",) if k in first_example})
         marker = assistant_header(tokenizer) if conversational else args.prompt_marker
         if marker is not None:
@@ -127,8 +134,15 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         model.config.completion_end_ids = completion_end_token_ids(tokenizer, conversational)
 
     @staticmethod
-    def _make_feature_bank(args, peft_config) -> CachedFeatureCollator | None:
+    def _make_feature_bank(args, peft_config, train_dataset, eval_dataset) -> CachedFeatureCollator | None:
         if not (args.freeze_backbone and args.use_feature_cache):
+            return None
+        eval_datasets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *eval_datasets)):
+            logger.warning(
+                "Feature cache off: a streaming IterableDataset cannot be cached ahead of training, so the frozen "
+                "backbone runs every step. Pass a datasets.Dataset to train on cached features."
+            )
             return None
         if peft_config is not None:
             logger.info("Feature cache off: a PEFT adapter trains the backbone.")
@@ -142,8 +156,14 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         if isinstance(dataset, Dataset) and "pair_index" in dataset.column_names:
             return dataset  # already turned into cached features
         column_names = get_dataset_column_names(dataset)
+        if "margin" in column_names and isinstance(dataset, Dataset):
+            check_margins(dataset["margin"], f"the {dataset_name} dataset")
         if not all(column in column_names for column in TOKENIZED_COLUMNS):
             check_preference_columns(column_names, dataset_name)
+            dataset = self._drop_pairs(
+                dataset, lambda example: example["chosen"] != example["rejected"], dataset_name,
+                "identical (`chosen` == `rejected`)", "such a pair carries no preference; fix or drop it",
+            )
             context_column = args.context_column if args.context_column in column_names else None
             map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
             if isinstance(dataset, Dataset):
@@ -165,39 +185,55 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             dataset = self._cache_features(dataset, args, dataset_name)
         return dataset
 
-    @staticmethod
-    def _drop_overlong(dataset, max_length, dataset_name):
+    @classmethod
+    def _drop_overlong(cls, dataset, max_length, dataset_name):
         """Pairs with a sequence over `max_length` tokens are dropped (as in TRL), and the count is reported."""
         if max_length is None:
             return dataset
+        return cls._drop_pairs(
+            dataset,
+            lambda example: len(example["chosen_ids"]) <= max_length and len(example["rejected_ids"]) <= max_length,
+            dataset_name,
+            f"longer than max_length={max_length} tokens",
+            "raise `max_length` or shorten the texts",
+        )
 
-        def fits(example):
-            return len(example["chosen_ids"]) <= max_length and len(example["rejected_ids"]) <= max_length
-
+    @staticmethod
+    def _drop_pairs(dataset, keep: Callable, dataset_name: str, what: str, fix: str):
+        """
+        The pairs `keep` accepts. A `Dataset` reports how many pairs were dropped and refuses to lose them all; a
+        streaming `IterableDataset` filters as it streams and warns at the first pair it drops.
+        """
         if not isinstance(dataset, Dataset):
-            return dataset.filter(fits)
+            warned = False
+
+            def keep_and_warn(example):
+                nonlocal warned
+                kept = keep(example)
+                if not kept and not warned:
+                    warned = True
+                    logger.warning(f"Dropping {dataset_name} pairs {what} as they stream: {fix}.")
+                return kept
+
+            return dataset.filter(keep_and_warn)
         before = len(dataset)
-        dataset = dataset.filter(fits, desc=f"Dropping {dataset_name} pairs over {max_length} tokens")
+        dataset = dataset.filter(keep, desc=f"Dropping {dataset_name} pairs {what}")
         if len(dataset) == 0:
-            raise ValueError(
-                f"Every pair of the {dataset_name} dataset is longer than max_length={max_length} tokens; "
-                "raise `max_length` or shorten the texts."
-            )
+            raise ValueError(f"Every pair of the {dataset_name} dataset is {what}: {fix}.")
         if len(dataset) < before:
-            logger.warning(f"Dropped {before - len(dataset)} of {before} {dataset_name} pairs over {max_length} tokens.")
+            logger.warning(f"Dropped {before - len(dataset)} of {before} {dataset_name} pairs {what}: {fix}.")
         return dataset
 
     def _cache_features(self, dataset: Dataset, args, dataset_name: str) -> Dataset:
         model = self._features_model
         with args.main_process_first(desc=f"caching {dataset_name} features"):
-            features, path = load_or_compute_pair_features(
+            features = pair_features(
                 model.to(args.device),
                 dataset,
                 cache_dir=args.feature_cache_dir,
                 batch_size=args.feature_batch_size,
                 desc=f"Backbone features ({dataset_name})",
             )
-        logger.info(f"{dataset_name} features: {path}")
         offset = self._feature_bank.add(features)
         columns = {"pair_index": list(range(offset, offset + len(dataset)))}
         for label in PAIR_LABEL_COLUMNS:
