@@ -166,8 +166,7 @@ def test_recipe_adapts_a_checkpoint_from_a_local_file(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "stage1")
     make_conflicting_pairs(24).to_json(str(tmp_path / "pairs.jsonl"))
 
-    parser = recipe.TrlParser((recipe.AdaptationScriptArguments, RouterAdaptationConfig, recipe.ModelConfig))
-    recipe.main(*parser.parse_args_and_config([
+    recipe.main(*recipe.make_parser().parse_args_and_config([
         "--model_name_or_path", str(tmp_path / "stage1"), "--dataset_name", str(tmp_path / "pairs.jsonl"),
         "--pairs_per_context", "4", "--num_train_epochs", "2", "--output_dir", str(tmp_path / "adapted"),
         "--feature_cache_dir", str(tmp_path / "cache"), "--report_to", "none",

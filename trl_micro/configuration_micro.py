@@ -1,4 +1,11 @@
-"""Configuration of a MiCRo reward model: a backbone, K reward heads and a router."""
+"""
+Configuration of a MiCRo reward model: a backbone, K reward heads and a router.
+
+This file and `modeling_micro.py` are the model's code as a checkpoint carries it: every save copies both beside the
+weights and writes their `auto_map` into `config.json` (transformers' custom-code mechanism), so a process that never
+imports trl_micro loads the checkpoint with `trust_remote_code=True`. They import nothing from trl_micro but each
+other, by relative imports only.
+"""
 
 from __future__ import annotations
 
@@ -131,3 +138,6 @@ def is_causal_backbone(config: PreTrainedConfig) -> bool:
     if getattr(config, "is_decoder", False):
         return True
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+MiCRoConfig.register_for_auto_class()  # saved configs name this file in `auto_map["AutoConfig"]`

@@ -11,6 +11,11 @@ h(x) the hidden state at the last token of the prompt:
 where n standardizes the prompt feature over its hidden dimensions, n(h) = (h - mean(h)) / std(h)
 (`config.router_input_norm`; the identity when off). A context (user, criterion, persona) personalizes the reward
 by being part of the prompt the router reads.
+
+Saving copies this file and `configuration_micro.py` beside the weights, with their `auto_map` (see
+`configuration_micro`), so `AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)` loads a
+checkpoint where trl_micro is not installed (TRL's own `trl grpo --reward_model_name_or_path`, other tools). Keep the
+imports of both files to torch, transformers and each other.
 """
 
 from __future__ import annotations
@@ -135,20 +140,37 @@ def check_model_path(path: str | os.PathLike, field: str = "model") -> None:
         ) from None
 
 
-def checkpoint_model_type(path: str | os.PathLike, field: str = "model") -> str | None:
-    """The `model_type` of the checkpoint at `path`, read from its config.json without building a config object."""
+def checkpoint_config_dict(path: str | os.PathLike, field: str = "model") -> dict:
+    """The config.json of the checkpoint at `path`, as a dict (no config object is built)."""
     check_model_path(path, field)
     config_dict, _ = PreTrainedConfig.get_config_dict(os.fspath(path))
-    return config_dict.get("model_type")
+    return config_dict
+
+
+def checkpoint_model_type(path: str | os.PathLike, field: str = "model") -> str | None:
+    """The `model_type` of the checkpoint at `path`, read from its config.json without building a config object."""
+    return checkpoint_config_dict(path, field).get("model_type")
 
 
 def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
-    """Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked."""
-    model_type = checkpoint_model_type(path)
-    if model_type != MiCRoConfig.model_type:
+    """
+    Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked; a
+    warning for one saved without its modeling code (which only trl_micro can load).
+    """
+    saved = checkpoint_config_dict(path)
+    if saved.get("model_type") != MiCRoConfig.model_type:
         raise ValueError(
-            f"{path} is not a MiCRo checkpoint (model_type={model_type!r}). To start from this backbone, use "
-            f"MiCRoRewardModel.from_backbone({path!r}, num_heads=...)."
+            f"{path} is not a MiCRo checkpoint (model_type={saved.get('model_type')!r}). To start from this backbone, "
+            f"use MiCRoRewardModel.from_backbone({path!r}, num_heads=...)."
+        )
+    if "AutoModelForSequenceClassification" not in (saved.get("auto_map") or {}):
+        warnings.warn(
+            f"{path} was saved without its modeling code (no `auto_map` in its config.json, as older trl-micro "
+            "versions saved). trl_micro loads it, but TRL's own scripts (`trl grpo --reward_model_name_or_path`) and "
+            "other tools that load a reward model by path cannot. Save it again to add the code: "
+            f"`MiCRoRewardModel.from_pretrained({path!r}).save_pretrained(new_path)` (and its tokenizer), then pass "
+            "new_path with `--trust_remote_code`.",
+            stacklevel=3,
         )
     saved = MiCRoConfig.from_pretrained(path)
     asked = load_kwargs.get("config")
@@ -256,6 +278,13 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModel` (module docstring)."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        auto_map = getattr(self.config, "auto_map", None) or {}
+        self.config.auto_map = {**auto_map, "AutoModel": f"{module}.{type(self).__name__}"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
@@ -399,3 +428,6 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         elif router_features is None:
             raise ValueError("`reward_features` was given without `router_features`.")
         return self.score_features(reward_features, router_features, mixture_weights)
+
+
+MiCRoRewardModel.register_for_auto_class("AutoModelForSequenceClassification")  # saves copy this file and name it

@@ -29,13 +29,15 @@ from .modeling_micro import MiCRoRewardModel
 @dataclass
 class PairScores:
     """
-    Per-pair scores of a preference dataset, on the CPU: `head_margins` and `router_logits`, each (N, K), and
-    `feature_deltas` (N, hidden), h(x, c, y_w) - h(x, c, y_l) of the reward features (what residual heads read).
+    Per-pair scores of a preference dataset, on the CPU: `head_margins` and `router_logits`, each (N, K),
+    `feature_deltas` (N, hidden), h(x, c, y_w) - h(x, c, y_l) of the reward features (what residual heads read), and
+    `head_rewards` (N, 2, K), r_k(x, c, y_w) and r_k(x, c, y_l) (when scored from features).
     """
 
     head_margins: torch.Tensor
     router_logits: torch.Tensor
     feature_deltas: torch.Tensor
+    head_rewards: torch.Tensor | None = None
 
     @property
     def mixture_weights(self) -> torch.Tensor:
@@ -43,7 +45,8 @@ class PairScores:
 
     def subset(self, rows) -> PairScores:
         """The scores of the pairs `rows` (indices), in that order."""
-        return PairScores(self.head_margins[rows], self.router_logits[rows], self.feature_deltas[rows])
+        head_rewards = None if self.head_rewards is None else self.head_rewards[rows]
+        return PairScores(self.head_margins[rows], self.router_logits[rows], self.feature_deltas[rows], head_rewards)
 
     @property
     def margins(self) -> torch.Tensor:
@@ -89,4 +92,5 @@ def score_pair_features(model: MiCRoRewardModel, features: dict[str, torch.Tenso
         head_margins=(chosen.head_rewards - rejected.head_rewards).float().cpu(),
         router_logits=chosen.router_logits.float().cpu(),
         feature_deltas=(features["chosen_reward"].float() - features["rejected_reward"].float()).cpu(),
+        head_rewards=torch.stack([chosen.head_rewards, rejected.head_rewards], dim=1).float().cpu(),
     )

@@ -11,7 +11,10 @@ Datasets (`--dataset_name`), in this order:
 - anything else is a Hub dataset id, loaded as TRL's scripts load one: `datasets.load_dataset(name, config)`.
 
 Models (`--model_name_or_path`): a local checkpoint, a Hub model id, or `embedded` for the bundled
-SmolLM2-135M-Instruct (`trl_micro.bundled.embedded`).
+SmolLM2-135M-Instruct (`trl_micro.bundled.embedded`). A Hub model id is checked up front (its `config.json` fetched
+or found in the cache), so no network is a clear error naming the model and the offline setting.
+
+There is no default data directory: the built-ins read `data_dir` or `$TRL_MICRO_DATA_DIR`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 BUILTIN_DATASETS = ("trl-micro/synthetic", "trl-micro/hh_relabeled", "trl-micro/hh_rlhf", "trl-micro/dsp")
 EMBEDDED_MODEL = "embedded"
 DATA_DIR_ENV_VAR = "TRL_MICRO_DATA_DIR"
+OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _FILE_FORMATS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -49,13 +53,44 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """`embedded` -> the converted bundled model's directory; any other name or path is returned as it is."""
+def resolve_model_path(name_or_path: str, download: bool = False) -> str:
+    """
+    `embedded` -> the converted bundled model's directory; a local path is returned as it is; any other name is a
+    Hub model id, returned once its config can be read or, with `download`, as the local folder of its files (the
+    Hub cache's snapshot). A Hub id that cannot be read is an `OSError` naming it and the offline setting.
+    """
     if name_or_path == EMBEDDED_MODEL:
         from .embedded import embedded_model_path
 
         return embedded_model_path()
+    if Path(name_or_path).exists():
+        return name_or_path
+    from huggingface_hub import snapshot_download
+    from transformers.utils import cached_file
+
+    try:
+        if download:
+            return snapshot_download(name_or_path)
+        cached_file(name_or_path, "config.json")
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"Model {name_or_path!r} is not a local directory and could not be loaded from the Hugging Face Hub"
+            f"{_offline_note()}: {str(error).rstrip('.')}. Check the name, download it where there is a network "
+            f"(`hf download {name_or_path}`) and pass the local copy, or use `{EMBEDDED_MODEL}`."
+        ) from error
     return name_or_path
+
+
+def _offline_note() -> str:
+    """` (offline mode is on: HF_HUB_OFFLINE=1)` when one of the offline settings is on, else nothing."""
+    settings = [f"{name}={os.environ[name]}" for name in OFFLINE_ENV_VARS
+                if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")]
+    return f" (offline mode is on: {', '.join(settings)})" if settings else ""
+
+
+def is_hub_dataset_name(name: str | None) -> bool:
+    """Whether `load_named_dataset` reads `name` from the Hub: not a built-in, not a local path."""
+    return bool(name) and not name.startswith("trl-micro/") and not Path(name).exists()
 
 
 def load_named_dataset(
@@ -84,8 +119,8 @@ def load_named_dataset(
         return load_dsp(data_dir=data_dir, seed=seed)
     if name.startswith("trl-micro/"):
         raise ValueError(f"Unknown built-in dataset {name!r}; the built-ins are {BUILTIN_DATASETS}.")
-    if Path(name).exists():
-        return load_local_dataset(name)
+    if not is_hub_dataset_name(name):
+        return load_local_dataset(name, config)
     return load_hub_dataset(name, config)
 
 
@@ -95,8 +130,11 @@ def _split(data: Dataset, seed: int) -> DatasetDict:
     return split_by_context(data, context_column="context_id", seed=seed)
 
 
-def load_local_dataset(path: str) -> DatasetDict:
-    """A local file or directory as a `DatasetDict` (a single file or dataset becomes the `train` split)."""
+def load_local_dataset(path: str, config: str | None = None) -> DatasetDict:
+    """
+    A local file or directory as a `DatasetDict` (a single file or dataset becomes the `train` split). A folder of
+    data files is read as `datasets.load_dataset(path, config)` reads it (configs declared in its README.md).
+    """
     location = Path(path)
     if not location.exists():
         raise FileNotFoundError(f"Dataset {path!r} is not a local file or directory.")
@@ -104,7 +142,7 @@ def load_local_dataset(path: str) -> DatasetDict:
         if (location / "dataset_dict.json").exists() or (location / "dataset_info.json").exists():
             loaded = load_from_disk(str(location))
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
-        return load_dataset(str(location))
+        return load_dataset(str(location), config)
     suffix = location.suffix
     if suffix not in _FILE_FORMATS:
         raise ValueError(f"Cannot read {path!r}: use one of {sorted(_FILE_FORMATS)} (or a directory).")
@@ -116,10 +154,9 @@ def load_hub_dataset(name: str, config: str | None = None) -> DatasetDict:
     try:
         return load_dataset(name, config)
     except (ConnectionError, OSError) as error:
-        offline = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE")
         raise FileNotFoundError(
-            f"Dataset {name!r}{f' (config {config!r})' if config else ''} is not a built-in ({', '.join(BUILTIN_DATASETS)}), "
-            f"not a local file or directory, and could not be loaded from the Hugging Face Hub"
-            f"{' (offline mode is on: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)' if offline else ''}: {error}. Check "
-            "the name, download it where there is a network and pass the local copy, or use a built-in."
+            f"Dataset {name!r}{f' (config {config!r})' if config else ''} is not a built-in "
+            f"({', '.join(BUILTIN_DATASETS)}), not a local file or directory, and could not be loaded from the Hugging Face Hub{_offline_note()}: "
+            f"{str(error).rstrip('.')}. Check the name, download it where there is a network and pass the local copy, "
+            "or use a built-in."
         ) from error

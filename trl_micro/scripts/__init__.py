@@ -1,1 +1,1 @@
-"""The `trl-micro` command and the code behind the recipes (`recipes/`), as TRL keeps its own in `trl/scripts`."""
+"""The `trl-micro` command (`cli.py`) and its scripts, as TRL keeps its own in `trl/scripts`; `recipes/` runs the same."""

@@ -1,24 +1,32 @@
 r"""
-`trl-micro eval`: score a saved MiCRo checkpoint on a preference dataset with a context column, and write a report.
+`trl-micro eval`: score a saved MiCRo checkpoint on a preference dataset whose pairs name their context or user, and
+write a report.
 
     trl-micro eval --model_name_or_path outputs/micro-rm --dataset_name trl-micro/hh_relabeled \
         --output_dir outputs/eval [--adaptation_pairs 32]
 
-Every pair is scored as the model scores it in use: its context text joined to the prompt (`context_column`, through
-the model's `context_template`), one backbone pass per sequence. Pairs are grouped by `context_id_column` (the context
-text itself when that column is absent). Reported, per context: the routed reward's accuracy (the checkpoint's
-router), the accuracy of the uniform mixture of heads and of every single head, and the router's mean weight per head.
+Every pair is scored as the model scores it in use, one backbone pass per sequence: with a context text column
+(`context_column`), that text joined to the prompt through the model's `context_template`; without one, the prompt as
+it is. Pairs are grouped by `context_id_column` (user or context ids; the context text when that column is absent):
+a column of ids and no context text is enough, for the report and for the per-id adaptation below. Reported, per
+context: the routed reward's accuracy (the checkpoint's router), the accuracy of the uniform mixture of heads and of
+every single head, and the router's mean weight per head.
 
 With `--adaptation_pairs N`, N pairs of every context are taken out (seeded) to adapt an online router per context
-(`trl_micro.online_router.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with their
-head margins) and, on top of it, a residual head per context (`trl_micro.residual_heads.ResidualHeads`, lambda
+(`trl_micro.online_router.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with
+their head margins) and, on top of it, a residual head per context (`trl_micro.residual_heads.ResidualHeads`, lambda
 cross-validated on the same pairs; from 2 pairs per context); every method is reported on the remaining pairs only.
+
+Every row is checked before anything is scored: a malformed one (a missing or non-text prompt or response, a prompt
+and responses in different formats, an empty prompt, a missing context id) stops the run with an error naming the
+row and the field; `--skip_malformed_rows` scores the other rows and reports how many were skipped.
 
 Writes `<output_dir>/eval_report.json` and `.md` (`trl_micro.evaluation.write_report`; the online router's weights are
 in the report too), and the plots `accuracy_per_context.png` and `head_usage.png` (the checkpoint router's mean weight
 per head and context). With adaptation it also saves what was adapted, keyed by context id, ready for the reward in
 RL (`MiCRoReward.from_pretrained(checkpoint, user_column=<context id column>, online_router=<output_dir>/
-online_router.json, residual_heads=<output_dir>/residual_heads.json)`).
+online_router.json, residual_heads=<output_dir>/residual_heads.json)`). A local checkpoint's model card gets the
+per-context table (`trl_micro.model_card.add_evaluation_section`; `--update_model_card false` leaves it alone).
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
-from ..bundled.catalog import load_named_dataset
+from ..bundled.catalog import load_named_dataset, resolve_model_path
 from ..context_adaptation import ONLINE_ROUTER_STORE, RESIDUAL_HEADS_STORE, adapt_to_contexts
 from ..data_utils import take_per_context
 from ..evaluation import (
+    accuracy_lines,
     ensure_writable,
     head_accuracy,
     head_usage,
@@ -44,6 +53,7 @@ from ..evaluation import (
     plot_head_usage_heatmap,
     write_report,
 )
+from ..model_card import add_evaluation_section, message_text
 from ..modeling_micro import MiCRoRewardModel
 from ..scoring import score_preference_pairs
 from ..user_stores import normalize_user_id
@@ -56,21 +66,38 @@ ROUTED, UNIFORM = "routed (checkpoint router)", "uniform mixture of heads"
 
 @dataclass
 class EvalArguments:
-    model_name_or_path: str = field(metadata={"help": "A saved MiCRo checkpoint (directory with config and weights)."})
+    model_name_or_path: str = field(metadata={"help": "A MiCRo checkpoint: a local directory or a Hub model id."})
     dataset_name: str = field(
-        metadata={"help": "Local preference file/directory, or trl-micro/hh_relabeled, trl-micro/hh_rlhf, trl-micro/synthetic."}
+        metadata={"help": "Local preference file/directory, a Hub dataset id, or trl-micro/hh_relabeled, "
+                          "trl-micro/hh_rlhf, trl-micro/synthetic."}
     )
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where the report and plots are written."})
     dataset_split: str | None = field(
         default=None, metadata={"help": "Split to score (default: 'test' if present, else the only split)."}
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Config of a built-in dataset (synthetic: M)."})
-    data_dir: str | None = field(default=None, metadata={"help": "Folder of the real data (default ../shared/data)."})
-    context_column: str = field(default="context", metadata={"help": "Column of the context text joined to the prompt."})
-    context_id_column: str | None = field(
-        default="context_id", metadata={"help": "Column grouping the report by context (default: the context text)."}
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Dataset config (load_dataset's `name`; synthetic: the number M)."}
     )
-    prompt_marker: str | None = field(default=None, metadata={"help": "Marker ending implicit prompts, as in training."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the built-ins' real data (default: $TRL_MICRO_DATA_DIR)."}
+    )
+    context_column: str | None = field(
+        default="context", metadata={"help": "Column of context text joined to the prompt (optional)."}
+    )
+    context_id_column: str | None = field(
+        default="context_id",
+        metadata={"help": "Column of user or context ids grouping the report and keying the adaptation (default: the "
+                          "context text); ids alone, without context text, are enough."},
+    )
+    skip_malformed_rows: bool = field(
+        default=False, metadata={"help": "Skip malformed rows (and report how many) instead of stopping at the first."}
+    )
+    update_model_card: bool = field(
+        default=True, metadata={"help": "Add the per-context table to a local checkpoint's model card (README.md)."}
+    )
+    prompt_marker: str | None = field(
+        default=None, metadata={"help": "Marker ending implicit prompts, as in training."}
+    )
     max_pairs: int | None = field(default=None, metadata={"help": "Score at most this many pairs (the first ones)."})
     adaptation_pairs: int = field(
         default=0, metadata={"help": "Pairs per context used to adapt an online router (0: no adaptation)."}
@@ -111,15 +138,73 @@ def load_split(args: EvalArguments):
     return dataset
 
 
-def context_labels(dataset, args: EvalArguments) -> tuple[list[str], str]:
-    """Each pair's context label, and the column it comes from. Raises when the dataset has no context column."""
-    if args.context_column not in dataset.column_names:
+def context_columns(dataset, args: EvalArguments) -> tuple[str | None, str]:
+    """(the context text column, or None without one; the column labelling each pair's context or user)."""
+    names = dataset.column_names
+    text = args.context_column if args.context_column in names else None
+    label = args.context_id_column if args.context_id_column in names else text
+    if label is None:
         raise ValueError(
-            f"The dataset has no context column {args.context_column!r} (columns: {sorted(dataset.column_names)}). A "
-            "context-level report needs each pair's context text: name its column with --context_column."
+            f"The dataset names no pair's context or user: it has no context id column {args.context_id_column!r} "
+            f"and no context column {args.context_column!r} (columns: {sorted(names)}). Name a column of user or "
+            "context ids with --context_id_column (ids alone are enough) or of context text with --context_column."
         )
-    column = args.context_id_column if args.context_id_column in dataset.column_names else args.context_column
-    return [normalize_user_id(value, f"{column}[{row}]") for row, value in enumerate(dataset[column])], column
+    return text, label
+
+
+def _describe(value) -> str:
+    return "None" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+
+
+def is_message(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("role"), str) and isinstance(value.get("content"), str)
+
+
+def malformed_field(example: dict, text_column: str | None, label_column: str) -> tuple[str, str] | None:
+    """The first malformed field of a preference row and what is wrong with it, or `None` for a good row."""
+    formats = {}
+    for column in ("prompt", "chosen", "rejected"):
+        if column not in example:
+            continue
+        value = example[column]
+        if isinstance(value, str):
+            formats[column] = "text"
+        elif isinstance(value, list) and value and all(is_message(message) for message in value):
+            formats[column] = "messages"
+        else:
+            return column, f"is {_describe(value)}, not text or a list of messages with `role` and `content`"
+    first = next(iter(formats), None)
+    for column, kind in formats.items():
+        if kind != formats[first]:
+            return column, f"is {kind} but `{first}` is {formats[first]}: use one format per row"
+    if "prompt" in example and not message_text(example["prompt"]).strip():
+        return "prompt", "is empty (the router reads the prompt)"
+    if text_column is not None and not isinstance(example[text_column], (str, type(None))):
+        return text_column, f"is {_describe(example[text_column])}, not text"
+    label = example[label_column]
+    if label is None or (isinstance(label, str) and not label.strip()):
+        return label_column, "is missing: every pair needs its context or user id"
+    try:
+        normalize_user_id(label, label_column)
+    except TypeError:
+        return label_column, f"is {_describe(label)}: ids are text or integers"
+    return None
+
+
+def check_rows(dataset, text_column: str | None, label_column: str, args: EvalArguments):
+    """`dataset` without malformed rows, and how many there were; without --skip_malformed_rows, the first raises."""
+    bad = [(row, found) for row, example in enumerate(dataset)
+           if (found := malformed_field(example, text_column, label_column)) is not None]
+    if bad and not args.skip_malformed_rows:
+        row, (column, problem) = bad[0]
+        raise ValueError(
+            f"Row {row} of {args.dataset_name}: `{column}` {problem}. {len(bad)} of {len(dataset)} rows are malformed; "
+            "fix them, or pass --skip_malformed_rows to score the others (the report counts the skipped rows)."
+        )
+    if bad:
+        skipped = {row for row, _ in bad}
+        dataset = dataset.select([row for row in range(len(dataset)) if row not in skipped])
+    return dataset, len(bad)
 
 
 def split_adaptation(dataset, labels: list[str], label_column: str, args: EvalArguments) -> tuple[list[int], list[int]]:
@@ -146,17 +231,23 @@ def run_eval(args: EvalArguments) -> dict:
     paths = report_paths(args.output_dir, args.adaptation_pairs)
     for path in paths.values():
         ensure_writable(path)
+    card = model_card_path(args)
     dataset = load_split(args)
-    labels, label_column = context_labels(dataset, args)
+    text_column, label_column = context_columns(dataset, args)
+    dataset, skipped = check_rows(dataset, text_column, label_column, args)
+    if len(dataset) == 0:
+        raise ValueError(f"Every row of {args.dataset_name} is malformed: nothing to evaluate.")
+    labels = [normalize_user_id(value, f"{label_column}[{row}]") for row, value in enumerate(dataset[label_column])]
     adaptation, evaluated = split_adaptation(dataset, labels, label_column, args)
 
-    model = MiCRoRewardModel.from_pretrained(args.model_name_or_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model_path = resolve_model_path(args.model_name_or_path)
+    model = MiCRoRewardModel.from_pretrained(model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     scores = score_preference_pairs(
         model,
         dataset,
         tokenizer,
-        context_column=args.context_column,
+        context_column=text_column,
         prompt_marker=args.prompt_marker or model.config.prompt_marker,
         batch_size=args.batch_size,
         feature_cache_dir=args.feature_cache_dir,
@@ -194,11 +285,14 @@ def run_eval(args: EvalArguments) -> dict:
         "head_usage": usage,
         "head_accuracy": head_accuracy(head_margins, evaluated_labels),
         "num_pairs": {"scored": len(dataset), "evaluated": len(evaluated), "adaptation": len(adaptation)},
-        "context_column": args.context_column,
+        "skipped_rows": skipped,
+        "context_column": text_column,
         "context_label_column": label_column,
         "arguments": vars(args),
     }
     write_report(results, paths["json"].with_suffix(""))
+    if card is not None:
+        paths["model_card"] = update_model_card(model_path, results, args)
     plot_accuracy_per_context(
         {name: methods[name] for name in methods if not name.startswith("head ")},
         paths["accuracy_plot"],
@@ -211,9 +305,32 @@ def run_eval(args: EvalArguments) -> dict:
     return {"results": results, "paths": paths}
 
 
+def model_card_path(args: EvalArguments) -> Path | None:
+    """The card `--update_model_card` updates (a local checkpoint's README.md), checked writable; `None` for none."""
+    if not (args.update_model_card and Path(args.model_name_or_path).is_dir()):
+        return None
+    try:
+        return ensure_writable(Path(args.model_name_or_path) / "README.md")
+    except OSError as error:
+        raise type(error)(f"{error} Pass --update_model_card false to leave the checkpoint's card alone.") from error
+
+
+def update_model_card(model_path: str, results: dict, args: EvalArguments) -> Path:
+    """Add the per-context table (not the single heads' rows) to the checkpoint's card."""
+    methods = {name: value for name, value in results["methods"].items() if not name.startswith("head ")}
+    counts = results["num_pairs"]
+    intro = (f"`trl-micro eval` on {counts['evaluated']} pairs of `{args.dataset_name}`, grouped by "
+             f"`{results['context_label_column']}`" + (f" ({counts['adaptation']} more pairs adapted the online "
+                                                       "router)" if counts["adaptation"] else "") + ".")
+    lines = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in accuracy_lines(methods)]
+    return add_evaluation_section(model_path, args.dataset_name, [intro, "", *lines])
+
+
 def format_summary(outcome: dict) -> str:
     results, paths = outcome["results"], outcome["paths"]
     lines = []
+    if results.get("skipped_rows"):
+        lines.append(f"skipped {results['skipped_rows']} malformed rows (--skip_malformed_rows)")
     for name, accuracy in results["methods"].items():
         if name.startswith("head "):
             continue

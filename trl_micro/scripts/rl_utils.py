@@ -1,7 +1,7 @@
 """
-What the personalized RL recipes (GRPO, RLOO, PPO) share: their prompt-dataset arguments, loading the prompts (a
-built-in prompt set or a local file / directory) with the context shown to the policy, and the probe that scores a
-policy's samples per context before and after training.
+What the personalized RL scripts (`trl-micro grpo | rloo | ppo`) share: their prompt-dataset arguments, loading the
+prompts (a built-in prompt set, a local file / directory or a Hub dataset) with the context shown to the policy, LoRA
+by default, the probe that scores a policy's samples per context before and after training, and the run's log file.
 
 With `show_context_to_policy`, the context joins the prompt the policy reads (the system message of a conversation,
 or text in front of a plain prompt, through the reward model's context template), so the policy can tell the users
@@ -10,16 +10,22 @@ apart; the reward model then reads it from the prompt once, not twice (see `trl_
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..bundled.catalog import load_local_dataset
+from ..bundled.catalog import load_named_dataset
 from ..bundled.prompts import SYNTHETIC_NAMES, synthetic_prompt_dataset
 from ..data_utils import join_context
 from ..rewards import MiCRoReward
+
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+RUN_LOG = "personalized_rewards.json"
 
 
 @dataclass
@@ -28,8 +34,9 @@ class PromptDatasetArguments:
     Where the prompts come from (the recipes' dataset arguments).
 
     Args:
-        prompt_dataset: `"synthetic"` or a local file / directory.
-        prompt_split: split of a local dataset with several.
+        prompt_dataset: `"synthetic"`, a local file / directory or a Hub dataset id.
+        prompt_config: config of a Hub dataset (`datasets.load_dataset(prompt_dataset, prompt_config)`).
+        prompt_split: split of a dataset with several.
         context_column: column with each prompt's context.
         show_context_to_policy: join the context to the prompt the policy reads.
         num_subpopulations: synthetic only: how many subpopulations (contexts).
@@ -38,8 +45,11 @@ class PromptDatasetArguments:
         prompt_seed: synthetic only: seed of the prompt sample.
     """
 
-    prompt_dataset: str = field(default="synthetic", metadata={"help": "'synthetic' or a local file or directory."})
-    prompt_split: str = field(default="train", metadata={"help": "Split of a local dataset with several."})
+    prompt_dataset: str = field(
+        default="synthetic", metadata={"help": "'synthetic', a local file or directory, or a Hub dataset id."}
+    )
+    prompt_config: str | None = field(default=None, metadata={"help": "Config of a Hub prompt dataset."})
+    prompt_split: str = field(default="train", metadata={"help": "Split of a dataset with several."})
     context_column: str = field(default="context", metadata={"help": "Column with each prompt's context."})
     show_context_to_policy: bool = field(
         default=True, metadata={"help": "Join the context to the prompt the policy reads (as its system message)."}
@@ -79,9 +89,11 @@ def load_prompt_dataset(args: PromptDatasetArguments, context_template: str = "{
             args.num_subpopulations, args.num_prompts, args.conversational, args.prompt_seed
         )
     else:
-        splits = load_local_dataset(args.prompt_dataset)
+        splits = load_named_dataset(args.prompt_dataset, args.prompt_config)
         if args.prompt_split not in splits:
-            raise ValueError(f"The prompt dataset {args.prompt_dataset!r} has no split {args.prompt_split!r}: {list(splits)}.")
+            raise ValueError(
+                f"The prompt dataset {args.prompt_dataset!r} has no split {args.prompt_split!r}: {list(splits)}."
+            )
         dataset = splits[args.prompt_split]
     missing = [column for column in ("prompt", args.context_column) if column not in dataset.column_names]
     if missing:
@@ -92,6 +104,23 @@ def load_prompt_dataset(args: PromptDatasetArguments, context_template: str = "{
     if args.show_context_to_policy:
         dataset = show_context_to_policy(dataset, args.context_column, context_template)
     return dataset
+
+
+def default_to_lora(script_args: PersonalizedRLArguments, model_args) -> None:
+    """Unless `--full_finetune`, train a LoRA adapter of the policy (TRL's `ModelConfig` options; default targets)."""
+    if not script_args.full_finetune:
+        model_args.use_peft = True
+        model_args.lora_target_modules = model_args.lora_target_modules or DEFAULT_LORA_TARGETS
+
+
+def save_run_log(trainer, output_dir: str, probes: dict) -> None:
+    """`<output_dir>/personalized_rewards.json`: the trainer's log history and the probes (main process only)."""
+    if not trainer.accelerator.is_main_process:
+        return
+    with open(os.path.join(output_dir, RUN_LOG), "w") as file:
+        json.dump({"log_history": trainer.state.log_history, "probe": probes}, file, indent=1)
+    if probes:
+        trainer.accelerator.print(f"Mean reward per context on held-out prompts: {json.dumps(probes)}")
 
 
 def show_context_to_policy(dataset: Dataset, context_column: str, context_template: str) -> Dataset:

@@ -9,6 +9,7 @@ import torch
 from trl import RewardConfig
 
 from ..configuration_micro import MiCRoArchitecture
+from ..user_stores import is_integer
 
 
 @dataclass
@@ -37,6 +38,8 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         prompt_marker: text that ends every prompt in standard (non-chat) data, e.g. `"\n\nAssistant:"`. It splits
             implicit prompts and lets the saved model find the prompt boundary in full texts. For conversational
             data the chat template's assistant header is used.
+        model_card_pairs: pairs (a seeded sample of the evaluation set when there is one, else of the training set)
+            scored at every save to measure each head for the model card (`trl_micro.model_card`); 0: no measuring.
     """
 
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (heads and router learn fast)."})
@@ -55,6 +58,9 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     prompt_marker: str | None = field(
         default=None, metadata={"help": "Text that ends every prompt in standard data, e.g. '\\n\\nAssistant:'."}
     )
+    model_card_pairs: int = field(
+        default=128, metadata={"help": "Pairs scored at each save to measure the heads for the model card (0: none)."}
+    )
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -66,6 +72,8 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         self.check_architecture()
         if self.loss_type not in ("mixture", "ensemble"):
             raise ValueError(f"`loss_type` must be 'mixture' or 'ensemble', got {self.loss_type!r}.")
+        if not is_integer(self.model_card_pairs) or self.model_card_pairs < 0:
+            raise ValueError(f"`model_card_pairs` must be an integer >= 0, got {self.model_card_pairs!r}.")
         for name in ("router_balance_coef", "router_entropy_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")

@@ -24,6 +24,7 @@ from ..data_utils import (
 )
 from ..feature_cache import CachedFeatureCollator, pair_features
 from ..losses import balance_penalty, ensemble_bt_loss, entropy, entropy_penalty, mixture_bt_loss
+from ..model_card import MiCRoModelCardMixin
 from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
 from .micro_config import MiCRoRewardConfig
 
@@ -41,7 +42,7 @@ def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardMode
     return MiCRoRewardModel.from_backbone(model_id, dtype=dtype, **args.architecture_kwargs())
 
 
-class MiCRoRewardTrainer(RewardTrainer):
+class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
     """
     [`RewardTrainer`] for MiCRo reward models (see `trl_micro.losses` for the objective).
 
@@ -56,7 +57,7 @@ class MiCRoRewardTrainer(RewardTrainer):
     messages, and a `margin` that is not a finite number are errors naming the row and the column.
 
     Logged, besides TRL's reward metrics: `mixture_nll`, `head_accuracy/k`, `head_usage/k`, `router_entropy` and the
-    regularizers.
+    regularizers. Every save also writes the model card, with a card per head (`trl_micro.model_card`).
     """
 
     _tag_names = ["trl", "reward-trainer", "trl-micro"]
@@ -108,6 +109,7 @@ class MiCRoRewardTrainer(RewardTrainer):
                 processing_class.pad_token_id, pad_to_multiple_of=pad_to_multiple_of
             )
         self._features_model = model  # the backbone the cache is computed with, before any wrapping
+        self._keep_card_pairs(train_dataset, eval_dataset)
         super().__init__(
             model=model,
             args=args,

@@ -1,0 +1,118 @@
+"""`trl-micro eval` on what users have: user ids without context text, malformed rows, Hub names with no network."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from datasets import Dataset
+
+from trl_micro import MiCRoRewardModel, score_preference_pairs
+from trl_micro.evaluation import per_context_accuracy
+from trl_micro.scripts.cli import main as cli_main
+from trl_micro.testing_utils import build_tiny_micro_model
+
+from .conftest import make_conflicting_pairs
+
+
+@pytest.fixture()
+def checkpoint(tokenizer, tmp_path):
+    model = build_tiny_micro_model(tokenizer, num_heads=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    return str(tmp_path / "ckpt")
+
+
+def user_pairs(num_pairs: int) -> Dataset:
+    """Pairs with a user id column and no context text (the users' tastes differ: see make_conflicting_pairs)."""
+    data = make_conflicting_pairs(num_pairs).remove_columns("context")
+    return data.add_column("user", [f"user-{taste}" for taste in data["taste"]])
+
+
+def test_user_ids_without_context_text_are_enough(checkpoint, tokenizer, tmp_path):
+    data = user_pairs(24)
+    data.to_json(tmp_path / "pairs.jsonl")
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(tmp_path / "pairs.jsonl"),
+                     "--context_id_column", "user", "--adaptation_pairs", "4", "--output_dir", str(out)]) == 0
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["context_column"] is None and report["context_label_column"] == "user"
+    assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8}
+    online = report["methods"]["online routing + residual heads (4 pairs per context)"]["accuracy"]
+    assert set(online) == {"user-short", "user-long"}
+    assert set(json.loads((out / "online_router.json").read_text())["users"]) == {"user-short", "user-long"}
+    # Without context text, the router reads the prompt as it is: the same as scoring with no context column.
+    scores = score_preference_pairs(MiCRoRewardModel.from_pretrained(checkpoint), data, tokenizer, context_column=None)
+    everything = per_context_accuracy(scores.margins, data["user"])
+    assert cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(tmp_path / "pairs.jsonl"),
+                     "--context_id_column", "user", "--output_dir", str(tmp_path / "all")]) == 0
+    routed = json.loads((tmp_path / "all" / "eval_report.json").read_text())["methods"]["routed (checkpoint router)"]
+    assert routed["accuracy"] == pytest.approx(everything["accuracy"])
+
+
+def test_no_id_and_no_context_column_names_both_flags(checkpoint, tmp_path):
+    user_pairs(4).to_json(tmp_path / "pairs.jsonl")
+    with pytest.raises(ValueError, match="no context id column 'context_id' and no context column 'context'.*"
+                                         "--context_id_column.*--context_column"):
+        cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(tmp_path / "pairs.jsonl"),
+                  "--output_dir", str(tmp_path / "eval")])
+
+
+@pytest.mark.parametrize(
+    ("conversational", "row", "field", "problem"),
+    [
+        (False, {"chosen": None}, "chosen", "is None, not text"),
+        (False, {"prompt": "  "}, "prompt", "is empty"),
+        (False, {"user": None}, "user", "is missing"),
+        (True, {"rejected": [{"role": "assistant", "content": None}]}, "rejected", "is a list .*not text or a list of"),
+    ],
+)
+def test_one_malformed_row_among_thousands_is_named(checkpoint, tmp_path, conversational, row, field, problem):
+    data = make_conflicting_pairs(2000, conversational=conversational)
+    rows = data.add_column("user", data["taste"]).to_list()
+    rows[1234].update(row)
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as file:
+        file.writelines(json.dumps(r) + "\n" for r in rows)
+    argv = ["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(path), "--context_id_column", "user",
+            "--output_dir", str(tmp_path / "eval")]
+    message = rf"Row 1234 of .*: `{field}` {problem}.*1 of 2000 rows.*--skip_malformed_rows"
+    with pytest.raises(ValueError, match=message):
+        cli_main(argv)
+    assert not (tmp_path / "eval" / "eval_report.json").exists()
+
+
+def test_skip_malformed_rows_scores_the_others_and_reports_how_many(checkpoint, tmp_path, capsys):
+    rows = user_pairs(40).to_list()
+    rows[7]["chosen"], rows[30]["user"] = None, ""
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as file:
+        file.writelines(json.dumps(r) + "\n" for r in rows)
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(path), "--context_id_column",
+                     "user", "--skip_malformed_rows", "--output_dir", str(out)]) == 0
+    report = json.loads((out / "eval_report.json").read_text())
+    assert report["skipped_rows"] == 2 and report["num_pairs"]["scored"] == 38
+    assert "skipped 2 malformed rows" in capsys.readouterr().out
+
+
+def test_hub_names_without_network_are_clear_errors(checkpoint, tmp_path):
+    """Hub model and dataset ids reach the Hub's loaders; offline, the error names them and the setting."""
+    make_conflicting_pairs(4).to_json(tmp_path / "pairs.jsonl")
+    script = (
+        "import sys\n"
+        "from trl_micro.scripts.cli import main\n"
+        "for argv in ([sys.argv[1], 'someone/prefs', '--dataset_config', 'v2'], ['someone/micro-rm', sys.argv[2]]):\n"
+        "    try:\n"
+        "        main(['eval', '--model_name_or_path', argv[0], '--dataset_name', *argv[1:], '--output_dir', 'out'])\n"
+        "    except OSError as error:\n"
+        "        print('ERROR', type(error.__cause__).__name__, error)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script, checkpoint, str(tmp_path / "pairs.jsonl")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    dataset_error, model_error = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
+    assert "Dataset 'someone/prefs' (config 'v2')" in dataset_error and "HF_DATASETS_OFFLINE=1" in dataset_error
+    assert dataset_error.startswith("ERROR ConnectionError")  # raised by datasets.load_dataset itself
+    assert "Model 'someone/micro-rm' is not a local directory" in model_error and "HF_HUB_OFFLINE=1" in model_error
