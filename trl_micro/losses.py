@@ -8,16 +8,20 @@ Bradley-Terry models gives the likelihood p(y_w > y_l | x) = sum_k w_k(x) sigmoi
 
 computed in the second form (log-softmax and logsigmoid are exact for any logits, in float32 and bf16 alike).
 
-When the pairs come with a context (a user, a criterion) whose raters all follow one head, the head is a latent of
-the context rather than of each pair. With w_bar(c) the mean router weights over the n_c pairs of context c, the
-context's likelihood is sum_k w_bar_k(c) prod_{i in c} sigmoid(delta_ik), and the loss per context is
+When several pairs come from one rater who follows one head, the head is a latent of that group of pairs rather
+than of each pair: the pairs of a context (a user, a criterion) in Stage 2, and in Stage 1 the pairs that share a
+prompt and a chosen response (one rater preferring that response to several others). With w_bar(g) the mean router
+weights over the n_g pairs of group g, the group's likelihood is sum_k w_bar_k(g) prod_{i in g} sigmoid(delta_ik), and
+the loss per group is
 
-    context_mixture_bt = -(1 / n_c) log sum_k w_bar_k(c) prod_{i in c} sigmoid(delta_ik)
-                       = -(1 / n_c) logsumexp_k( log w_bar_k(c) + sum_{i in c} logsigmoid(delta_ik) ).
+    context_mixture_bt = -(1 / n_g) log sum_k w_bar_k(g) prod_{i in g} sigmoid(delta_ik)
+                       = -(1 / n_g) logsumexp_k( log w_bar_k(g) + sum_{i in g} logsigmoid(delta_ik) ).
 
-With one pair per context it is mixture_bt. With many, a router cannot lower it by sending each pair to whichever
-head happens to agree with that pair's label; it must give the whole context the heads that explain all its pairs
-(the model the online router's posterior assumes).
+With one pair per group it is mixture_bt. With many, the model cannot lower it by sending each pair to whichever
+head happens to agree with that pair's label; it must give the whole group the heads that explain all its pairs
+(the model the online router's posterior assumes). This matters where the same pair is labelled both ways by
+different raters (reversals): per pair, any even split of the heads between the two labels explains them equally
+well, and a per-pair fit settles on such splits; per group, only heads that each follow one rater's whole taste do.
 
 Regularizers against a collapsed router, both >= 0 and 0 at their optimum:
 
@@ -56,9 +60,9 @@ def context_mixture_bt_loss(
     margin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    Negative log-likelihood of each context under one latent head per context: (B, K) margins and router logits and
-    (B,) integer context ids -> (C,), one value per context in the batch (in increasing id order), each divided by
-    the context's number of pairs.
+    Negative log-likelihood of each group under one latent head per group: (B, K) margins and router logits and
+    (B,) integer group ids (contexts, or latent groups) -> (C,), one value per group in the batch (in increasing id
+    order), each divided by the group's number of pairs.
     """
     if head_margins.shape != router_logits.shape:
         raise ValueError(
@@ -72,15 +76,17 @@ def context_mixture_bt_loss(
     head_margins, router_logits = head_margins.float(), router_logits.float()
     if margin is not None:
         head_margins = head_margins - margin.float()[:, None]
-    log_weights = F.log_softmax(router_logits, dim=-1)
-    log_likelihoods = F.logsigmoid(head_margins)
-    losses = []
-    for context in torch.unique(context_index):
-        rows = context_index == context
-        num_pairs = rows.sum()
-        log_mean_weights = torch.logsumexp(log_weights[rows], dim=0) - torch.log(num_pairs.float())
-        losses.append(-torch.logsumexp(log_mean_weights + log_likelihoods[rows].sum(dim=0), dim=0) / num_pairs)
-    return torch.stack(losses)
+    groups, rows = torch.unique(context_index, return_inverse=True)
+    num_groups, num_heads = len(groups), head_margins.shape[1]
+    counts = torch.zeros(num_groups, device=head_margins.device).index_add(0, rows, torch.ones_like(rows, dtype=torch.float))
+    weights = F.softmax(router_logits, dim=-1)
+    mean_weights = torch.zeros(num_groups, num_heads, device=head_margins.device).index_add(0, rows, weights)
+    # A weight that underflowed to 0 is floored at the smallest float: the value is unchanged, the gradient stays finite.
+    log_mean_weights = torch.log((mean_weights / counts[:, None]).clamp_min(torch.finfo(torch.float32).tiny))
+    log_likelihoods = torch.zeros(num_groups, num_heads, device=head_margins.device).index_add(
+        0, rows, F.logsigmoid(head_margins)
+    )
+    return -torch.logsumexp(log_mean_weights + log_likelihoods, dim=-1) / counts
 
 
 def ensemble_bt_loss(head_margins: torch.Tensor, margin: torch.Tensor | None = None):
@@ -93,6 +99,14 @@ def ensemble_bt_loss(head_margins: torch.Tensor, margin: torch.Tensor | None = N
 
 def entropy(probabilities: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum(dim=dim)
+
+
+def head_agreement(head_margins: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of heads of the share of pairs they rank the same way: 1 when the heads have not separated."""
+    signs = head_margins.detach().float().sign()
+    num_heads = signs.shape[-1]
+    agree = (signs.T @ signs / signs.shape[0] + 1) / 2  # (K, K): share of pairs with equal signs (ties count half)
+    return (agree.sum() - agree.diagonal().sum()) / (num_heads * (num_heads - 1))
 
 
 def balance_penalty(mixture_weights: torch.Tensor) -> torch.Tensor:

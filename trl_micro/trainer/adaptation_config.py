@@ -48,6 +48,9 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps (adaptation runs are short)."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training; the script saves at the end."})
     router_balance_coef: float = field(default=0.0, metadata={"help": "Head-usage balance penalty (off in Stage 2)."})
+    latent_groups: str = field(
+        default="pair", metadata={"help": "Stage 2 groups pairs by `adaptation_likelihood` instead; keep 'pair'."}
+    )
     freeze_backbone: bool = field(default=True, metadata={"help": "Always True: only the router trains."})
     router_anchor_coef: float = field(
         default=1e-2, metadata={"help": "L2 pull of the router's parameters toward their Stage 1 values."}
@@ -74,6 +77,11 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
         super().__post_init__()
         if self.router_anchor_coef < 0:
             raise ValueError(f"`router_anchor_coef` must be >= 0, got {self.router_anchor_coef}.")
+        if self.latent_groups != "pair":
+            raise ValueError(
+                f"RouterAdaptationConfig.latent_groups must be 'pair', got {self.latent_groups!r}: Stage 2 groups the "
+                "pairs of a context with adaptation_likelihood='context'."
+            )
         if self.adaptation_likelihood not in ADAPTATION_LIKELIHOODS:
             raise ValueError(
                 f"`adaptation_likelihood` must be one of {ADAPTATION_LIKELIHOODS}, got {self.adaptation_likelihood!r}."

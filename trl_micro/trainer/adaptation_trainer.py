@@ -146,7 +146,7 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
             )
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-    def mixture_nll(self, head_margins, router_logits, margin=None, context_index=None) -> torch.Tensor:
+    def mixture_nll(self, head_margins, router_logits, margin=None, context_index=None, latent_group=None):
         """Per-pair (`adaptation_likelihood="pair"`) or per-context (`"context"`) mixture BT loss of the batch."""
         if self.args.adaptation_likelihood == "pair":
             return super().mixture_nll(head_margins, router_logits, margin)

@@ -24,6 +24,13 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     Training fields:
         loss_type: `"mixture"` (MiCRo's mixture BT loss) or `"ensemble"` (each head its own BT loss: Shared-Base
             Ensemble).
+        latent_groups: which pairs share one latent head in the mixture loss. `"prompt_chosen"` (default): pairs with
+            the same prompt (context included) and the same chosen response, one rater's comparisons of that response
+            with several others, as multi-response ratings are binarized; they are batched together and fitted with
+            `trl_micro.losses.context_mixture_bt_loss`. A dataset of one pair per prompt has one pair per group, and
+            the loss is then the per-pair mixture loss. `"pair"`: every pair its own latent head (the MiCRo paper's
+            Stage 1 objective). On data where raters reverse each other's pairs, per-pair latents settle on heads that
+            split each pair between the two labels instead of heads that each follow one rater.
         router_balance_coef, router_entropy_coef: weights of the regularizers against router collapse
             (see `trl_micro.losses`); 0 switches one off.
         freeze_backbone: train heads and router only.
@@ -45,6 +52,10 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (heads and router learn fast)."})
     loss_type: Literal["mixture", "ensemble"] = field(
         default="mixture", metadata={"help": "'mixture' (MiCRo) or 'ensemble' (independent heads)."}
+    )
+    latent_groups: Literal["prompt_chosen", "pair"] = field(
+        default="prompt_chosen",
+        metadata={"help": "'prompt_chosen': pairs sharing a prompt and a chosen response share a latent head; 'pair'."},
     )
     router_balance_coef: float = field(default=0.1, metadata={"help": "Weight of the head-usage balance penalty."})
     router_entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the per-prompt entropy penalty."})
@@ -72,6 +83,8 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         self.check_architecture()
         if self.loss_type not in ("mixture", "ensemble"):
             raise ValueError(f"`loss_type` must be 'mixture' or 'ensemble', got {self.loss_type!r}.")
+        if self.latent_groups not in ("prompt_chosen", "pair"):
+            raise ValueError(f"`latent_groups` must be 'prompt_chosen' or 'pair', got {self.latent_groups!r}.")
         if not is_integer(self.model_card_pairs) or self.model_card_pairs < 0:
             raise ValueError(f"`model_card_pairs` must be an integer >= 0, got {self.model_card_pairs!r}.")
         for name in ("router_balance_coef", "router_entropy_coef"):

@@ -14,21 +14,33 @@ from trl.data_utils import get_dataset_column_names, is_conversational
 from ..data_utils import (
     PAIR_LABEL_COLUMNS,
     TOKENIZED_COLUMNS,
+    GroupedBatchSampler,
     MiCRoPreferenceCollator,
     assistant_header,
     check_margins,
     check_preference_columns,
     completion_end_token_ids,
+    latent_groups,
     marker_token_ids,
     tokenize_preference_example,
 )
 from ..feature_cache import CachedFeatureCollator, pair_features
-from ..losses import balance_penalty, ensemble_bt_loss, entropy, entropy_penalty, mixture_bt_loss
+from ..losses import (
+    balance_penalty,
+    context_mixture_bt_loss,
+    ensemble_bt_loss,
+    entropy,
+    entropy_penalty,
+    head_agreement,
+    mixture_bt_loss,
+)
 from ..model_card import MiCRoModelCardMixin
 from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
 from .micro_config import MiCRoRewardConfig
 
 logger = logging.getLogger(__name__)
+
+HEAD_AGREEMENT_WARNING = 0.95  # heads that rank this share of pairs alike (the logged `head_agreement`) have not separated
 
 
 def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
@@ -56,8 +68,10 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
     warning that counts them, like pairs over `max_length`. An empty dataset, a value that is neither text nor a list of
     messages, and a `margin` that is not a finite number are errors naming the row and the column.
 
-    Logged, besides TRL's reward metrics: `mixture_nll`, `head_accuracy/k`, `head_usage/k`, `router_entropy` and the
-    regularizers. Every save also writes the model card, with a card per head (`trl_micro.model_card`).
+    Logged, besides TRL's reward metrics: `mixture_nll`, `head_accuracy/k`, `head_usage/k`, `router_entropy`,
+    `head_agreement` (the share of pairs two heads rank alike, averaged over head pairs; a warning at the end of
+    training says when it stays near 1: the heads have not separated) and the regularizers. Every save also writes the
+    model card, with a card per head (`trl_micro.model_card`).
     """
 
     _tag_names = ["trl", "reward-trainer", "trl-micro"]
@@ -181,9 +195,45 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
                     **map_kwargs,
                 )
         dataset = self._drop_overlong(dataset, args.max_length, dataset_name)
+        if self._groups_latents(args) and isinstance(dataset, Dataset) and "latent_group" not in dataset.column_names:
+            dataset = dataset.add_column("latent_group", latent_groups(dataset["chosen_ids"]))
         if self._feature_bank is not None and isinstance(dataset, Dataset):
             dataset = self._cache_features(dataset, args, dataset_name)
         return dataset
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then a warning when the heads have not separated (see `HEAD_AGREEMENT_WARNING`)."""
+        output = super().train(*args, **kwargs)
+        agreements = [entry["head_agreement"] for entry in self.state.log_history if "head_agreement" in entry]
+        if agreements and agreements[-1] >= HEAD_AGREEMENT_WARNING:
+            logger.warning(
+                f"The {self.model.config.num_heads if hasattr(self.model, 'config') else 'K'} heads rank "
+                f"{agreements[-1]:.0%} of the training pairs the same way: they have not separated into distinct "
+                "tastes, so routing has little to choose from. If the data mixes raters, check that `latent_groups` "
+                "groups one rater's pairs, train longer or with a higher learning rate; if it does not, fewer heads "
+                "(or num_heads=1) fit it as well."
+            )
+        return output
+
+    @staticmethod
+    def _groups_latents(args) -> bool:
+        return args.loss_type == "mixture" and args.latent_groups == "prompt_chosen"
+
+    def get_train_dataloader(self):
+        """TRL's loader, except that pairs of one latent group (see `latent_groups`) always share a batch."""
+        dataset = self.train_dataset
+        if not (isinstance(dataset, Dataset) and "latent_group" in dataset.column_names and self._groups_latents(self.args)):
+            return super().get_train_dataloader()
+        dataset = self._remove_unused_columns(dataset, description="training")
+        sampler = GroupedBatchSampler(dataset["latent_group"], self._train_batch_size, seed=self.args.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
 
     @classmethod
     def _drop_overlong(cls, dataset, max_length, dataset_name):
@@ -250,6 +300,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         mode = "train" if self.model.training else "eval"
         margin = inputs.pop("margin", None)
         context_index = inputs.pop("context_index", None)
+        latent_group = inputs.pop("latent_group", None)
         outputs = model(**inputs)
         chosen_rewards, rejected_rewards = outputs.head_rewards.chunk(2)
         head_margins = chosen_rewards - rejected_rewards
@@ -261,7 +312,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             nll = ensemble_bt_loss(head_margins, margin).mean()
             loss = nll
         else:
-            nll = self.mixture_nll(head_margins, router_logits, margin, context_index)
+            nll = self.mixture_nll(head_margins, router_logits, margin, context_index, latent_group)
             loss = nll
             if head_margins.shape[-1] > 1 and args.router_balance_coef > 0:
                 loss = loss + args.router_balance_coef * balance_penalty(mixture_weights)
@@ -274,8 +325,11 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         self._record_metrics(mode, routed, head_margins, mixture_weights, nll)
         return (loss, outputs) if return_outputs else loss
 
-    def mixture_nll(self, head_margins, router_logits, margin=None, context_index=None) -> torch.Tensor:
-        """The mixture BT loss of the batch (Stage 1: a latent head per pair; `context_index` is not used)."""
+    def mixture_nll(self, head_margins, router_logits, margin=None, context_index=None, latent_group=None):
+        """The mixture BT loss of the batch: a latent head per latent group when the batch has them, else per pair
+        (Stage 1 does not use `context_index`)."""
+        if latent_group is not None:
+            return context_mixture_bt_loss(head_margins, router_logits, latent_group, margin).mean()
         return mixture_bt_loss(head_margins, router_logits, margin).mean()
 
     @torch.no_grad()
@@ -290,6 +344,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         }
         if head_margins.shape[-1] > 1:
             values["balance_penalty"] = balance_penalty(mixture_weights)
+            values["head_agreement"] = head_agreement(head_margins)
             for k in range(head_margins.shape[-1]):
                 values[f"head_accuracy/{k}"] = (head_margins[:, k] > 0).float().mean()
                 values[f"head_usage/{k}"] = mixture_weights[:, k].mean()
