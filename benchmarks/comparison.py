@@ -11,9 +11,16 @@ context c (a few labelled pairs); the context is never seen in Stage 1 (`train` 
     SingleReward          one Bradley-Terry head (K = 1)
     StaticMixture         K heads mixed by one learned weight vector (no router), mixture BT loss
     Shared-Base Ensemble  K heads, each with its own BT loss; the reward is their mean
-    HyRe                  the ensemble's heads reweighted per context from A_c:
+    HyRe                  a diverse ensemble, reweighted per context from A_c:
                               w_c,k  ∝  exp( sum_{i in A_c} logsigmoid(delta_k,i) )
-                          (an [`OnlineRouter`] with a uniform prior and eta = 1 computes exactly this)
+                          (an [`OnlineRouter`] with a uniform prior and eta = 1 computes exactly this); as in its
+                          paper, each of its K members is one BT head trained on a bootstrap resample of the
+                          training pairs from a random prior (its head starts at a fixed random vector, the same as a
+                          trainable head added to a frozen random one), so the members disagree where the data leave
+                          them free
+    SingleReward + residual heads
+                          per context c, a [`ResidualHeads`] correction on top of SingleReward, fitted on A_c: the
+                          same per-context linear correction as below, without the mixture
     MiCRo Stage 1         K heads + a router reading the prompt, mixture BT loss; scored with the context in the
                           prompt, which its router never saw in training (zero-shot routing)
     MiCRo + router adaptation
@@ -30,6 +37,11 @@ context c (a few labelled pairs); the context is never seen in Stage 1 (`train` 
     Oracle                one BT head per context, trained on that context's train pairs (an upper bound: it knows
                           every training pair's context)
 
+On pools whose evaluation pairs also carry a held-out wording of their context, "MiCRo + router adaptation, unseen
+context wordings" scores the adapted router on the test pairs worded that way. Stage 1 training (MiCRo, StaticMixture)
+groups the pairs that share a prompt and a chosen response under one latent head (`latent_groups`, the library's
+default), from the pool's texts.
+
 Three diagnostics ride along: SingleReward scored with the context in the prompt (how much prepending a context moves
 a context-blind model); the best Stage-1 head of each context chosen on the test pairs (the ceiling of any routing that
 gives a context one head); and an oracle with MiCRo's architecture, K heads + router trained per context (the BT
@@ -38,6 +50,7 @@ oracle is linear in the features, while MiCRo's prompt-dependent routing is not,
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import tempfile
 import time
@@ -49,8 +62,9 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from trl_micro.data_utils import context_indices, split_by_context, take_per_context
+from trl_micro.data_utils import context_indices, latent_groups, split_by_context, take_per_context
 from trl_micro.evaluation import head_accuracy, head_usage, per_context_accuracy
+from trl_micro.losses import head_agreement
 from trl_micro.modeling_micro import MiCRoRewardModel
 from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
 from trl_micro.online_router import OnlineRouter
@@ -64,31 +78,48 @@ from .study_metrics import best_head_accuracy
 SINGLE = "SingleReward"
 STATIC = "StaticMixture"
 ENSEMBLE = "Shared-Base Ensemble"
-HYRE = "HyRe (ensemble reweighting)"
+HYRE = "HyRe (diverse ensemble reweighting)"
 MICRO = "MiCRo Stage 1"
 MICRO_ADAPTED = "MiCRo + router adaptation"
 MICRO_ONLINE = "MiCRo + online routing"
 MICRO_RESIDUAL = "MiCRo + online routing + residual heads"
+SINGLE_RESIDUAL = "SingleReward + residual heads"
+MICRO_ADAPTED_UNSEEN = "MiCRo + router adaptation, unseen context wordings"
 ORACLE = "Oracle (BT per context)"
 SINGLE_WITH_CONTEXT = "SingleReward, context in prompt (diagnostic)"
 BEST_HEAD = "MiCRo best head per context, chosen on test (diagnostic)"
 ORACLE_MICRO = "Oracle MiCRo: K heads + router per context (diagnostic)"
 
-METHODS = (SINGLE, STATIC, ENSEMBLE, HYRE, MICRO, MICRO_ADAPTED, MICRO_ONLINE, MICRO_RESIDUAL, ORACLE)
-ADAPTIVE_METHODS = (HYRE, MICRO_ADAPTED, MICRO_ONLINE, MICRO_RESIDUAL)
+METHODS = (SINGLE, STATIC, ENSEMBLE, HYRE, SINGLE_RESIDUAL, MICRO, MICRO_ADAPTED, MICRO_ONLINE, MICRO_RESIDUAL, ORACLE)
+ADAPTIVE_METHODS = (HYRE, SINGLE_RESIDUAL, MICRO_ADAPTED, MICRO_ONLINE, MICRO_RESIDUAL)
+UNSEEN_WORDING_METHODS = (MICRO_ADAPTED_UNSEEN,)  # only on pools with held-out context wordings
 RESIDUAL_CV_FOLDS = 4
 DIAGNOSTICS = (SINGLE_WITH_CONTEXT, BEST_HEAD, ORACLE_MICRO)
 
 
 @dataclass
 class HeadTraining:
-    """Optimization of heads (and router) on cached features: Stage 1, the baselines and the oracle."""
+    """
+    Optimization of heads (and router) on cached features: Stage 1, the baselines and the oracle. A field left at
+    None keeps the library's default (`MiCRoRewardConfig`): what a user of `--freeze_backbone` gets.
+    """
 
-    num_train_epochs: float = 30
-    learning_rate: float = 5e-3
-    batch_size: int = 32
-    weight_decay: float = 0.0
-    router_balance_coef: float = 0.1
+    num_train_epochs: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    router_balance_coef: float | None = None
+    lr_scheduler_type: str | None = None
+    warmup_steps: float | None = None
+
+    def config_kwargs(self) -> dict:
+        """The `MiCRoRewardConfig` arguments this training sets (the others keep the library's defaults)."""
+        names = {"batch_size": "per_device_train_batch_size"}
+        return {names.get(key, key): value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    def describe(self) -> str:
+        changed = ", ".join(f"{key}={value}" for key, value in self.config_kwargs().items())
+        return f"the library's defaults except {changed}" if changed else "the library's defaults"
 
 
 @dataclass
@@ -119,6 +150,7 @@ class ComparisonSettings:
         heads: optimization of every head-training run (Stage 1, baselines, oracle).
         router: optimization of router adaptation.
         online_eta: learning rate of the online router (1.0: exact Bayesian posterior).
+        reported_adaptation: adaptation pairs per context of the main table (default: the largest size).
     """
 
     num_heads: int = 4
@@ -126,6 +158,12 @@ class ComparisonSettings:
     heads: HeadTraining = field(default_factory=HeadTraining)
     router: RouterTraining = field(default_factory=RouterTraining)
     online_eta: float = 1.0
+    reported_adaptation: int | None = None
+
+    @property
+    def reported_size(self) -> int:
+        """The adaptation size the main table reports (`reported_adaptation`, default the largest)."""
+        return self.reported_adaptation or max(self.adaptation_sizes)
 
 
 @dataclass
@@ -207,15 +245,10 @@ def copy_heads_and_router(model: MiCRoRewardModel) -> MiCRoRewardModel:
     return copy.freeze_backbone()
 
 
-def _common_training_args(output_dir: str, seed: int, epochs: float, learning_rate: float, batch_size: int) -> dict:
+def _common_training_args(output_dir: str, seed: int) -> dict:
     return dict(
         output_dir=output_dir,
         seed=seed,
-        num_train_epochs=epochs,
-        learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
         logging_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -242,30 +275,72 @@ def train_heads(
     use_router: bool = True,
     loss_type: str = "mixture",
     with_context: bool = False,
+    initial_heads: torch.Tensor | None = None,
 ) -> MiCRoRewardModel:
-    """Train K heads (and a router, or StaticMixture's weight vector) on the pool pairs `pairs` with the Stage 1 trainer."""
+    """
+    Train K heads (and a router, or StaticMixture's weight vector) on the pool pairs `pairs` (repeats allowed: a
+    bootstrap resample) with the Stage 1 trainer; `initial_heads` (K, hidden) replaces the heads' initialization.
+    """
     model = new_reward_model(backbone, seed, num_heads=num_heads, use_router=use_router)
+    if initial_heads is not None:
+        model.heads.weight.data.copy_(initial_heads)
+    dataset = pool.feature_dataset(pairs, with_context)
+    if loss_type == "mixture" and num_heads > 1:
+        dataset = dataset.add_column("latent_group", latent_groups(pool.group_keys(pairs, with_context)))
     with tempfile.TemporaryDirectory(prefix="trl-micro-heads-") as output_dir:
         args = MiCRoRewardConfig(
-            **_common_training_args(
-                output_dir, seed, training.num_train_epochs, training.learning_rate, training.batch_size
-            ),
-            weight_decay=training.weight_decay,
+            **_common_training_args(output_dir, seed),
+            **training.config_kwargs(),
             num_heads=num_heads,
             use_router=use_router,
             loss_type=loss_type,
-            router_balance_coef=training.router_balance_coef,
             freeze_backbone=True,
         )
         trainer = MiCRoRewardTrainer(
             model=model,
             args=args,
-            train_dataset=pool.feature_dataset(pairs, with_context),
+            train_dataset=dataset,
             data_collator=pool.features,
             processing_class=tokenizer,
         )
         _train_quietly(trainer)
     return model.eval()
+
+
+def train_diverse_ensemble(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    pairs: Sequence[int],
+    training: HeadTraining,
+    seed: int,
+    num_members: int,
+) -> list[MiCRoRewardModel]:
+    """
+    HyRe's ensemble: `num_members` BT heads, each trained on a bootstrap resample of `pairs` from a random prior
+    (a fixed random head whose projection of the pairs' feature differences has unit variance).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    deltas = pool.tensors(pairs, with_context=False)
+    scale = (deltas["chosen_reward"] - deltas["rejected_reward"]).pow(2).sum(dim=1).mean().rsqrt()
+    members = []
+    for member in range(num_members):
+        resample = torch.randint(len(pairs), (len(pairs),), generator=generator).tolist()
+        prior = torch.randn(1, deltas["router"].shape[1], generator=generator) * scale
+        members.append(train_heads(backbone, tokenizer, pool, [pairs[i] for i in resample], training,
+                                   seed * 1000 + member, num_heads=1, initial_heads=prior))
+    return members
+
+
+def ensemble_head_margins(members: list[MiCRoRewardModel], pool: CachedPairPool, pairs: Sequence[int]) -> torch.Tensor:
+    """(N, M) margins of every member on `pairs` (scored without their context)."""
+    return torch.cat([score(member, pool, pairs, with_context=False).head_margins for member in members], dim=1)
+
+
+def disagreement(head_margins: torch.Tensor) -> float:
+    """Share of pairs on which at least two heads (or members) rank the pair differently."""
+    signs = head_margins.sign()
+    return float((signs.amax(dim=1) != signs.amin(dim=1)).float().mean())
 
 
 def adapt_router(
@@ -280,9 +355,12 @@ def adapt_router(
     model = copy_heads_and_router(stage1)
     with tempfile.TemporaryDirectory(prefix="trl-micro-router-") as output_dir:
         args = RouterAdaptationConfig(
-            **_common_training_args(
-                output_dir, seed, training.num_train_epochs, training.learning_rate, training.batch_size
-            ),
+            **_common_training_args(output_dir, seed),
+            num_train_epochs=training.num_train_epochs,
+            learning_rate=training.learning_rate,
+            per_device_train_batch_size=training.batch_size,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
             router_anchor_coef=training.router_anchor_coef,
             max_steps=training.max_steps,
             adaptation_likelihood=training.adaptation_likelihood,
@@ -341,7 +419,7 @@ def per_context_oracle_margins(
     return margins
 
 
-def micro_residual_heads(
+def fit_pool_residual_heads(
     micro: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], online: OnlineRouter
 ) -> ResidualHeads:
     """
@@ -381,11 +459,14 @@ class ComparisonResult:
     One seed of the comparison.
 
     Attributes:
-        accuracy: `{method: per_context_accuracy dict}` on the test pairs (adaptive methods at the largest
+        accuracy: `{method: per_context_accuracy dict}` on the test pairs (adaptive methods at the reported
             adaptation size), diagnostics included.
         adaptation: `{method: {pairs_per_context: per_context_accuracy dict}}` for the adaptive methods.
         head_usage: `{label: head_usage dict}` of the routed MiCRo variants on the test pairs.
         head_accuracy: `head_accuracy` dict of the Stage-1 MiCRo heads on the test pairs (scored without context).
+        subsets: `{subset: {method: per_context_accuracy dict}}` on named subsets of the test pairs (the pool's boolean
+            columns, e.g. DSP's `agreed` pairs).
+        diagnostics: other per-seed figures (head agreement of MiCRo's heads, disagreement of HyRe's members).
         seconds: wall time of each training / adaptation step.
     """
 
@@ -393,6 +474,8 @@ class ComparisonResult:
     adaptation: dict = field(default_factory=dict)
     head_usage: dict = field(default_factory=dict)
     head_accuracy: dict = field(default_factory=dict)
+    subsets: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
 
@@ -407,6 +490,9 @@ class _Stopwatch:
         self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - self.started
 
 
+SUBSET_COLUMNS = ("agreed",)  # boolean pool columns whose test pairs are also reported on their own
+
+
 def compare_methods(
     backbone: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -418,11 +504,13 @@ def compare_methods(
     """Train every method of the module docstring on `split` and score it on the test pairs (one seed)."""
     result = ComparisonResult()
     test_contexts = [pool.context_ids[pair] for pair in split.test]
-    largest = max(settings.adaptation_sizes)
+    reported = settings.reported_size
     heads = settings.heads
     K = settings.num_heads
+    margins_of: dict[str, torch.Tensor] = {}
 
     def record(name, margins):
+        margins_of[name] = margins
         result.accuracy[name] = per_context_accuracy(margins, test_contexts)
 
     def timed(name):
@@ -430,7 +518,8 @@ def compare_methods(
 
     with timed(SINGLE):
         single = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=1)
-    record(SINGLE, score(single, pool, split.test, with_context=False).margins)
+    single_test = score(single, pool, split.test, with_context=False)
+    record(SINGLE, single_test.margins)
     record(SINGLE_WITH_CONTEXT, score(single, pool, split.test, with_context=True).margins)
 
     with timed(STATIC):
@@ -439,8 +528,14 @@ def compare_methods(
 
     with timed(ENSEMBLE):
         ensemble = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=K, loss_type="ensemble")
-    ensemble_test = score(ensemble, pool, split.test, with_context=False)
-    record(ENSEMBLE, ensemble_test.head_margins.mean(dim=-1))
+    record(ENSEMBLE, score(ensemble, pool, split.test, with_context=False).head_margins.mean(dim=-1))
+    with timed(HYRE):
+        members = train_diverse_ensemble(backbone, tokenizer, pool, split.stage1_train, heads, seed, K)
+    members_test = ensemble_head_margins(members, pool, split.test)
+    result.diagnostics["hyre_member_disagreement"] = disagreement(members_test)
+    result.diagnostics["shared_base_ensemble_disagreement"] = disagreement(
+        score(ensemble, pool, split.test, with_context=False).head_margins
+    )
 
     with timed(MICRO):
         micro = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=K)
@@ -449,42 +544,98 @@ def compare_methods(
     record(MICRO, micro_test_with_context.margins)
     result.head_usage[f"{MICRO} (context in prompt)"] = head_usage(micro_test_with_context.mixture_weights, test_contexts)
     result.head_accuracy = head_accuracy(micro_test.head_margins, test_contexts)
+    result.diagnostics["micro_head_agreement"] = float(head_agreement(micro_test.head_margins))
     result.accuracy[BEST_HEAD] = best_head_accuracy(micro_test.head_margins, test_contexts)
 
-    for method in ADAPTIVE_METHODS:
+    adaptive = ADAPTIVE_METHODS + (UNSEEN_WORDING_METHODS if pool.has_unseen_wordings else ())
+    for method in adaptive:
         result.adaptation[method] = {}
     for size in sorted(settings.adaptation_sizes):
         pairs = adaptation_subset(pool, split.adaptation, size, seed)
         contexts = [pool.context_ids[pair] for pair in pairs]
+        margins = {}
         with timed(HYRE):
-            hyre = fit_online_router(contexts, score(ensemble, pool, pairs, with_context=False).head_margins)
-        result.adaptation[HYRE][size] = per_context_accuracy(
-            routed_margins(hyre, test_contexts, ensemble_test.head_margins), test_contexts
+            hyre = fit_online_router(contexts, ensemble_head_margins(members, pool, pairs))
+        margins[HYRE] = routed_margins(hyre, test_contexts, members_test)
+        with timed(SINGLE_RESIDUAL):
+            single_router = fit_online_router(contexts, score(single, pool, pairs, with_context=False).head_margins)
+            single_residuals = fit_pool_residual_heads(single, pool, pairs, single_router)
+        margins[SINGLE_RESIDUAL] = single_test.margins + single_residuals.rewards(
+            test_contexts, single_test.feature_deltas
         )
         with timed(MICRO_ONLINE):
             online = micro_online_routing(micro, pool, pairs, settings.online_eta)
-        online_test_margins = routed_margins(online, test_contexts, micro_test.head_margins)
-        result.adaptation[MICRO_ONLINE][size] = per_context_accuracy(online_test_margins, test_contexts)
+        margins[MICRO_ONLINE] = routed_margins(online, test_contexts, micro_test.head_margins)
         with timed(MICRO_RESIDUAL):
-            residuals = micro_residual_heads(micro, pool, pairs, online)
-        residual_test_margins = online_test_margins + residuals.rewards(test_contexts, micro_test.feature_deltas)
-        result.adaptation[MICRO_RESIDUAL][size] = per_context_accuracy(residual_test_margins, test_contexts)
+            residuals = fit_pool_residual_heads(micro, pool, pairs, online)
+        margins[MICRO_RESIDUAL] = margins[MICRO_ONLINE] + residuals.rewards(test_contexts, micro_test.feature_deltas)
         with timed(MICRO_ADAPTED):
             adapted = adapt_router(micro, tokenizer, pool, pairs, settings.router, seed)
         adapted_test = score(adapted, pool, split.test, with_context=True)
-        result.adaptation[MICRO_ADAPTED][size] = per_context_accuracy(adapted_test.margins, test_contexts)
-        if size == largest:
+        margins[MICRO_ADAPTED] = adapted_test.margins
+        if pool.has_unseen_wordings:
+            margins[MICRO_ADAPTED_UNSEEN] = score(adapted, pool, split.test, with_context="unseen").margins
+        for method, method_margins in margins.items():
+            result.adaptation[method][size] = per_context_accuracy(method_margins, test_contexts)
+            if size == reported:
+                margins_of[method] = method_margins
+        if size == reported:
             result.head_usage[f"{MICRO_ADAPTED} ({size} pairs per context)"] = head_usage(
                 adapted_test.mixture_weights, test_contexts
             )
             online_weights = torch.stack([online.weights(context) for context in test_contexts])
             result.head_usage[f"{MICRO_ONLINE} ({size} pairs per context)"] = head_usage(online_weights, test_contexts)
-    for method in ADAPTIVE_METHODS:
-        result.accuracy[method] = result.adaptation[method][largest]
+    for method in adaptive:
+        result.accuracy[method] = result.adaptation[method][reported]
 
     for name, num_heads in ((ORACLE, 1), (ORACLE_MICRO, K)):
         with timed(name):
             margins = per_context_oracle_margins(backbone, tokenizer, pool, split, heads, seed, num_heads)
         record(name, margins)
-    result.accuracy = {name: result.accuracy[name] for name in (*METHODS, *DIAGNOSTICS)}
+    order = (*METHODS, *(UNSEEN_WORDING_METHODS if pool.has_unseen_wordings else ()), *DIAGNOSTICS)
+    result.accuracy = {name: result.accuracy[name] for name in order}
+    for column in SUBSET_COLUMNS:
+        if column in pool.dataset.column_names:
+            flags = pool.dataset.select(split.test)[column]
+            rows = [row for row, flag in enumerate(flags) if flag]
+            subset_contexts = [test_contexts[row] for row in rows]
+            result.subsets[column] = {
+                name: per_context_accuracy(margins_of[name][rows], subset_contexts) for name in order if name in margins_of
+            }
     return result
+
+
+def leave_one_context_out(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    split: PoolSplit,
+    settings: ComparisonSettings,
+    seed: int,
+) -> dict:
+    """
+    Stage 1 without any pair of one context (`split.stage1_train`), then Stage 2 on that context from
+    `settings.reported_size` pairs: per-context accuracy of SingleReward, MiCRo + online routing (with and without
+    residual heads), SingleReward + residual heads and the per-context oracle, on every context's test pairs.
+    """
+    test_contexts = [pool.context_ids[pair] for pair in split.test]
+    single = train_heads(backbone, tokenizer, pool, split.stage1_train, settings.heads, seed, num_heads=1)
+    micro = train_heads(backbone, tokenizer, pool, split.stage1_train, settings.heads, seed, num_heads=settings.num_heads)
+    pairs = adaptation_subset(pool, split.adaptation, settings.reported_size, seed)
+    contexts = [pool.context_ids[pair] for pair in pairs]
+    single_test, micro_test = (score(model, pool, split.test, with_context=False) for model in (single, micro))
+    online = micro_online_routing(micro, pool, pairs, settings.online_eta)
+    online_margins = routed_margins(online, test_contexts, micro_test.head_margins)
+    single_router = fit_online_router(contexts, score(single, pool, pairs, with_context=False).head_margins)
+    margins = {
+        SINGLE: single_test.margins,
+        MICRO_ONLINE: online_margins,
+        MICRO_RESIDUAL: online_margins + fit_pool_residual_heads(micro, pool, pairs, online).rewards(
+            test_contexts, micro_test.feature_deltas
+        ),
+        SINGLE_RESIDUAL: single_test.margins + fit_pool_residual_heads(single, pool, pairs, single_router).rewards(
+            test_contexts, single_test.feature_deltas
+        ),
+        ORACLE: per_context_oracle_margins(backbone, tokenizer, pool, split, settings.heads, seed),
+    }
+    return {name: per_context_accuracy(value, test_contexts) for name, value in margins.items()}

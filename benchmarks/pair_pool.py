@@ -20,6 +20,7 @@ where it stopped and pools that share sequences share their features.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -90,6 +91,14 @@ class CachedPairPool:
         """The features of `pairs`, `{name: (len(pairs), hidden)}` for the names of `feature_cache.FEATURE_NAMES`."""
         index = torch.tensor(self.rows(pairs, with_context), dtype=torch.long)
         return {name: self.features.features[name][index] for name in FEATURE_NAMES}
+
+    def group_keys(self, pairs: Sequence[int], with_context: bool | str) -> list[str]:
+        """Per pair, the key of its latent group (`data_utils.latent_groups`): its prompt (with the context it is scored
+        with) and its chosen response."""
+        column = {False: None, True: "context", "unseen": UNSEEN_CONTEXT_COLUMN}[with_context]
+        rows = self.dataset.select([int(pair) for pair in pairs])
+        contexts = rows[column] if column else [None] * len(rows)
+        return [json.dumps([prompt, context, chosen]) for prompt, context, chosen in zip(rows["prompt"], contexts, rows["chosen"])]
 
     def pairs_of_context(self, pairs: Sequence[int], context_id: str) -> list[int]:
         return [pair for pair in pairs if self.context_ids[pair] == context_id]

@@ -52,7 +52,8 @@ class PoolSpec:
         pairs_per_context: pairs drawn per context (per subpopulation for the synthetic generator).
         train_per_context: of those, the training pairs; the others are evaluation (adaptation and test) pairs.
         max_length: real pairs whose longer sequence (context included) exceeds this many tokens are left out.
-        candidate_pairs: real pairs read before filtering (a seeded uniform sample; None reads every pair).
+        candidate_pairs: real pairs read before filtering (a seeded uniform sample; None reads every pair); for dsp,
+            queries read.
         num_subpopulations: M of the synthetic generator.
         train_rater_follows_topic: synthetic training pairs are rated by the subpopulation owning the prompt's topic.
         train_queries: dsp: queries whose pairs train (the other kept queries are evaluation queries).
@@ -163,7 +164,10 @@ def draw_dsp_pool(
 ) -> tuple[Dataset, int]:
     """DSP pairs of the evaluation queries (with a held-out wording of each context too), then of the training queries."""
     items = load_dsp_queries(data_dir)
-    pairs = dsp_pairs(items, range(len(items)), seed=POOL_SEED)
+    candidates = range(len(items))
+    if spec.candidate_pairs is not None:
+        candidates = sorted(random.Random(POOL_SEED).sample(list(candidates), spec.candidate_pairs))
+    pairs = dsp_pairs(items, candidates, seed=POOL_SEED)
     tokenized = tokenize_pairs(pairs, tokenizer, context_template, "context")
     longest: dict[int, int] = {}
     for query, length in zip(pairs["query_id"], longest_sequence_lengths(tokenized)):

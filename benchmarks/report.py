@@ -18,11 +18,12 @@ import numpy as np
 from trl_micro.evaluation import markdown_table, plot_accuracy_per_context, plot_head_usage_heatmap
 
 from .comparison import (
-    ADAPTIVE_METHODS,
+    DIAGNOSTICS,
+    MICRO_ADAPTED_UNSEEN,
+    SINGLE_RESIDUAL,
     MICRO_ADAPTED,
     MICRO_ONLINE,
     MICRO_RESIDUAL,
-    METHODS,
     ORACLE,
     SINGLE,
     ComparisonResult,
@@ -47,6 +48,9 @@ class BenchmarkOutcome:
         runs: one [`ComparisonResult`] per seed, in the order of `seeds`.
         target: fraction of the SingleReward-to-oracle gap that MiCRo + Stage 2 should close on every context.
         seconds: wall time of all seeds (training, adaptation and scoring; the backbone does not run).
+        reported_adaptation: adaptation pairs per context of the adaptive methods in the main table.
+        leave_one_out: `{context: {method: per_context_accuracy dict}}`, Stage 1 trained without that context's pairs
+            (`comparison.leave_one_context_out`, first seed).
     """
 
     name: str
@@ -58,6 +62,8 @@ class BenchmarkOutcome:
     target: float | None = None
     seconds: float = 0.0
     files: dict = field(default_factory=dict)
+    reported_adaptation: int | None = None
+    leave_one_out: dict = field(default_factory=dict)
 
     @property
     def contexts(self) -> list[str]:
@@ -65,7 +71,12 @@ class BenchmarkOutcome:
 
     @property
     def largest_adaptation(self) -> int:
-        return max(self.runs[0].adaptation[MICRO_ADAPTED])
+        return self.reported_adaptation or max(self.runs[0].adaptation[MICRO_ADAPTED])
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods of this benchmark's table (diagnostics aside), in the comparison's order."""
+        return [method for method in self.runs[0].accuracy if method not in DIAGNOSTICS]
 
     def accuracy_runs(self, methods=None) -> dict:
         """`{method: [per_context_accuracy of each seed]}`."""
@@ -93,7 +104,7 @@ class BenchmarkOutcome:
 
     def adaptation_rows(self) -> list[dict]:
         rows = []
-        for method in ADAPTIVE_METHODS:
+        for method in self.runs[0].adaptation:
             per_size = {size: [run.adaptation[method][size] for run in self.runs] for size in self.runs[0].adaptation[method]}
             rows += adaptation_curve(per_size, method=method, include_summary=False)
         return rows
@@ -123,13 +134,16 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
         "head_usage": usage,
         "gap_closed": {
             method: {context: outcome.gap_closed(method, context) for context in outcome.contexts}
-            for method in METHODS
+            for method in outcome.methods
         },
         "gap_closed_per_seed": {
             method: {context: outcome.gap_closed_per_seed(method, context) for context in outcome.contexts}
             for method in STAGE2_METHODS
         },
         "per_seed_head_accuracy": [run.head_accuracy for run in outcome.runs],
+        "subsets": [run.subsets for run in outcome.runs],
+        "diagnostics": [run.diagnostics for run in outcome.runs],
+        "leave_one_out": outcome.leave_one_out,
         "seconds_per_method": [run.seconds for run in outcome.runs],
         "seeds": outcome.seeds,
         "num_heads": outcome.num_heads,
@@ -138,7 +152,7 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
     }
     json_path, markdown_path = write_seeded_report(results, stem)
     files = {"json": json_path, "markdown": markdown_path}
-    summary = summarize_methods(outcome.accuracy_runs(list(METHODS)))
+    summary = summarize_methods(outcome.accuracy_runs(outcome.methods))
     files["accuracy_plot"] = plot_accuracy_per_context(
         summary["mean"],
         stem.with_name(f"{outcome.name}_accuracy.png"),
@@ -203,6 +217,56 @@ def targets_table(outcomes: list[BenchmarkOutcome]) -> list[str]:
     return markdown_table(header, rows)
 
 
+def subset_section(outcome: BenchmarkOutcome) -> list[str]:
+    """Accuracy on named subsets of the test pairs (DSP's agreed pairs), seed means, per context."""
+    lines = []
+    for subset in outcome.runs[0].subsets:
+        rows = []
+        for method in outcome.runs[0].subsets[subset]:
+            if method in DIAGNOSTICS:
+                continue
+            means = [float(np.mean([run.subsets[subset][method]["accuracy"][context] for run in outcome.runs]))
+                     for context in outcome.contexts]
+            rows.append([method, *[_percent(value) for value in means], _percent(float(np.mean(means)))])
+        lines += [f"#### Test pairs marked `{subset}`", "",
+                  "Accuracy (%) on those pairs alone, mean over seeds (DSP: the pairs whose rejected answer is the "
+                  "plain one, on which every context agrees).", "",
+                  *markdown_table(["method", *outcome.contexts, "macro"], rows), ""]
+    return lines
+
+
+def diagnostics_section(outcome: BenchmarkOutcome) -> list[str]:
+    names = {
+        "micro_head_agreement": "MiCRo's Stage 1 heads: share of test pairs two heads rank alike (1 = not separated)",
+        "hyre_member_disagreement": "HyRe's members: share of test pairs on which at least two members disagree",
+        "shared_base_ensemble_disagreement": "Shared-Base Ensemble's heads: the same share",
+    }
+    rows = [[text, ", ".join(f"{run.diagnostics[key]:.3f}" for run in outcome.runs)]
+            for key, text in names.items() if key in outcome.runs[0].diagnostics]
+    return ["#### Diagnostics", "", *markdown_table(["per seed", "value"], rows), ""] if rows else []
+
+
+def leave_one_out_section(outcome: BenchmarkOutcome) -> list[str]:
+    """Stage 1 without one context: accuracy and gap closed on that context (first seed)."""
+    if not outcome.leave_one_out:
+        return []
+    methods = [MICRO_ONLINE, MICRO_RESIDUAL, SINGLE_RESIDUAL]
+    rows = []
+    for context, results in outcome.leave_one_out.items():
+        accuracy = {method: result["accuracy"][context] for method, result in results.items()}
+        row = [context, _percent(accuracy[SINGLE]), _percent(accuracy[ORACLE])]
+        for method in methods:
+            row.append(f"{_percent(accuracy[method])} ({_gap(gap_closed(accuracy[method], accuracy[SINGLE], accuracy[ORACLE]))})")
+        rows.append(row)
+    return [
+        "#### Leave one context out", "",
+        f"Stage 1 (SingleReward and MiCRo) trained without any pair of the context in the first column, then Stage 2 "
+        f"on that context from {outcome.largest_adaptation} pairs; accuracy (%) on its test pairs and, in brackets, "
+        f"the gap closed (seed {outcome.seeds[0]}).", "",
+        *markdown_table(["context left out", SINGLE, ORACLE, *methods], rows), "",
+    ]
+
+
 def outcome_section(outcome: BenchmarkOutcome, document: Path) -> list[str]:
     """The BENCHMARKS.md section of one benchmark: its report's tables (headings demoted), gap table and plots."""
     lines = [f"### {outcome.title}", "", outcome.description, ""]
@@ -211,13 +275,14 @@ def outcome_section(outcome: BenchmarkOutcome, document: Path) -> list[str]:
         lines.append("##" + line if line.startswith("#") else line)
     lines.append("")
     gap_rows = []
-    for method in METHODS:
+    for method in outcome.methods:
         if method in (SINGLE, ORACLE):
             continue
         gap_rows.append([method, *[_gap(outcome.gap_closed(method, context)) for context in outcome.contexts]])
     lines += ["#### Gap closed per context", "",
               "(acc - SingleReward) / (Oracle - SingleReward) on the seed-mean accuracies; 1 = oracle, 0 = SingleReward.",
               "", *markdown_table(["method", *outcome.contexts], gap_rows), ""]
+    lines += subset_section(outcome) + diagnostics_section(outcome) + leave_one_out_section(outcome)
     lines += [f"Wall time of the {len(outcome.seeds)} seeds (features cached): {outcome.seconds:.0f} s.", ""]
     for key, caption in (("accuracy_plot", "accuracy per context"), ("adaptation_plot", "adaptation curves"),
                          ("router_usage_plot", "head weights after router adaptation"),
@@ -305,6 +370,35 @@ def _verdicts(outcomes: list[BenchmarkOutcome]) -> list[str]:
                 if undefined else "")
         lines.append(f"- **{outcome.title}** (target: close >= {outcome.target:.0%} of the gap on every context, "
                      f"{outcome.largest_adaptation} adaptation pairs per context). " + "; ".join(parts) + "." + note)
+        lines += _extra_verdicts(outcome)
+    return lines
+
+
+def _extra_verdicts(outcome: BenchmarkOutcome) -> list[str]:
+    """Unseen context wordings (target 60% of the gap), the mixture against residual heads alone, agreed pairs."""
+    lines = []
+    if MICRO_ADAPTED_UNSEEN in outcome.methods:
+        gaps = {context: outcome.gap_closed(MICRO_ADAPTED_UNSEEN, context) for context in outcome.contexts}
+        met = all(math.isfinite(gap) and gap >= 0.6 for gap in gaps.values())
+        lines.append(f"  - {MICRO_ADAPTED_UNSEEN} (target >= 60% of the gap per context): "
+                     + ", ".join(f"{context} {_gap(gap)}" for context, gap in gaps.items())
+                     + (": met." if met else ": not met."))
+    micro, single = MICRO_RESIDUAL, SINGLE_RESIDUAL
+    if single in outcome.methods:
+        macro = {name: float(np.mean([outcome.mean_accuracy(name, context) for context in outcome.contexts]))
+                 for name in (micro, single)}
+        lines.append(f"  - {micro} {_percent(macro[micro])} against {single} {_percent(macro[single])} macro: the "
+                     f"mixture {'adds' if macro[micro] > macro[single] else 'does not add'} to the per-context "
+                     "correction.")
+    for subset in outcome.runs[0].subsets:
+        per_context = {
+            context: {name: float(np.mean([run.subsets[subset][name]["accuracy"][context] for run in outcome.runs]))
+                      for name in (SINGLE, MICRO_ONLINE)}
+            for context in outcome.contexts
+        }
+        below = [context for context, values in per_context.items() if values[MICRO_ONLINE] < values[SINGLE]]
+        lines.append(f"  - On the `{subset}` test pairs, {MICRO_ONLINE} is "
+                     + (f"below {SINGLE} on {', '.join(below)}." if below else f"never below {SINGLE}."))
     return lines
 
 

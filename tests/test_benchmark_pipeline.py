@@ -38,14 +38,16 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
     document = output.read_text()
     assert f"python benchmarks/run_all.py {' '.join(argv)}" in document
     for heading in ("## How this was run", "## Setup", "## Targets", "## Results", "## Performance",
-                    "## LoRA-tuned backbone", "### hh_relabeled", "### synthetic M=2"):
+                    "## LoRA-tuned backbone", "### hh_relabeled", "### synthetic M=2", "### DSP",
+                    "#### Leave one context out", "#### Test pairs marked `agreed`", "#### Diagnostics",
+                    "| MiCRo + router adaptation, unseen context wordings |", "| SingleReward + residual heads |"):
         assert heading in document, heading
     for method in METHODS:
         assert f"| {method} |" in document, method
-    for context in ("helpful", "harmless", "subpop-0", "subpop-1"):
+    for context in ("helpful", "harmless", "subpop-0", "subpop-1", "academy", "literature"):
         assert context in document
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", document)
-    assert len(images) == 4 * 4  # two benchmarks, and the LoRA run's frozen and tuned comparisons
+    assert len(images) == 5 * 4  # three benchmarks, and the LoRA run's frozen and tuned comparisons
     for image in images:
         data = (output.parent / image).read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 1000, image
