@@ -1,0 +1,40 @@
+"""The performance scripts run end to end at a tiny shape on the CPU (their real runs use SmolLM2 or a GPU)."""
+
+import json
+
+from benchmarks import feature_store, gpu_performance, grpo_step
+from trl_micro.testing_utils import save_tiny_backbone
+
+from .rl_fixtures import save_tiny_policy
+
+
+def test_gpu_performance_script_runs_at_a_tiny_shape(tmp_path):
+    output = tmp_path / "gpu_performance.md"
+    assert gpu_performance.main(["--preset", "tiny", "--output", str(output)]) == 0
+    report = json.loads(output.with_suffix(".json").read_text())
+    (shape,) = report["shapes"]
+    assert shape["shape"] == "tiny"
+    for value in (shape["scoring"]["micro_k4_ratio"], shape["scoring"]["micro_k10_ratio"],
+                  shape["feature_pass"]["ratio"], shape["lora_step"]["ratio"]):
+        assert value > 0
+    assert "| tiny | 4 x 32 |" in output.read_text()
+
+
+def test_feature_store_script_counts_distinct_sequences(tokenizer, tmp_path):
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output = tmp_path / "feature_store.md"
+    assert feature_store.main(["--model", backbone, "--dsp_queries", "2", "--synthetic_pairs", "5",
+                               "--output", str(output)]) == 0
+    dsp_row = next(line for line in output.read_text().splitlines() if line.startswith("| DSP"))
+    sequences = dsp_row.split("|")[3].strip()  # per pair / store, e.g. "64 / 10"
+    per_pair, store = (int(value) for value in sequences.split(" / "))
+    assert per_pair == 2 * 32 and store == 10  # 2 queries x 16 pairs, 5 answers each
+
+
+def test_grpo_step_script_times_both_rewards(tokenizer, tmp_path):
+    policy = save_tiny_policy(tokenizer, tmp_path / "policy")
+    output = tmp_path / "grpo_step.md"
+    assert grpo_step.main(["--model", str(policy), "--steps", "1", "--rounds", "1", "--generations", "2",
+                           "--completion_tokens", "4", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "| MiCRoReward (K=4, routed by context) |" in text and "Ratio (MiCRo / plain)" in text
