@@ -123,12 +123,8 @@ def measure_shape(shape: str, settings: dict, device: torch.device, dtype: torch
             results["scoring"][f"micro_k{num_heads}_s"] = seconds
             results["scoring"][f"micro_k{num_heads}_ratio"] = seconds / plain
             results["scoring"][f"micro_k{num_heads}_peak_gib"] = memory
-        del classifier, micro, micro4
     results["lora_step"] = lora_step_ratio(modeling, backbone, input_ids, attention_mask, prompt_lengths, device,
                                            repeats)
-    del backbone
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return results
 
 
@@ -158,7 +154,6 @@ def lora_step_ratio(modeling, backbone, input_ids, attention_mask, prompt_length
         step[f"k{num_heads}_s"], step[f"k{num_heads}_peak_gib"] = seconds, memory
         backbone = model.unload()  # LoRA layers out again: the next model wraps the same plain backbone
         backbone = backbone.backbone if hasattr(backbone, "backbone") else backbone
-        del model, optimizer
     step["ratio"] = step["k4_s"] / step["k1_s"]
     return step
 
@@ -213,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape in settings["shapes"]:
         report["shapes"].append(measure_shape(shape, settings, device, dtype))
         print(json.dumps(report["shapes"][-1]), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the shape's models are gone with measure_shape's frame
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render(report), encoding="utf-8")

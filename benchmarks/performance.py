@@ -6,7 +6,8 @@ Performance figures of the benchmark report.
   every step).
 - Reward scoring cost of a MiCRo reward model (K heads + router) against a plain single-head reward model
   (`AutoModelForSequenceClassification`, `num_labels=1`) on the same backbone: measured by benchmarks/reward_overhead.py,
-  run as it is.
+  run as it is; the whole GRPO step by benchmarks/grpo_step.py; the per-sequence feature store against the per-pair
+  cache by benchmarks/feature_store.py (`run_script`).
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ def time_stage1_epoch(model_path: str, tokenizer: PreTrainedTokenizerBase, pairs
     return EpochTiming(len(pairs), slow_seconds, build_seconds, cached_seconds)
 
 
-def run_reward_overhead(completions: int, repetitions: int, output: Path) -> str:
-    """
-    Reward scoring cost, MiCRo against a plain single-head reward model: runs benchmarks/reward_overhead.py (which
-    writes its own Markdown report to `output`) and returns that report.
-    """
-    script = Path(__file__).resolve().parent / "reward_overhead.py"
-    command = [sys.executable, str(script), "--completions", str(completions), "--repetitions", str(repetitions),
-               "--output", str(output)]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+def run_script(name: str, output: Path, *arguments: str) -> str:
+    """Run the performance script benchmarks/<name>.py as it is (it writes its Markdown report to `output`); returns
+    that report."""
+    script = Path(__file__).resolve().parent / f"{name}.py"
+    subprocess.run([sys.executable, str(script), *arguments, "--output", str(output)], check=True,
+                   stdout=subprocess.DEVNULL)
     return output.read_text(encoding="utf-8")
+
+
+def run_reward_overhead(completions: int, repetitions: int, output: Path) -> str:
+    """Reward scoring cost, MiCRo against a plain single-head reward model (benchmarks/reward_overhead.py)."""
+    return run_script("reward_overhead", output, "--completions", str(completions), "--repetitions", str(repetitions))

@@ -46,7 +46,7 @@ from benchmarks.comparison import (  # noqa: E402
 )
 from benchmarks.lora_backbone import LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
 from benchmarks.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
-from benchmarks.performance import run_reward_overhead, time_stage1_epoch  # noqa: E402
+from benchmarks.performance import run_reward_overhead, run_script, time_stage1_epoch  # noqa: E402
 from benchmarks.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
 from benchmarks.report import BenchmarkOutcome, render_document, write_outcome_files  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
@@ -82,6 +82,7 @@ class BenchmarkPlan:
     performance_pairs: int  # pairs of the Stage 1 epoch timing
     overhead_completions: int  # reward_overhead.py --completions
     overhead_repetitions: int  # reward_overhead.py --repetitions
+    performance_scripts: dict = field(default_factory=dict)  # {script name: its arguments} run for the figures
     lora_benchmark: str = "hh_relabeled"
     lora_tuning: LoraTuning | None = None  # None: the GPU configuration on a GPU, the CPU one otherwise
     lora_seeds: list[int] | None = None  # seeds of the comparisons on the LoRA run (None: `seeds`)
@@ -146,6 +147,7 @@ def full_plan() -> BenchmarkPlan:
         performance_pairs=32,
         overhead_completions=16,
         overhead_repetitions=3,
+        performance_scripts={"feature_store": [], "grpo_step": []},
     )
 
 
@@ -173,6 +175,7 @@ def smoke_plan() -> BenchmarkPlan:
         performance_pairs=4,
         overhead_completions=2,
         overhead_repetitions=1,
+        performance_scripts={"feature_store": ["--dsp_queries", "2", "--synthetic_pairs", "5"]},
         lora_tuning=LoraTuning("smoke configuration", 2, 4, ["q_proj", "v_proj"], 1, 1e-3, 4, 2),
         lora_seeds=[0],
     )
@@ -314,7 +317,12 @@ def measure_performance(plan, model_path, tokenizer, pools, results_dir: Path) -
     pairs = Dataset.from_dict({column: rows[column] for column in ("prompt", "chosen", "rejected")})
     epoch = time_stage1_epoch(model_path, tokenizer, pairs)
     overhead = run_reward_overhead(plan.overhead_completions, plan.overhead_repetitions, results_dir / "reward_overhead.md")
-    return {"epoch": epoch, "epoch_data": "synthetic" if "synthetic" in pools else "first pool", "overhead": overhead}
+    performance = {"epoch": epoch, "epoch_data": "synthetic" if "synthetic" in pools else "first pool", "overhead": overhead}
+    for name, arguments in plan.performance_scripts.items():
+        performance[name] = run_script(name, results_dir / f"{name}.md", "--model", model_path, *arguments)
+    gpu_report = results_dir / "gpu_performance.md"
+    performance["gpu_performance"] = gpu_report.read_text(encoding="utf-8") if gpu_report.exists() else None
+    return performance
 
 
 def run_lora(plan, model_path, tokenizer, pools, frozen_backbone, args) -> dict:
