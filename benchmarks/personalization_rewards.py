@@ -31,6 +31,8 @@ from trl_micro.rewards import MiCRoReward
 from trl_micro.scoring import score_preference_pairs
 
 STAGE1_SEED, EVALUATION_SEED = 1, 2  # generator seeds of the Stage 1 draw and of the adaptation / gold / test draw
+CPU_RUN = dict(report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False)
+"""Training arguments of every run of the benchmark (reward heads and GRPO): on the CPU, nothing saved or reported."""
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,8 @@ def train_heads(
         num_train_epochs=setup.epochs,
         learning_rate=setup.learning_rate,
         logging_steps=10_000,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
         seed=setup.seed,
+        **CPU_RUN,
     )
     MiCRoRewardTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer).train()
     return model.eval()

@@ -48,7 +48,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, set_see
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from benchmarks.gold_evaluation import GoldEvaluation, add_logged_kl  # noqa: E402
-from benchmarks.personalization_rewards import RewardSetup, build_rewards  # noqa: E402
+from benchmarks.personalization_rewards import CPU_RUN, RewardSetup, build_rewards  # noqa: E402
 from benchmarks.rl_personalization_report import write_outputs  # noqa: E402
 from trl_micro.bundled.prompts import synthetic_prompt_dataset  # noqa: E402
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences  # noqa: E402
@@ -173,12 +173,8 @@ def grpo_config(args, seed: int, output_dir: str) -> GRPOConfig:
         beta=args.beta,
         activation_checkpointing=False,  # small models on CPU: memory is not the limit, time is
         logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
         seed=seed,
+        **CPU_RUN,
     )
 
 
