@@ -29,7 +29,7 @@ from .personalization_rewards import GoldReward
 
 
 def win_rate(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """(P,) per prompt: P(a > b) + P(a = b) / 2 over all pairs of a row of `samples` (P, S) and of `reference` (P, R)."""
+    """(P,) per prompt: P(a > b) + P(a = b) / 2 over every pair of a row of `samples` (P, S) and `reference` (P, R)."""
     difference = samples[:, :, None] - reference[:, None, :]
     return ((difference > 0).float() + 0.5 * (difference == 0).float()).mean(dim=(1, 2))
 
@@ -50,7 +50,8 @@ class GoldEvaluation(TrainerCallback):
         max_new_tokens (`int`): sample length, as in training.
         generation_kwargs (`dict`): sampling settings, as in training (`temperature`, `top_p`, `top_k`).
         seed (`int`): seed of the evaluated samples (the reference uses `seed + 1`).
-        batch_size (`int`): prompts per `generate` call.
+        batch_size (`int`): prompts per `generate` call (on CPU one decode step over 64 prompts costs a fraction of
+            eight steps over 8: large batches are the cheap way to sample).
     """
 
     def __init__(
@@ -63,7 +64,7 @@ class GoldEvaluation(TrainerCallback):
         max_new_tokens: int,
         generation_kwargs: dict,
         seed: int = 0,
-        batch_size: int = 16,
+        batch_size: int = 64,
     ):
         if every < 1 or samples_per_prompt < 1 or reference_samples < 1:
             raise ValueError("every, samples_per_prompt and reference_samples must be >= 1.")
@@ -135,9 +136,8 @@ class GoldEvaluation(TrainerCallback):
 
 
 def add_logged_kl(points: list[dict], log_history: list[dict]) -> None:
-    """Give every point after the first `kl`: the mean logged `kl` of the steps since the previous point (None if none)."""
+    """Give each point after the first `kl`: the mean logged `kl` of the steps since the previous point (or None)."""
     for previous, point in zip(points, points[1:]):
-        values = [
-            entry["kl"] for entry in log_history if "kl" in entry and previous["step"] < entry.get("step", 0) <= point["step"]
-        ]
+        steps = range(previous["step"] + 1, point["step"] + 1)
+        values = [entry["kl"] for entry in log_history if "kl" in entry and entry.get("step", 0) in steps]
         point["kl"] = sum(values) / len(values) if values else None

@@ -64,7 +64,7 @@ class RewardSetup:
 
 
 def draw_pools(setup: RewardSetup) -> dict[str, Dataset]:
-    """`stage1` (no `context` column), `adaptation`, `gold` and `test` pairs, conversational, per the module docstring."""
+    """`stage1` (no `context` column), `adaptation`, `gold` and `test` pairs, conversational (module docstring)."""
 
     def draw(pairs_per_context: int, seed: int) -> Dataset:
         config = SyntheticPreferenceConfig(
@@ -113,7 +113,8 @@ def train_heads(
 class GoldReward:
     """
     A reward function for GRPOTrainer (and the benchmark's evaluation): each row's reward is its own context's gold
-    head on the prompt + completion, the context read from `group_column` (a context id).
+    head on the prompt + completion, the context read from `group_column` (a context id). In a trainer it logs the
+    mean of each context as `gold/<context id>`.
 
     Args:
         judges (`dict[str, MiCRoReward]`): one single-head reward per context id.
@@ -129,7 +130,12 @@ class GoldReward:
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         if self.group_column not in kwargs:
             raise ValueError(f"GoldReward reads the context id column {self.group_column!r}; the dataset lacks it.")
-        return self.score(prompts, completions, kwargs[self.group_column]).tolist()
+        groups = kwargs[self.group_column]
+        rewards = self.score(prompts, completions, groups)
+        if kwargs.get("log_metric") is not None:
+            for group in sorted(set(groups)):
+                kwargs["log_metric"](f"gold/{group}", rewards[[value == group for value in groups]].mean().item())
+        return rewards.tolist()
 
     def score(self, prompts: list, completions: list, groups: list[str]) -> torch.Tensor:
         """(N,) gold rewards, one backbone pass per completion."""

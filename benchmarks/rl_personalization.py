@@ -122,7 +122,7 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.num_generations < 2:
-        parser.error(f"--num_generations must be >= 2 (GRPO compares completions within a group), got {args.num_generations}.")
+        parser.error(f"--num_generations must be >= 2 (GRPO compares completions), got {args.num_generations}.")
     return args
 
 
@@ -161,8 +161,9 @@ def prompt_splits(num_contexts: int, eval_prompts: int) -> tuple[Dataset, Datase
 
 
 # ------------------------------------------------------------------------------------------------------- runs
-def grpo_config(args, seed: int, output_dir: str) -> GRPOConfig:
+def grpo_config(args, seed: int, output_dir: str, reward_weights: list[float]) -> GRPOConfig:
     return GRPOConfig(
+        reward_weights=reward_weights,
         output_dir=output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.prompts_per_step * args.num_generations,
@@ -179,13 +180,18 @@ def grpo_config(args, seed: int, output_dir: str) -> GRPOConfig:
 
 
 def train_policy(method, reward, seed, args, policy_path, train_prompts, evaluation, scratch) -> dict:
-    """One GRPO run; returns its evaluation points, its logged metrics and its timings."""
+    """
+    One GRPO run; returns its evaluation points, its logged metrics and its timings. The gold reward rides along with
+    weight 0 (it does not change the advantages) to log its mean per context on the training samples of every step.
+    """
     evaluation.start_run()
     set_seed(seed)  # the LoRA adapter's initialization too
+    reward_funcs = [reward] if reward is evaluation.gold else [reward, evaluation.gold]
+    weights = [1.0] + [0.0] * (len(reward_funcs) - 1)
     trainer = GRPOTrainer(
         model=policy_path,
-        reward_funcs=[reward],
-        args=grpo_config(args, seed, os.path.join(scratch, f"{method}-{seed}")),
+        reward_funcs=reward_funcs,
+        args=grpo_config(args, seed, os.path.join(scratch, f"{method}-{seed}"), weights),
         train_dataset=train_prompts,
         peft_config=LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
@@ -196,13 +202,16 @@ def train_policy(method, reward, seed, args, policy_path, train_prompts, evaluat
     trainer.train()
     seconds = time.perf_counter() - started
     add_logged_kl(evaluation.points, trainer.state.log_history)
-    logged = ("step", "reward", "kl", "completions/mean_length", f"rewards/{reward.__name__}/mean")
+    logged = ("step", "reward", "kl", "entropy", "completions/mean_length", f"rewards/{reward.__name__}/mean")
     return {
         "method": method,
         "seed": seed,
         "points": evaluation.points,
         "reference": evaluation.reference_summary(),
-        "log": [{key: entry[key] for key in logged if key in entry} for entry in trainer.state.log_history],
+        "log": [
+            {key: value for key, value in entry.items() if key in logged or key.startswith("gold/")}
+            for entry in trainer.state.log_history
+        ],
         "seconds": seconds,
         "evaluation_seconds": evaluation.seconds,
         "seconds_per_step": (seconds - evaluation.seconds) / args.max_steps,

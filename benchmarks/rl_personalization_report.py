@@ -29,12 +29,31 @@ def runs_of(runs: list[dict], method: str) -> list[dict]:
     return [run for run in runs if run["method"] == method]
 
 
-def summarize(runs: list[dict]) -> dict:
-    """`{"table": {context: {method: {metric: spread}}}, "curves": {method: [{step, metric: {context: spread}}]}}`."""
+def training_curve(runs: list[dict], key: str, window: int) -> dict:
+    """
+    `{"steps", "mean"}`: the logged `key` (absent on steps that drew no prompt of its context), its trailing mean over
+    `window` steps, averaged over the runs.
+    """
+    series = [{entry["step"]: entry[key] for entry in run["log"] if key in entry} for run in runs]
+    steps = sorted(set().union(*series))
+
+    def trailing(values: dict, step: int) -> float:
+        recent = [value for logged, value in values.items() if step - window < logged <= step]
+        return float(np.mean(recent)) if recent else float("nan")
+
+    means = [float(np.nanmean([trailing(values, step) for values in series])) for step in steps]
+    return {"steps": steps, "mean": means}
+
+
+def summarize(runs: list[dict], window: int) -> dict:
+    """
+    `{"table": {context: {method: {metric: spread}}}, "curves": {method: [{step, metric: {context: spread}}]},
+    "training_gold": {method: {context: training_curve}}}`, the last over `window` steps.
+    """
     methods = list(dict.fromkeys(run["method"] for run in runs))
     contexts = list(runs[0]["points"][0]["gold"])
     table = {context: {} for context in contexts}
-    curves = {}
+    curves, training_gold = {}, {}
     for method in methods:
         own = runs_of(runs, method)
         for context in contexts:
@@ -48,13 +67,18 @@ def summarize(runs: list[dict]) -> dict:
                 "kl_last": spread([run["points"][-1].get("kl") for run in own]),
             }
         steps = [point["step"] for point in own[0]["points"]]
+        training_gold[method] = {context: training_curve(own, f"gold/{context}", window) for context in contexts}
         curves[method] = []
         for index, step in enumerate(steps):
             row = {"step": step, "kl": spread([run["points"][index].get("kl") for run in own])}
             for metric, _ in CURVE_PANELS:
-                row[metric] = {context: spread([run["points"][index][metric][context] for run in own]) for context in contexts}
+                row[metric] = {
+                    context: spread([run["points"][index][metric][context] for run in own]) for context in contexts
+                }
             curves[method].append(row)
-    return {"contexts": contexts, "methods": methods, "table": table, "curves": curves}
+    return {
+        "contexts": contexts, "methods": methods, "table": table, "curves": curves, "training_gold": training_gold
+    }
 
 
 def cell(value: dict, digits: int = 2) -> str:
@@ -65,10 +89,14 @@ def cell(value: dict, digits: int = 2) -> str:
     return f"{value['mean']:.{digits}f}"
 
 
-def plot_context(summary: dict, context: str, path: Path) -> Path:
-    """Gold mean, win rate and words against the step, one line per method (shaded ± std over seeds)."""
-    figure = new_figure(4.0 * len(CURVE_PANELS) + 1.5, 3.6)
-    panels = figure.subplots(1, len(CURVE_PANELS), squeeze=False)[0]
+def plot_context(summary: dict, context: str, path: Path, window: int) -> Path:
+    """
+    Held-out gold mean, win rate and words against the step, one line per method (shaded ± std over seeds), and the
+    gold mean on the training samples (trailing mean over `window` steps, mean over seeds).
+    """
+    labels = [label for _, label in CURVE_PANELS] + [f"gold on training samples ({window}-step mean)"]
+    figure = new_figure(4.0 * len(labels) + 1.5, 3.6)
+    panels = figure.subplots(1, len(labels), squeeze=False)[0]
     for index, method in enumerate(summary["methods"]):
         rows = summary["curves"][method]
         steps = np.asarray([row["step"] for row in rows])
@@ -77,13 +105,15 @@ def plot_context(summary: dict, context: str, path: Path) -> Path:
             std = np.asarray([row[metric][context]["std"] for row in rows], dtype=np.float64)
             panel.plot(steps, mean, marker="o", markersize=3, color=f"C{index}", label=METHOD_LABELS[method])
             panel.fill_between(steps, mean - std, mean + std, color=f"C{index}", alpha=0.15)
+        training = summary["training_gold"][method][context]
+        panels[-1].plot(training["steps"], training["mean"], color=f"C{index}")
     panels[1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    for panel, (_, label) in zip(panels, CURVE_PANELS):
+    for panel, label in zip(panels, labels):
         panel.set_xlabel("GRPO step")
-        panel.set_title(label)
+        panel.set_title(label, fontsize=10)
         panel.grid(alpha=0.3)
-    handles, labels = panels[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside right upper", frameon=False)
+    handles, names = panels[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside right upper", frameon=False)
     figure.suptitle(f"{context}: held-out prompts, judged by the gold reward of {context}")
     return save_figure(figure, path)
 
@@ -167,10 +197,11 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
 
 def write_outputs(results: dict, output_dir: Path) -> Path:
     """Plots, rl_personalization.md and .json under `output_dir`; returns the Markdown path."""
-    summary = summarize(results["runs"])
+    window = results["settings"]["eval_every"]
+    summary = summarize(results["runs"], window)
     images = {}
     for context in summary["contexts"]:
-        images[context] = plot_context(summary, context, output_dir / f"curves_{context}.png").name
+        images[context] = plot_context(summary, context, output_dir / f"curves_{context}.png", window).name
     images["KL to the initial policy"] = plot_kl(summary, output_dir / "kl.png").name
     _, markdown_path = write_report(
         {**results, "summary": summary}, output_dir / "rl_personalization", markdown_lines(results, summary, images)

@@ -1,4 +1,4 @@
-"""The RL personalization benchmark at its smoke size (tiny random policy and reward backbone): a test of the pipeline."""
+"""The RL personalization benchmark at its smoke size (tiny random policy and reward backbone): the pipeline's test."""
 
 import json
 
