@@ -133,6 +133,45 @@ def show_context_to_policy(dataset: Dataset, context_column: str, context_templa
 
 
 @torch.no_grad()
+def sample_completions(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list,
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    **generation_kwargs,
+) -> list:
+    """
+    One sampled completion per prompt (text, or `[{"role": "assistant", ...}]` for a conversational prompt), in the
+    prompts' order. Sampling uses the policy's generation config, overridden by `generation_kwargs` (`temperature`,
+    `top_k`, ...); seed torch's generator first for a reproducible draw. The policy's train / eval mode is restored.
+    """
+    was_training = policy.training
+    policy.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    completions = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            conversational = isinstance(batch[0], list)
+            texts = (
+                [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
+                if conversational
+                else batch
+            )
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not conversational)
+            inputs = inputs.to(policy.device)
+            output = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, **generation_kwargs)
+            decoded = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            completions += [[{"role": "assistant", "content": text}] if conversational else text for text in decoded]
+    finally:
+        tokenizer.padding_side = padding_side
+        policy.train(was_training)
+    return completions
+
+
+@torch.no_grad()
 def reward_per_context(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -149,28 +188,7 @@ def reward_per_context(
     its `user_column`. Sampling uses the policy's generation config.
     """
     torch.manual_seed(seed)
-    was_training = policy.training
-    policy.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    completions = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]["prompt"]
-            conversational = isinstance(batch[0], list)
-            texts = (
-                [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
-                if conversational
-                else batch
-            )
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not conversational)
-            inputs = inputs.to(policy.device)
-            output = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True)
-            decoded = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            completions += [[{"role": "assistant", "content": text}] if conversational else text for text in decoded]
-    finally:
-        tokenizer.padding_side = padding_side
-        policy.train(was_training)
+    completions = sample_completions(policy, tokenizer, prompts["prompt"], max_new_tokens, batch_size)
     users = prompts[reward.user_column] if reward.user_column in prompts.column_names else None
     rewards = reward.score(prompts["prompt"], completions, users=users)["rewards"].tolist()
     totals: dict[str, list[float]] = {}
