@@ -174,9 +174,14 @@ def test_heads_and_router_stay_float32_when_the_model_is_cast(tokenizer, router_
 def test_from_pretrained_says_nothing_about_model_types(model, tmp_path):
     """Loading a MiCRo checkpoint printed transformers' "a model of type `micro` ... of type ``" warning every time."""
     model.save_pretrained(tmp_path)
-    with CaptureLogger(hf_logging.get_logger("transformers")) as captured:
-        MiCRoRewardModel.from_pretrained(tmp_path)
-        hf_logging.get_logger("transformers.configuration_utils").warning("still captured")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # whatever an earlier test (or script) set, warnings must get through here
+    try:
+        with CaptureLogger(hf_logging.get_logger("transformers")) as captured:
+            MiCRoRewardModel.from_pretrained(tmp_path)
+            hf_logging.get_logger("transformers.configuration_utils").warning("still captured")
+    finally:
+        hf_logging.set_verbosity(verbosity)
     assert "still captured" in captured.out and "to instantiate a model of type" not in captured.out
 
 
