@@ -69,6 +69,7 @@ class PoolSpec:
     train_queries: int = 0
 
     def describe(self) -> str:
+        """One sentence of the report: where the pool's pairs come from and how they split."""
         if self.source == "dsp":
             return (
                 f"DSP: queries whose every sequence fits in {self.max_length} tokens (context included), "
@@ -79,12 +80,18 @@ class PoolSpec:
             raters = "; training pairs rated by the subpopulation owning the prompt's topic" * self.train_rater_follows_topic
             return (
                 f"synthetic generator, M={self.num_subpopulations} subpopulations, {self.pairs_per_context} pairs each "
-                f"(generator seed {POOL_SEED}){raters}"
+                f"(generator seed {POOL_SEED}){raters}; {self._split()}"
             )
         read = "all pairs" if self.candidate_pairs is None else f"a seeded sample of {self.candidate_pairs} pairs"
         return (
             f"{self.source}: {read}, kept those <= {self.max_length} tokens (context included), then "
-            f"{self.pairs_per_context} per context (seed {POOL_SEED})"
+            f"{self.pairs_per_context} per context (seed {POOL_SEED}); {self._split()}"
+        )
+
+    def _split(self) -> str:
+        return (
+            f"{self.train_per_context} training pairs per context, the other "
+            f"{self.pairs_per_context - self.train_per_context} are evaluation pairs"
         )
 
 

@@ -499,8 +499,7 @@ def render_document(plan, outcomes, performance, lora, timings, machine, command
         "",
         "Pools:",
         "",
-        *[f"- `{name}`: {spec.describe()}; {spec.train_per_context} training pairs per context, the other "
-          f"{spec.pairs_per_context - spec.train_per_context} are evaluation pairs." for name, spec in plan.pools.items()],
+        *[f"- `{name}`: {spec.describe()}." for name, spec in plan.pools.items()],
         "",
         f"Training: heads (and router) {plan.comparison.heads}; router adaptation {plan.comparison.router}; "
         f"adaptation sizes {list(plan.comparison.adaptation_sizes)} pairs per context; online routing eta "

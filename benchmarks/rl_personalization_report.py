@@ -158,7 +158,7 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
         f"Evaluation: {results['eval_prompts_per_context']} held-out prompts per context, {settings['eval_samples']} "
         f"samples each, every {settings['eval_every']} steps; win rate against {settings['reference_samples']} samples "
         "per prompt of the initial policy, under that context's gold reward (benchmarks/gold_evaluation.py). "
-        f"Mean ± std over {len(seeds)} seeds.",
+        + (f"Mean ± std over {len(seeds)} seeds." if len(seeds) > 1 else "One seed: no spread over seeds."),
         "",
         "## Per context, before and after training",
         "",
