@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from datasets import Dataset
 
 from trl_micro import MiCRoRewardModel, score_preference_pairs
@@ -116,3 +117,21 @@ def test_hub_names_without_network_are_clear_errors(checkpoint, tmp_path):
     assert "Dataset 'someone/prefs' (config 'v2')" in dataset_error and "HF_DATASETS_OFFLINE=1" in dataset_error
     assert dataset_error.startswith("ERROR ConnectionError")  # raised by datasets.load_dataset itself
     assert "Model 'someone/micro-rm' is not a local directory" in model_error and "HF_HUB_OFFLINE=1" in model_error
+
+
+def test_eval_says_when_the_heads_have_not_separated(checkpoint, tokenizer, tmp_path, capsys):
+    data = user_pairs(24)
+    data.to_json(tmp_path / "pairs.jsonl")
+    args = ["eval", "--dataset_name", str(tmp_path / "pairs.jsonl"), "--context_id_column", "user"]
+    assert cli_main([*args, "--model_name_or_path", checkpoint, "--output_dir", str(tmp_path / "random")]) == 0
+    random_heads = json.loads((tmp_path / "random" / "eval_report.json").read_text())["head_agreement"]
+    assert 0 <= random_heads < 0.95 and "have not separated" not in capsys.readouterr().out
+
+    model = MiCRoRewardModel.from_pretrained(checkpoint)
+    with torch.no_grad():  # three copies of head 0: every pair ranked alike by every two heads
+        model.heads.weight.copy_(model.heads.weight[:1].expand_as(model.heads.weight))
+    model.save_pretrained(tmp_path / "same-heads")
+    tokenizer.save_pretrained(tmp_path / "same-heads")
+    assert cli_main([*args, "--model_name_or_path", str(tmp_path / "same-heads"), "--output_dir", str(tmp_path / "same")]) == 0
+    assert json.loads((tmp_path / "same" / "eval_report.json").read_text())["head_agreement"] == pytest.approx(1.0)
+    assert "the heads have not separated" in capsys.readouterr().out

@@ -101,6 +101,9 @@ def entropy(probabilities: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum(dim=dim)
 
 
+HEAD_AGREEMENT_WARNING = 0.95  # heads that rank this share of pairs alike have not separated into distinct tastes
+
+
 def head_agreement(head_margins: torch.Tensor) -> torch.Tensor:
     """Mean over pairs of heads of the share of pairs they rank the same way: 1 when the heads have not separated."""
     signs = head_margins.detach().float().sign()

@@ -10,7 +10,9 @@ Every pair is scored as the model scores it in use, one backbone pass per sequen
 it is. Pairs are grouped by `context_id_column` (user or context ids; the context text when that column is absent):
 a column of ids and no context text is enough, for the report and for the per-id adaptation below. Reported, per
 context: the routed reward's accuracy (the checkpoint's router), the accuracy of the uniform mixture of heads and of
-every single head, and the router's mean weight per head.
+every single head, and the router's mean weight per head. Over all evaluated pairs, the heads' agreement
+(`trl_micro.losses.head_agreement`, the share of pairs two heads rank alike): at `HEAD_AGREEMENT_WARNING` or above the
+summary warns that the heads have not separated, so there is little for routing to choose from.
 
 With `--adaptation_pairs N`, N pairs of every context are taken out (seeded) to adapt an online router per context
 (`trl_micro.online_router.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with
@@ -53,6 +55,7 @@ from ..evaluation import (
     plot_head_usage_heatmap,
     write_report,
 )
+from ..losses import HEAD_AGREEMENT_WARNING, head_agreement
 from ..model_card import add_evaluation_section, message_text
 from ..modeling_micro import MiCRoRewardModel
 from ..scoring import score_preference_pairs
@@ -284,6 +287,7 @@ def run_eval(args: EvalArguments) -> dict:
         "methods": methods,
         "head_usage": usage,
         "head_accuracy": head_accuracy(head_margins, evaluated_labels),
+        "head_agreement": float(head_agreement(head_margins)) if head_margins.shape[1] > 1 else None,
         "num_pairs": {"scored": len(dataset), "evaluated": len(evaluated), "adaptation": len(adaptation)},
         "skipped_rows": skipped,
         "context_column": text_column,
@@ -336,6 +340,15 @@ def format_summary(outcome: dict) -> str:
             continue
         per_context = ", ".join(f"{context} {100 * value:.1f}%" for context, value in accuracy["accuracy"].items())
         lines.append(f"{name}: macro {100 * accuracy['macro']:.1f}% ({per_context})")
+    agreement = results["head_agreement"]
+    if agreement is not None:
+        lines.append(f"head agreement: {agreement:.2f} (share of evaluated pairs two heads rank alike)")
+        if agreement >= HEAD_AGREEMENT_WARNING:
+            lines.append(
+                "warning: the heads have not separated into distinct tastes, so routing and Stage 2 have little to "
+                "choose from; retrain Stage 1 with latent_groups grouping one rater's pairs, longer or with a higher "
+                "learning rate, or use num_heads=1"
+            )
     best = np.argmax(results["head_accuracy"]["overall"])
     lines.append(f"best single head: {best} ({100 * results['head_accuracy']['overall'][best]:.1f}% overall)")
     lines.append("report: " + ", ".join(str(path) for path in paths.values()))

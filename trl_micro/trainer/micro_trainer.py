@@ -31,6 +31,7 @@ from ..losses import (
     ensemble_bt_loss,
     entropy,
     entropy_penalty,
+    HEAD_AGREEMENT_WARNING,
     head_agreement,
     mixture_bt_loss,
 )
@@ -40,7 +41,6 @@ from .micro_config import MiCRoRewardConfig
 
 logger = logging.getLogger(__name__)
 
-HEAD_AGREEMENT_WARNING = 0.95  # heads that rank this share of pairs alike (the logged `head_agreement`) have not separated
 
 
 def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
