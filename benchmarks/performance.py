@@ -76,10 +76,13 @@ def time_stage1_epoch(model_path: str, tokenizer: PreTrainedTokenizerBase, pairs
 
 def run_script(name: str, output: Path, *arguments: str) -> str:
     """Run the performance script benchmarks/<name>.py as it is (it writes its Markdown report to `output`); returns
-    that report."""
-    script = Path(__file__).resolve().parent / f"{name}.py"
-    subprocess.run([sys.executable, str(script), *arguments, "--output", str(output)], check=True,
-                   stdout=subprocess.DEVNULL)
+    that report. It runs from the repository root with paths relative to it, so the command line its report quotes is
+    one that anyone can rerun from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    output = Path(output).resolve()
+    shown = output.relative_to(root) if output.is_relative_to(root) else output
+    subprocess.run([sys.executable, f"benchmarks/{name}.py", *arguments, "--output", str(shown)], check=True,
+                   stdout=subprocess.DEVNULL, cwd=root)
     return output.read_text(encoding="utf-8")
 
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from benchmarks.run_all import (  # noqa: E402
     add_comparison_arguments,
     load_comparison,
+    split_for,
     start_logging,
     write_study_report,
 )
@@ -42,7 +43,6 @@ from benchmarks.comparison import (  # noqa: E402
     micro_online_routing,
     reference_accuracy,
     score,
-    split_pool,
     train_heads,
 )
 from benchmarks.study_metrics import gap_closed  # noqa: E402
@@ -86,7 +86,7 @@ def compare_objectives(pool, backbone, tokenizer, spec, plan, seeds) -> dict:
     largest = max(plan.comparison.adaptation_sizes)
     runs = {method: [] for method in METHODS}
     for seed in seeds:
-        split = split_pool(pool, contexts, spec.adaptation_per_context, spec.test_per_context, seed)
+        split = split_for(pool, spec, seed)
         test_contexts = [pool.context_ids[pair] for pair in split.test]
 
         def record(method, margins):

@@ -8,6 +8,12 @@ BENCHMARKS.md at the repository root and the JSON / Markdown reports and PNG plo
 
 The backbone (the embedded SmolLM2-135M-Instruct unless --model) runs once per pair and form: its features are
 cached on disk (`--cache_dir`, default `$TRL_MICRO_CACHE/features`), so later runs skip that part entirely.
+`--preset hh_lora` is the one-off LoRA run alone (about an hour on 2 CPU cores: LoRA Stage 1 on all of
+hh_relabeled's training pairs that fit in 192 tokens, then the comparison on the frozen and the tuned backbone):
+
+    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/run_all.py --preset hh_lora \
+        --output benchmarks/results/hh_lora/REPORT.md --results_dir benchmarks/results/hh_lora
+
 `--preset smoke` is a seconds-long run on tiny pools, for tests (with `--model` a tiny checkpoint).
 """
 
@@ -44,7 +50,7 @@ from benchmarks.comparison import (  # noqa: E402
     leave_one_context_out,
     split_pool,
 )
-from benchmarks.lora_backbone import LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
+from benchmarks.lora_backbone import CPU_HOUR_LORA, LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
 from benchmarks.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
 from benchmarks.performance import run_reward_overhead, run_script, time_stage1_epoch  # noqa: E402
 from benchmarks.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
@@ -86,6 +92,7 @@ class BenchmarkPlan:
     lora_benchmark: str = "hh_relabeled"
     lora_tuning: LoraTuning | None = None  # None: the GPU configuration on a GPU, the CPU one otherwise
     lora_seeds: list[int] | None = None  # seeds of the comparisons on the LoRA run (None: `seeds`)
+    lora_only: bool = False  # run only the LoRA run (its frozen and tuned comparisons), as if `--lora` were given
 
 
 def synthetic_contexts(num_subpopulations: int) -> tuple[str, ...]:
@@ -181,7 +188,24 @@ def smoke_plan() -> BenchmarkPlan:
     )
 
 
-PRESETS = {"full": full_plan, "smoke": smoke_plan}
+def hh_lora_plan() -> BenchmarkPlan:
+    """
+    The hour-long CPU LoRA run on hh_relabeled alone: every harmless pair that fits in 192 tokens (as many helpful
+    ones), 736 per context training LoRA Stage 1 for one epoch, 300 per context evaluating. A one-off run, not CI.
+    """
+    plan = full_plan()
+    plan.pools = {"hh_relabeled": PoolSpec("hh_relabeled", pairs_per_context=1036, train_per_context=736, max_length=192)}
+    plan.benchmarks = [
+        BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 268, target=0.5,
+                      comparison={"heads": TUNED_HEAD_TRAINING})
+    ]
+    plan.performance_scripts = {}
+    plan.lora_tuning = CPU_HOUR_LORA
+    plan.lora_only = True
+    return plan
+
+
+PRESETS = {"full": full_plan, "smoke": smoke_plan, "hh_lora": hh_lora_plan}
 
 
 # --------------------------------------------------------------------------------------------------------------- steps
@@ -319,7 +343,9 @@ def measure_performance(plan, model_path, tokenizer, pools, results_dir: Path) -
     overhead = run_reward_overhead(plan.overhead_completions, plan.overhead_repetitions, results_dir / "reward_overhead.md")
     performance = {"epoch": epoch, "epoch_data": "synthetic" if "synthetic" in pools else "first pool", "overhead": overhead}
     for name, arguments in plan.performance_scripts.items():
-        performance[name] = run_script(name, results_dir / f"{name}.md", "--model", model_path, *arguments)
+        # "embedded" rather than its resolved local path: the reports quote their command line.
+        model = plan.model if plan.model == "embedded" else model_path
+        performance[name] = run_script(name, results_dir / f"{name}.md", "--model", model, *arguments)
     gpu_report = results_dir / "gpu_performance.md"
     performance["gpu_performance"] = gpu_report.read_text(encoding="utf-8") if gpu_report.exists() else None
     return performance
@@ -441,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = {"plan": dataclasses.asdict(plan), "argv": argv}
     outcomes = []
-    for spec in plan.benchmarks:
+    for spec in [] if plan.lora_only else plan.benchmarks:
         outcome = run_benchmark(spec, pools[spec.pool], feature_model.backbone, tokenizer, plan,
                                 plan.pools[spec.pool].describe())
         write_outcome_files(outcome, results_dir, setup)
@@ -450,13 +476,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s done in %.0f s", spec.name, outcome.seconds)
 
     performance = None
-    if not args.skip_performance:
+    if not (args.skip_performance or plan.lora_only):
         step = time.perf_counter()
         performance = measure_performance(plan, model_path, tokenizer, pools, results_dir)
         timings.performance = time.perf_counter() - step
 
     lora = None
-    if args.lora:
+    if args.lora or plan.lora_only:
         step = time.perf_counter()
         lora = run_lora(plan, model_path, tokenizer, pools, feature_model.backbone, args)
         for outcome in lora["outcomes"].values():

@@ -6,7 +6,7 @@ the comparison's training pairs and reports per context:
 
 - ceiling: the accuracy of the Stage-1 head that is best on the test pairs themselves (no routing that gives a
   context one head can do better: the heads are the limit);
-- online: MiCRo + online routing with the largest adaptation size (32 pairs per context), as in BENCHMARKS.md;
+- online: MiCRo + online routing with the adaptation size BENCHMARKS.md reports (32 pairs per context);
 - picks: in how many (context, seed) cases the online posterior's top head is that best head (the selection).
 
 Both as the gap closed between SingleReward and the per-context oracle, the quantity of the benchmark's target; the
@@ -37,7 +37,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks.run_all import (  # noqa: E402
     add_comparison_arguments,
+    benchmark_settings,
     load_comparison,
+    split_for,
     start_logging,
     write_study_report,
 )
@@ -47,7 +49,6 @@ from benchmarks.comparison import (  # noqa: E402
     micro_online_routing,
     reference_accuracy,
     score,
-    split_pool,
     train_heads,
 )
 from benchmarks.study_metrics import best_head_accuracy, best_heads, gap_closed  # noqa: E402
@@ -97,8 +98,9 @@ def mean_over_seeds(runs: list[dict], contexts) -> dict[str, float]:
 
 def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
     contexts = spec.contexts or tuple(sorted(set(pool.context_ids)))
-    heads, largest = plan.comparison.heads, max(plan.comparison.adaptation_sizes)
-    splits = {seed: split_pool(pool, contexts, spec.adaptation_per_context, spec.test_per_context, seed) for seed in seeds}
+    settings = benchmark_settings(plan, spec)  # the head training and adaptation size the benchmark itself uses
+    heads, largest = settings.heads, settings.reported_size
+    splits = {seed: split_for(pool, spec, seed) for seed in seeds}
     test_contexts = {seed: [pool.context_ids[pair] for pair in split.test] for seed, split in splits.items()}
 
     references = {}
@@ -121,7 +123,7 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
         if "num_heads_minus_contexts" in variant:
             num_heads = len(contexts) + variant["num_heads_minus_contexts"]
         training = replace(heads, **variant.get("heads", {}))
-        eta = variant.get("eta", plan.comparison.online_eta)
+        eta = variant.get("eta", settings.online_eta)
         ceiling, online, picks = [], [], 0
         for seed, split in splits.items():
             micro = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads)

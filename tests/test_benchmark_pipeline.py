@@ -1,5 +1,6 @@
 """The benchmark pipeline (benchmarks/run_all.py) and `trl-micro eval`, end to end on tiny models and a few pairs."""
 
+import dataclasses
 import json
 import re
 
@@ -213,3 +214,55 @@ def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(toke
             per_seed = [run[context] for run in result["runs"][method]]
             assert result["mean"][method][context] == pytest.approx(sum(per_seed) / 2)
 
+
+
+def test_lora_only_plan_runs_just_the_lora_run(tokenizer, tmp_path, real_data_dir, monkeypatch):
+    """The `hh_lora` preset's shape (LoRA run alone, no main comparisons, no performance figures) at smoke size."""
+    hh_lora = run_all.hh_lora_plan()
+    assert hh_lora.lora_only and hh_lora.lora_tuning.train_pairs_per_context is None  # all training pairs
+    assert [spec.name for spec in hh_lora.benchmarks] == [hh_lora.lora_benchmark]
+
+    def smoke_lora_only():
+        plan = run_all.smoke_plan()
+        plan.benchmarks = [spec for spec in plan.benchmarks if spec.name == plan.lora_benchmark]
+        plan.pools = {name: pool for name, pool in plan.pools.items() if name == "hh_relabeled"}
+        plan.lora_only = True
+        return plan
+
+    monkeypatch.setitem(run_all.PRESETS, "smoke", smoke_lora_only)
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output, results = tmp_path / "REPORT.md", tmp_path / "results"
+    argv = ["--preset", "smoke", "--model", backbone, "--output", str(output), "--results_dir", str(results),
+            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir)]  # no --lora: the plan asks
+    assert run_all.main(argv) == 0
+
+    document = output.read_text()
+    assert document.startswith("# trl-micro benchmarks: the LoRA run")
+    assert "Regenerate with the same command" in document
+    assert "## LoRA-tuned backbone" in document and "### hh_relabeled, LoRA-tuned backbone (LoRA run)" in document
+    assert "## Performance" not in document and "performance figures" not in document
+    assert not (results / "hh_relabeled.json").exists()  # the main comparison did not run
+    assert (results / "hh_relabeled_lora_frozen.json").exists() and (results / "hh_relabeled_lora_tuned.json").exists()
+
+
+@pytest.mark.parametrize("script", ["stage1_sweep", "router_objective"])
+def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_data_dir):
+    """DSP splits evaluation pairs by query (`adaptation_share`): the studies split as run_all does."""
+    import importlib
+
+    study = importlib.import_module(f"benchmarks.{script}")
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output = tmp_path / f"{script}.md"
+    argv = ["--preset", "smoke", "--benchmark", "dsp", "--model", backbone, "--output", str(output),
+            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir), "--seeds", "0"]
+    if script == "stage1_sweep":
+        variants = tmp_path / "variants.json"
+        variants.write_text(json.dumps([{"name": "as benchmarked"}]))
+        argv += ["--variants", str(variants)]
+    assert study.main(argv) == 0
+    result = json.loads(output.with_suffix(".json").read_text())
+    assert result["contexts"] == list(run_all.DSP_CONTEXTS)
+    if script == "stage1_sweep":
+        # the benchmark's own settings: its reported adaptation size (2 of the smoke sizes 2, 4) and head training
+        assert result["adaptation_per_context"] == 2
+        assert result["benchmark_heads"] == dataclasses.asdict(run_all.smoke_plan().comparison.heads)
