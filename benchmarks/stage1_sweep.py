@@ -9,7 +9,12 @@ the comparison's training pairs and reports per context:
 - online: MiCRo + online routing with the adaptation size BENCHMARKS.md reports (32 pairs per context);
 - picks: in how many (context, seed) cases the online posterior's top head is that best head (the selection).
 
-Both as the gap closed between SingleReward and the per-context oracle, the quantity of the benchmark's target; the
+- train NLL: the Stage 1 objective (the mixture loss with the trainer's latent groups) on the training pairs, the
+  value training minimizes: a variant that starts from the per-context oracle heads (`"init": "oracle"`, a
+  diagnostic that uses the context labels) shows whether the objective prefers the contexts' heads to what training
+  from a random start finds.
+
+Accuracies as the gap closed between SingleReward and the per-context oracle, the quantity of the benchmark's target; the
 two references are trained with the variant's head training, as the benchmark trains every method with the same.
 Writes `benchmarks/results/stage1_sweep.{md,json}`.
 
@@ -34,6 +39,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importa
     sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from benchmarks.run_all import (  # noqa: E402
     add_comparison_arguments,
@@ -52,7 +58,9 @@ from benchmarks.comparison import (  # noqa: E402
     train_heads,
 )
 from benchmarks.study_metrics import best_head_accuracy, best_heads, gap_closed  # noqa: E402
+from trl_micro.data_utils import latent_groups  # noqa: E402
 from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
+from trl_micro.losses import context_mixture_bt_loss  # noqa: E402
 from trl_micro.context_adaptation import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
@@ -72,9 +80,11 @@ DEFAULT_VARIANTS = [
     {"name": "online eta 0.3", "eta": 0.3},
 ]
 """A variant changes the benchmark's settings: `num_heads` (or `num_heads_minus_contexts`), `heads` (HeadTraining
-fields) and `eta` (the online router's learning rate); unnamed fields keep the benchmark's values."""
+fields), `eta` (the online router's learning rate) and `init` ("random", the trainer's; "oracle": K = the number of
+contexts, head k starts as the BT head trained on context k's pairs); unnamed fields keep the benchmark's values."""
 
-VARIANT_KEYS = {"name", "num_heads", "num_heads_minus_contexts", "heads", "eta"}
+VARIANT_KEYS = {"name", "num_heads", "num_heads_minus_contexts", "heads", "eta", "init"}
+INITS = ("random", "oracle")
 
 
 def check_variants(variants: list[dict]) -> None:
@@ -86,10 +96,19 @@ def check_variants(variants: list[dict]) -> None:
                 f"Variant {index} ({variant}) must have a `name` and only the keys {sorted(VARIANT_KEYS)}; "
                 f"unknown: {sorted(unknown)}."
             )
+        if variant.get("init", "random") not in INITS:
+            raise ValueError(f"Variant {variant['name']!r}: `init` must be one of {INITS}, got {variant['init']!r}.")
         bad = set(variant.get("heads", {})) - head_fields
         if bad:
             raise ValueError(f"Variant {variant['name']!r}: `heads` fields {sorted(bad)} are not HeadTraining fields "
                              f"({sorted(head_fields)}).")
+
+
+def stage1_objective(micro, pool, pairs) -> float:
+    """The mixture loss Stage 1 minimizes (latent groups as the trainer forms them, no regularizer) on `pairs`."""
+    scores = score(micro, pool, pairs, with_context=False)
+    groups = torch.tensor(latent_groups(pool.group_keys(pairs, with_context=False)))
+    return float(context_mixture_bt_loss(scores.head_margins, scores.router_logits, groups).mean())
 
 
 def mean_over_seeds(runs: list[dict], contexts) -> dict[str, float]:
@@ -124,9 +143,22 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
             num_heads = len(contexts) + variant["num_heads_minus_contexts"]
         training = replace(heads, **variant.get("heads", {}))
         eta = variant.get("eta", settings.online_eta)
-        ceiling, online, picks = [], [], 0
+        init = variant.get("init", "random")
+        if init == "oracle" and num_heads != len(contexts):
+            raise ValueError(f"Variant {variant['name']!r}: init 'oracle' needs one head per context "
+                             f"(K = {len(contexts)}), got K = {num_heads}.")
+        ceiling, online, picks, train_nll = [], [], 0, []
         for seed, split in splits.items():
-            micro = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads)
+            initial_heads = None
+            if init == "oracle":
+                initial_heads = torch.cat([
+                    train_heads(backbone, tokenizer, pool, pool.pairs_of_context(split.train, context), training,
+                                seed).heads.weight.data
+                    for context in contexts
+                ])
+            micro = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads,
+                                initial_heads=initial_heads)
+            train_nll.append(stage1_objective(micro, pool, split.train))
             test = score(micro, pool, split.test, with_context=False).head_margins
             best = best_heads(test, test_contexts[seed])
             ceiling.append(best_head_accuracy(test, test_contexts[seed], best)["accuracy"])
@@ -136,7 +168,8 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
             picks += sum(int(router.weights(context).argmax()) == best[context] for context in contexts)
         reference = seed_mean_references(training)
         single, oracle = reference["single"], reference["oracle"]
-        row = {"variant": variant["name"], "num_heads": num_heads, "heads": asdict(training), "eta": eta,
+        row = {"variant": variant["name"], "num_heads": num_heads, "heads": asdict(training), "eta": eta, "init": init,
+               "train_nll": float(np.mean(train_nll)),
                "single": single, "oracle": oracle, "picks": picks, "cases": len(contexts) * len(seeds),
                "seconds": time.perf_counter() - started}
         for name, runs in (("ceiling", ceiling), ("online", online)):
@@ -169,7 +202,8 @@ def render(result: dict, command: str) -> str:
         f"Gap closed per context = (acc - SingleReward) / (Oracle - SingleReward) on seed-mean accuracies (target "
         f">= {target}). *online*: MiCRo + online routing with {result['adaptation_per_context']} adaptation pairs "
         "per context; *ceiling*: the Stage-1 head best on the test pairs; *picks*: (context, seed) cases where the "
-        "online posterior's top head is that head.",
+        "online posterior's top head is that head; *train NLL*: the Stage 1 objective on the training pairs (mean over "
+        "seeds; lower is what training seeks).",
         "",
         "References, trained with each variant's head training (as the benchmark trains every method with the same):",
         "",
@@ -187,18 +221,19 @@ def render(result: dict, command: str) -> str:
                          + " | ".join(f"{100 * row[name][c]:.1f}" for c in contexts) + " |")
     lines += [
         "",
-        "| variant | K | | " + " | ".join(contexts) + " | min | macro acc. | picks |",
-        "|---|---|---|" + "---|" * len(contexts) + "---|---|---|",
+        "| variant | K | | " + " | ".join(contexts) + " | min | macro acc. | picks | train NLL |",
+        "|---|---|---|" + "---|" * len(contexts) + "---|---|---|---|",
     ]
     for row in result["variants"]:
         for name in ("online", "ceiling"):
             gaps = row[name]["gap"]
             macro = 100 * float(np.mean(list(row[name]["accuracy"].values())))
             picks = f"{row['picks']}/{row['cases']}" if name == "online" else ""
+            nll = f"{row['train_nll']:.4f}" if name == "online" else ""
             lines.append(
                 f"| {row['variant'] if name == 'online' else ''} | {row['num_heads'] if name == 'online' else ''} | "
                 f"{name} | " + " | ".join(f"{gaps[c]:.2f}" for c in contexts)
-                + f" | {min(gaps.values()):.2f} | {macro:.1f} | {picks} |"
+                + f" | {min(gaps.values()):.2f} | {macro:.1f} | {picks} | {nll} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -155,7 +155,8 @@ def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_pa
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     variants = tmp_path / "variants.json"
     variants.write_text(json.dumps([{"name": "as benchmarked"}, {"name": "K = M", "num_heads_minus_contexts": 0,
-                                                                 "heads": {"weight_decay": 0.1}, "eta": 0.5}]))
+                                                                 "heads": {"weight_decay": 0.1}, "eta": 0.5},
+                                    {"name": "from the oracle heads", "init": "oracle"}]))
     output = tmp_path / "sweep" / "stage1_sweep.md"
     argv = ["--preset", "smoke", "--benchmark", "synthetic_m2", "--model", backbone, "--variants", str(variants),
             "--output", str(output), "--cache_dir", str(tmp_path / "cache")]
@@ -165,8 +166,10 @@ def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_pa
     assert f"python benchmarks/stage1_sweep.py {' '.join(argv)}" in document
     result = json.loads(output.with_suffix(".json").read_text())
     assert result["contexts"] == ["subpop-0", "subpop-1"] and result["seeds"] == [0, 1]
-    first, second = result["variants"]
+    first, second, from_oracle = result["variants"]
     assert (first["num_heads"], second["num_heads"]) == (2, 2)
+    assert (first["init"], from_oracle["init"]) == ("random", "oracle")
+    assert all(0 < row["train_nll"] < 10 for row in result["variants"])
     assert (first["eta"], second["eta"], second["heads"]["weight_decay"]) == (1.0, 0.5, 0.1)
     for row in result["variants"]:
         assert f"| {row['variant']} |" in document
@@ -188,6 +191,8 @@ def test_stage1_sweep_rejects_bad_variants_and_benchmarks(tmp_path):
         stage1_sweep.check_variants([{"num_heads": 3}])
     with pytest.raises(ValueError, match="not HeadTraining fields"):
         stage1_sweep.check_variants([{"name": "x", "heads": {"lr": 1.0}}])
+    with pytest.raises(ValueError, match="`init` must be one of"):
+        stage1_sweep.check_variants([{"name": "x", "init": "kmeans"}])
     with pytest.raises(ValueError, match="--benchmark 'nope' is not a comparison"):
         stage1_sweep.main(["--preset", "smoke", "--benchmark", "nope", "--output", str(tmp_path / "s.md")])
 
