@@ -62,7 +62,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from trl_micro.data_utils import context_indices, latent_groups, split_by_context, take_per_context
+from trl_micro.data_utils import context_indices, split_by_context, take_per_context
 from trl_micro.evaluation import head_accuracy, head_usage, per_context_accuracy
 from trl_micro.losses import head_agreement
 from trl_micro.modeling_micro import MiCRoRewardModel
@@ -286,7 +286,7 @@ def train_heads(
         model.heads.weight.data.copy_(initial_heads)
     dataset = pool.feature_dataset(pairs, with_context)
     if loss_type == "mixture" and num_heads > 1:
-        dataset = dataset.add_column("latent_group", latent_groups(pool.group_keys(pairs, with_context)))
+        dataset = dataset.add_column("latent_group", pool.latent_groups(pairs, with_context))
     with tempfile.TemporaryDirectory(prefix="trl-micro-heads-") as output_dir:
         args = MiCRoRewardConfig(
             **_common_training_args(output_dir, seed),
@@ -396,6 +396,25 @@ def micro_online_routing(micro: MiCRoRewardModel, pool: CachedPairPool, pairs: S
     return fit_online_router(contexts, score(micro, pool, pairs, with_context=False).head_margins, priors, eta)
 
 
+def per_context_oracle_models(
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: CachedPairPool,
+    split: PoolSplit,
+    contexts: Sequence[str],
+    training: HeadTraining,
+    seed: int,
+    num_heads: int = 1,
+) -> dict[str, MiCRoRewardModel]:
+    """The oracle's models: for every context, `num_heads` heads (and a router when K > 1) trained on that context's
+    training pairs only."""
+    return {
+        context: train_heads(backbone, tokenizer, pool, pool.pairs_of_context(split.train, context), training, seed,
+                             num_heads=num_heads)
+        for context in contexts
+    }
+
+
 def per_context_oracle_margins(
     backbone: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -405,15 +424,12 @@ def per_context_oracle_margins(
     seed: int,
     num_heads: int = 1,
 ) -> torch.Tensor:
-    """
-    Test margins (N,) of the oracle: for every context, a model with `num_heads` heads (and a router when K > 1)
-    trained on that context's training pairs only, scoring that context's test pairs.
-    """
+    """Test margins (N,) of the oracle (`per_context_oracle_models`), each context's model scoring its test pairs."""
     test_contexts = [pool.context_ids[pair] for pair in split.test]
+    models = per_context_oracle_models(backbone, tokenizer, pool, split, sorted(set(test_contexts)), training, seed,
+                                       num_heads)
     margins = torch.empty(len(split.test))
-    for context in sorted(set(test_contexts)):
-        train = pool.pairs_of_context(split.train, context)
-        model = train_heads(backbone, tokenizer, pool, train, training, seed, num_heads=num_heads)
+    for context, model in models.items():
         rows = [row for row, other in enumerate(test_contexts) if other == context]
         margins[rows] = score(model, pool, [split.test[row] for row in rows], with_context=False).margins
     return margins

@@ -30,7 +30,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from trl_micro.data_utils import tokenize_pairs
+from trl_micro.data_utils import latent_groups, tokenize_pairs
 from trl_micro.feature_cache import FEATURE_NAMES, CachedFeatureCollator, pair_features
 from trl_micro.modeling_micro import MiCRoRewardModel
 
@@ -99,6 +99,10 @@ class CachedPairPool:
         rows = self.dataset.select([int(pair) for pair in pairs])
         contexts = rows[column] if column else [None] * len(rows)
         return [json.dumps([prompt, context, chosen]) for prompt, context, chosen in zip(rows["prompt"], contexts, rows["chosen"])]
+
+    def latent_groups(self, pairs: Sequence[int], with_context: bool | str) -> list[int]:
+        """Per pair, the id of its latent group as the Stage 1 trainer forms them (`data_utils.latent_groups`)."""
+        return latent_groups(self.group_keys(pairs, with_context))
 
     def pairs_of_context(self, pairs: Sequence[int], context_id: str) -> list[int]:
         return [pair for pair in pairs if self.context_ids[pair] == context_id]

@@ -199,7 +199,6 @@ def hh_lora_plan() -> BenchmarkPlan:
         BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 268, target=0.5,
                       comparison={"heads": TUNED_HEAD_TRAINING})
     ]
-    plan.performance_scripts = {}
     plan.lora_tuning = CPU_HOUR_LORA
     plan.lora_only = True
     return plan

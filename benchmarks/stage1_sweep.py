@@ -53,12 +53,12 @@ from benchmarks.comparison import (  # noqa: E402
     HeadTraining,
     adaptation_subset,
     micro_online_routing,
+    per_context_oracle_models,
     reference_accuracy,
     score,
     train_heads,
 )
 from benchmarks.study_metrics import best_head_accuracy, best_heads, gap_closed  # noqa: E402
-from trl_micro.data_utils import latent_groups  # noqa: E402
 from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
 from trl_micro.losses import context_mixture_bt_loss  # noqa: E402
 from trl_micro.context_adaptation import routed_margins  # noqa: E402
@@ -107,7 +107,7 @@ def check_variants(variants: list[dict]) -> None:
 def stage1_objective(micro, pool, pairs) -> float:
     """The mixture loss Stage 1 minimizes (latent groups as the trainer forms them, no regularizer) on `pairs`."""
     scores = score(micro, pool, pairs, with_context=False)
-    groups = torch.tensor(latent_groups(pool.group_keys(pairs, with_context=False)))
+    groups = torch.tensor(pool.latent_groups(pairs, with_context=False))
     return float(context_mixture_bt_loss(scores.head_margins, scores.router_logits, groups).mean())
 
 
@@ -151,11 +151,8 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
         for seed, split in splits.items():
             initial_heads = None
             if init == "oracle":
-                initial_heads = torch.cat([
-                    train_heads(backbone, tokenizer, pool, pool.pairs_of_context(split.train, context), training,
-                                seed).heads.weight.data
-                    for context in contexts
-                ])
+                oracle = per_context_oracle_models(backbone, tokenizer, pool, split, contexts, training, seed)
+                initial_heads = torch.cat([oracle[context].heads.weight.data for context in contexts])
             micro = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads,
                                 initial_heads=initial_heads)
             train_nll.append(stage1_objective(micro, pool, split.train))

@@ -42,7 +42,6 @@ from .micro_config import MiCRoRewardConfig
 logger = logging.getLogger(__name__)
 
 
-
 def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
     """Load a MiCRo checkpoint, or wrap a backbone checkpoint with fresh heads and router built from `args`."""
     init_kwargs = dict(args.model_init_kwargs or {})
