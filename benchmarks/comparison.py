@@ -284,6 +284,7 @@ def train_heads(
     model = new_reward_model(backbone, seed, num_heads=num_heads, use_router=use_router)
     if initial_heads is not None:
         model.heads.weight.data.copy_(initial_heads)
+        model.heads_untrained = False  # keep them: no EM initialization over them
     dataset = pool.feature_dataset(pairs, with_context)
     if loss_type == "mixture" and num_heads > 1:
         dataset = dataset.add_column("latent_group", pool.latent_groups(pairs, with_context))

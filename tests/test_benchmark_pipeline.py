@@ -250,7 +250,7 @@ def test_lora_only_plan_runs_just_the_lora_run(tokenizer, tmp_path, real_data_di
     assert (results / "hh_relabeled_lora_frozen.json").exists() and (results / "hh_relabeled_lora_tuned.json").exists()
 
 
-@pytest.mark.parametrize("script", ["stage1_sweep", "router_objective"])
+@pytest.mark.parametrize("script", ["stage1_sweep", "router_objective", "latent_recovery"])
 def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_data_dir):
     """DSP splits evaluation pairs by query (`adaptation_share`): the studies split as run_all does."""
     import importlib
@@ -264,6 +264,8 @@ def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_
         variants = tmp_path / "variants.json"
         variants.write_text(json.dumps([{"name": "as benchmarked"}]))
         argv += ["--variants", str(variants)]
+    if script == "latent_recovery":
+        argv += ["--restarts", "2", "--l2", "0.05"]
     assert study.main(argv) == 0
     result = json.loads(output.with_suffix(".json").read_text())
     assert result["contexts"] == list(run_all.DSP_CONTEXTS)
@@ -271,3 +273,11 @@ def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_
         # the benchmark's own settings: its reported adaptation size (2 of the smoke sizes 2, 4) and head training
         assert result["adaptation_per_context"] == 2
         assert result["benchmark_heads"] == dataclasses.asdict(run_all.smoke_plan().comparison.heads)
+    if script == "latent_recovery":
+        # every DSP prompt's domain answers reverse each other between contexts
+        assert result["data"]["0"]["prompts_with_reversals"] > 0
+        assert 0 <= result["data"]["0"]["separability"]["accuracy"] <= 1
+        assert len(result["fits"]) == 2 * 3  # without and with cannot-links, from the truth and two random starts
+        for row in result["summary"]:
+            assert 0 < row["truth_purity"] <= 1 and row["truth_log_likelihood"] < 0
+            assert f"| 0.05 | {'yes' if row['cannot_link'] else 'no'} | 0 |" in output.read_text()

@@ -243,6 +243,10 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
     `forward` takes either token ids (one backbone pass) or precomputed `reward_features` / `router_features` (the
     frozen-backbone cache). The prompt boundary comes from `prompt_lengths` (the collator) or, when absent, from
     `config.prompt_marker_ids`; see [`MiCRoConfig`] for the fallback.
+
+    `heads_untrained` is `True` on a model built here or by `from_backbone` until the Stage 1 trainer trains it, and
+    `False` on one loaded by `from_pretrained`: only untrained heads may be replaced by the trainer's initialization
+    (`MiCRoRewardConfig.head_init`).
     """
 
     def __init__(self, config: MiCRoConfig, backbone: PreTrainedModel | None = None):
@@ -255,6 +259,7 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         self.heads = nn.Linear(config.hidden_size, config.num_heads, bias=False)
         self.router = build_router(config)
         self._warned_missing_marker = False
+        self.heads_untrained = True
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------- building
@@ -277,7 +282,9 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         """`PreTrainedModel.from_pretrained`, checking first that the checkpoint is a MiCRo model of the asked shape."""
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).heads_untrained = False  # tuple: output_loading_info
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModel` (module docstring)."""

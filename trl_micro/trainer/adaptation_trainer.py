@@ -146,6 +146,9 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
             )
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+    def _initialize_heads(self) -> None:
+        """Stage 2 adapts the router over the Stage 1 heads: it never replaces them (`head_init` does not apply)."""
+
     def mixture_nll(self, head_margins, router_logits, margin=None, context_index=None, latent_group=None):
         """Per-pair (`adaptation_likelihood="pair"`) or per-context (`"context"`) mixture BT loss of the batch."""
         if self.args.adaptation_likelihood == "pair":

@@ -31,6 +31,13 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
             the loss is then the per-pair mixture loss. `"pair"`: every pair its own latent head (the MiCRo paper's
             Stage 1 objective). On data where raters reverse each other's pairs, per-pair latents settle on heads that
             split each pair between the two labels instead of heads that each follow one rater.
+        head_init: `"em"` (default) or `"random"`. With `"em"`, fresh heads (a model built from a backbone, not a
+            loaded checkpoint) trained on cached features (`freeze_backbone`) with the mixture loss start from the best
+            of `head_init_restarts` expectation-maximization fits of the mixture on the training features
+            (`trl_micro.trainer.head_initialization`) instead of at random; training then refines them. Elsewhere
+            (a trained backbone, the ensemble loss, K = 1) heads start at random either way.
+        head_init_restarts: EM runs from random starts; the one with the highest training likelihood is kept.
+        head_init_l2: L2 weight of the EM fit's heads on standardized features, per pair.
         router_balance_coef, router_entropy_coef: weights of the regularizers against router collapse
             (see `trl_micro.losses`); 0 switches one off.
         freeze_backbone: train heads and router only.
@@ -57,6 +64,11 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         default="prompt_chosen",
         metadata={"help": "'prompt_chosen': pairs sharing a prompt and a chosen response share a latent head; 'pair'."},
     )
+    head_init: Literal["em", "random"] = field(
+        default="em", metadata={"help": "'em': fresh heads on cached features start from an EM fit; 'random'."}
+    )
+    head_init_restarts: int = field(default=8, metadata={"help": "EM runs of head_init='em'; the likeliest is kept."})
+    head_init_l2: float = field(default=0.02, metadata={"help": "L2 weight of the EM fit (standardized features)."})
     router_balance_coef: float = field(default=0.1, metadata={"help": "Weight of the head-usage balance penalty."})
     router_entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the per-prompt entropy penalty."})
     freeze_backbone: bool = field(default=False, metadata={"help": "Train heads and router only."})
@@ -85,6 +97,12 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
             raise ValueError(f"`loss_type` must be 'mixture' or 'ensemble', got {self.loss_type!r}.")
         if self.latent_groups not in ("prompt_chosen", "pair"):
             raise ValueError(f"`latent_groups` must be 'prompt_chosen' or 'pair', got {self.latent_groups!r}.")
+        if self.head_init not in ("em", "random"):
+            raise ValueError(f"`head_init` must be 'em' or 'random', got {self.head_init!r}.")
+        if not is_integer(self.head_init_restarts) or self.head_init_restarts < 1:
+            raise ValueError(f"`head_init_restarts` must be an integer >= 1, got {self.head_init_restarts!r}.")
+        if not self.head_init_l2 > 0:
+            raise ValueError(f"`head_init_l2` must be > 0, got {self.head_init_l2!r}.")
         if not is_integer(self.model_card_pairs) or self.model_card_pairs < 0:
             raise ValueError(f"`model_card_pairs` must be an integer >= 0, got {self.model_card_pairs!r}.")
         for name in ("router_balance_coef", "router_entropy_coef"):

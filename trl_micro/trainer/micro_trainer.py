@@ -25,6 +25,7 @@ from ..data_utils import (
     tokenize_preference_example,
 )
 from ..feature_cache import CachedFeatureCollator, pair_features
+from .head_initialization import em_initial_heads
 from ..losses import (
     balance_penalty,
     context_mixture_bt_loss,
@@ -200,9 +201,14 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             dataset = self._cache_features(dataset, args, dataset_name)
         return dataset
 
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, then a warning when the heads have not separated (see `HEAD_AGREEMENT_WARNING`)."""
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`, from heads initialized by EM where `args.head_init` asks for it (see
+        `_initialize_heads`), then a warning when the heads have not separated (see `HEAD_AGREEMENT_WARNING`)."""
+        if not resume_from_checkpoint:
+            self._initialize_heads()
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.state.global_step > 0:
+            self.accelerator.unwrap_model(self.model).heads_untrained = False
         agreements = [entry["head_agreement"] for entry in self.state.log_history if "head_agreement" in entry]
         if agreements and agreements[-1] >= HEAD_AGREEMENT_WARNING:
             logger.warning(
@@ -213,6 +219,38 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
                 "(or num_heads=1) fit it as well."
             )
         return output
+
+    def _initialize_heads(self) -> None:
+        """
+        With `head_init="em"`, replace untrained heads by the EM fit of the mixture on the cached training features
+        (`trl_micro.trainer.head_initialization`). Only where it applies: a mixture loss with K > 1, heads fresh from
+        `from_backbone` (a loaded checkpoint keeps its own) and features cached (a trained backbone changes them).
+        """
+        args: MiCRoRewardConfig = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        if args.head_init != "em" or args.loss_type != "mixture" or not getattr(model, "heads_untrained", False):
+            return
+        if model.config.num_heads < 2:
+            return
+        dataset = self.train_dataset
+        bank = next((collator for collator in (self.data_collator, self._feature_bank)
+                     if isinstance(collator, CachedFeatureCollator) and collator.features is not None), None)
+        if bank is None or not (isinstance(dataset, Dataset) and "pair_index" in dataset.column_names):
+            logger.info("head_init='em' needs cached features (a frozen backbone): the heads start at random.")
+            return
+        rows = torch.tensor(dataset["pair_index"], dtype=torch.long)
+        differences = bank.features["chosen_reward"][rows] - bank.features["rejected_reward"][rows]
+        if self._groups_latents(args) and "latent_group" in dataset.column_names:
+            groups = torch.tensor(dataset["latent_group"], dtype=torch.long)
+        else:
+            groups = torch.arange(len(rows))
+        heads = em_initial_heads(
+            differences.float(), groups, model.config.num_heads, restarts=args.head_init_restarts,
+            l2=args.head_init_l2, seed=args.seed, show_progress=not args.disable_tqdm,
+        )
+        with torch.no_grad():
+            model.heads.weight.copy_(heads.to(model.heads.weight))
+        model.heads_untrained = False
 
     @staticmethod
     def _groups_latents(args) -> bool:
