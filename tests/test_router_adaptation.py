@@ -227,7 +227,9 @@ def synthetic_stage1_model(tmp_path, seed: int = 0):
     a pair depends on the prompt's topic there, which lets the mixture split into one head per subpopulation. The
     adaptation and test pairs come from every topic, so the prompt no longer says who rates: only the context does.
     The tiny backbone is random and frozen (its last-token features already separate the two styles), so every
-    Stage 1 and Stage 2 epoch runs on cached features.
+    Stage 1 and Stage 2 epoch runs on cached features. Its heads start at random (`head_init="random"`): the Stage 2
+    tests below were calibrated on heads trained that way (with EM's start, Stage 1 routing alone already reaches 0.82
+    on subpop-0, and a reworded context keeps the top head on 99.5% of pairs but loses 12 points of accuracy).
     """
     data = generate_synthetic_preferences(
         SyntheticPreferenceConfig(
@@ -242,7 +244,7 @@ def synthetic_stage1_model(tmp_path, seed: int = 0):
     args = MiCRoRewardConfig(
         output_dir=str(tmp_path / "stage1"), num_heads=2, freeze_backbone=True, feature_cache_dir=str(tmp_path / "cache"),
         per_device_train_batch_size=32, num_train_epochs=30, learning_rate=2e-2, report_to="none", save_strategy="no",
-        seed=seed, disable_tqdm=True,
+        seed=seed, disable_tqdm=True, head_init="random",
     )
     MiCRoRewardTrainer(model=model, args=args, train_dataset=stage1.remove_columns("context"), processing_class=tokenizer).train()
     return model, tokenizer, adaptation, test
