@@ -55,6 +55,7 @@ from benchmarks.run_all import (  # noqa: E402
 from trl_micro.evaluation import ensure_writable  # noqa: E402
 from trl_micro.trainer.head_initialization import (  # noqa: E402
     fit_mixture_em,
+    posterior,
     random_responsibilities,
     standardize,
 )
@@ -173,14 +174,13 @@ def recovery(pool: CachedPairPool, pairs: Sequence[int], num_heads: int, l2s, re
     starts = [("truth", truth)] + [
         (f"random {r}", random_responsibilities(num_groups, num_heads, generator)) for r in range(restarts)
     ]
-    e_steps = {False: None, True: lambda group_ll, _: joint_assignment(group_ll, components)}
+    e_steps = {False: posterior, True: lambda group_ll, _: joint_assignment(group_ll, components)}
     rows = []
     for l2 in l2s:
         for cannot_link, e_step in e_steps.items():
             for start, responsibilities in starts:
                 started = time.perf_counter()
-                options = {"e_step": e_step} if e_step else {}
-                _, fitted, log_likelihood = fit_mixture_em(differences, groups, responsibilities, l2, **options)
+                _, fitted, log_likelihood = fit_mixture_em(differences, groups, responsibilities, l2, e_step)
                 rows.append({
                     "seed": seed, "l2": l2, "cannot_link": cannot_link, "start": start.split()[0],
                     "log_likelihood": log_likelihood, "purity": purity(fitted, labels),

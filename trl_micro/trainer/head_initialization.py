@@ -35,10 +35,14 @@ def group_log_likelihoods(differences: torch.Tensor, groups: torch.Tensor, heads
     return torch.zeros(num_groups, heads.shape[0], dtype=per_pair.dtype).index_add(0, groups, per_pair)
 
 
+def log_mixing_weights(responsibilities: torch.Tensor) -> torch.Tensor:
+    """log pi: the mixing weights the responsibilities (G, K) imply, their mean over groups."""
+    return torch.log(responsibilities.mean(dim=0).clamp_min(1e-12))
+
+
 def posterior(group_ll: torch.Tensor, responsibilities: torch.Tensor) -> torch.Tensor:
     """The E-step: each group's posterior over heads, with the mixing weights the current responsibilities imply."""
-    log_weights = torch.log(responsibilities.mean(dim=0).clamp_min(1e-12))
-    return torch.softmax(group_ll + log_weights, dim=1)
+    return torch.softmax(group_ll + log_mixing_weights(responsibilities), dim=1)
 
 
 def maximize_heads(differences, pair_weights, heads, l2: float, max_iter: int) -> torch.Tensor:
@@ -82,8 +86,7 @@ def fit_mixture_em(
         responsibilities = updated
         if converged:
             break
-    log_weights = torch.log(responsibilities.mean(dim=0).clamp_min(1e-12))
-    log_likelihood = torch.logsumexp(group_ll + log_weights, dim=1).sum() / len(differences)
+    log_likelihood = torch.logsumexp(group_ll + log_mixing_weights(responsibilities), dim=1).sum() / len(differences)
     return heads, responsibilities, float(log_likelihood - 0.5 * l2 * heads.pow(2).sum())
 
 

@@ -25,7 +25,6 @@ from ..data_utils import (
     tokenize_preference_example,
 )
 from ..feature_cache import CachedFeatureCollator, pair_features
-from .head_initialization import em_initial_heads
 from ..losses import (
     balance_penalty,
     context_mixture_bt_loss,
@@ -38,6 +37,7 @@ from ..losses import (
 )
 from ..model_card import MiCRoModelCardMixin
 from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
+from .head_initialization import em_initial_heads
 from .micro_config import MiCRoRewardConfig
 
 logger = logging.getLogger(__name__)
@@ -223,8 +223,9 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
     def _initialize_heads(self) -> None:
         """
         With `head_init="em"`, replace untrained heads by the EM fit of the mixture on the cached training features
-        (`trl_micro.trainer.head_initialization`). Only where it applies: a mixture loss with K > 1, heads fresh from
-        `from_backbone` (a loaded checkpoint keeps its own) and features cached (a trained backbone changes them).
+        (`trl_micro.trainer.head_initialization`). Only where it applies: a mixture loss with K > 1, heads not yet
+        trained (`MiCRoRewardModel.heads_untrained`: a loaded checkpoint keeps its own) and features cached (a trained
+        backbone changes them).
         """
         args: MiCRoRewardConfig = self.args
         model = self.accelerator.unwrap_model(self.model)
