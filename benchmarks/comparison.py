@@ -111,11 +111,14 @@ class HeadTraining:
     router_balance_coef: float | None = None
     lr_scheduler_type: str | None = None
     warmup_steps: float | None = None
+    readout: dict | None = None  # MiCRoConfig readout fields of the heads (None: the library's); the pool's must match
 
     def config_kwargs(self) -> dict:
         """The `MiCRoRewardConfig` arguments this training sets (the others keep the library's defaults)."""
         names = {"batch_size": "per_device_train_batch_size"}
-        return {names.get(key, key): value for key, value in dataclasses.asdict(self).items() if value is not None}
+        settings = dataclasses.asdict(self)
+        settings.update(settings.pop("readout") or {})
+        return {names.get(key, key): value for key, value in settings.items() if value is not None}
 
     def describe(self) -> str:
         changed = ", ".join(f"{key}={value}" for key, value in self.config_kwargs().items())
@@ -281,7 +284,7 @@ def train_heads(
     Train K heads (and a router, or StaticMixture's weight vector) on the pool pairs `pairs` (repeats allowed: a
     bootstrap resample) with the Stage 1 trainer; `initial_heads` (K, hidden) replaces the heads' initialization.
     """
-    model = new_reward_model(backbone, seed, num_heads=num_heads, use_router=use_router)
+    model = new_reward_model(backbone, seed, num_heads=num_heads, use_router=use_router, **(training.readout or {}))
     if initial_heads is not None:
         model.heads.weight.data.copy_(initial_heads)
         model.heads_untrained = False  # keep them: no EM initialization over them
@@ -448,6 +451,17 @@ def fit_pool_residual_heads(
     return fit_residual_heads(online, contexts, scores.head_margins, scores.feature_deltas, RESIDUAL_CV_FOLDS)
 
 
+def single_residual_margins(
+    single: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], single_test: PairScores, test_contexts
+) -> torch.Tensor:
+    """SingleReward + residual heads: test margins of `single` (scored as `single_test`) plus a residual per context
+    fitted on its pool pairs `pairs`."""
+    contexts = [pool.context_ids[pair] for pair in pairs]
+    router = fit_online_router(contexts, score(single, pool, pairs, with_context=False).head_margins)
+    residuals = fit_pool_residual_heads(single, pool, pairs, router)
+    return single_test.margins + residuals.rewards(test_contexts, single_test.feature_deltas)
+
+
 def reference_accuracy(
     backbone: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -575,11 +589,7 @@ def compare_methods(
             hyre = fit_online_router(contexts, ensemble_head_margins(members, pool, pairs))
         margins[HYRE] = routed_margins(hyre, test_contexts, members_test)
         with timed(SINGLE_RESIDUAL):
-            single_router = fit_online_router(contexts, score(single, pool, pairs, with_context=False).head_margins)
-            single_residuals = fit_pool_residual_heads(single, pool, pairs, single_router)
-        margins[SINGLE_RESIDUAL] = single_test.margins + single_residuals.rewards(
-            test_contexts, single_test.feature_deltas
-        )
+            margins[SINGLE_RESIDUAL] = single_residual_margins(single, pool, pairs, single_test, test_contexts)
         with timed(MICRO_ONLINE):
             online = micro_online_routing(micro, pool, pairs, settings.online_eta)
         margins[MICRO_ONLINE] = routed_margins(online, test_contexts, micro_test.head_margins)

@@ -129,8 +129,9 @@ def full_plan() -> BenchmarkPlan:
             # best head per context, chosen on test, closed 0.72 of the gap on the weakest context;
             # results/stage1_sweep_train128.md).
             "synthetic": PoolSpec("synthetic", pairs_per_context=608, train_per_context=384, train_rater_follows_topic=True),
-            # DSP queries whose every sequence fits in 320 tokens with a context (467 of 661), 300 of them training.
-            "dsp": PoolSpec("dsp", pairs_per_context=0, train_per_context=0, max_length=320, train_queries=300),
+            # DSP queries whose every sequence fits in 512 tokens with a context (639 of 661), 450 of them training
+            # and 189 evaluating.
+            "dsp": PoolSpec("dsp", pairs_per_context=0, train_per_context=0, max_length=512, train_queries=450),
         },
         benchmarks=[
             BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 96, target=0.5,

@@ -61,9 +61,10 @@ def prompt_dataset(num_prompts: int = 8, conversational: bool = True) -> Dataset
     return Dataset.from_list(rows)
 
 
-def save_untrained_micro(tokenizer, path, conversational=True, num_heads=2):
-    """A random MiCRo model whose config knows the prompt marker and completion ending, as a trained one does."""
-    model = build_tiny_micro_model(tokenizer, num_heads=num_heads, seed=3)
+def save_untrained_micro(tokenizer, path, conversational=True, num_heads=2, **config_kwargs):
+    """A random MiCRo model whose config knows the prompt marker and completion ending, as a trained one does;
+    `config_kwargs` are other MiCRoConfig fields (a readout)."""
+    model = build_tiny_micro_model(tokenizer, num_heads=num_heads, seed=3, **config_kwargs)
     marker = assistant_header(tokenizer) if conversational else "\n\nAssistant:"
     model.config.prompt_marker = marker
     model.config.prompt_marker_ids = marker_token_ids(tokenizer, marker)

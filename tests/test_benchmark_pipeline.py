@@ -281,3 +281,30 @@ def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_
         for row in result["summary"]:
             assert 0 < row["truth_purity"] <= 1 and row["truth_log_likelihood"] < 0
             assert f"| 0.05 | {'yes' if row['cannot_link'] else 'no'} | 0 |" in output.read_text()
+
+
+def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_data_dir):
+    """Every readout is measured on the comparisons asked for; the backbone runs once per pool for all of them."""
+    from benchmarks import readout_study
+
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output = tmp_path / "readouts.md"
+    argv = ["--preset", "smoke", "--benchmarks", "synthetic_m2", "dsp", "--model", backbone, "--output", str(output),
+            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir), "--seeds", "0", "1",
+            "--reward_readouts", "last", "mean", "--router_readouts", "last", "mean"]
+    assert readout_study.main(argv) == 0
+    result = json.loads(output.with_suffix(".json").read_text())
+    document = output.read_text()
+    assert f"python benchmarks/readout_study.py {' '.join(argv)}" in document
+    assert list(result["benchmarks"]) == ["synthetic_m2", "dsp"]
+    for entry in result["benchmarks"].values():
+        assert list(entry["readouts"]) == ["last / router last", "mean / router last", "last / router mean",
+                                           "mean / router mean"]
+        for readout in entry["readouts"].values():
+            assert len(readout["runs"]) == 2
+            for method in readout_study.METHODS:
+                assert 0 <= readout["macro"][method]["mean"] <= 1
+    assert "| mean / router last |" in document and "Gap closed per context" in document
+    with pytest.raises(SystemExit):
+        readout_study.main(["--preset", "smoke", "--benchmarks", "nope", "--output", str(tmp_path / "x.md")])
+

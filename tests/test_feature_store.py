@@ -106,7 +106,7 @@ def test_damaged_segment_is_named_recomputed_and_replaced(tokenizer, model, tmp_
 
         with safe_open(str(segment), "pt") as handle:
             metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
-        tensors["reward"][0, 0] = float("nan")
+        tensors["mean"][0, 0] = float("nan")
         save_file(tensors, str(segment), metadata=metadata)
     else:
         _damage(segment, how)

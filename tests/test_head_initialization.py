@@ -39,6 +39,35 @@ def test_em_heads_follow_the_two_raters():
         assert ((differences[own] @ heads[head]) > 0).float().mean() > 0.9
 
 
+def correlated_two_rater_differences(num_groups, pairs_per_group=2, dim=576, seed=0, noise=0.5):
+    """Two raters with opposite tastes over features that live near a 5-dimensional subspace of `dim` dimensions, as a
+    backbone's do: with fewer pairs than dimensions, one head can fit every training pair."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(5, dim, generator=torch.Generator().manual_seed(7))
+    raters = torch.arange(num_groups) % 2
+    groups = torch.arange(num_groups).repeat_interleave(pairs_per_group)
+    latent = torch.randn(len(groups), 5, generator=generator)
+    tastes = torch.stack([3 * latent[:, 0] + latent[:, 1], -3 * latent[:, 0] + latent[:, 1]], dim=1)
+    signs = torch.sign(tastes[torch.arange(len(groups)), raters[groups]])
+    differences = latent @ mixing + noise * torch.randn(len(groups), dim, generator=generator)
+    return differences * signs[:, None], groups, raters
+
+
+def best_head_accuracy_per_rater(heads, differences, raters):
+    return [max(((differences[raters == rater] @ head) > 0).float().mean().item() for head in heads) for rater in (0, 1)]
+
+
+def test_em_chosen_on_held_out_groups_does_not_overfit_fewer_pairs_than_dimensions():
+    """240 pairs, 576 dimensions (the demo's shape): the fit chosen by held-out likelihood finds both raters, the one
+    chosen by training likelihood (`holdout=0`, one small L2 weight: the former default) does not."""
+    differences, groups, _ = correlated_two_rater_differences(120)
+    test_differences, _, test_raters = correlated_two_rater_differences(400, pairs_per_group=1, seed=100)
+    chosen = em_initial_heads(differences, groups, 2, seed=0, show_progress=False)
+    assert min(best_head_accuracy_per_rater(chosen, test_differences, test_raters)) > 0.9
+    overfit = em_initial_heads(differences, groups, 2, l2=0.02, holdout=0.0, seed=0, show_progress=False)
+    assert min(best_head_accuracy_per_rater(overfit, test_differences, test_raters)) < 0.75
+
+
 def test_em_is_seeded_and_checks_its_inputs():
     differences, groups, _ = two_rater_differences(num_groups=20)
     first = em_initial_heads(differences, groups, 2, restarts=2, seed=1, show_progress=False)
@@ -47,6 +76,10 @@ def test_em_is_seeded_and_checks_its_inputs():
         em_initial_heads(differences, groups, 2, restarts=0)
     with pytest.raises(ValueError, match="groups"):
         em_initial_heads(differences, groups[:-1], 2)
+    with pytest.raises(ValueError, match="l2 must be a weight > 0"):
+        em_initial_heads(differences, groups, 2, l2=[])
+    with pytest.raises(ValueError, match="holdout must be in"):
+        em_initial_heads(differences, groups, 2, holdout=1.0)
 
 
 @pytest.mark.parametrize("head_init", ["em", "random"])
@@ -81,3 +114,8 @@ def test_head_init_settings_are_checked(tmp_path):
         make_args(tmp_path, head_init_restarts=0)
     with pytest.raises(ValueError, match="`head_init_l2` must be"):
         make_args(tmp_path, head_init_l2=0.0)
+    with pytest.raises(ValueError, match="`head_init_l2` must be"):
+        make_args(tmp_path, head_init_l2=[0.1, -1.0])
+    with pytest.raises(ValueError, match="`head_init_holdout` must be"):
+        make_args(tmp_path, head_init_holdout=-0.1)
+    assert make_args(tmp_path, head_init_l2=0.5).head_init_l2 == [0.5]

@@ -221,9 +221,9 @@ def test_bad_configs_and_mismatched_checkpoints(model, tokenizer, tmp_path):
 
 def test_router_reads_standardized_prompt_features(tokenizer):
     """n(h) = (h - mean) / std: the router's logits ignore the scale and offset of the prompt feature; off, they don't."""
-    features = torch.randn(4, 64) * 50 + 3
-    rewards = torch.randn(4, 64)
     normalized = build_tiny_micro_model(tokenizer, num_heads=3).eval()
+    features = torch.randn(4, 64) * 50 + 3
+    rewards = torch.randn(4, normalized.config.reward_feature_size)
     raw = build_tiny_micro_model(tokenizer, num_heads=3, router_input_norm=False).eval()
     raw.router.load_state_dict(normalized.router.state_dict())
     with torch.no_grad():

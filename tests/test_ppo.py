@@ -25,11 +25,17 @@ def test_recipe_on_newer_trl_says_how_to_install_the_extra():
 
 
 @pytest.mark.ppo
-def test_ppo_reads_the_routed_reward(tokenizer, tmp_path):
-    """TRL's get_reward on left-padded query + response (stopped at EOS, padded after) equals MiCRoReward."""
+@pytest.mark.parametrize(
+    "readout",
+    [{}, {"reward_readout": "mean", "router_readout": "mean", "reward_layer": 1}, {"reward_readout": "last_mean"}],
+    ids=["default", "mean-layer1-mean", "last_mean"],
+)
+def test_ppo_reads_the_routed_reward(tokenizer, tmp_path, readout):
+    """TRL's get_reward on left-padded query + response (stopped at EOS, padded after) equals MiCRoReward, for every
+    readout: a reward pooled over the response is still the one score PPO reads."""
     from trl.experimental.utils import get_reward
 
-    path = save_untrained_micro(tokenizer, tmp_path / "rm")
+    path = save_untrained_micro(tokenizer, tmp_path / "rm", **readout)
     reward_model = MiCRoRewardForPPO.from_pretrained(path)
     scorer = MiCRoReward.from_pretrained(path, context_column=None)
     prompts = [

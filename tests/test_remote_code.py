@@ -44,8 +44,8 @@ tokenizer = AutoTokenizer.from_pretrained(path)
 texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
          for p in prompts for c in completions]
 inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-prompt_lengths = torch.tensor([len(tokenizer.apply_chat_template(p, add_generation_prompt=True)) for p in prompts
-                               for _ in completions])
+prompt_lengths = torch.tensor([len(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)
+                                   ["input_ids"]) for p in prompts for _ in completions])
 with torch.no_grad():
     by_text = model(**inputs)
     by_lengths = model(**inputs, prompt_lengths=prompt_lengths)

@@ -88,7 +88,7 @@ def test_online_router_overrides_known_users_only(reward_checkpoint):
 
 
 def test_residual_heads_correct_their_users_rewards_only(reward_checkpoint, tmp_path):
-    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.hidden_size
+    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.reward_feature_size
     generator = torch.Generator().manual_seed(0)
     residuals = ResidualHeads(hidden, l2=0.1)
     residuals.fit("alice", torch.zeros(8), torch.randn(8, hidden, generator=generator))
@@ -109,7 +109,7 @@ def test_residual_heads_correct_their_users_rewards_only(reward_checkpoint, tmp_
 def test_integer_user_ids_find_the_stores_eval_writes(reward_checkpoint, tmp_path, caplog):
     """An int `context_id` column reaches stores keyed by str(context_id), as `trl-micro eval` saves them; rows of users
     the stores do not know are counted in the logged metrics and named in a warning."""
-    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.hidden_size
+    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.reward_feature_size
     router = OnlineRouter(num_heads=2)
     router.update("17", torch.tensor([[8.0, -8.0]] * 5))
     router.save(tmp_path / "online_router.json")
@@ -136,8 +136,8 @@ def test_integer_user_ids_find_the_stores_eval_writes(reward_checkpoint, tmp_pat
 
 
 def test_residual_heads_of_another_backbone_or_without_users_are_refused(reward_checkpoint):
-    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.hidden_size
-    with pytest.raises(ValueError, match=f"hidden_size={hidden + 1}, the reward model's backbone {hidden}"):
+    hidden = MiCRoReward.from_pretrained(reward_checkpoint).config.reward_feature_size
+    with pytest.raises(ValueError, match=f"hidden_size={hidden + 1}, the reward model's reward features {hidden}"):
         MiCRoReward.from_pretrained(reward_checkpoint, user_column="user", residual_heads=ResidualHeads(hidden + 1))
     with pytest.raises(ValueError, match="pass `user_column` too"):
         MiCRoReward.from_pretrained(reward_checkpoint, residual_heads=ResidualHeads(hidden))

@@ -64,7 +64,7 @@ def test_rloo_recipe_logs_reward_per_context_and_probes(run_inputs, tmp_path):
 def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
     """The stores `trl-micro eval` saves drop into the recipe: the probe's rewards move by each user's residual."""
     reward_path = run_inputs[run_inputs.index("--reward_model_path") + 1]
-    hidden = MiCRoReward.from_pretrained(reward_path).config.hidden_size
+    hidden = MiCRoReward.from_pretrained(reward_path).config.reward_feature_size
     router, residuals = OnlineRouter(num_heads=2), ResidualHeads(hidden, l2=0.01)
     generator = torch.Generator().manual_seed(0)
     for user in ("short-reader", "long-reader"):

@@ -18,6 +18,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 
 ROUTER_TYPES = ("linear", "mlp")
+REWARD_READOUTS = ("last", "mean", "last_mean")
+ROUTER_READOUTS = ("last", "mean")
 
 
 @dataclass(kw_only=True)  # keyword-only: the trainers' configs keep TrainingArguments' positional `output_dir`
@@ -40,6 +42,17 @@ class MiCRoArchitecture:
             Standardize the prompt feature before the router (n in `trl_micro.modeling_micro`; no learned weights).
             Raw decoder hidden states are large and dominated by a few dimensions, so an unnormalized router
             saturates within a few steps, before the heads have specialized, and leaves heads unused.
+        reward_readout (`"last"`, `"mean"` or `"last_mean"`, defaults to `"last_mean"`):
+            How the heads read a sequence (h(x, y) in `trl_micro.modeling_micro`): the hidden state of its last token,
+            the mean over the response's tokens, or both concatenated (features of twice the hidden size). A
+            decoder's last token is trained to predict the next token; the mean sees every position of the answer
+            (its style and content), the last token what the whole sequence adds up to (its length among them).
+        reward_layer (`int`, *optional*):
+            Which hidden layer the heads read: `None` is the backbone's output (`last_hidden_state`, after its final
+            norm); an integer indexes the backbone's `hidden_states` (0 = the embeddings, negative from the end).
+        router_readout (`"last"` or `"mean"`, defaults to `"last"`):
+            How the router reads the prompt (h(x)): the backbone's output at the last prompt token, or its mean over
+            the prompt's tokens.
     """
 
     num_heads: int = field(default=4, metadata={"help": "K, the number of reward heads (1 = plain BT)."})
@@ -48,6 +61,16 @@ class MiCRoArchitecture:
     router_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the MLP router."})
     router_input_norm: bool = field(
         default=True, metadata={"help": "Standardize the prompt feature the router reads."}
+    )
+    reward_readout: Literal["last", "mean", "last_mean"] = field(
+        default="last_mean",
+        metadata={"help": "How the heads read a sequence: 'last' token, 'mean' over the response, or 'last_mean'."},
+    )
+    reward_layer: int | None = field(
+        default=None, metadata={"help": "Hidden layer the heads read (None: the backbone's output; 0: embeddings)."}
+    )
+    router_readout: Literal["last", "mean"] = field(
+        default="last", metadata={"help": "How the router reads the prompt: 'last' prompt token or 'mean'."}
     )
 
     def check_architecture(self) -> None:
@@ -61,6 +84,25 @@ class MiCRoArchitecture:
             self.router_hidden_size < 1
         ):
             raise ValueError(f"{owner}.router_hidden_size must be an integer >= 1, got {self.router_hidden_size!r}.")
+        if self.reward_readout not in REWARD_READOUTS:
+            raise ValueError(f"{owner}.reward_readout must be one of {REWARD_READOUTS}, got {self.reward_readout!r}.")
+        if self.router_readout not in ROUTER_READOUTS:
+            raise ValueError(f"{owner}.router_readout must be one of {ROUTER_READOUTS}, got {self.router_readout!r}.")
+        if self.reward_layer is not None and (isinstance(self.reward_layer, bool) or not isinstance(self.reward_layer, int)):
+            raise ValueError(
+                f"{owner}.reward_layer must be an integer (an index into the backbone's hidden_states) or None (its "
+                f"output), got {self.reward_layer!r}."
+            )
+
+    @property
+    def readout_name(self) -> str:
+        """The readout in one word, e.g. `"last_mean@output/last"` (reward readout @ layer / router readout)."""
+        return f"{self.reward_readout}@{self.reward_layer_name}/{self.router_readout}"
+
+    @property
+    def reward_layer_name(self) -> str:
+        """`"output"` (the backbone's output) or `"layer<n>"`."""
+        return "output" if self.reward_layer is None else f"layer{self.reward_layer}"
 
     def architecture_kwargs(self) -> dict:
         """The architecture fields as keyword arguments of [`MiCRoConfig`] (or `MiCRoRewardModel.from_backbone`)."""
@@ -74,7 +116,8 @@ class MiCRoConfig(PreTrainedConfig, MiCRoArchitecture):
     The backbone's own configuration is kept as the sub-config `text_config`, so `config.get_text_config()` returns it
     (TRL writes the pad token there). `num_labels` stays 1: to TRL the model is an ordinary one-label reward model whose
     `logits` are the routed reward. The head and router fields (`num_heads`, `use_router`, `router_type`,
-    `router_hidden_size`, `router_input_norm`) are those of [`MiCRoArchitecture`].
+    `router_hidden_size`, `router_input_norm`) and the readouts (`reward_readout`, `reward_layer`, `router_readout`)
+    are those of [`MiCRoArchitecture`].
 
     Args:
         text_config (`dict` or `PreTrainedConfig`):
@@ -126,10 +169,22 @@ class MiCRoConfig(PreTrainedConfig, MiCRoArchitecture):
             )
         if self.backbone_is_causal is None:
             self.backbone_is_causal = is_causal_backbone(self.text_config)
+        num_layers = getattr(self.text_config, "num_hidden_layers", None)
+        if self.reward_layer is not None and num_layers is not None and not -num_layers - 1 <= self.reward_layer <= num_layers:
+            raise ValueError(
+                f"MiCRoConfig.reward_layer={self.reward_layer} is out of range: the backbone has {num_layers} layers, "
+                f"so hidden_states holds {num_layers + 1} (indices {-num_layers - 1} to {num_layers}). Use None for "
+                "the backbone's output."
+            )
 
     @property
     def hidden_size(self) -> int:
         return self.text_config.hidden_size
+
+    @property
+    def reward_feature_size(self) -> int:
+        """Size of h(x, y), what each head reads: twice the hidden size for `reward_readout="last_mean"`."""
+        return self.hidden_size * (2 if self.reward_readout == "last_mean" else 1)
 
 
 def is_causal_backbone(config: PreTrainedConfig) -> bool:

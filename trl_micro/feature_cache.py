@@ -1,18 +1,21 @@
 r"""
 Frozen-backbone features, stored once per distinct sequence.
 
-With a frozen backbone the features of a sequence never change: h(x, y), the last hidden state at its last token (what
-the heads read), and h(x), the last hidden state at its last prompt token (what the router reads). They are computed
-once per distinct sequence, keyed by
+With a frozen backbone the features of a sequence never change: h(x, y), what the heads read, and h(x), what the router
+reads (the model's readouts, `trl_micro.modeling_micro`). The store keeps every reading a readout combines (the last
+token's and the response mean's hidden state, the prompt's last token's and its mean:
+`MiCRoRewardModel.compute_readings`), so models that read the same backbone and layer differently share one store.
+They are computed once per distinct sequence, keyed by
 
-    key = sha256(token ids, prompt length)        within a folder named by the backbone's fingerprint,
+    key = sha256(token ids, prompt length)        within a folder named by the backbone's fingerprint and the layer,
 
 so a response that appears in several pairs, splits or datasets (the trainers, `trl-micro eval`, the benchmarks) runs
 through the backbone once, and a dataset that grows computes only its new sequences. Sequences are batched by length,
 so batches carry little padding.
 
 On disk, `<root>/<fingerprint>/<segment>.safetensors`: each segment holds the features of a batch of new sequences
-(float32 tensors `reward` and `router`, (n, hidden)) with, in its metadata, their keys and a SHA-256 of the tensor
+(float32 tensors `reward`, (n, reward_feature_size), and `router`, (n, hidden)) with, in its metadata, their keys and a
+SHA-256 of the tensor
 bytes. A segment is written to a temporary file and renamed into place, so no reader sees half of one, and every
 writer writes segments of its own, so two processes filling one store lose nothing (a sequence both computed is
 stored twice, with the same features). Every segment is checked when read (its header, shapes, hash and finiteness);
@@ -44,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 FEATURE_NAMES = ("chosen_reward", "rejected_reward", "router")
 CACHE_ENV_VAR = "TRL_MICRO_CACHE"
-SEGMENT_FORMAT = "trl-micro-features-v1"
+SEGMENT_FORMAT = "trl-micro-features-v2"
+READINGS = ("last", "mean", "prompt_last", "prompt_mean")  # what `MiCRoRewardModel.compute_readings` returns
 
 TokenSequence = tuple[Sequence[int], int]  # (token ids, number of prompt tokens)
 
@@ -81,14 +85,12 @@ def sequence_key(ids: Sequence[int], prompt_length: int) -> str:
 
 
 @torch.no_grad()
-def compute_sequence_features(
+def compute_sequence_readings(
     model, sequences: Sequence[TokenSequence], batch_size: int = 16, device=None, desc: str = "Backbone features"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One backbone pass per sequence, batched by length: (reward features, router features), each (N, hidden), CPU."""
+) -> dict[str, torch.Tensor]:
+    """One backbone pass per sequence, batched by length: `model.compute_readings` of each, (N, hidden), on the CPU."""
     device = device or next(model.parameters()).device
-    hidden = model.config.hidden_size
-    reward = torch.empty(len(sequences), hidden, dtype=torch.float32)
-    router = torch.empty(len(sequences), hidden, dtype=torch.float32)
+    readings = {name: torch.empty(len(sequences), model.config.hidden_size) for name in READINGS}
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     was_training = model.training
     model.eval()
@@ -98,21 +100,29 @@ def compute_sequence_features(
             input_ids = pad_right([sequences[i][0] for i in rows], 0).to(device)
             attention_mask = pad_right([[1] * len(sequences[i][0]) for i in rows], 0).to(device)
             prompt_lengths = torch.tensor([sequences[i][1] for i in rows], device=device)
-            reward_features, router_features = model.compute_features(input_ids, attention_mask, prompt_lengths)
-            reward[rows] = reward_features.float().cpu()
-            router[rows] = router_features.float().cpu()
+            batch = model.compute_readings(input_ids, attention_mask, prompt_lengths)
+            for name in READINGS:
+                readings[name][rows] = batch[name].float().cpu()
     finally:
         model.train(was_training)
-    return reward, router
+    return readings
+
+
+def compute_sequence_features(
+    model, sequences: Sequence[TokenSequence], batch_size: int = 16, device=None, desc: str = "Backbone features"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reward features, router features) of `sequences` as `model` reads them, (N, reward_feature_size) and
+    (N, hidden), on the CPU: one backbone pass per sequence, batched by length."""
+    return model.features_from_readings(compute_sequence_readings(model, sequences, batch_size, device, desc))
 
 
 class FeatureStore:
     """
-    The features of `model`'s backbone per distinct sequence, on disk under `root` (default
-    `$TRL_MICRO_CACHE/features`); see the module docstring.
+    The readings of `model`'s backbone per distinct sequence, on disk under `root` (default
+    `$TRL_MICRO_CACHE/features`), given as `model`'s readouts read them; see the module docstring.
 
     Args:
-        model: a `MiCRoRewardModel` (only its backbone and `config.backbone_is_causal` matter).
+        model: a `MiCRoRewardModel` (only its backbone, `config.backbone_is_causal` and its readouts matter).
         root (`str` or `Path`, *optional*): the store's root folder.
         segment_size (`int`, defaults to 1024): new sequences per segment file; a long computation is saved segment by
             segment, so an interrupted one resumes where it stopped.
@@ -127,14 +137,17 @@ class FeatureStore:
         self.model = model
         fingerprint = backbone_fingerprint(model.backbone)
         causal = "causal" if model.config.backbone_is_causal else "bidirectional"
-        self.directory = (Path(root) if root is not None else cache_root() / "features") / f"{fingerprint}-{causal}"
+        layer = model.config.reward_layer_name
+        self.directory = (Path(root) if root is not None else cache_root() / "features") / (
+            f"{fingerprint}-{causal}-{layer}"
+        )
         self.segment_size = segment_size
         self.num_computed = self.num_reused = 0
 
     def features(
         self, sequences: Sequence[TokenSequence], batch_size: int = 16, device=None, desc: str = "Backbone features"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reward features, router features), each (N, hidden) float32 on the CPU, of `sequences` in their order."""
+        """(reward features, router features), float32 on the CPU, of `sequences` in their order."""
         keys = [sequence_key(ids, prompt_length) for ids, prompt_length in sequences]
         first_row = {}
         for row, key in enumerate(keys):
@@ -143,39 +156,41 @@ class FeatureStore:
         missing = [key for key in first_row if key not in stored]
         for start in range(0, len(missing), self.segment_size):
             chunk = missing[start : start + self.segment_size]
-            reward, router = compute_sequence_features(
+            readings = compute_sequence_readings(
                 self.model, [sequences[first_row[key]] for key in chunk], batch_size, device, desc
             )
-            self._write(chunk, reward, router)
-            stored.update({key: (reward[i], router[i]) for i, key in enumerate(chunk)})
+            self._write(chunk, readings)
+            stored.update({key: {name: readings[name][i] for name in READINGS} for i, key in enumerate(chunk)})
         self.num_computed, self.num_reused = len(missing), len(first_row) - len(missing)
-        if not keys:
-            empty = torch.empty(0, self.model.config.hidden_size)
-            return empty, empty.clone()
-        return torch.stack([stored[key][0] for key in keys]), torch.stack([stored[key][1] for key in keys])
+        hidden = self.model.config.hidden_size
+        readings = {
+            name: torch.stack([stored[key][name] for key in keys]) if keys else torch.empty(0, hidden)
+            for name in READINGS
+        }
+        return self.model.features_from_readings(readings)
 
     # ------------------------------------------------------------------------------------------------------ disk
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob("*.safetensors"))
 
-    def _read(self, wanted: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The stored features of the keys in `wanted`; segments that fail their checks are dropped (with a warning)."""
-        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def _read(self, wanted: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The stored readings of the keys in `wanted`; segments that fail their checks are dropped (with a warning)."""
+        found: dict[str, dict[str, torch.Tensor]] = {}
         for path in self.segments():
             if wanted.issubset(found):
                 break
             try:
-                keys, reward, router = self._load_segment(path, wanted - set(found))
+                keys, readings = self._load_segment(path, wanted - set(found))
             except FileNotFoundError:
                 continue  # deleted by another process meanwhile
             except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as error:
                 warnings.warn(f"Feature store: {path} is damaged ({error}); deleting it, its sequences are recomputed.")
                 path.unlink(missing_ok=True)
                 continue
-            found.update({key: (reward[i], router[i]) for i, key in enumerate(keys)})
+            found.update({key: {name: readings[name][i] for name in READINGS} for i, key in enumerate(keys)})
         return found
 
-    def _load_segment(self, path: Path, wanted: set[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    def _load_segment(self, path: Path, wanted: set[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
         """The rows of `path` whose keys are in `wanted`, after checking the whole segment."""
         with safe_open(str(path), framework="pt") as segment:
             metadata = segment.metadata() or {}
@@ -183,40 +198,42 @@ class FeatureStore:
                 raise ValueError(f"not a {SEGMENT_FORMAT} segment")
             keys = json.loads(metadata["keys"])
             if not any(key in wanted for key in keys):
-                return [], torch.empty(0), torch.empty(0)
-            reward, router = segment.get_tensor("reward"), segment.get_tensor("router")
-        hidden = self.model.config.hidden_size
-        if reward.shape != (len(keys), hidden) or router.shape != (len(keys), hidden):
-            raise ValueError(f"tensors of shape {tuple(reward.shape)}, expected ({len(keys)}, {hidden})")
-        if _digest(reward, router) != metadata["sha256"]:
+                return [], {}
+            readings = {name: segment.get_tensor(name) for name in READINGS}
+        expected = (len(keys), self.model.config.hidden_size)
+        shapes = {name: tuple(tensor.shape) for name, tensor in readings.items()}
+        if any(shape != expected for shape in shapes.values()):
+            raise ValueError(f"tensors of shapes {shapes}, expected {expected} each")
+        if _digest(readings) != metadata["sha256"]:
             raise ValueError("its data do not match their SHA-256")
-        if not (torch.isfinite(reward).all() and torch.isfinite(router).all()):
+        if not all(torch.isfinite(tensor).all() for tensor in readings.values()):
             raise ValueError("it holds non-finite features")
         rows = [i for i, key in enumerate(keys) if key in wanted]
-        return [keys[i] for i in rows], reward[rows], router[rows]
+        return [keys[i] for i in rows], {name: tensor[rows] for name, tensor in readings.items()}
 
-    def _write(self, keys: list[str], reward: torch.Tensor, router: torch.Tensor) -> None:
+    def _write(self, keys: list[str], readings: dict[str, torch.Tensor]) -> None:
         """Save one segment atomically: a temporary file in the same folder, renamed into place; removed on failure."""
-        if not (torch.isfinite(reward).all() and torch.isfinite(router).all()):
+        if not all(torch.isfinite(tensor).all() for tensor in readings.values()):
             raise ValueError(
                 "The backbone produced non-finite features (NaN or infinity); check the backbone's weights and dtype "
                 "(fp16 overflows on some models: load it in float32 or bfloat16)."
             )
         self.directory.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": SEGMENT_FORMAT, "keys": json.dumps(keys), "sha256": _digest(reward, router)}
+        metadata = {"format": SEGMENT_FORMAT, "keys": json.dumps(keys), "sha256": _digest(readings)}
         descriptor, temporary = tempfile.mkstemp(prefix=".segment-", suffix=".tmp", dir=self.directory)
         os.close(descriptor)
         try:
-            save_file({"reward": reward.contiguous(), "router": router.contiguous()}, temporary, metadata=metadata)
+            save_file({name: readings[name].contiguous() for name in READINGS}, temporary, metadata=metadata)
             os.replace(temporary, self.directory / f"{uuid.uuid4().hex}.safetensors")
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
 
 
-def _digest(reward: torch.Tensor, router: torch.Tensor) -> str:
-    digest = hashlib.sha256(reward.contiguous().numpy().tobytes())
-    digest.update(router.contiguous().numpy().tobytes())
+def _digest(readings: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in READINGS:
+        digest.update(readings[name].contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -238,7 +255,8 @@ def pair_features(
     desc: str = "Backbone features",
 ) -> dict[str, torch.Tensor]:
     """
-    `{chosen_reward, rejected_reward, router}`, each (N, hidden), of the N tokenized pairs of `dataset` (columns of
+    `{chosen_reward, rejected_reward, router}`, (N, reward_feature_size) and (N, hidden), of the N tokenized pairs of
+    `dataset` (columns of
     `data_utils.TOKENIZED_COLUMNS`); the router reads the chosen sequence's prompt. With `use_store`, through the
     [`FeatureStore`] under `cache_dir` (default root when None); otherwise computed, each distinct sequence once.
     """
@@ -254,9 +272,8 @@ def pair_features(
         keys = [sequence_key(*sequence) for sequence in sequences]
         distinct = dict(zip(keys, sequences))
         index = {key: row for row, key in enumerate(distinct)}
-        distinct_reward, distinct_router = compute_sequence_features(
-            model, list(distinct.values()), batch_size, device, desc
-        )
+        distinct_reward, distinct_router = compute_sequence_features(model, list(distinct.values()), batch_size, device,
+                                                                     desc)
         rows = torch.tensor([index[key] for key in keys], dtype=torch.long)
         reward, router = distinct_reward[rows], distinct_router[rows]
     num_pairs = len(dataset)

@@ -190,7 +190,11 @@ def micro_section_lines(
     adapter: bool = False,
 ) -> list[str]:
     """The MiCRo part of the card: model, data, use, training settings and the head cards (`adapter`: a LoRA one)."""
-    router = f"{config.router_type} router on the last prompt token" if config.use_router else "static mixture"
+    prompt_reading = "the mean over the prompt" if config.router_readout == "mean" else "the last prompt token"
+    router = f"{config.router_type} router on {prompt_reading}" if config.use_router else "static mixture"
+    reading = {"last": "the last token", "mean": "the mean over the response", "last_mean": "the last token and the "
+               "mean over the response, concatenated"}[config.reward_readout]
+    layer = "the backbone's output" if config.reward_layer is None else f"hidden layer {config.reward_layer}"
     base = config._name_or_path or "unknown"
     lines = [
         "## MiCRo reward model", "",
@@ -198,7 +202,7 @@ def micro_section_lines(
         "K reward heads over one backbone and a router that reads the prompt (and any context in it) to weight them. "
         "The routed reward is `logits`.", "",
         f"- Base model: `{base}` ({config.text_config.model_type}, hidden size {config.hidden_size})",
-        f"- Heads: K = {config.num_heads}; routing: {router}",
+        f"- Heads: K = {config.num_heads}, reading {reading} of {layer}; routing: {router}",
         f"- Data: {inline(data, 200) if data else 'not recorded'}",
         f"- Context template: `{config.context_template!r}`" + (
             f"; prompts end with `{config.prompt_marker!r}`" if config.prompt_marker else ""),

@@ -1,8 +1,16 @@
 r"""
 MiCRo reward model: one backbone, K linear Bradley-Terry heads and a router that reads the prompt.
 
-For a prompt x and response y, with h(x, y) the backbone's last hidden state at the last token of the sequence and
-h(x) the hidden state at the last token of the prompt:
+For a prompt x and response y, with h(x, y) the backbone's reading of the whole sequence and h(x) its reading of the
+prompt (the readouts, `config.reward_readout`, `config.reward_layer`, `config.router_readout`):
+
+    h(x, y) = H_T                                  "last": hidden state at the sequence's last token T
+            = mean_{t in y} H_t                    "mean": mean over the response's tokens
+            = [H_T ; mean_{t in y} H_t]            "last_mean": both, concatenated
+    h(x)    = H_P  or  mean_{t <= P} H_t           "last" / "mean" of the prompt, P its last token
+
+with H the hidden states of the layer `reward_layer` (the backbone's output by default) for h(x, y), of the output
+for h(x); then
 
     r_k(x, y) = u_k . h(x, y)                      (K heads, kept in float32; so is the router)
     w(x)      = softmax(router(n(h(x))))           (router: linear or MLP; or one global vector, StaticMixture)
@@ -44,7 +52,8 @@ class MiCRoRewardOutput(ModelOutput):
         head_rewards (`(batch, K)`): r_k for every head.
         router_logits (`(batch, K)`): the router's logits; `mixture_weights` is their softmax unless overridden.
         mixture_weights (`(batch, K)`): the weights that made `logits`.
-        reward_features, router_features (`(batch, hidden)`): the backbone features the heads and router read.
+        reward_features (`(batch, reward_feature_size)`), router_features (`(batch, hidden)`): the backbone
+            features the heads and router read.
     """
 
     loss: torch.Tensor | None = None
@@ -88,6 +97,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def first_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the first attended token of each row (non-zero only under left padding)."""
     return attention_mask.bool().int().argmax(dim=1)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden) float32: the mean of `hidden` (batch, length, hidden) over the positions where `mask` is set."""
+    weights = mask.to(torch.float32)
+    return torch.einsum("bt,bth->bh", weights, hidden.float()) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
 def find_prompt_end(input_ids: torch.Tensor, attention_mask: torch.Tensor, marker_ids: list[int] | None):
@@ -256,7 +271,7 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
             # MiCRoConfig(text_config=<a loaded backbone's config>) resets that sub-config's attention implementation
             # to None, and a backbone without one runs attention with no causal mask: give it the model's own.
             self.backbone.config._attn_implementation = self.config._attn_implementation
-        self.heads = nn.Linear(config.hidden_size, config.num_heads, bias=False)
+        self.heads = nn.Linear(config.reward_feature_size, config.num_heads, bias=False)
         self.router = build_router(config)
         self._warned_missing_marker = False
         self.heads_untrained = True
@@ -331,28 +346,54 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
             end = torch.where(missing, last, end)
         return end
 
-    def compute_features(self, input_ids, attention_mask=None, prompt_lengths=None, **backbone_kwargs):
+    def compute_readings(self, input_ids, attention_mask=None, prompt_lengths=None, **backbone_kwargs):
         """
-        One backbone pass (two for a non-causal backbone) -> (reward_features, router_features), each (batch, hidden):
-        the last hidden state at the last token and at the last prompt token.
+        One backbone pass (two for a non-causal backbone) -> every reading a readout combines (module docstring), each
+        float32 (batch, hidden): `last` and `mean`, the sequence's last token and its response's mean in the layer
+        `config.reward_layer`; `prompt_last` and `prompt_mean`, the prompt's last token and its mean in the output.
+        A row whose response has no token (its prompt boundary not found) has the mean over all of its tokens.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs).last_hidden_state
-        reward_features = hidden[rows, last_token_index(attention_mask)]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        attended = attention_mask.bool()
         prompt_end = self.prompt_end_index(input_ids, attention_mask, prompt_lengths)
+        layer = self.config.reward_layer
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer is not None,
+            **backbone_kwargs,
+        )
+        hidden = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+        response = attended & (positions[None, :] > prompt_end[:, None])
+        response = torch.where(response.any(dim=1, keepdim=True), response, attended)
+        prompt_mask = attended & (positions[None, :] <= prompt_end[:, None])
         if self.config.backbone_is_causal:
-            router_features = hidden[rows, prompt_end]
+            prompt_hidden = outputs.last_hidden_state
         else:
             # Every position of an encoder sees the response: read the prompt in a pass of its own.
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            prompt_mask = attention_mask * (positions[None, :] <= prompt_end[:, None])
             prompt_hidden = self.backbone(
-                input_ids=input_ids, attention_mask=prompt_mask, **backbone_kwargs
+                input_ids=input_ids, attention_mask=prompt_mask.to(attention_mask.dtype), **backbone_kwargs
             ).last_hidden_state
-            router_features = prompt_hidden[rows, prompt_end]
-        return reward_features, router_features
+        return {
+            "last": hidden[rows, last_token_index(attention_mask)].float(),
+            "mean": masked_mean(hidden, response),
+            "prompt_last": prompt_hidden[rows, prompt_end].float(),
+            "prompt_mean": masked_mean(prompt_hidden, prompt_mask),
+        }
+
+    def features_from_readings(self, readings: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward_features, router_features) of the model's readouts, from `compute_readings`'s readings."""
+        reward_features = torch.cat([readings[part] for part in self.config.reward_readout.split("_")], dim=-1)
+        return reward_features, readings[f"prompt_{self.config.router_readout}"]
+
+    def compute_features(self, input_ids, attention_mask=None, prompt_lengths=None, **backbone_kwargs):
+        """
+        (reward_features, router_features): h(x, y) and h(x) of the module docstring, float32, (batch,
+        reward_feature_size) and (batch, hidden), from one backbone pass (`compute_readings`).
+        """
+        readings = self.compute_readings(input_ids, attention_mask, prompt_lengths, **backbone_kwargs)
+        return self.features_from_readings(readings)
 
     def router_input(self, router_features: torch.Tensor) -> torch.Tensor:
         """n(h(x)) of the module docstring: what the router reads."""

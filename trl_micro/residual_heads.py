@@ -48,7 +48,7 @@ class ResidualHeads:
 
     Args:
         hidden_size (`int`):
-            Size of the backbone's reward features h(x, y) (`model.config.text_config.hidden_size`).
+            Size of the backbone's reward features h(x, y) (`model.config.reward_feature_size`).
         l2 (`float`, *optional*):
             lambda, the same for every context. Unset: chosen per context by cross-validation over `l2_grid`.
         l2_grid (`Sequence[float]`, defaults to 0.1, 0.3, ..., 1000):
@@ -68,7 +68,7 @@ class ResidualHeads:
     out_chosen, out_rejected = model(**chosen_batch), model(**rejected_batch)     # N labelled pairs of "alice"
     weights = online_router.weights("alice")
     margins = ((out_chosen.head_rewards - out_rejected.head_rewards) * weights).sum(-1)
-    residuals = ResidualHeads(hidden_size=model.config.text_config.hidden_size)
+    residuals = ResidualHeads(hidden_size=model.config.reward_feature_size)
     residuals.fit("alice", margins, out_chosen.reward_features - out_rejected.reward_features)
     reward = model(**batch, mixture_weights=weights).logits.squeeze(-1) + residuals.rewards(["alice"] * n, features)
     ```

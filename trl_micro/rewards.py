@@ -111,13 +111,14 @@ class MiCRoReward:
             raise ValueError(
                 f"The online router has num_heads={online_router.num_heads}, the reward model {model.num_heads}."
             )
-        hidden_size = model.config.hidden_size
+        feature_size = model.config.reward_feature_size
         if isinstance(residual_heads, (str, os.PathLike)):
-            residual_heads = ResidualHeads.load(residual_heads, expected_hidden_size=hidden_size)
-        if residual_heads is not None and residual_heads.hidden_size != hidden_size:
+            residual_heads = ResidualHeads.load(residual_heads, expected_hidden_size=feature_size)
+        if residual_heads is not None and residual_heads.hidden_size != feature_size:
             raise ValueError(
-                f"The residual heads have hidden_size={residual_heads.hidden_size}, the reward model's backbone "
-                f"{hidden_size}: they were fitted on another backbone's features."
+                f"The residual heads have hidden_size={residual_heads.hidden_size}, the reward model's reward features "
+                f"{feature_size} ({model.config.readout_name}): they were fitted on another backbone's features or "
+                "another readout's."
             )
         if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")

@@ -36,8 +36,13 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
             of `head_init_restarts` expectation-maximization fits of the mixture on the training features
             (`trl_micro.trainer.head_initialization`) instead of at random; training then refines them. Elsewhere
             (a trained backbone, the ensemble loss, K = 1) heads start at random either way.
-        head_init_restarts: EM runs from random starts; the one with the highest training likelihood is kept.
-        head_init_l2: L2 weight of the EM fit's heads on standardized features, per pair.
+        head_init_restarts: EM runs from random starts, for each L2 weight of `head_init_l2`.
+        head_init_l2: L2 weights of the EM fit's heads on standardized features, per pair. Restart and weight are
+            chosen by the likelihood of the latent groups held out of the fit (`head_init_holdout`), then refitted on
+            every group; one value fixes the weight.
+        head_init_holdout: share of the latent groups held out to choose among the EM fits (0: choose by the
+            training likelihood, which favors the fit that overfits most when pairs are fewer than feature
+            dimensions).
         router_balance_coef, router_entropy_coef: weights of the regularizers against router collapse
             (see `trl_micro.losses`); 0 switches one off.
         freeze_backbone: train heads and router only.
@@ -67,8 +72,14 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     head_init: Literal["em", "random"] = field(
         default="em", metadata={"help": "'em': fresh heads on cached features start from an EM fit; 'random'."}
     )
-    head_init_restarts: int = field(default=8, metadata={"help": "EM runs of head_init='em'; the likeliest is kept."})
-    head_init_l2: float = field(default=0.02, metadata={"help": "L2 weight of the EM fit (standardized features)."})
+    head_init_restarts: int = field(default=8, metadata={"help": "EM runs of head_init='em' per L2 weight."})
+    head_init_l2: list[float] = field(
+        default_factory=lambda: [0.01, 0.1, 1.0],
+        metadata={"help": "L2 weights of the EM fit (standardized features); held-out likelihood chooses one."},
+    )
+    head_init_holdout: float = field(
+        default=0.2, metadata={"help": "Share of latent groups held out to choose the EM fit (0: training likelihood)."}
+    )
     router_balance_coef: float = field(default=0.1, metadata={"help": "Weight of the head-usage balance penalty."})
     router_entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the per-prompt entropy penalty."})
     freeze_backbone: bool = field(default=False, metadata={"help": "Train heads and router only."})
@@ -101,8 +112,14 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
             raise ValueError(f"`head_init` must be 'em' or 'random', got {self.head_init!r}.")
         if not is_integer(self.head_init_restarts) or self.head_init_restarts < 1:
             raise ValueError(f"`head_init_restarts` must be an integer >= 1, got {self.head_init_restarts!r}.")
-        if not self.head_init_l2 > 0:
-            raise ValueError(f"`head_init_l2` must be > 0, got {self.head_init_l2!r}.")
+        if isinstance(self.head_init_l2, (int, float)):
+            self.head_init_l2 = [float(self.head_init_l2)]
+        if not self.head_init_l2 or not all(
+            isinstance(value, (int, float)) and value > 0 for value in self.head_init_l2
+        ):
+            raise ValueError(f"`head_init_l2` must be weights > 0 (one or more), got {self.head_init_l2!r}.")
+        if not 0 <= self.head_init_holdout < 1:
+            raise ValueError(f"`head_init_holdout` must be in [0, 1), got {self.head_init_holdout!r}.")
         if not is_integer(self.model_card_pairs) or self.model_card_pairs < 0:
             raise ValueError(f"`model_card_pairs` must be an integer >= 0, got {self.model_card_pairs!r}.")
         for name in ("router_balance_coef", "router_entropy_coef"):

@@ -247,7 +247,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             groups = torch.arange(len(rows))
         heads = em_initial_heads(
             differences.float(), groups, model.config.num_heads, restarts=args.head_init_restarts,
-            l2=args.head_init_l2, seed=args.seed, show_progress=not args.disable_tqdm,
+            l2=args.head_init_l2, seed=args.seed, holdout=args.head_init_holdout, show_progress=not args.disable_tqdm,
         )
         with torch.no_grad():
             model.heads.weight.copy_(heads.to(model.heads.weight))
