@@ -1,14 +1,23 @@
 """
 Stage 1 on conflicting subpopulations, through the demo's own code path (`trl_micro.demo.run_demo`) on a tiny
 random backbone: some MiCRo head beats SingleReward on every subpopulation, and with the context in the prompt,
-MiCRo's routed reward beats SingleReward on every subpopulation.
+MiCRo's routed reward beats SingleReward on every subpopulation. And the demo itself, as a user runs it.
 """
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from trl_micro.bundled.embedded import embedded_model_path
 from trl_micro.scripts.demo import DemoArguments, format_results, run_demo
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 from trl_micro.testing_utils import build_tiny_tokenizer, save_tiny_backbone
+
+from .conftest import skip_unless_strict
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +48,26 @@ def test_micro_beats_single_reward_on_every_subpopulation(tiny_tokenizer, tmp_pa
     # Each subpopulation is routed mostly to its own head, and not both to the same one.
     top_heads = {max(range(2), key=micro[s]["head_usage"].__getitem__) for s in results["subpopulations"]}
     assert top_heads == {0, 1}, table
+
+
+@pytest.mark.slow
+def test_the_demo_as_a_user_runs_it(tmp_path):
+    """`trl-micro demo` with the README's settings on the embedded SmolLM2-135M: MiCRo's routed reward beats
+    SingleReward on both subpopulations, and the router sends each subpopulation to a head of its own."""
+    try:
+        embedded_model_path()
+    except (ImportError, FileNotFoundError) as error:
+        skip_unless_strict(f"the embedded model is not installed: {error}")
+    output = tmp_path / "demo.json"
+    command = [str(Path(sys.executable).parent / "trl-micro"), "demo", "--output_json", str(output),
+               "--feature_cache_dir", str(tmp_path / "features")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "| subpop-0 |" in result.stdout and "| subpop-1 |" in result.stdout
+    results = json.loads(output.read_text())
+    single, micro = results["methods"]["SingleReward"], results["methods"]["MiCRo"]
+    for subpopulation in ("subpop-0", "subpop-1"):
+        assert micro[subpopulation]["routed_accuracy"] > single[subpopulation]["routed_accuracy"], result.stdout
+    top_heads = {max(range(2), key=micro[s]["head_usage"].__getitem__) for s in ("subpop-0", "subpop-1")}
+    assert top_heads == {0, 1}, result.stdout

@@ -68,7 +68,9 @@ def test_a_saved_checkpoint_card_lists_every_head_with_its_measured_preferences(
     assert {"trl", "reward-trainer", "trl-micro"} <= set(card.data.tags)
     text = card.text
     assert "This model was trained with MiCRo Reward" in text  # TRL's own template
-    assert "- Heads: K = 2; routing: linear router on the last prompt token" in text
+    readout = MiCRoRewardModel.from_pretrained(folder).config.reward_readout
+    assert f"- Heads: K = 2; readout: `{readout}` of the backbone's output (" in text
+    assert "routing: linear router on the last prompt token" in text
     assert "| num_train_epochs | `4` |" in text and "64 training pairs" in text
     assert f"--reward_model_name_or_path {folder.name} --trust_remote_code" in text
     assert "![Mean router weight per head and context](head_usage.png)" in text

@@ -16,7 +16,7 @@ from trl_micro.testing_utils import build_tiny_micro_model, tiny_backbone_config
 
 from .rl_fixtures import save_untrained_micro
 from .test_modeling import COMPLETIONS, PROMPTS, encode_batch
-from .test_remote_code import SCORE_WITHOUT_TRL_MICRO, no_trl_micro, run_checked  # noqa: F401 (fixture)
+from .test_remote_code import SCORE_WITHOUT_TRL_MICRO, assert_scored_alike, no_trl_micro, run_checked  # noqa: F401
 
 READOUTS = [
     {"reward_readout": "last", "router_readout": "last"},
@@ -121,13 +121,24 @@ def test_a_checkpoint_with_a_readout_scores_the_same_in_and_out_of_trl_micro(tok
     result = run_checked([sys.executable, "-c", SCORE_WITHOUT_TRL_MICRO, path, json.dumps(prompts),
                           json.dumps(COMPLETIONS)], no_trl_micro, tmp_path)
     remote = json.loads(result.stdout.split("RESULT", 1)[1])
-    input_ids, attention_mask = torch.tensor(remote["input_ids"]), torch.tensor(remote["attention_mask"])
-    with torch.no_grad():
-        local = {"by_text": model(input_ids=input_ids, attention_mask=attention_mask),
-                 "by_lengths": model(input_ids=input_ids, attention_mask=attention_mask,
-                                     prompt_lengths=torch.tensor(remote["prompt_lengths"]))}
-    for way, output in local.items():
-        for key in ("logits", "head_rewards", "mixture_weights"):
-            torch.testing.assert_close(torch.tensor(remote[way][key]), getattr(output, key), rtol=0, atol=1e-6)
+    local = assert_scored_alike(model, remote)
     # the text path finds the prompt boundary itself and reads the same response tokens as the explicit lengths
     torch.testing.assert_close(local["by_text"].logits, local["by_lengths"].logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_saved_before_readouts_loads_with_the_last_token(tokenizer, tmp_path):
+    """config.json without the readout fields (older trl-micro): the heads read the last token, as they were trained."""
+    model = build_tiny_micro_model(tokenizer, num_heads=2, reward_readout="last", router_readout="last").eval()
+    model.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("reward_readout", "reward_layer", "router_readout"):
+        del config[key]
+    config_file.write_text(json.dumps(config))
+    loaded = MiCRoRewardModel.from_pretrained(tmp_path / "old").eval()
+    assert loaded.config.readout_name == "last@output/last"
+    input_ids, attention_mask, prompt_lengths = encode_batch(tokenizer, PROMPTS, COMPLETIONS)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths).logits
+        got = loaded(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths).logits
+    torch.testing.assert_close(got, expected)

@@ -77,6 +77,20 @@ def run_checked(command, env, cwd, timeout=600):
     return result
 
 
+def assert_scored_alike(model, remote: dict) -> dict:
+    """`model` scores the rows `SCORE_WITHOUT_TRL_MICRO` scored (`remote`, its RESULT) as that process did, both ways;
+    returns the local outputs."""
+    input_ids, attention_mask = torch.tensor(remote["input_ids"]), torch.tensor(remote["attention_mask"])
+    with torch.no_grad():
+        local = {"by_text": model(input_ids=input_ids, attention_mask=attention_mask),
+                 "by_lengths": model(input_ids=input_ids, attention_mask=attention_mask,
+                                     prompt_lengths=torch.tensor(remote["prompt_lengths"]))}
+    for way, output in local.items():
+        for key in ("logits", "head_rewards", "mixture_weights"):
+            torch.testing.assert_close(torch.tensor(remote[way][key]), getattr(output, key), rtol=0, atol=1e-6)
+    return local
+
+
 def test_modeling_files_import_only_each_other():
     """What a checkpoint carries must run without trl_micro: torch, transformers and each other, relative imports."""
     package = Path(trl_micro.__file__).parent
@@ -106,15 +120,7 @@ def test_checkpoint_loads_without_trl_micro_and_scores_the_same(
     assert remote["auto_model"] == "MiCRoRewardModel" and not remote["trl_micro_loaded"]
     assert "trust_remote_code=True" in remote["refused"]
 
-    model = MiCRoRewardModel.from_pretrained(reward_checkpoint).eval()
-    input_ids, attention_mask = torch.tensor(remote["input_ids"]), torch.tensor(remote["attention_mask"])
-    with torch.no_grad():
-        local = {"by_text": model(input_ids=input_ids, attention_mask=attention_mask),
-                 "by_lengths": model(input_ids=input_ids, attention_mask=attention_mask,
-                                     prompt_lengths=torch.tensor(remote["prompt_lengths"]))}
-    for way, output in local.items():
-        for key in ("logits", "head_rewards", "mixture_weights"):
-            torch.testing.assert_close(torch.tensor(remote[way][key]), getattr(output, key), rtol=0, atol=1e-6)
+    assert_scored_alike(MiCRoRewardModel.from_pretrained(reward_checkpoint).eval(), remote)
     # Routed on the prompt: the two contexts (system messages) weight the heads differently.
     weights = torch.tensor(remote["by_text"]["mixture_weights"])
     assert (weights[0] - weights[len(COMPLETIONS)]).abs().max() > 1e-3

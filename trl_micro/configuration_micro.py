@@ -20,6 +20,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 ROUTER_TYPES = ("linear", "mlp")
 REWARD_READOUTS = ("last", "mean", "last_mean")
 ROUTER_READOUTS = ("last", "mean")
+# How checkpoints saved before the readouts existed read a sequence: the last token, of the output, for both.
+LEGACY_READOUT = {"reward_readout": "last", "reward_layer": None, "router_readout": "last"}
 
 
 @dataclass(kw_only=True)  # keyword-only: the trainers' configs keep TrainingArguments' positional `output_dir`
@@ -176,6 +178,14 @@ class MiCRoConfig(PreTrainedConfig, MiCRoArchitecture):
                 f"so hidden_states holds {num_layers + 1} (indices {-num_layers - 1} to {num_layers}). Use None for "
                 "the backbone's output."
             )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PreTrainedConfig.from_dict`; a config saved before readouts were settings read its sequences as
+        `LEGACY_READOUT` says, whatever today's defaults."""
+        if config_dict.get("model_type") == cls.model_type and "reward_readout" not in config_dict:
+            config_dict = {**LEGACY_READOUT, **config_dict}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def hidden_size(self) -> int:

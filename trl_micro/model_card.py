@@ -192,9 +192,11 @@ def micro_section_lines(
     """The MiCRo part of the card: model, data, use, training settings and the head cards (`adapter`: a LoRA one)."""
     prompt_reading = "the mean over the prompt" if config.router_readout == "mean" else "the last prompt token"
     router = f"{config.router_type} router on {prompt_reading}" if config.use_router else "static mixture"
-    reading = {"last": "the last token", "mean": "the mean over the response", "last_mean": "the last token and the "
-               "mean over the response, concatenated"}[config.reward_readout]
+    reading = {"last": "the last token's hidden state", "mean": "the mean over the response's tokens",
+               "last_mean": "the last token's hidden state and the mean over the response, side by side"}
     layer = "the backbone's output" if config.reward_layer is None else f"hidden layer {config.reward_layer}"
+    readout_kwargs = "".join(f", {key}={getattr(config, key)!r}" for key in ("reward_readout", "reward_layer",
+                                                                              "router_readout"))
     base = config._name_or_path or "unknown"
     lines = [
         "## MiCRo reward model", "",
@@ -202,13 +204,15 @@ def micro_section_lines(
         "K reward heads over one backbone and a router that reads the prompt (and any context in it) to weight them. "
         "The routed reward is `logits`.", "",
         f"- Base model: `{base}` ({config.text_config.model_type}, hidden size {config.hidden_size})",
-        f"- Heads: K = {config.num_heads}, reading {reading} of {layer}; routing: {router}",
+        f"- Heads: K = {config.num_heads}; readout: `{config.reward_readout}` of {layer} "
+        f"({reading[config.reward_readout]}); routing: {router}",
         f"- Data: {inline(data, 200) if data else 'not recorded'}",
         f"- Context template: `{config.context_template!r}`" + (
             f"; prompts end with `{config.prompt_marker!r}`" if config.prompt_marker else ""),
         "", "### Use it", "",
         *([f"This folder holds a LoRA adapter with the heads and router: merge it first, "
-           f"`PeftModel.from_pretrained(MiCRoRewardModel.from_backbone(\"{base}\", num_heads={config.num_heads}), "
+           f"`PeftModel.from_pretrained(MiCRoRewardModel.from_backbone(\"{base}\", num_heads={config.num_heads}"
+           f"{readout_kwargs}), "
            f"\"{model_id}\").merge_and_unload().save_pretrained(merged)` (with its tokenizer), then use the merged "
            "folder as below.", ""] if adapter else []),
         "With TRL's own scripts (no trl-micro needed; each completion is routed on its prompt):", "",

@@ -14,6 +14,7 @@ As with `trl grpo`, the arguments a script does not know go to `accelerate launc
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from importlib import resources
@@ -98,10 +99,16 @@ def launch_script(command: str, argv: list[str]) -> None:
 
 
 def run_demo_command(argv: list[str]) -> int:
+    from ..evaluation import ensure_writable
     from .demo import DemoArguments, format_results, run_demo
 
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
-    print(format_results(run_demo(args)))
+    if args.output_json:
+        ensure_writable(args.output_json)
+    results = run_demo(args)
+    print(format_results(results))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0
 
 

@@ -34,6 +34,7 @@ class DemoArguments:
     learning_rate: float = field(default=5e-3, metadata={"help": "AdamW learning rate of heads and router."})
     seed: int = field(default=0, metadata={"help": "Seed of the data and of training."})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "Feature cache (default: a temp dir)."})
+    output_json: str | None = field(default=None, metadata={"help": "Also write the results to this JSON file."})
 
 
 def train_reward_model(model_path, tokenizer, train_dataset, num_heads, args: DemoArguments, output_dir, cache_dir):

@@ -134,7 +134,7 @@ def em_initial_heads(
     groups: torch.Tensor,
     num_heads: int,
     restarts: int = 8,
-    l2: float | Sequence[float] = (0.01, 0.1, 1.0),
+    l2: float | Sequence[float] = (0.1, 1.0, 10.0),
     seed: int = 0,
     holdout: float = 0.2,
     show_progress: bool = True,

@@ -74,7 +74,7 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     )
     head_init_restarts: int = field(default=8, metadata={"help": "EM runs of head_init='em' per L2 weight."})
     head_init_l2: list[float] = field(
-        default_factory=lambda: [0.01, 0.1, 1.0],
+        default_factory=lambda: [0.1, 1.0, 10.0],
         metadata={"help": "L2 weights of the EM fit (standardized features); held-out likelihood chooses one."},
     )
     head_init_holdout: float = field(
