@@ -102,15 +102,15 @@ def fit_mixture_em(
 
 
 def standardize(differences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differences in float64, divided per dimension by their standard deviation; and that scale."""
-    differences = differences.double()
+    """Differences in float32, divided per dimension by their standard deviation; and that scale."""
+    differences = differences.float()
     scale = differences.std(dim=0).clamp_min(1e-8) if len(differences) > 1 else torch.ones(differences.shape[1])
     return differences / scale, scale
 
 
 def random_responsibilities(num_groups: int, num_heads: int, generator: torch.Generator) -> torch.Tensor:
     """A random start: each group's responsibilities drawn from a flat Dirichlet."""
-    draws = torch._standard_gamma(torch.ones(num_groups, num_heads, dtype=torch.float64), generator=generator)
+    draws = torch._standard_gamma(torch.ones(num_groups, num_heads), generator=generator)
     return draws / draws.sum(dim=1, keepdim=True)
 
 
