@@ -8,8 +8,8 @@ built from configs with random weights (no Hub access is needed), bf16, SDPA att
 Measured, per shape:
 - scoring: the routed MiCRo reward (K = 4 and 10) against `AutoModelForSequenceClassification` (one label) on the
   same backbone and batch: forward time and peak memory;
-- the feature pass (`MiCRoRewardModel.compute_features`: one backbone pass, the last token's and the last prompt
-  token's hidden states) in tokens/s against the bare backbone forward;
+- the feature pass (`MiCRoRewardModel.compute_features`: one backbone pass and the default readouts of its hidden
+  states) in tokens/s against the bare backbone forward;
 - one LoRA Stage 1 training step (forward, mixture BT loss, backward, AdamW) with K = 4 heads and a router against the
   same step with a single head (plain BT): time and peak memory.
 

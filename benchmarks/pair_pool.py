@@ -10,7 +10,7 @@ Every pair (x, c, y_w, y_l) of the pool is tokenized twice, and the backbone run
 Only the first `num_with_context` pairs (all by default) get the second form: methods that read the context are only
 ever scored or adapted on those, so a pool can put its training pairs last and skip half of their backbone work.
 
-The features (last-token hidden state of each response, last-prompt-token hidden state of the router) live in one
+The features (what the heads read of each response and the router of its prompt, `MiCRoConfig`'s readouts) live in one
 [`CachedFeatureCollator`]: rows `[0, N)` hold the pairs without their context, rows `[N, N + num_with_context)` the
 first pairs with it, so any method trained through the trainers' cached-feature path (`pair_index` datasets) picks
 either form of any subset of the pool without running the backbone again. The backbone's work is kept on disk per

@@ -294,11 +294,12 @@ def outcome_section(outcome: BenchmarkOutcome, document: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------------ document
 SETUP_TEXT = """\
-**Backbone and features.** Every method uses the same frozen backbone and the same cached features: the last hidden
-state at the last token of each response (what the reward heads read) and at the last prompt token (what the router
-reads), computed once per pair and form and cached on disk (`benchmarks.pair_pool`, `trl_micro.feature_cache`). All
-training goes through the project's trainers (`MiCRoRewardTrainer`, `RouterAdaptationTrainer`) on those cached
-features (`freeze_backbone=True`); the backbone never runs during the comparison.
+**Backbone and features.** Every method uses the same frozen backbone and the same cached features, read with the
+library's default readouts (`MiCRoConfig.reward_readout`, `router_readout`): what the reward heads read of each
+response and what the router reads of its prompt, computed once per sequence and cached on disk
+(`benchmarks.pair_pool`, `trl_micro.feature_cache`). All training goes through the project's trainers
+(`MiCRoRewardTrainer`, `RouterAdaptationTrainer`) on those cached features (`freeze_backbone=True`); the backbone
+never runs during the comparison.
 
 **Where the context goes (our choice, following the paper).** Stage 1 is mixture modeling on ordinary binary
 preferences: it never sees a context label or text, so every method's training pairs are scored *without* their

@@ -128,7 +128,8 @@ class MiCRoConfig(PreTrainedConfig, MiCRoArchitecture):
             Token ids that end every prompt (a chat template's assistant header, or e.g. the ids of `"\n\nAssistant:"`
             for HH-style transcripts). Used to find the prompt boundary when only full texts are given (inference,
             PPO). The trainers fill it in from the tokenizer. Fallback when it is unset or absent from a sequence: the
-            router reads the last token of the whole sequence.
+            whole sequence is read as the prompt (the router reads its last token or mean) and as the response (a mean
+            readout averages all of its tokens).
         prompt_marker (`str`, *optional*):
             The text of `prompt_marker_ids`, kept for readability.
         completion_end_ids (`list[int]`, *optional*):
