@@ -330,7 +330,7 @@ def train_diverse_ensemble(
     members = []
     for member in range(num_members):
         resample = torch.randint(len(pairs), (len(pairs),), generator=generator).tolist()
-        prior = torch.randn(1, deltas["router"].shape[1], generator=generator) * scale
+        prior = torch.randn(1, deltas["chosen_reward"].shape[1], generator=generator) * scale
         members.append(train_heads(backbone, tokenizer, pool, [pairs[i] for i in resample], training,
                                    seed * 1000 + member, num_heads=1, initial_heads=prior))
     return members

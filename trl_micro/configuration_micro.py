@@ -1,5 +1,6 @@
 """
-Configuration of a MiCRo reward model: a backbone, K reward heads and a router.
+Configuration of a MiCRo reward model (a backbone, K reward heads and a router), and the checks that a path holds the
+checkpoint asked for.
 
 This file and `modeling_micro.py` are the model's code as a checkpoint carries it: every save copies both beside the
 weights and writes their `auto_map` into `config.json` (transformers' custom-code mechanism), so a process that never
@@ -9,9 +10,13 @@ other, by relative imports only.
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -204,6 +209,68 @@ def is_causal_backbone(config: PreTrainedConfig) -> bool:
     if getattr(config, "is_decoder", False):
         return True
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint paths
+def check_model_path(path: str | os.PathLike, field: str = "model") -> None:
+    """A `ValueError` naming `field` for a model path that is neither a local directory nor a Hub repo id."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ValueError(
+            f"`{field}`: there is no model directory at {path!r} (and it is not a Hub repo id, 'org/name'). Check the "
+            "path: it must be a folder with a config.json, as written by save_pretrained."
+        ) from None
+
+
+def checkpoint_config_dict(path: str | os.PathLike, field: str = "model") -> dict:
+    """The config.json of the checkpoint at `path`, as a dict (no config object is built)."""
+    check_model_path(path, field)
+    config_dict, _ = PreTrainedConfig.get_config_dict(os.fspath(path))
+    return config_dict
+
+
+def checkpoint_model_type(path: str | os.PathLike, field: str = "model") -> str | None:
+    """The `model_type` of the checkpoint at `path`, read from its config.json without building a config object."""
+    return checkpoint_config_dict(path, field).get("model_type")
+
+
+def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
+    """
+    Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked; a
+    warning for one saved without its modeling code (which only trl_micro can load).
+    """
+    saved = checkpoint_config_dict(path)
+    if saved.get("model_type") != MiCRoConfig.model_type:
+        raise ValueError(
+            f"{path} is not a MiCRo checkpoint (model_type={saved.get('model_type')!r}). To start from this backbone, "
+            f"use MiCRoRewardModel.from_backbone({path!r}, num_heads=...)."
+        )
+    if "AutoModelForSequenceClassification" not in (saved.get("auto_map") or {}):
+        warnings.warn(
+            f"{path} was saved without its modeling code (no `auto_map` in its config.json, as older trl-micro "
+            "versions saved). trl_micro loads it, but TRL's own scripts (`trl grpo --reward_model_name_or_path`) and "
+            "other tools that load a reward model by path cannot. Save it again to add the code: "
+            f"`MiCRoRewardModel.from_pretrained({path!r}).save_pretrained(new_path)` (and its tokenizer), then pass "
+            "new_path with `--trust_remote_code`.",
+            stacklevel=3,
+        )
+    saved = MiCRoConfig.from_pretrained(path)
+    asked = load_kwargs.get("config")
+    asked_heads = load_kwargs.get("num_heads", getattr(asked, "num_heads", saved.num_heads))
+    if asked_heads != saved.num_heads:
+        raise ValueError(f"The checkpoint at {path} has num_heads={saved.num_heads}, but num_heads={asked_heads} was asked.")
+    if isinstance(asked, MiCRoConfig):
+        for field in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+            mine, theirs = getattr(asked.text_config, field, None), getattr(saved.text_config, field, None)
+            if mine != theirs:
+                raise ValueError(
+                    f"The checkpoint at {path} has a backbone with text_config.{field}={theirs!r}, but the config "
+                    f"passed asks for {mine!r}."
+                )
 
 
 MiCRoConfig.register_for_auto_class()  # saved configs name this file in `auto_map["AutoConfig"]`

@@ -34,12 +34,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_micro import MiCRoConfig
+from .configuration_micro import MiCRoConfig, check_checkpoint_matches, check_model_path
 
 
 @dataclass
@@ -139,67 +137,6 @@ def complete_sequence_endings(input_ids: torch.Tensor, attention_mask: torch.Ten
         completed_ids[index, : len(row)] = torch.tensor(row, dtype=input_ids.dtype)
         completed_mask[index, : len(row)] = 1
     return completed_ids, completed_mask
-
-
-def check_model_path(path: str | os.PathLike, field: str = "model") -> None:
-    """A `ValueError` naming `field` for a model path that is neither a local directory nor a Hub repo id."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        raise ValueError(
-            f"`{field}`: there is no model directory at {path!r} (and it is not a Hub repo id, 'org/name'). Check the "
-            "path: it must be a folder with a config.json, as written by save_pretrained."
-        ) from None
-
-
-def checkpoint_config_dict(path: str | os.PathLike, field: str = "model") -> dict:
-    """The config.json of the checkpoint at `path`, as a dict (no config object is built)."""
-    check_model_path(path, field)
-    config_dict, _ = PreTrainedConfig.get_config_dict(os.fspath(path))
-    return config_dict
-
-
-def checkpoint_model_type(path: str | os.PathLike, field: str = "model") -> str | None:
-    """The `model_type` of the checkpoint at `path`, read from its config.json without building a config object."""
-    return checkpoint_config_dict(path, field).get("model_type")
-
-
-def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
-    """
-    Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked; a
-    warning for one saved without its modeling code (which only trl_micro can load).
-    """
-    saved = checkpoint_config_dict(path)
-    if saved.get("model_type") != MiCRoConfig.model_type:
-        raise ValueError(
-            f"{path} is not a MiCRo checkpoint (model_type={saved.get('model_type')!r}). To start from this backbone, "
-            f"use MiCRoRewardModel.from_backbone({path!r}, num_heads=...)."
-        )
-    if "AutoModelForSequenceClassification" not in (saved.get("auto_map") or {}):
-        warnings.warn(
-            f"{path} was saved without its modeling code (no `auto_map` in its config.json, as older trl-micro "
-            "versions saved). trl_micro loads it, but TRL's own scripts (`trl grpo --reward_model_name_or_path`) and "
-            "other tools that load a reward model by path cannot. Save it again to add the code: "
-            f"`MiCRoRewardModel.from_pretrained({path!r}).save_pretrained(new_path)` (and its tokenizer), then pass "
-            "new_path with `--trust_remote_code`.",
-            stacklevel=3,
-        )
-    saved = MiCRoConfig.from_pretrained(path)
-    asked = load_kwargs.get("config")
-    asked_heads = load_kwargs.get("num_heads", getattr(asked, "num_heads", saved.num_heads))
-    if asked_heads != saved.num_heads:
-        raise ValueError(f"The checkpoint at {path} has num_heads={saved.num_heads}, but num_heads={asked_heads} was asked.")
-    if isinstance(asked, MiCRoConfig):
-        for field in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-            mine, theirs = getattr(asked.text_config, field, None), getattr(saved.text_config, field, None)
-            if mine != theirs:
-                raise ValueError(
-                    f"The checkpoint at {path} has a backbone with text_config.{field}={theirs!r}, but the config "
-                    f"passed asks for {mine!r}."
-                )
 
 
 FLOAT32_MODULES = ("heads", "router")

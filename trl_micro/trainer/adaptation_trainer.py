@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 from ..configuration_micro import MiCRoConfig
 from ..data_utils import TOKENIZED_COLUMNS, context_indices
 from ..losses import context_mixture_bt_loss
-from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
+from ..configuration_micro import checkpoint_model_type
+from ..modeling_micro import MiCRoRewardModel
 from .adaptation_config import RouterAdaptationConfig
 from .micro_trainer import MiCRoRewardTrainer, build_micro_model
 

@@ -36,7 +36,8 @@ from ..losses import (
     mixture_bt_loss,
 )
 from ..model_card import MiCRoModelCardMixin
-from ..modeling_micro import MiCRoRewardModel, checkpoint_model_type
+from ..configuration_micro import checkpoint_model_type
+from ..modeling_micro import MiCRoRewardModel
 from .head_initialization import em_initial_heads
 from .micro_config import MiCRoRewardConfig
 
