@@ -160,7 +160,7 @@ def em_initial_heads(
     groups = torch.unique(groups, return_inverse=True)[1]
     num_groups = int(groups.max()) + 1
     generator = torch.Generator().manual_seed(seed)
-    fitted_groups, held_groups = split_groups(num_groups, holdout, generator)
+    fitted_groups, _ = split_groups(num_groups, holdout, generator)
     fitted_mask = torch.zeros(num_groups, dtype=torch.bool)
     fitted_mask[fitted_groups] = True
     fit_rows, held_rows = fitted_mask[groups], ~fitted_mask[groups]
