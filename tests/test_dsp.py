@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from trl_micro.bundled.catalog import load_named_dataset, resolve_data_dir
+from trl_micro.bundled.catalog import load_named_dataset
+from trl_micro.bundled.data_dir import resolve_data_dir
 from trl_micro.bundled.dsp import (
     DOMAINS,
     DSP_FILE,

@@ -37,3 +37,11 @@ def test_modules_stay_readable():
     assert long == {}
     root_modules = [path.name for path in PACKAGE.glob("*.py")]
     assert len(root_modules) <= 16, root_modules
+
+
+def test_the_data_loaders_do_not_import_the_catalog_that_imports_them():
+    """catalog names the built-ins and imports their loaders (dsp, hh); the loaders find their data in data_dir."""
+    for name in ("dsp.py", "hh.py"):
+        tree = ast.parse((PACKAGE / "bundled" / name).read_text())
+        relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert "catalog" not in relative and "data_dir" in relative, (name, relative)

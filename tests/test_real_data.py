@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from trl_micro.bundled.catalog import DATA_DIR_ENV_VAR, resolve_data_dir
+from trl_micro.bundled.data_dir import DATA_DIR_ENV_VAR, resolve_data_dir
 from trl_micro.bundled.hh import (
     ASSISTANT_MARKER,
     CONTEXT_TEXTS,

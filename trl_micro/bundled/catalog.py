@@ -4,7 +4,7 @@ What trl-micro ships by name, and where datasets and models named on the command
 Datasets (`--dataset_name`), in this order:
 - a built-in: `trl-micro/synthetic` (the synthetic personalized-preference generator; `--dataset_config` = number of
   subpopulations, default 2), `trl-micro/hh_relabeled`, `trl-micro/hh_rlhf` (real preference data read from the data
-  directory, see `resolve_data_dir`), each split train / adaptation / test by context, seeded; `trl-micro/dsp` (DSP's
+  directory, see `trl_micro.bundled.data_dir`), each split train / adaptation / test by context, seeded; `trl-micro/dsp` (DSP's
   four domain contexts, split by query, plus a test split with context wordings adaptation never sees);
 - a local file (`.json`, `.jsonl`, `.json.gz`, `.jsonl.gz`, `.parquet`, `.csv`) or directory (`save_to_disk` output or
   a folder of data files);
@@ -26,31 +26,8 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 BUILTIN_DATASETS = ("trl-micro/synthetic", "trl-micro/hh_relabeled", "trl-micro/hh_rlhf", "trl-micro/dsp")
 EMBEDDED_MODEL = "embedded"
-DATA_DIR_ENV_VAR = "TRL_MICRO_DATA_DIR"
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _FILE_FORMATS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """
-    The folder of the real preference data the built-in datasets read: `data_dir` if given, else the
-    `TRL_MICRO_DATA_DIR` environment variable. Raises `FileNotFoundError` naming what was tried and how to fix it.
-    """
-    if data_dir is not None:
-        path, origin = Path(data_dir), "the data_dir argument"
-    elif os.environ.get(DATA_DIR_ENV_VAR):
-        path, origin = Path(os.environ[DATA_DIR_ENV_VAR]), f"the {DATA_DIR_ENV_VAR} environment variable"
-    else:
-        raise FileNotFoundError(
-            f"No preference data directory given. Pass data_dir=... (`--data_dir` on the command line) or set the "
-            f"{DATA_DIR_ENV_VAR} environment variable to the folder holding hh_relabeled/, hh_rlhf/ and dsp/."
-        )
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"Preference data directory {str(path)!r} (from {origin}) does not exist. Pass data_dir=... or set the "
-            f"{DATA_DIR_ENV_VAR} environment variable to the folder holding hh_relabeled/, hh_rlhf/ and dsp/."
-        )
-    return path
 
 
 def resolve_model_path(name_or_path: str, download: bool = False) -> str:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from datasets import Dataset, DatasetDict
 
-from .catalog import resolve_data_dir
+from .data_dir import resolve_data_dir
 
 logger = logging.getLogger(__name__)
 

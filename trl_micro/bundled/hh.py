@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from .catalog import resolve_data_dir
+from .data_dir import resolve_data_dir
 
 logger = logging.getLogger(__name__)
 
