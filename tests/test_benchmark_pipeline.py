@@ -110,7 +110,10 @@ def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, cap
     for name in ("accuracy_per_context.png", "head_usage.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     assert "## Accuracy per context" in (out / "eval_report.md").read_text()
-    assert "online routing (4 pairs per context): macro" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "online routing (4 pairs per context): macro" in printed
+    readout = MiCRoReward.from_pretrained(checkpoint).model.config.readout_name
+    assert report["model"] == {"num_heads": 3, "readout": readout} and f"readout {readout}" in printed
     # What was adapted is saved per context id and drops into the RL reward.
     reward = MiCRoReward.from_pretrained(checkpoint, context_column=None, user_column="taste",
                                          online_router=out / "online_router.json",

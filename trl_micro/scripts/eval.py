@@ -288,6 +288,7 @@ def run_eval(args: EvalArguments) -> dict:
         "head_usage": usage,
         "head_accuracy": head_accuracy(head_margins, evaluated_labels),
         "head_agreement": float(head_agreement(head_margins)) if head_margins.shape[1] > 1 else None,
+        "model": {"num_heads": model.config.num_heads, "readout": model.config.readout_name},
         "num_pairs": {"scored": len(dataset), "evaluated": len(evaluated), "adaptation": len(adaptation)},
         "skipped_rows": skipped,
         "context_column": text_column,
@@ -332,7 +333,8 @@ def update_model_card(model_path: str, results: dict, args: EvalArguments) -> Pa
 
 def format_summary(outcome: dict) -> str:
     results, paths = outcome["results"], outcome["paths"]
-    lines = []
+    lines = [f"model: K = {results['model']['num_heads']} heads, readout {results['model']['readout']} "
+             "(reward readout @ layer / router readout)"]
     if results.get("skipped_rows"):
         lines.append(f"skipped {results['skipped_rows']} malformed rows (--skip_malformed_rows)")
     for name, accuracy in results["methods"].items():
