@@ -13,10 +13,9 @@ so a response that appears in several pairs, splits or datasets (the trainers, `
 through the backbone once, and a dataset that grows computes only its new sequences. Sequences are batched by length,
 so batches carry little padding.
 
-On disk, `<root>/<fingerprint>/<segment>.safetensors`: each segment holds the features of a batch of new sequences
-(float32 tensors `reward`, (n, reward_feature_size), and `router`, (n, hidden)) with, in its metadata, their keys and a
-SHA-256 of the tensor
-bytes. A segment is written to a temporary file and renamed into place, so no reader sees half of one, and every
+On disk, `<root>/<fingerprint>-<causal>-<layer>/<segment>.safetensors`: each segment holds the readings of a batch of
+new sequences (float32 tensors `last`, `mean`, `prompt_last`, `prompt_mean`, each (n, hidden)) with, in its metadata,
+their keys and a SHA-256 of the tensor bytes. A segment is written to a temporary file and renamed into place, so no reader sees half of one, and every
 writer writes segments of its own, so two processes filling one store lose nothing (a sequence both computed is
 stored twice, with the same features). Every segment is checked when read (its header, shapes, hash and finiteness);
 one that fails is named in a warning, deleted, and its sequences are computed again.
