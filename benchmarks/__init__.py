@@ -1,7 +1,8 @@
 """
-Benchmarks of trl-micro: `python benchmarks/run_all.py` (`make benchmark`) regenerates BENCHMARKS.md. The library
-never imports this package; it holds the comparison harness (`comparison`, `pair_pool`, `preference_pools`), the
-studies and their metrics (`study_metrics`), and the report.
+Benchmarks of trl-micro, by role (each folder's README says what it holds and how to regenerate its results):
+`harness` (the comparison behind BENCHMARKS.md: `python benchmarks/harness/run_all.py`, `make benchmark`), `studies`
+(one question each, on the harness's pools), `rl` (policies trained against the rewards) and `performance` (what MiCRo
+costs). The library never imports this package.
 """
 
 import os

@@ -79,3 +79,12 @@ def tokenizer():
 @pytest.fixture()
 def pairs():
     return make_conflicting_pairs(32)
+
+
+@pytest.fixture(scope="session")
+def no_trl_micro(tmp_path_factory):
+    """An environment whose Python path starts with a `trl_micro` that cannot be imported (it raises)."""
+    folder = tmp_path_factory.mktemp("no_trl_micro")
+    (folder / "trl_micro").mkdir()
+    (folder / "trl_micro" / "__init__.py").write_text('raise ImportError("trl_micro is not installed here")\n')
+    return {**os.environ, "PYTHONPATH": str(folder), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -1,4 +1,4 @@
-"""The benchmark pipeline (benchmarks/run_all.py) and `trl-micro eval`, end to end on tiny models and a few pairs."""
+"""The benchmark pipeline (benchmarks/harness/run_all.py) and `trl-micro eval`, end to end on tiny models and a few pairs."""
 
 import dataclasses
 import json
@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from benchmarks import run_all
-from benchmarks.comparison import DIAGNOSTICS, METHODS
+from benchmarks.harness import run_all
+from benchmarks.harness.comparison import DIAGNOSTICS, METHODS
 from trl_micro.scripts.cli import main as cli_main
-from benchmarks.pair_pool import build_pair_pool
+from benchmarks.harness.pair_pool import build_pair_pool
 from trl_micro.rewards import MiCRoReward
 from trl_micro.bundled.data_dir import resolve_data_dir
 from trl_micro.context_adaptation import fit_online_router, routed_margins
@@ -37,7 +37,7 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
     assert run_all.main(argv) == 0
 
     document = output.read_text()
-    assert f"python benchmarks/run_all.py {' '.join(argv)}" in document
+    assert f"python benchmarks/harness/run_all.py {' '.join(argv)}" in document
     for heading in ("## How this was run", "## Setup", "## Targets", "## Results", "## Performance",
                     "## LoRA-tuned backbone", "### hh_relabeled", "### synthetic M=2", "### DSP",
                     "#### Leave one context out", "#### Test pairs marked `agreed`", "#### Diagnostics",
@@ -153,7 +153,7 @@ def test_a_wrapped_backbone_stays_causal(tokenizer, tmp_path):
 
 
 def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_path):
-    from benchmarks import stage1_sweep
+    from benchmarks.studies import stage1_sweep
 
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     variants = tmp_path / "variants.json"
@@ -166,7 +166,7 @@ def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_pa
     assert stage1_sweep.main(argv) == 0
 
     document = output.read_text()
-    assert f"python benchmarks/stage1_sweep.py {' '.join(argv)}" in document
+    assert f"python benchmarks/studies/stage1_sweep.py {' '.join(argv)}" in document
     result = json.loads(output.with_suffix(".json").read_text())
     assert result["contexts"] == ["subpop-0", "subpop-1"] and result["seeds"] == [0, 1]
     first, second, from_oracle = result["variants"]
@@ -186,7 +186,7 @@ def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_pa
 
 
 def test_stage1_sweep_rejects_bad_variants_and_benchmarks(tmp_path):
-    from benchmarks import stage1_sweep
+    from benchmarks.studies import stage1_sweep
 
     with pytest.raises(ValueError, match="unknown: \\['epochs'\\]"):
         stage1_sweep.check_variants([{"name": "x", "epochs": 3}])
@@ -201,7 +201,7 @@ def test_stage1_sweep_rejects_bad_variants_and_benchmarks(tmp_path):
 
 
 def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(tokenizer, tmp_path):
-    from benchmarks import router_objective
+    from benchmarks.studies import router_objective
 
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output = tmp_path / "objective.md"
@@ -210,7 +210,7 @@ def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(toke
     assert router_objective.main(argv) == 0
 
     document = output.read_text()
-    assert f"python benchmarks/router_objective.py {' '.join(argv)}" in document
+    assert f"python benchmarks/studies/router_objective.py {' '.join(argv)}" in document
     result = json.loads(output.with_suffix(".json").read_text())
     assert result["contexts"] == ["subpop-0", "subpop-1"] and result["seeds"] == [0, 1]
     assert 0 <= min(result["context_probe_accuracy"]) <= max(result["context_probe_accuracy"]) <= 1
@@ -288,7 +288,7 @@ def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_
 
 def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_data_dir):
     """Every readout is measured on the comparisons asked for; the backbone runs once per pool for all of them."""
-    from benchmarks import readout_study
+    from benchmarks.studies import readout_study
 
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output = tmp_path / "readouts.md"
@@ -298,7 +298,7 @@ def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_d
     assert readout_study.main(argv) == 0
     result = json.loads(output.with_suffix(".json").read_text())
     document = output.read_text()
-    assert f"python benchmarks/readout_study.py {' '.join(argv)}" in document
+    assert f"python benchmarks/studies/readout_study.py {' '.join(argv)}" in document
     assert list(result["benchmarks"]) == ["synthetic_m2", "dsp"]
     for entry in result["benchmarks"].values():
         assert list(entry["readouts"]) == ["last / router last", "mean / router last", "last / router mean",

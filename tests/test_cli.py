@@ -38,6 +38,22 @@ def test_arguments_are_split_between_the_script_and_accelerate_like_trl():
     assert training_args.max_steps == 2
 
 
+def test_a_deepspeed_setting_without_deepspeed_names_the_extra(monkeypatch, tmp_path):
+    """DeepSpeed is an extra: a ZeRO accelerate config or `--deepspeed` is refused early, naming what to install."""
+    from trl_micro.trainer import micro_config
+    from trl_micro.trainer.micro_config import MiCRoRewardConfig
+
+    monkeypatch.setattr(micro_config, "is_deepspeed_available", lambda: False)
+    script = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--use_cpu"]
+    with pytest.raises(ImportError, match=r"zero3.yaml \(distributed_type: DEEPSPEED\) needs DeepSpeed.*trl-micro\[deepspeed\]"):
+        launch_arguments("train", [*script, "--accelerate_config", "zero3"])
+    with pytest.raises(ImportError, match=r"`--deepspeed` needs DeepSpeed.*trl-micro\[deepspeed\]"):
+        launch_arguments("grpo", ["--reward_model_path", "rm", "--output_dir", "out", "--deepspeed", "ds.json"])
+    with pytest.raises(ImportError, match=r"`deepspeed` \('ds.json'\) needs DeepSpeed"):
+        MiCRoRewardConfig(output_dir=str(tmp_path), deepspeed="ds.json", use_cpu=True)
+    assert launch_arguments("train", [*script, "--accelerate_config", "ddp"])[0] == "--config_file"  # no DeepSpeed
+
+
 def test_usage_lists_every_command(capsys):
     assert main([]) == 2
     usage = capsys.readouterr().err

@@ -1,11 +1,11 @@
-"""benchmarks/latent_recovery.py: the EM fit of the grouped mixture and its cannot-link E-step."""
+"""benchmarks/studies/latent_recovery.py: the EM fit of the grouped mixture and its cannot-link E-step."""
 
 import pytest
 import torch
 from datasets import Dataset
 
-from benchmarks.latent_recovery import joint_assignment, purity, reversal_components, separability
-from benchmarks.pair_pool import CachedPairPool
+from benchmarks.studies.latent_recovery import joint_assignment, purity, reversal_components, separability
+from benchmarks.harness.pair_pool import CachedPairPool
 from trl_micro.trainer.head_initialization import fit_mixture_em, random_responsibilities
 
 

@@ -1,6 +1,8 @@
-"""The package's layout: the library never imports its benchmark harness or its tests, and its modules stay small."""
+"""The project's layout: the library never imports its benchmarks or tests, its modules stay small, and every benchmark
+folder says what it holds."""
 
 import ast
+import re
 from pathlib import Path
 
 import trl_micro
@@ -45,3 +47,28 @@ def test_the_data_loaders_do_not_import_the_catalog_that_imports_them():
         tree = ast.parse((PACKAGE / "bundled" / name).read_text())
         relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
         assert "catalog" not in relative and "data_dir" in relative, (name, relative)
+
+
+BENCHMARKS = PACKAGE.parent / "benchmarks"
+LOCAL_PATH = re.compile(r"(?<![\w.])/(?:work|root|home|Users)/\S+")
+
+
+def test_every_benchmark_folder_says_what_it_holds_and_how_to_regenerate_it():
+    folders = sorted(path for path in BENCHMARKS.iterdir() if path.is_dir() and any(path.glob("*.py")))
+    assert {path.name for path in folders} >= {"harness", "studies", "rl", "performance"}
+    assert [path.name for path in BENCHMARKS.glob("*.py")] == ["__init__.py"], "scripts belong in a folder by role"
+    for folder in folders:
+        readme = folder / "README.md"
+        assert readme.is_file(), f"{folder.name}/ has no README.md"
+        text = readme.read_text(encoding="utf-8")
+        assert f"python benchmarks/{folder.name}/" in text, f"{folder.name}/README.md names no command"
+        for script in folder.glob("*.py"):
+            assert script.name == "__init__.py" or f"`{script.name}`" in text, f"{folder.name}/README.md omits {script.name}"
+
+
+def test_reports_name_no_local_folder():
+    """A report's command is one anyone can rerun from a checkout: no absolute path of the machine that ran it."""
+    reports = [PACKAGE.parent / "BENCHMARKS.md", PACKAGE.parent / "README.md", *BENCHMARKS.rglob("results/**/*.md"),
+               *BENCHMARKS.rglob("results/**/*.json")]
+    found = {str(path.relative_to(PACKAGE.parent)): LOCAL_PATH.findall(path.read_text(encoding="utf-8")) for path in reports}
+    assert {path: paths for path, paths in found.items() if paths} == {}

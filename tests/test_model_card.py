@@ -1,8 +1,11 @@
 """The model card a save writes (TRL's card + the MiCRo section with one card per head), and what eval adds to it."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,9 @@ from trl_micro.scripts.train import main as train_main
 from trl_micro.scripts.train import make_parser as train_parser
 from trl_micro.testing_utils import save_tiny_backbone
 
-from .conftest import CONTEXTS, make_conflicting_pairs
+from trl_micro.bundled.embedded import EMBEDDED_HUB_ID, embedded_model_path
+
+from .conftest import CONTEXTS, make_conflicting_pairs, skip_unless_strict
 from .rl_fixtures import reward_checkpoint  # noqa: F401 (fixture)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -105,8 +110,9 @@ def test_eval_adds_its_table_to_the_card_once(reward_checkpoint, tmp_path):  # n
     assert cli_main(argv) == 0
     assert cli_main(argv) == 0  # evaluating again replaces the section
     text = (checkpoint / "README.md").read_text()
-    assert text.count(f"## Evaluation on {data}") == 1 and "#### Head 1" in text
-    table = text.split(f"## Evaluation on {data}")[1]
+    assert text.count("## Evaluation on pairs.jsonl") == 1 and "#### Head 1" in text
+    assert str(tmp_path) not in text  # the data by its name, not the machine's path
+    table = text.split("## Evaluation on pairs.jsonl")[1]
     report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
     routed = report["methods"]["routed (checkpoint router)"]
     assert f"| routed (checkpoint router) | {100 * routed['accuracy']['long']:.1f} |" in table
@@ -140,3 +146,39 @@ def test_what_push_to_hub_would_push(tokenizer, tmp_path, monkeypatch):
     assert "# Model Card for micro-rm" in text and "--reward_model_name_or_path someone/micro-rm" in text
     assert all(f"#### Head {k}" in text for k in range(3)) and "pairs.jsonl, 16 training pairs" in text
     assert "datasets:" not in text.split("---")[1]  # a local file is not linked as a Hub dataset
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+@pytest.mark.slow
+def test_the_card_of_a_model_trained_on_the_embedded_model_from_a_local_file(tmp_path, no_trl_micro):
+    """What a Hub visitor reads: the real base model, the data by name, no path of this machine, a quick start that
+    loads the checkpoint and routes, without trl-micro and with it."""
+    try:
+        backbone = embedded_model_path()
+    except (ImportError, FileNotFoundError) as error:
+        skip_unless_strict(f"the embedded model is not installed: {error}")
+    make_conflicting_pairs(16, conversational=True).to_json(tmp_path / "pairs.jsonl")
+    argv = ["train", "--model_name_or_path", "embedded", "--dataset_name", str(tmp_path / "pairs.jsonl"),
+            "--output_dir", str(tmp_path / "micro-rm"), "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--freeze_backbone", "true",
+            "--feature_cache_dir", str(tmp_path / "cache")]
+    assert cli_main(argv) == 0
+    text = (tmp_path / "micro-rm" / "README.md").read_text()
+    card = ModelCard.load(tmp_path / "micro-rm" / "README.md")
+
+    assert card.data.base_model == EMBEDDED_HUB_ID
+    assert f"fine-tuned version of [{EMBEDDED_HUB_ID}](https://huggingface.co/{EMBEDDED_HUB_ID})" in text
+    assert f"- Base model: [{EMBEDDED_HUB_ID}]" in text and "- Data: pairs.jsonl, 16 training pairs" in text
+    assert "None" not in text
+    for local in (str(tmp_path), str(Path(backbone).parent), os.path.expanduser("~")):
+        assert local not in text, local
+
+    without, with_trl_micro = python_blocks(text.split("## Quick start")[1].split("\n## ")[0])
+    for code, env in ((without, no_trl_micro), (with_trl_micro, {**os.environ, "OMP_NUM_THREADS": "1"})):
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert re.search(r"-?\d+\.\d+", result.stdout.strip().splitlines()[-1]), result.stdout

@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import feature_store, gpu_performance, grpo_step
+from benchmarks.performance import feature_store, gpu_performance, grpo_step
 from trl_micro.testing_utils import save_tiny_backbone
 
 from .rl_fixtures import save_tiny_policy

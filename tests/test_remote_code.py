@@ -61,15 +61,6 @@ print("RESULT", json.dumps({
 """
 
 
-@pytest.fixture(scope="module")
-def no_trl_micro(tmp_path_factory):
-    """An environment whose Python path starts with a `trl_micro` that cannot be imported (it raises)."""
-    folder = tmp_path_factory.mktemp("no_trl_micro")
-    (folder / "trl_micro").mkdir()
-    (folder / "trl_micro" / "__init__.py").write_text('raise ImportError("trl_micro is not installed here")\n')
-    return {**os.environ, "PYTHONPATH": str(folder), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def run_checked(command, env, cwd, timeout=600):
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
                             stdin=subprocess.DEVNULL)

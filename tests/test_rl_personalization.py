@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from benchmarks.gold_evaluation import add_logged_kl, win_rate
-from benchmarks.personalization_rewards import GoldReward
-from benchmarks.rl_personalization import main
+from benchmarks.rl.gold_evaluation import add_logged_kl, win_rate
+from benchmarks.rl.personalization_rewards import GoldReward
+from benchmarks.rl.rl_personalization import main
 from trl_micro.rewards import MiCRoReward
 from trl_micro.testing_utils import build_tiny_micro_model
 
@@ -65,7 +65,7 @@ def test_smoke_preset_writes_table_plots_and_runs(tmp_path, capsys):
     assert set(results["reward_accuracy"]) == {"MiCRo, Stage 1 routing", "MiCRo + Stage 2", "SingleReward", "gold"}
     markdown = (tmp_path / "rl_personalization.md").read_text()
     table_rows = [line for line in markdown.splitlines() if line.startswith("| subpop-")]
-    assert len(table_rows) == 6 and "python benchmarks/rl_personalization.py --preset smoke" in markdown
+    assert len(table_rows) == 6 and "python benchmarks/rl/rl_personalization.py --preset smoke" in markdown
     assert (tmp_path / "kl.png").exists() and len(list((tmp_path / "runs").glob("*.json"))) == 6
 
     # --resume reuses the finished runs of the same settings, and reruns one whose settings differ.

@@ -295,7 +295,7 @@ REWORDED_CONTEXTS = {  # the synthetic contexts reworded; never seen in adaptati
 
 def test_reworded_context_is_routed_like_its_original(synthetic_adaptation):
     # The router reads the context's text, not an id. A tiny random backbone has no notion of meaning, so true
-    # paraphrases (no shared words) are out of its reach (benchmarks/stage2_adaptation.py measures them); a rewording
+    # paraphrases (no shared words) are out of its reach (benchmarks/studies/stage2_adaptation.py measures them); a rewording
     # that keeps most words must land on the same head.
     model, tokenizer, test, cache, _, adapted = synthetic_adaptation
     reworded = test.map(lambda row: {"context": REWORDED_CONTEXTS[row["subpopulation"]]})

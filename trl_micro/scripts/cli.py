@@ -20,10 +20,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from accelerate.commands.launch import launch_command, launch_command_parser
 from transformers import HfArgumentParser
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 from trl.cli.commands.training import _subtract_subsequence
+
+from ..trainer.micro_config import require_deepspeed
 
 # command: (module in trl_micro.scripts, arguments put in front of the user's, keyword arguments of make_parser)
 LAUNCHED = {
@@ -83,14 +86,27 @@ def launch_arguments(command: str, argv: list[str]) -> list[str]:
     accelerate's, as `trl <command>` splits them (the script's parser takes what it knows, accelerate the rest).
     """
     module_name, leading_args, parser_kwargs = LAUNCHED[command]
+    if "--deepspeed" in argv:
+        require_deepspeed("`--deepspeed`")
     module = importlib.import_module(f"trl_micro.scripts.{module_name}")
     parser = module.make_parser(prog=f"trl-micro {command}", **parser_kwargs)
     *_, config_remaining, cli_remaining = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
     launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
+    check_launch_config(launch_args)
     script_args = [*leading_args, *_subtract_subsequence(argv, cli_remaining)]
     return [*launch_args, "--module", f"trl_micro.scripts.{module_name}", *script_args]
+
+
+def check_launch_config(launch_args: list[str]) -> None:
+    """A DeepSpeed accelerate config (`distributed_type: DEEPSPEED`) needs DeepSpeed installed: say which extra."""
+    if "--config_file" not in launch_args:
+        return
+    path = Path(launch_args[launch_args.index("--config_file") + 1])
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if isinstance(config, dict) and str(config.get("distributed_type", "")).upper() == "DEEPSPEED":
+        require_deepspeed(f"The accelerate config {path.name} (distributed_type: DEEPSPEED)")
 
 
 def launch_script(command: str, argv: list[str]) -> None:

@@ -56,7 +56,7 @@ from ..evaluation import (
     write_report,
 )
 from ..losses import HEAD_AGREEMENT_WARNING, head_agreement
-from ..model_card import add_evaluation_section, message_text
+from ..model_card import add_evaluation_section, data_name, message_text
 from ..modeling_micro import MiCRoRewardModel
 from ..scoring import score_preference_pairs
 from ..user_stores import normalize_user_id
@@ -324,7 +324,7 @@ def update_model_card(model_path: str, results: dict, args: EvalArguments) -> Pa
     """Add the per-context table (not the single heads' rows) to the checkpoint's card."""
     methods = {name: value for name, value in results["methods"].items() if not name.startswith("head ")}
     counts = results["num_pairs"]
-    intro = (f"`trl-micro eval` on {counts['evaluated']} pairs of `{args.dataset_name}`, grouped by "
+    intro = (f"`trl-micro eval` on {counts['evaluated']} pairs of `{data_name(args.dataset_name)}`, grouped by "
              f"`{results['context_label_column']}`" + (f" ({counts['adaptation']} more pairs adapted the online "
                                                        "router)" if counts["adaptation"] else "") + ".")
     lines = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in accuracy_lines(methods)]

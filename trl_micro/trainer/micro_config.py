@@ -6,10 +6,20 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from accelerate.utils import is_deepspeed_available
 from trl import RewardConfig
 
 from ..configuration_micro import MiCRoArchitecture
 from ..user_stores import is_integer
+
+
+DEEPSPEED_EXTRA = "pip install 'trl-micro[deepspeed]'"
+
+
+def require_deepspeed(what: str) -> None:
+    """Refuse a DeepSpeed setting early, naming the extra that installs it (DeepSpeed is optional, as in TRL)."""
+    if not is_deepspeed_available():
+        raise ImportError(f"{what} needs DeepSpeed, which is not installed here: {DEEPSPEED_EXTRA}.")
 
 
 @dataclass
@@ -97,6 +107,8 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     )
 
     def __post_init__(self):
+        if self.deepspeed:
+            require_deepspeed(f"`deepspeed` ({self.deepspeed!r})")
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on by default, which fails on machines without bf16 support (a CPU without `use_cpu`).
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())

@@ -1,0 +1,1 @@
+"""The comparison harness: the pools, MiCRo against its baselines, their metrics and the report (BENCHMARKS.md)."""

@@ -1,0 +1,114 @@
+"""
+The whole GRPO step a user feels: TRL's GRPOTrainer with `MiCRoReward` against the same trainer with a plain
+single-head reward model (`AutoModelForSequenceClassification`, one label) on the same backbone: same policy, prompts,
+seed and settings, so the same completions; the two trainers alternate, a few steps each, in one process.
+
+    python benchmarks/performance/grpo_step.py [--steps 3] [--rounds 2]
+
+The policy and both rewards' backbone are the embedded SmolLM2-135M-Instruct (or `--model`); the prompts are the
+synthetic prompt set with each context as the system message, the MiCRo reward routed by that context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from trl_micro import MiCRoReward, MiCRoRewardModel  # noqa: E402
+from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
+from trl_micro.bundled.prompts import synthetic_prompt_dataset  # noqa: E402
+from trl_micro.scripts.rl_utils import show_context_to_policy  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "grpo_step.md"
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.seconds, self._started = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._started)
+
+
+def grpo_steps(model_path: str, reward, prompts, steps: int, args) -> list[float]:
+    """Seconds of each of `steps` GRPO steps (the first one, which warms up, left out)."""
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory(prefix="trl-micro-grpo-") as output_dir:
+        config = GRPOConfig(
+            output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=args.generations,
+            num_generations=args.generations, max_completion_length=args.completion_tokens, learning_rate=1e-6,
+            logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=not torch.cuda.is_available(),
+            bf16=False, disable_tqdm=True,
+        )
+        trainer = GRPOTrainer(model=model_path, reward_funcs=[reward], args=config, train_dataset=prompts,
+                              callbacks=[timer])
+        if isinstance(reward, MiCRoReward):
+            reward.prepare(trainer.accelerator)
+        trainer.train()
+    return timer.seconds[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded", help="Policy and reward backbone ('embedded': SmolLM2-135M).")
+    parser.add_argument("--steps", type=int, default=3, help="Timed GRPO steps per trainer and round.")
+    parser.add_argument("--rounds", type=int, default=2, help="Rounds of (MiCRo, plain) trainers, alternating.")
+    parser.add_argument("--generations", type=int, default=8, help="Completions per prompt (= batch size).")
+    parser.add_argument("--completion_tokens", type=int, default=48, help="Longest completion.")
+    parser.add_argument("--output", default=str(RESULTS), help="Markdown report.")
+    args = parser.parse_args(argv)
+    model_path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    micro = MiCRoRewardModel.from_backbone(model_path, num_heads=4)
+    prompts = show_context_to_policy(synthetic_prompt_dataset(2, num_prompts=16, seed=0), "context",
+                                     micro.config.context_template)
+    rewards = {
+        "MiCRoReward (K=4, routed by context)": MiCRoReward(micro, tokenizer, context_column="context",
+                                                             batch_size=args.generations),
+        "plain reward model (one label)": AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1),
+    }
+    rewards["plain reward model (one label)"].config.pad_token_id = tokenizer.pad_token_id
+    seconds = {name: [] for name in rewards}
+    for _ in range(args.rounds):
+        for name, reward in rewards.items():
+            seconds[name] += grpo_steps(model_path, reward, prompts, args.steps, args)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    micro_name, plain_name = list(rewards)
+    command = " ".join(["python benchmarks/performance/grpo_step.py", *map(shlex.quote, argv)])
+    lines = [
+        "# One GRPO step with MiCRoReward against a plain reward model",
+        "",
+        f"Generated by `{command}`: policy and reward backbone `{args.model}`, {args.generations} completions of at "
+        f"most {args.completion_tokens} tokens per step, {args.rounds} rounds of {args.steps} timed steps per trainer "
+        "(the first step of each trainer left out), trainers alternating in one process.",
+        "",
+        "| reward | median seconds per step | steps timed |",
+        "|---|---|---|",
+        *[f"| {name} | {medians[name]:.2f} | {len(seconds[name])} |" for name in rewards],
+        "",
+        f"Ratio (MiCRo / plain): **{medians[micro_name] / medians[plain_name]:.3f}x**.",
+    ]
+    Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""
+RL personalization benchmark: does GRPO against MiCRo's routed reward personalize a policy, context by context, and
+how does it compare with GRPO against one Bradley-Terry reward?
+
+The same policy (a LoRA adapter on the embedded SmolLM2-135M-Instruct) is trained three ways by TRL's GRPOTrainer,
+with the same prompts, steps and seeds:
+
+    micro    against MiCRoReward, routed by each prompt's context id through Stage 2 state (online router + residual
+             heads) fitted on a few labelled pairs per context
+    single   against SingleReward (one BT head) trained on the same Stage 1 pairs
+    gold     against the gold reward itself: the ceiling
+
+The rewards are built by `benchmarks/rl/personalization_rewards.py` (the gold: one oracle head per context, trained with
+the context labels on pairs no other reward saw). Scenario: the synthetic subpopulations `--num_contexts` (2: a busy
+engineer who wants short, casual answers; a professor who wants long, formal ones); the prompts show their context as
+the system message, so the policy can answer each context differently. Held-out prompts (under every context) are
+sampled at step 0 and every `--eval_every` steps and judged by each context's gold reward: the gold mean and the win
+rate over the initial policy's samples (`benchmarks/rl/gold_evaluation.py`), with the KL to the initial policy that TRL
+logs (`--beta` > 0).
+
+    python benchmarks/rl/rl_personalization.py --preset full --threads 1 --cache_dir ~/.cache/trl_micro/rl-personalization
+                                    # the real run: 3 methods x 2 seeds, about 45 min each on 2 shared CPU cores
+    python benchmarks/rl/rl_personalization.py --preset smoke    # tiny random policy and reward backbone, seconds
+
+Writes under `--output_dir` (default benchmarks/rl/results/): rl_personalization.md and .json (the
+table, curves, reward accuracies, settings and the command), one PNG of curves per context, kl.png, and
+runs/<method>-seed<k>.json per run; with `--resume`, a run whose file holds the same settings is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from benchmarks.rl.gold_evaluation import GoldEvaluation, add_logged_kl  # noqa: E402
+from benchmarks.rl.personalization_rewards import CPU_RUN, RewardSetup, build_rewards  # noqa: E402
+from benchmarks.rl.rl_personalization_report import write_outputs  # noqa: E402
+from trl_micro.bundled.prompts import synthetic_prompt_dataset  # noqa: E402
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences  # noqa: E402
+from trl_micro.evaluation import to_jsonable  # noqa: E402
+from trl_micro.scripts.rl_utils import show_context_to_policy  # noqa: E402
+from trl_micro.testing_utils import build_tiny_backbone, build_tiny_tokenizer, tiny_backbone_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("micro", "single", "gold")
+CONTEXT_TEMPLATE = "{context}\n\n"  # MiCRoConfig's default: the context as the system message of a conversation
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+PRESETS = {
+    # Tiny random policy and reward backbone: a test of the pipeline, not a result.
+    "smoke": dict(
+        models="tiny", seeds=[0, 1], max_steps=4, eval_every=2, prompts_per_step=2, num_generations=2,
+        max_completion_length=8, learning_rate=1e-3, beta=0.04, temperature=1.0, lora_r=4, lora_alpha=8,
+        eval_prompts=2, eval_samples=2, reference_samples=2, stage1_pairs=24, adaptation_pairs=4, gold_pairs=24,
+        test_pairs=8, reward_epochs=3,
+    ),
+    # The embedded SmolLM2-135M-Instruct as policy and reward backbone. Sized from two calibration runs on the shared
+    # 2-core machine (one thread): about 29 s per step of 16 completions, 0.5 s per evaluation sample, so a run is
+    # about 45 min; at learning rate 1e-3 the KL to the initial policy was still about 0.06 after 30 steps (no
+    # collapse), and 5e-4 barely moved it in 20. The reward pools' backbone features (~1500 pairs) take 10-20 min
+    # once per --cache_dir.
+    "full": dict(
+        models="embedded", seeds=[0, 1], max_steps=80, eval_every=20, prompts_per_step=4, num_generations=4,
+        max_completion_length=48, learning_rate=1e-3, beta=0.04, temperature=1.0, lora_r=16, lora_alpha=32,
+        eval_prompts=16, eval_samples=4, reference_samples=4, stage1_pairs=200, adaptation_pairs=32, gold_pairs=400,
+        test_pairs=100, reward_epochs=30,
+    ),
+}
+RUN_SETTINGS = (  # what a run's result depends on, besides its method and seed (checked by --resume)
+    "preset", "models", "num_contexts", "max_steps", "eval_every", "prompts_per_step", "num_generations",
+    "max_completion_length", "learning_rate", "beta", "temperature", "lora_r", "lora_alpha", "eval_prompts",
+    "eval_samples", "reference_samples", "stage1_pairs", "adaptation_pairs", "gold_pairs", "test_pairs",
+    "reward_epochs",
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="full", help="Defaults of every setting below.")
+    parser.add_argument("--models", choices=["embedded", "tiny"], help="SmolLM2-135M, or tiny random models.")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, help="GRPO seeds; every method runs with each.")
+    parser.add_argument("--num_contexts", type=int, default=2, help="Synthetic subpopulations (contexts).")
+    parser.add_argument("--max_steps", type=int, help="GRPO steps per run.")
+    parser.add_argument("--eval_every", type=int, help="Evaluate the policy every this many steps.")
+    parser.add_argument("--prompts_per_step", type=int, help="Prompts per GRPO step (each gets num_generations).")
+    parser.add_argument("--num_generations", type=int, help="GRPO group size: completions per prompt.")
+    parser.add_argument("--max_completion_length", type=int, help="Tokens per completion (training and evaluation).")
+    parser.add_argument("--learning_rate", type=float, help="AdamW learning rate of the LoRA adapter.")
+    parser.add_argument("--beta", type=float, help="KL coefficient of GRPO (> 0 logs the KL to the initial policy).")
+    parser.add_argument("--temperature", type=float, help="Sampling temperature (training and evaluation).")
+    parser.add_argument("--lora_r", type=int, help="LoRA rank.")
+    parser.add_argument("--lora_alpha", type=int, help="LoRA alpha.")
+    parser.add_argument("--eval_prompts", type=int, help="Held-out prompts, each evaluated under every context.")
+    parser.add_argument("--eval_samples", type=int, help="Samples per held-out prompt at each evaluation.")
+    parser.add_argument("--reference_samples", type=int, help="Samples per held-out prompt of the initial policy.")
+    parser.add_argument("--stage1_pairs", type=int, help="Stage 1 pairs per context (MiCRo and SingleReward).")
+    parser.add_argument("--adaptation_pairs", type=int, help="Labelled pairs per context for Stage 2.")
+    parser.add_argument("--gold_pairs", type=int, help="Pairs per context the gold heads train on.")
+    parser.add_argument("--test_pairs", type=int, help="Pairs per context that measure the rewards' accuracy.")
+    parser.add_argument("--reward_epochs", type=int, help="Training epochs of every reward head.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    parser.add_argument("--cache_dir", default=None, help="Feature cache and scratch (default: a temporary folder).")
+    parser.add_argument("--output_dir", default=str(RESULTS), help="Where the report, plots and runs are written.")
+    parser.add_argument("--resume", action="store_true", help="Skip runs whose result file has the same settings.")
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(preset=preset, **PRESETS[preset])
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "eval_every", "prompts_per_step", "num_generations", "eval_prompts", "eval_samples",
+                 "reference_samples", "num_contexts"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.num_generations < 2:
+        parser.error(f"--num_generations must be >= 2 (GRPO compares completions), got {args.num_generations}.")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------- models
+def load_models(args, scratch: str):
+    """(policy path, policy tokenizer, reward backbone, reward tokenizer) for `--models`."""
+    if args.models == "embedded":
+        from trl_micro.bundled.embedded import embedded_model_path
+
+        path = embedded_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return path, tokenizer, AutoModel.from_pretrained(path, dtype=torch.float32), tokenizer
+    data = generate_synthetic_preferences(
+        SyntheticPreferenceConfig(num_subpopulations=args.num_contexts, num_pairs_per_subpopulation=50)
+    )
+    texts = [row[column] for row in data for column in ("prompt", "chosen", "rejected")]
+    tokenizer = build_tiny_tokenizer(texts + sorted(set(data["context"])) + ["system user assistant"], vocab_size=800)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(tiny_backbone_config(tokenizer))
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config.eos_token_id = tokenizer.eos_token_id
+    path = os.path.join(scratch, "tiny-policy")
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer, build_tiny_backbone(tokenizer, seed=1), tokenizer
+
+
+def prompt_splits(num_contexts: int, eval_prompts: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out) prompts, every prompt under every context, held out whole, the context as system message."""
+    dataset = synthetic_prompt_dataset(num_contexts, conversational=True, seed=0)
+    keys = [json.dumps(prompt) for prompt in dataset["prompt"]]
+    held_out = set(list(dict.fromkeys(keys))[-eval_prompts:])
+    train = dataset.select([index for index, key in enumerate(keys) if key not in held_out])
+    evaluation = dataset.select([index for index, key in enumerate(keys) if key in held_out])
+    return tuple(show_context_to_policy(part, "context", CONTEXT_TEMPLATE) for part in (train, evaluation))
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+def grpo_config(args, seed: int, output_dir: str, reward_weights: list[float]) -> GRPOConfig:
+    return GRPOConfig(
+        reward_weights=reward_weights,
+        output_dir=output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        activation_checkpointing=False,  # small models on CPU: memory is not the limit, time is
+        logging_steps=1,
+        seed=seed,
+        **CPU_RUN,
+    )
+
+
+def train_policy(method, reward, seed, args, policy_path, train_prompts, evaluation, scratch) -> dict:
+    """
+    One GRPO run; returns its evaluation points, its logged metrics and its timings. The gold reward rides along with
+    weight 0 (it does not change the advantages) to log its mean per context on the training samples of every step.
+    """
+    evaluation.start_run()
+    set_seed(seed)  # the LoRA adapter's initialization too
+    reward_funcs = [reward] if reward is evaluation.gold else [reward, evaluation.gold]
+    weights = [1.0] + [0.0] * (len(reward_funcs) - 1)
+    trainer = GRPOTrainer(
+        model=policy_path,
+        reward_funcs=reward_funcs,
+        args=grpo_config(args, seed, os.path.join(scratch, f"{method}-{seed}"), weights),
+        train_dataset=train_prompts,
+        peft_config=LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+        ),
+        callbacks=[evaluation],
+    )
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    add_logged_kl(evaluation.points, trainer.state.log_history)
+    logged = ("step", "reward", "kl", "entropy", "completions/mean_length", f"rewards/{reward.__name__}/mean")
+    return {
+        "method": method,
+        "seed": seed,
+        "points": evaluation.points,
+        "reference": evaluation.reference_summary(),
+        "log": [
+            {key: value for key, value in entry.items() if key in logged or key.startswith("gold/")}
+            for entry in trainer.state.log_history
+        ],
+        "seconds": seconds,
+        "evaluation_seconds": evaluation.seconds,
+        "seconds_per_step": (seconds - evaluation.seconds) / args.max_steps,
+    }
+
+
+def run_settings(args) -> dict:
+    return {name: getattr(args, name) for name in RUN_SETTINGS}
+
+
+def load_finished_run(path: Path, settings: dict) -> dict | None:
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    return run if run.get("settings") == settings else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/rl/rl_personalization.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    output_dir = Path(args.output_dir)
+    (output_dir / "runs").mkdir(parents=True, exist_ok=True)
+    scratch = args.cache_dir or tempfile.mkdtemp(prefix="rl-personalization-")
+    settings = run_settings(args)
+
+    started = time.perf_counter()
+    policy_path, policy_tokenizer, backbone, reward_tokenizer = load_models(args, scratch)
+    setup = RewardSetup(
+        num_contexts=args.num_contexts, num_heads=args.num_contexts, stage1_pairs=args.stage1_pairs,
+        adaptation_pairs=args.adaptation_pairs, gold_pairs=args.gold_pairs, test_pairs=args.test_pairs,
+        epochs=args.reward_epochs,
+    )
+    rewards = build_rewards(backbone, reward_tokenizer, setup, os.path.join(scratch, "features"))
+    reward_seconds = time.perf_counter() - started
+    print(f"Rewards built in {reward_seconds:.0f} s; test accuracy: "
+          + json.dumps({name: value["accuracy"] for name, value in rewards.accuracy.items()}), flush=True)
+
+    train_prompts, eval_prompts = prompt_splits(args.num_contexts, args.eval_prompts)
+    evaluation = GoldEvaluation(
+        eval_prompts, rewards.gold, every=args.eval_every, samples_per_prompt=args.eval_samples,
+        reference_samples=args.reference_samples, max_new_tokens=args.max_completion_length,
+        generation_kwargs=dict(temperature=args.temperature, top_p=1.0, top_k=0),
+    )
+    reward_of = {"micro": rewards.micro, "single": rewards.single, "gold": rewards.gold}
+    runs = []
+    for seed in args.seeds:
+        for method in args.methods:
+            path = output_dir / "runs" / f"{method}-seed{seed}.json"
+            run = load_finished_run(path, settings) if args.resume else None
+            if run is None:
+                run = train_policy(method, reward_of[method], seed, args, policy_path, train_prompts, evaluation,
+                                   scratch)
+                run["settings"] = settings
+                path.write_text(json.dumps(to_jsonable(run), indent=1) + "\n")
+            print(f"{method} seed {seed}: {json.dumps(to_jsonable(run['points'][-1]))}", flush=True)
+            runs.append(run)
+
+    results = {
+        "title": "RL personalization: GRPO against MiCRo, SingleReward and the gold reward",
+        "command": command.strip(),
+        "settings": {**settings, "methods": args.methods, "seeds": args.seeds, "threads": args.threads},
+        "policy": "tiny random Llama" if args.models == "tiny" else "SmolLM2-135M-Instruct (embedded), LoRA",
+        "reward_backbone": "tiny random Llama" if args.models == "tiny" else "SmolLM2-135M-Instruct (embedded), frozen",
+        "reward_sizes": rewards.sizes,
+        "reward_accuracy": rewards.accuracy,
+        "reward_seconds": reward_seconds,
+        "eval_prompts_per_context": len(eval_prompts) // args.num_contexts,
+        "train_prompts": len(train_prompts),
+        "runs": runs,
+    }
+    markdown_path = write_outputs(results, output_dir)
+    print(markdown_path.read_text())
+
+
+if __name__ == "__main__":
+    main()

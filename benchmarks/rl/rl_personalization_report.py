@@ -1,0 +1,209 @@
+"""
+The report of the RL personalization benchmark (`benchmarks/rl/rl_personalization.py`): per context and method, the mean
+and spread over seeds of the gold reward before and after training, of the win rate over the initial policy and of
+the KL to it; the curves over steps (one PNG per context, the methods on it, and kl.png); the Markdown and JSON files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from trl_micro.evaluation import markdown_table, new_figure, save_figure, write_report
+
+METHOD_LABELS = {"micro": "MiCRo (Stage 2 routing)", "single": "SingleReward", "gold": "gold (ceiling)"}
+CURVE_PANELS = (("gold", "gold reward (mean)"), ("win_rate", "win rate over the initial policy"), ("words", "words"))
+
+
+def spread(values: Sequence[float | None]) -> dict:
+    """Mean, sample std (0 for one value) and count of the values that are not None."""
+    array = np.asarray([value for value in values if value is not None], dtype=np.float64)
+    if not len(array):
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0, "n": len(array)}
+
+
+def runs_of(runs: list[dict], method: str) -> list[dict]:
+    return [run for run in runs if run["method"] == method]
+
+
+def training_curve(runs: list[dict], key: str, window: int) -> dict:
+    """
+    `{"steps", "mean"}`: the logged `key` (absent on steps that drew no prompt of its context), its trailing mean over
+    `window` steps, averaged over the runs.
+    """
+    series = [{entry["step"]: entry[key] for entry in run["log"] if key in entry} for run in runs]
+    steps = sorted(set().union(*series))
+
+    def trailing(values: dict, step: int) -> float:
+        recent = [value for logged, value in values.items() if step - window < logged <= step]
+        return float(np.mean(recent)) if recent else float("nan")
+
+    means = [float(np.nanmean([trailing(values, step) for values in series])) for step in steps]
+    return {"steps": steps, "mean": means}
+
+
+def summarize(runs: list[dict], window: int) -> dict:
+    """
+    `{"table": {context: {method: {metric: spread}}}, "curves": {method: [{step, metric: {context: spread}}]},
+    "training_gold": {method: {context: training_curve}}}`, the last over `window` steps.
+    """
+    methods = list(dict.fromkeys(run["method"] for run in runs))
+    contexts = list(runs[0]["points"][0]["gold"])
+    table = {context: {} for context in contexts}
+    curves, training_gold = {}, {}
+    for method in methods:
+        own = runs_of(runs, method)
+        for context in contexts:
+            table[context][method] = {
+                "gold_before": spread([run["points"][0]["gold"][context] for run in own]),
+                "gold_after": spread([run["points"][-1]["gold"][context] for run in own]),
+                "win_rate_before": spread([run["points"][0]["win_rate"][context] for run in own]),
+                "win_rate_after": spread([run["points"][-1]["win_rate"][context] for run in own]),
+                "words_before": spread([run["points"][0]["words"][context] for run in own]),
+                "words_after": spread([run["points"][-1]["words"][context] for run in own]),
+                "kl_last": spread([run["points"][-1].get("kl") for run in own]),
+            }
+        steps = [point["step"] for point in own[0]["points"]]
+        training_gold[method] = {context: training_curve(own, f"gold/{context}", window) for context in contexts}
+        curves[method] = []
+        for index, step in enumerate(steps):
+            row = {"step": step, "kl": spread([run["points"][index].get("kl") for run in own])}
+            for metric, _ in CURVE_PANELS:
+                row[metric] = {
+                    context: spread([run["points"][index][metric][context] for run in own]) for context in contexts
+                }
+            curves[method].append(row)
+    return {
+        "contexts": contexts, "methods": methods, "table": table, "curves": curves, "training_gold": training_gold
+    }
+
+
+def cell(value: dict, digits: int = 2) -> str:
+    if value["mean"] is None:
+        return "n/a"
+    if value["n"] > 1:
+        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+    return f"{value['mean']:.{digits}f}"
+
+
+def plot_context(summary: dict, context: str, path: Path, window: int) -> Path:
+    """
+    Held-out gold mean, win rate and words against the step, one line per method (shaded ± std over seeds), and the
+    gold mean on the training samples (trailing mean over `window` steps, mean over seeds).
+    """
+    labels = [label for _, label in CURVE_PANELS] + [f"gold on training samples ({window}-step mean)"]
+    figure = new_figure(4.0 * len(labels) + 1.5, 3.6)
+    panels = figure.subplots(1, len(labels), squeeze=False)[0]
+    for index, method in enumerate(summary["methods"]):
+        rows = summary["curves"][method]
+        steps = np.asarray([row["step"] for row in rows])
+        for panel, (metric, _) in zip(panels, CURVE_PANELS):
+            mean = np.asarray([row[metric][context]["mean"] for row in rows], dtype=np.float64)
+            std = np.asarray([row[metric][context]["std"] for row in rows], dtype=np.float64)
+            panel.plot(steps, mean, marker="o", markersize=3, color=f"C{index}", label=METHOD_LABELS[method])
+            panel.fill_between(steps, mean - std, mean + std, color=f"C{index}", alpha=0.15)
+        training = summary["training_gold"][method][context]
+        panels[-1].plot(training["steps"], training["mean"], color=f"C{index}")
+    panels[1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    for panel, label in zip(panels, labels):
+        panel.set_xlabel("GRPO step")
+        panel.set_title(label, fontsize=10)
+        panel.grid(alpha=0.3)
+    handles, names = panels[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside right upper", frameon=False)
+    figure.suptitle(f"{context}: held-out prompts, judged by the gold reward of {context}")
+    return save_figure(figure, path)
+
+
+def plot_kl(summary: dict, path: Path) -> Path:
+    """Mean logged KL to the initial policy between evaluations, one line per method."""
+    figure = new_figure(6.5, 3.6)
+    panel = figure.subplots()
+    for index, method in enumerate(summary["methods"]):
+        rows = [row for row in summary["curves"][method] if row["kl"]["mean"] is not None]
+        if rows:
+            steps = [row["step"] for row in rows]
+            panel.plot(steps, [row["kl"]["mean"] for row in rows], marker="o", markersize=3, color=f"C{index}",
+                       label=METHOD_LABELS[method])
+    panel.set_xlabel("GRPO step")
+    panel.set_ylabel("KL to the initial policy")
+    panel.grid(alpha=0.3)
+    panel.legend(frameon=False)
+    return save_figure(figure, path)
+
+
+def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list[str]:
+    settings = results["settings"]
+    seeds = settings["seeds"]
+    completions = settings["prompts_per_step"] * settings["num_generations"]
+    lines = [
+        f"Command: `{results['command']}`",
+        "",
+        f"Policy: {results['policy']} (r={settings['lora_r']}, alpha={settings['lora_alpha']}). GRPO (TRL "
+        f"GRPOTrainer): {settings['max_steps']} steps of {settings['prompts_per_step']} prompts x "
+        f"{settings['num_generations']} completions ({completions} per step) of at most "
+        f"{settings['max_completion_length']} tokens, learning rate {settings['learning_rate']}, beta "
+        f"{settings['beta']}, temperature {settings['temperature']}; seeds {seeds}, the same prompts and steps for "
+        f"every method. {results['train_prompts']} training prompts (prompt x context).",
+        "",
+        f"Rewards over one frozen backbone ({results['reward_backbone']}): MiCRo (K={settings['num_contexts']}) and "
+        f"SingleReward on {settings['stage1_pairs']} Stage 1 pairs per context rated by the topic's owner, contexts "
+        f"not shown; MiCRo's Stage 2 state from {settings['adaptation_pairs']} labelled pairs per context; the gold, "
+        f"one head per context on {settings['gold_pairs']} pairs of that context that no other reward saw "
+        "(benchmarks/rl/personalization_rewards.py). Built in " + f"{results['reward_seconds']:.0f} s.",
+        "",
+        f"Evaluation: {results['eval_prompts_per_context']} held-out prompts per context, {settings['eval_samples']} "
+        f"samples each, every {settings['eval_every']} steps; win rate against {settings['reference_samples']} samples "
+        "per prompt of the initial policy, under that context's gold reward (benchmarks/rl/gold_evaluation.py). "
+        + (f"Mean ± std over {len(seeds)} seeds." if len(seeds) > 1 else "One seed: no spread over seeds."),
+        "",
+        "## Per context, before and after training",
+        "",
+    ]
+    rows = []
+    for context in summary["contexts"]:
+        for method in summary["methods"]:
+            value = summary["table"][context][method]
+            rows.append([
+                context, METHOD_LABELS[method], cell(value["gold_before"]), cell(value["gold_after"]),
+                cell(value["win_rate_after"]), f"{cell(value['words_before'], 1)} → {cell(value['words_after'], 1)}",
+                cell(value["kl_last"], 3),
+            ])
+    header = ["context", "trained against", "gold before", "gold after", "win rate over initial",
+              "words before → after", f"KL, last {settings['eval_every']} steps"]
+    lines += markdown_table(header, rows)
+    lines += ["", "The step-0 win rate (the initial policy against its own reference samples) measures the noise: "
+              + ", ".join(f"{context} {cell(summary['table'][context][summary['methods'][0]]['win_rate_before'])}"
+                          for context in summary["contexts"]) + ".", ""]
+    lines += ["## Rewards: accuracy on the test pairs (%)", ""]
+    accuracy_rows = [
+        [name] + [f"{100 * value['accuracy'][context]:.1f}" for context in summary["contexts"]]
+        for name, value in results["reward_accuracy"].items()
+    ]
+    lines += markdown_table(["reward", *summary["contexts"]], accuracy_rows)
+    lines += ["", "## Curves", ""]
+    lines += [f"![{name}]({image})" for name, image in images.items()]
+    lines += ["", "## Runs", ""]
+    lines += markdown_table(
+        ["trained against", "seed", "minutes", "s per step (training)", "evaluation minutes"],
+        [[METHOD_LABELS[run["method"]], run["seed"], f"{run['seconds'] / 60:.1f}", f"{run['seconds_per_step']:.1f}",
+          f"{run['evaluation_seconds'] / 60:.1f}"] for run in results["runs"]],
+    )
+    return lines
+
+
+def write_outputs(results: dict, output_dir: Path) -> Path:
+    """Plots, rl_personalization.md and .json under `output_dir`; returns the Markdown path."""
+    window = results["settings"]["eval_every"]
+    summary = summarize(results["runs"], window)
+    images = {}
+    for context in summary["contexts"]:
+        images[context] = plot_context(summary, context, output_dir / f"curves_{context}.png", window).name
+    images["KL to the initial policy"] = plot_kl(summary, output_dir / "kl.png").name
+    _, markdown_path = write_report(
+        {**results, "summary": summary}, output_dir / "rl_personalization", markdown_lines(results, summary, images)
+    )
+    return markdown_path
