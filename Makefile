@@ -8,7 +8,7 @@ VENV := .venv
 VENV_PPO := .venv-ppo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-main test-ppo benchmark clean
+.PHONY: demo test test-main test-ppo quality style docs benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,20 @@ $(VENV_PPO)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/python recipes/demo.py
 
-test: test-main test-ppo
+# CI's command: lint and format check, the docs built strictly, then both test suites.
+test: quality docs test-main test-ppo
+
+quality: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Apply the formatter and the lint fixes (what `make quality` checks).
+style: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict --site-dir build/docs
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -m "not ppo" $(PYTEST_ARGS)

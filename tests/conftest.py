@@ -27,6 +27,7 @@ def skip_unless_strict(reason: str) -> None:
         pytest.fail(f"{reason} ({STRICT_ENV_VAR}=1: every test must run)")
     pytest.skip(reason)
 
+
 STYLES = {
     "short": ["Sure.", "Yes, done.", "Ok, here it is."],
     "long": [

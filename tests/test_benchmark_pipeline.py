@@ -9,11 +9,11 @@ import torch
 
 from benchmarks.harness import run_all
 from benchmarks.harness.comparison import DIAGNOSTICS, METHODS
-from trl_micro.scripts.cli import main as cli_main
 from benchmarks.harness.pair_pool import build_pair_pool
-from trl_micro.rewards import MiCRoReward
 from trl_micro.bundled.data_dir import resolve_data_dir
 from trl_micro.context_adaptation import fit_online_router, routed_margins
+from trl_micro.rewards import MiCRoReward
+from trl_micro.scripts.cli import main as cli_main
 from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
 from .conftest import make_conflicting_pairs, skip_unless_strict
@@ -32,16 +32,41 @@ def real_data_dir():
 def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_data_dir):
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output, results = tmp_path / "BENCHMARKS.md", tmp_path / "results"
-    argv = ["--preset", "smoke", "--model", backbone, "--output", str(output), "--results_dir", str(results),
-            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir), "--lora"]
+    argv = [
+        "--preset",
+        "smoke",
+        "--model",
+        backbone,
+        "--output",
+        str(output),
+        "--results_dir",
+        str(results),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--data_dir",
+        str(real_data_dir),
+        "--lora",
+    ]
     assert run_all.main(argv) == 0
 
     document = output.read_text()
     assert f"python benchmarks/harness/run_all.py {' '.join(argv)}" in document
-    for heading in ("## How this was run", "## Setup", "## Targets", "## Results", "## Performance",
-                    "## LoRA-tuned backbone", "### hh_relabeled", "### synthetic M=2", "### DSP",
-                    "#### Leave one context out", "#### Test pairs marked `agreed`", "#### Diagnostics",
-                    "| MiCRo + router adaptation, unseen context wordings |", "| SingleReward + residual heads |"):
+    for heading in (
+        "## How this was run",
+        "## Setup",
+        "## Targets",
+        "## Results",
+        "## Performance",
+        "## LoRA-tuned backbone",
+        "### hh_relabeled",
+        "### synthetic M=2",
+        "### DSP",
+        "#### Leave one context out",
+        "#### Test pairs marked `agreed`",
+        "#### Diagnostics",
+        "| MiCRo + router adaptation, unseen context wordings |",
+        "| SingleReward + residual heads |",
+    ):
         assert heading in document, heading
     for method in METHODS:
         assert f"| {method} |" in document, method
@@ -97,13 +122,28 @@ def checkpoint_and_data(tokenizer, tmp_path):
 def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, capsys):
     checkpoint, data_file = checkpoint_and_data
     out = tmp_path / "eval"
-    argv = ["eval", "--model_name_or_path", checkpoint, "--dataset_name", data_file, "--output_dir", str(out),
-            "--context_id_column", "taste", "--adaptation_pairs", "4"]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        checkpoint,
+        "--dataset_name",
+        data_file,
+        "--output_dir",
+        str(out),
+        "--context_id_column",
+        "taste",
+        "--adaptation_pairs",
+        "4",
+    ]
     assert cli_main(argv) == 0
     report = json.loads((out / "eval_report.json").read_text())
     assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8}
-    assert set(report["methods"]) >= {"routed (checkpoint router)", "online routing (4 pairs per context)", "head 2 alone",
-                                      "online routing + residual heads (4 pairs per context)"}
+    assert set(report["methods"]) >= {
+        "routed (checkpoint router)",
+        "online routing (4 pairs per context)",
+        "head 2 alone",
+        "online routing + residual heads (4 pairs per context)",
+    }
     residual = report["methods"]["online routing + residual heads (4 pairs per context)"]["accuracy"]
     assert set(residual) == {"short", "long"} and all(0 <= value <= 1 for value in residual.values())
     assert set(report["methods"]["routed (checkpoint router)"]["accuracy"]) == {"short", "long"}
@@ -115,9 +155,13 @@ def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, cap
     readout = MiCRoReward.from_pretrained(checkpoint).model.config.readout_name
     assert report["model"] == {"num_heads": 3, "readout": readout} and f"readout {readout}" in printed
     # What was adapted is saved per context id and drops into the RL reward.
-    reward = MiCRoReward.from_pretrained(checkpoint, context_column=None, user_column="taste",
-                                         online_router=out / "online_router.json",
-                                         residual_heads=out / "residual_heads.json")
+    reward = MiCRoReward.from_pretrained(
+        checkpoint,
+        context_column=None,
+        user_column="taste",
+        online_router=out / "online_router.json",
+        residual_heads=out / "residual_heads.json",
+    )
     assert set(reward.online_router.users()) == set(reward.residual_heads.users()) == {"short", "long"}
     row = make_conflicting_pairs(1)[0]
     scores = reward.score([row["prompt"]] * 3, [row["chosen"]] * 3, users=["short", "long", "nobody"])
@@ -131,7 +175,9 @@ def test_eval_command_bad_input(checkpoint_and_data, tmp_path):
     with pytest.raises(ValueError, match="no context column 'persona'.*--context_column"):
         cli_main([*base, "--output_dir", str(tmp_path / "a"), "--context_column", "persona"])
     with pytest.raises(ValueError, match="--adaptation_pairs 12 needs more than that many pairs"):
-        cli_main([*base, "--output_dir", str(tmp_path / "b"), "--context_id_column", "taste", "--adaptation_pairs", "12"])
+        cli_main(
+            [*base, "--output_dir", str(tmp_path / "b"), "--context_id_column", "taste", "--adaptation_pairs", "12"]
+        )
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     with pytest.raises(OSError, match="Cannot write"):
@@ -157,12 +203,30 @@ def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_pa
 
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     variants = tmp_path / "variants.json"
-    variants.write_text(json.dumps([{"name": "as benchmarked"}, {"name": "K = M", "num_heads_minus_contexts": 0,
-                                                                 "heads": {"weight_decay": 0.1}, "eta": 0.5},
-                                    {"name": "from the oracle heads", "init": "oracle"}]))
+    variants.write_text(
+        json.dumps(
+            [
+                {"name": "as benchmarked"},
+                {"name": "K = M", "num_heads_minus_contexts": 0, "heads": {"weight_decay": 0.1}, "eta": 0.5},
+                {"name": "from the oracle heads", "init": "oracle"},
+            ]
+        )
+    )
     output = tmp_path / "sweep" / "stage1_sweep.md"
-    argv = ["--preset", "smoke", "--benchmark", "synthetic_m2", "--model", backbone, "--variants", str(variants),
-            "--output", str(output), "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "--preset",
+        "smoke",
+        "--benchmark",
+        "synthetic_m2",
+        "--model",
+        backbone,
+        "--variants",
+        str(variants),
+        "--output",
+        str(output),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert stage1_sweep.main(argv) == 0
 
     document = output.read_text()
@@ -179,8 +243,11 @@ def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_pa
         assert 0 <= row["picks"] <= row["cases"] == 4
         for name in ("ceiling", "online"):
             for context in result["contexts"]:
-                accuracy, single, oracle = (row[name]["accuracy"][context], row["single"][context],
-                                            row["oracle"][context])
+                accuracy, single, oracle = (
+                    row[name]["accuracy"][context],
+                    row["single"][context],
+                    row["oracle"][context],
+                )
                 if oracle != single:
                     assert row[name]["gap"][context] == pytest.approx((accuracy - single) / (oracle - single))
 
@@ -205,8 +272,18 @@ def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(toke
 
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output = tmp_path / "objective.md"
-    argv = ["--preset", "smoke", "--benchmark", "synthetic_m2", "--model", backbone, "--output", str(output),
-            "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "--preset",
+        "smoke",
+        "--benchmark",
+        "synthetic_m2",
+        "--model",
+        backbone,
+        "--output",
+        str(output),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert router_objective.main(argv) == 0
 
     document = output.read_text()
@@ -221,7 +298,6 @@ def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(toke
         for context in result["contexts"]:
             per_seed = [run[context] for run in result["runs"][method]]
             assert result["mean"][method][context] == pytest.approx(sum(per_seed) / 2)
-
 
 
 def test_lora_only_plan_runs_just_the_lora_run(tokenizer, tmp_path, real_data_dir, monkeypatch):
@@ -240,8 +316,20 @@ def test_lora_only_plan_runs_just_the_lora_run(tokenizer, tmp_path, real_data_di
     monkeypatch.setitem(run_all.PRESETS, "smoke", smoke_lora_only)
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output, results = tmp_path / "REPORT.md", tmp_path / "results"
-    argv = ["--preset", "smoke", "--model", backbone, "--output", str(output), "--results_dir", str(results),
-            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir)]  # no --lora: the plan asks
+    argv = [
+        "--preset",
+        "smoke",
+        "--model",
+        backbone,
+        "--output",
+        str(output),
+        "--results_dir",
+        str(results),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--data_dir",
+        str(real_data_dir),
+    ]  # no --lora: the plan asks
     assert run_all.main(argv) == 0
 
     document = output.read_text()
@@ -261,8 +349,22 @@ def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_
     study = importlib.import_module(f"benchmarks.{script}")
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output = tmp_path / f"{script}.md"
-    argv = ["--preset", "smoke", "--benchmark", "dsp", "--model", backbone, "--output", str(output),
-            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir), "--seeds", "0"]
+    argv = [
+        "--preset",
+        "smoke",
+        "--benchmark",
+        "dsp",
+        "--model",
+        backbone,
+        "--output",
+        str(output),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--data_dir",
+        str(real_data_dir),
+        "--seeds",
+        "0",
+    ]
     if script == "stage1_sweep":
         variants = tmp_path / "variants.json"
         variants.write_text(json.dumps([{"name": "as benchmarked"}]))
@@ -292,17 +394,42 @@ def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_d
 
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output = tmp_path / "readouts.md"
-    argv = ["--preset", "smoke", "--benchmarks", "synthetic_m2", "dsp", "--model", backbone, "--output", str(output),
-            "--cache_dir", str(tmp_path / "cache"), "--data_dir", str(real_data_dir), "--seeds", "0", "1",
-            "--reward_readouts", "last", "mean", "--router_readouts", "last", "mean"]
+    argv = [
+        "--preset",
+        "smoke",
+        "--benchmarks",
+        "synthetic_m2",
+        "dsp",
+        "--model",
+        backbone,
+        "--output",
+        str(output),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--data_dir",
+        str(real_data_dir),
+        "--seeds",
+        "0",
+        "1",
+        "--reward_readouts",
+        "last",
+        "mean",
+        "--router_readouts",
+        "last",
+        "mean",
+    ]
     assert readout_study.main(argv) == 0
     result = json.loads(output.with_suffix(".json").read_text())
     document = output.read_text()
     assert f"python benchmarks/studies/readout_study.py {' '.join(argv)}" in document
     assert list(result["benchmarks"]) == ["synthetic_m2", "dsp"]
     for entry in result["benchmarks"].values():
-        assert list(entry["readouts"]) == ["last / router last", "mean / router last", "last / router mean",
-                                           "mean / router mean"]
+        assert list(entry["readouts"]) == [
+            "last / router last",
+            "mean / router last",
+            "last / router mean",
+            "mean / router mean",
+        ]
         for readout in entry["readouts"].values():
             assert len(readout["runs"]) == 2
             for method in readout_study.METHODS:
@@ -310,4 +437,3 @@ def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_d
     assert "| mean / router last |" in document and "Gap closed per context" in document
     with pytest.raises(SystemExit):
         readout_study.main(["--preset", "smoke", "--benchmarks", "nope", "--output", str(tmp_path / "x.md")])
-

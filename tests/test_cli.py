@@ -20,7 +20,11 @@ def test_accelerate_config_names_resolve_to_the_shipped_files():
     zero3 = shipped_accelerate_config("zero3")
     assert zero3.parent.name == "accelerate_configs" and "zero_stage: 3" in zero3.read_text()
     assert resolve_accelerate_config(["--num_processes", "2", "--accelerate_config", "zero3"]) == [
-        "--config_file", str(zero3), "--num_processes", "2"]
+        "--config_file",
+        str(zero3),
+        "--num_processes",
+        "2",
+    ]
     fsdp = resolve_accelerate_config(["--accelerate_config", "fsdp2"])  # one of TRL's
     assert fsdp[0] == "--config_file" and Path(fsdp[1]).parts[-3:] == ("trl", "accelerate_configs", "fsdp2.yaml")
     with pytest.raises(ValueError, match="nope is neither a file"):
@@ -45,7 +49,9 @@ def test_a_deepspeed_setting_without_deepspeed_names_the_extra(monkeypatch, tmp_
 
     monkeypatch.setattr(micro_config, "is_deepspeed_available", lambda: False)
     script = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--use_cpu"]
-    with pytest.raises(ImportError, match=r"zero3.yaml \(distributed_type: DEEPSPEED\) needs DeepSpeed.*trl-micro\[deepspeed\]"):
+    with pytest.raises(
+        ImportError, match=r"zero3.yaml \(distributed_type: DEEPSPEED\) needs DeepSpeed.*trl-micro\[deepspeed\]"
+    ):
         launch_arguments("train", [*script, "--accelerate_config", "zero3"])
     with pytest.raises(ImportError, match=r"`--deepspeed` needs DeepSpeed.*trl-micro\[deepspeed\]"):
         launch_arguments("grpo", ["--reward_model_path", "rm", "--output_dir", "out", "--deepspeed", "ds.json"])
@@ -68,39 +74,96 @@ def test_an_installed_wheel_runs_its_commands_outside_the_repository(tokenizer, 
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = (tmp_path / "dist").glob("trl_micro-*.whl")
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True,
-                   capture_output=True, timeout=600)
-    assert {p.name for p in (site / "trl_micro" / "accelerate_configs").iterdir()} >= {"ddp.yaml", "zero2.yaml",
-                                                                                       "zero3.yaml"}
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert {p.name for p in (site / "trl_micro" / "accelerate_configs").iterdir()} >= {
+        "ddp.yaml",
+        "zero2.yaml",
+        "zero3.yaml",
+    }
+    assert (
+        site / "trl_micro" / "model_card" / "templates" / "quick_start.md"
+    ).is_file()  # the model card's quick start
     assert not (site / "recipes").exists()
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    backbone = save_tiny_backbone(str(elsewhere / "backbone"), tokenizer)
+    save_tiny_backbone(str(elsewhere / "backbone"), tokenizer)  # the commands below name it by its folder
     make_conflicting_pairs(16).to_json(elsewhere / "pairs.jsonl")
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
     env.pop("TRL_MICRO_DATA_DIR", None)
 
     def run(*argv):
-        result = subprocess.run([str(site / "bin" / "trl-micro"), *argv], cwd=elsewhere, env=env, capture_output=True,
-                                text=True, timeout=900)
+        result = subprocess.run(
+            [str(site / "bin" / "trl-micro"), *argv],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
         return result
 
-    where = subprocess.run([sys.executable, "-c", "import trl_micro.scripts.train as m; print(m.__file__)"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    where = subprocess.run(
+        [sys.executable, "-c", "import trl_micro.scripts.train as m; print(m.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert where.stdout.strip().startswith(str(site))
-    run("train", "--model_name_or_path", "backbone", "--dataset_name", "pairs.jsonl", "--num_heads", "2",
-        "--output_dir", "micro-rm", "--per_device_train_batch_size", "8", "--num_train_epochs", "1", "--report_to",
-        "none", "--save_strategy", "no", "--use_cpu", "--num_processes", "1", "--mixed_precision", "no")
+    run(
+        "train",
+        "--model_name_or_path",
+        "backbone",
+        "--dataset_name",
+        "pairs.jsonl",
+        "--num_heads",
+        "2",
+        "--output_dir",
+        "micro-rm",
+        "--per_device_train_batch_size",
+        "8",
+        "--num_train_epochs",
+        "1",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--num_processes",
+        "1",
+        "--mixed_precision",
+        "no",
+    )
     checkpoint = elsewhere / "micro-rm"
     assert (checkpoint / "modeling_micro.py").read_text() == (site / "trl_micro" / "modeling_micro.py").read_text()
     assert "#### Head 1" in (checkpoint / "README.md").read_text()
-    run("eval", "--model_name_or_path", "micro-rm", "--dataset_name", "pairs.jsonl", "--context_id_column", "taste",
-        "--output_dir", "eval")
+    run(
+        "eval",
+        "--model_name_or_path",
+        "micro-rm",
+        "--dataset_name",
+        "pairs.jsonl",
+        "--context_id_column",
+        "taste",
+        "--output_dir",
+        "eval",
+    )
     assert set(json.loads((elsewhere / "eval" / "eval_report.json").read_text())["head_usage"]) == {
-        "routed (checkpoint router)"}
+        "routed (checkpoint router)"
+    }

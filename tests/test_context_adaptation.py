@@ -13,8 +13,11 @@ def _scores(num_pairs: int = 24, num_heads: int = 3, hidden: int = 8, seed: int 
     contexts = ["alice" if i % 2 else "bob" for i in range(num_pairs)]
     head_margins = torch.randn(num_pairs, num_heads, generator=generator)
     head_margins[::2, 0] = head_margins[::2, 0].abs() + 1.0  # bob's pairs all agree with head 0
-    scores = PairScores(head_margins, torch.randn(num_pairs, num_heads, generator=generator),
-                        torch.randn(num_pairs, hidden, generator=generator))
+    scores = PairScores(
+        head_margins,
+        torch.randn(num_pairs, num_heads, generator=generator),
+        torch.randn(num_pairs, hidden, generator=generator),
+    )
     return contexts, scores
 
 
@@ -26,7 +29,9 @@ def test_adaptation_is_the_online_router_then_residual_heads():
         torch.testing.assert_close(adapted.online_router.weights(user), router.weights(user))
     assert adapted.online_router.weights("bob").argmax() == 0
     residuals = fit_residual_heads(router, contexts, scores.head_margins, scores.feature_deltas)
-    expected = routed_margins(router, contexts, scores.head_margins) + residuals.rewards(contexts, scores.feature_deltas)
+    expected = routed_margins(router, contexts, scores.head_margins) + residuals.rewards(
+        contexts, scores.feature_deltas
+    )
     torch.testing.assert_close(adapted.margins(scores, contexts), expected)
     torch.testing.assert_close(
         adapted.margins(scores, contexts, with_residuals=False), routed_margins(router, contexts, scores.head_margins)

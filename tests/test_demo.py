@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from trl_micro.bundled.embedded import embedded_model_path
-from trl_micro.scripts.demo import DemoArguments, format_results, run_demo
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.scripts.demo import DemoArguments, format_results, run_demo
 from trl_micro.testing_utils import build_tiny_tokenizer, save_tiny_backbone
 
 from .conftest import skip_unless_strict
@@ -22,7 +22,9 @@ from .conftest import skip_unless_strict
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    data = generate_synthetic_preferences(SyntheticPreferenceConfig(num_subpopulations=2, num_pairs_per_subpopulation=60))
+    data = generate_synthetic_preferences(
+        SyntheticPreferenceConfig(num_subpopulations=2, num_pairs_per_subpopulation=60)
+    )
     corpus = [row[column] for row in data for column in ("prompt", "chosen", "rejected", "context")]
     return build_tiny_tokenizer(corpus, vocab_size=1000)
 
@@ -59,10 +61,22 @@ def test_the_demo_as_a_user_runs_it(tmp_path):
     except (ImportError, FileNotFoundError) as error:
         skip_unless_strict(f"the embedded model is not installed: {error}")
     output = tmp_path / "demo.json"
-    command = [str(Path(sys.executable).parent / "trl-micro"), "demo", "--output_json", str(output),
-               "--feature_cache_dir", str(tmp_path / "features")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    command = [
+        str(Path(sys.executable).parent / "trl-micro"),
+        "demo",
+        "--output_json",
+        str(output),
+        "--feature_cache_dir",
+        str(tmp_path / "features"),
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| subpop-0 |" in result.stdout and "| subpop-1 |" in result.stdout
     results = json.loads(output.read_text())

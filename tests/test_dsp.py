@@ -49,7 +49,9 @@ def test_splits_are_by_query_and_hold_every_pair_of_a_query(dsp):
     assert not queries["train"] & queries["adaptation"] and not queries["train"] & queries["test"]
     assert not queries["adaptation"] & queries["test"]
     assert queries["test_unseen_wordings"] == queries["test"]
-    assert 650 < len(queries["train"]) + len(queries["adaptation"]) + len(queries["test"]) <= 661  # a few lose every pair
+    assert (
+        650 < len(queries["train"]) + len(queries["adaptation"]) + len(queries["test"]) <= 661
+    )  # a few lose every pair
     train = dsp["train"]
     per_query = {}
     for query, domain in zip(train["query_id"], train["context_id"]):

@@ -35,8 +35,24 @@ def test_user_ids_without_context_text_are_enough(checkpoint, tokenizer, tmp_pat
     data = user_pairs(24)
     data.to_json(tmp_path / "pairs.jsonl")
     out = tmp_path / "eval"
-    assert cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(tmp_path / "pairs.jsonl"),
-                     "--context_id_column", "user", "--adaptation_pairs", "4", "--output_dir", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model_name_or_path",
+                checkpoint,
+                "--dataset_name",
+                str(tmp_path / "pairs.jsonl"),
+                "--context_id_column",
+                "user",
+                "--adaptation_pairs",
+                "4",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "eval_report.json").read_text())
     assert report["context_column"] is None and report["context_label_column"] == "user"
     assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8}
@@ -46,18 +62,44 @@ def test_user_ids_without_context_text_are_enough(checkpoint, tokenizer, tmp_pat
     # Without context text, the router reads the prompt as it is: the same as scoring with no context column.
     scores = score_preference_pairs(MiCRoRewardModel.from_pretrained(checkpoint), data, tokenizer, context_column=None)
     everything = per_context_accuracy(scores.margins, data["user"])
-    assert cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(tmp_path / "pairs.jsonl"),
-                     "--context_id_column", "user", "--output_dir", str(tmp_path / "all")]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model_name_or_path",
+                checkpoint,
+                "--dataset_name",
+                str(tmp_path / "pairs.jsonl"),
+                "--context_id_column",
+                "user",
+                "--output_dir",
+                str(tmp_path / "all"),
+            ]
+        )
+        == 0
+    )
     routed = json.loads((tmp_path / "all" / "eval_report.json").read_text())["methods"]["routed (checkpoint router)"]
     assert routed["accuracy"] == pytest.approx(everything["accuracy"])
 
 
 def test_no_id_and_no_context_column_names_both_flags(checkpoint, tmp_path):
     user_pairs(4).to_json(tmp_path / "pairs.jsonl")
-    with pytest.raises(ValueError, match="no context id column 'context_id' and no context column 'context'.*"
-                                         "--context_id_column.*--context_column"):
-        cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(tmp_path / "pairs.jsonl"),
-                  "--output_dir", str(tmp_path / "eval")])
+    with pytest.raises(
+        ValueError,
+        match="no context id column 'context_id' and no context column 'context'.*"
+        "--context_id_column.*--context_column",
+    ):
+        cli_main(
+            [
+                "eval",
+                "--model_name_or_path",
+                checkpoint,
+                "--dataset_name",
+                str(tmp_path / "pairs.jsonl"),
+                "--output_dir",
+                str(tmp_path / "eval"),
+            ]
+        )
 
 
 @pytest.mark.parametrize(
@@ -76,8 +118,17 @@ def test_one_malformed_row_among_thousands_is_named(checkpoint, tmp_path, conver
     path = tmp_path / "pairs.jsonl"
     with open(path, "w") as file:
         file.writelines(json.dumps(r) + "\n" for r in rows)
-    argv = ["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(path), "--context_id_column", "user",
-            "--output_dir", str(tmp_path / "eval")]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        checkpoint,
+        "--dataset_name",
+        str(path),
+        "--context_id_column",
+        "user",
+        "--output_dir",
+        str(tmp_path / "eval"),
+    ]
     message = rf"Row 1234 of .*: `{field}` {problem}.*1 of 2000 rows.*--skip_malformed_rows"
     with pytest.raises(ValueError, match=message):
         cli_main(argv)
@@ -91,8 +142,23 @@ def test_skip_malformed_rows_scores_the_others_and_reports_how_many(checkpoint, 
     with open(path, "w") as file:
         file.writelines(json.dumps(r) + "\n" for r in rows)
     out = tmp_path / "eval"
-    assert cli_main(["eval", "--model_name_or_path", checkpoint, "--dataset_name", str(path), "--context_id_column",
-                     "user", "--skip_malformed_rows", "--output_dir", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model_name_or_path",
+                checkpoint,
+                "--dataset_name",
+                str(path),
+                "--context_id_column",
+                "user",
+                "--skip_malformed_rows",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "eval_report.json").read_text())
     assert report["skipped_rows"] == 2 and report["num_pairs"]["scored"] == 38
     assert "skipped 2 malformed rows" in capsys.readouterr().out
@@ -111,8 +177,14 @@ def test_hub_names_without_network_are_clear_errors(checkpoint, tmp_path):
         "        print('ERROR', type(error.__cause__).__name__, error)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script, checkpoint, str(tmp_path / "pairs.jsonl")], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, checkpoint, str(tmp_path / "pairs.jsonl")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     dataset_error, model_error = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
     assert "Dataset 'someone/prefs' (config 'v2')" in dataset_error and "HF_DATASETS_OFFLINE=1" in dataset_error
     assert dataset_error.startswith("ERROR ConnectionError")  # raised by datasets.load_dataset itself
@@ -132,6 +204,9 @@ def test_eval_says_when_the_heads_have_not_separated(checkpoint, tokenizer, tmp_
         model.heads.weight.copy_(model.heads.weight[:1].expand_as(model.heads.weight))
     model.save_pretrained(tmp_path / "same-heads")
     tokenizer.save_pretrained(tmp_path / "same-heads")
-    assert cli_main([*args, "--model_name_or_path", str(tmp_path / "same-heads"), "--output_dir", str(tmp_path / "same")]) == 0
+    assert (
+        cli_main([*args, "--model_name_or_path", str(tmp_path / "same-heads"), "--output_dir", str(tmp_path / "same")])
+        == 0
+    )
     assert json.loads((tmp_path / "same" / "eval_report.json").read_text())["head_agreement"] == pytest.approx(1.0)
     assert "the heads have not separated" in capsys.readouterr().out

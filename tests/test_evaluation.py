@@ -124,7 +124,10 @@ def test_write_report_unwritable_path_fails_before_writing(tmp_path):
 
 
 def test_plots_write_png_files(tmp_path):
-    methods = {"SingleReward": per_context_accuracy(DELTAS, CONTEXTS), "MiCRo": per_context_accuracy([1.0] * 8, CONTEXTS)}
+    methods = {
+        "SingleReward": per_context_accuracy(DELTAS, CONTEXTS),
+        "MiCRo": per_context_accuracy([1.0] * 8, CONTEXTS),
+    }
     assert_png(plot_accuracy_per_context(methods, tmp_path / "accuracy.png"))
     table = {"SingleReward": {"a": 0.6, "macro": 0.6}, "MiCRo": {"a": 0.8, "macro": 0.7}}
     std = {"SingleReward": {"a": 0.01, "macro": 0.02}, "MiCRo": {"a": 0.0, "macro": 0.05}}

@@ -33,8 +33,10 @@ def _tokenized(tokenizer, model, pairs: Dataset) -> Dataset:
 
 def _reference(model, sequences):
     """Every sequence through the backbone alone (batch of one): the features the store must give."""
-    rows = [model.compute_features(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([length]))
-            for ids, length in sequences]
+    rows = [
+        model.compute_features(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([length]))
+        for ids, length in sequences
+    ]
     return torch.cat([reward for reward, _ in rows]), torch.cat([router for _, router in rows])
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from trl_micro import MiCRoRewardModel, MiCRoRewardTrainer
-from trl_micro.trainer.head_initialization import em_initial_heads
 from trl_micro.testing_utils import build_tiny_micro_model
+from trl_micro.trainer.head_initialization import em_initial_heads
 
 from .test_latent_groups import rater_pairs
 from .test_trainer import make_args
@@ -54,7 +54,9 @@ def correlated_two_rater_differences(num_groups, pairs_per_group=2, dim=576, see
 
 
 def best_head_accuracy_per_rater(heads, differences, raters):
-    return [max(((differences[raters == rater] @ head) > 0).float().mean().item() for head in heads) for rater in (0, 1)]
+    return [
+        max(((differences[raters == rater] @ head) > 0).float().mean().item() for head in heads) for rater in (0, 1)
+    ]
 
 
 def test_em_chosen_on_held_out_groups_does_not_overfit_fewer_pairs_than_dimensions():

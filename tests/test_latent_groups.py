@@ -22,7 +22,9 @@ def rater_pairs(num_prompts: int) -> Dataset:
         for taste in ("short", "long"):
             for other in ANSWERS:
                 if other != taste:
-                    rows.append({"prompt": prompt, "chosen": ANSWERS[taste], "rejected": ANSWERS[other], "taste": taste})
+                    rows.append(
+                        {"prompt": prompt, "chosen": ANSWERS[taste], "rejected": ANSWERS[other], "taste": taste}
+                    )
     return Dataset.from_list(rows)
 
 
@@ -40,7 +42,9 @@ def test_grouped_batches_hold_whole_groups_and_cover_every_row_once():
     assert sorted(row for batch in first for row in batch) == list(range(10))
     for batch in first:
         batch_groups = {groups[row] for row in batch}
-        assert all(sum(g == group for g in groups) == sum(groups[row] == group for row in batch) for group in batch_groups)
+        assert all(
+            sum(g == group for g in groups) == sum(groups[row] == group for row in batch) for group in batch_groups
+        )
     assert list(sampler) != first  # the next epoch reshuffles the groups
     sampler.set_epoch(0)
     assert list(sampler) == first  # seeded by the epoch
@@ -48,7 +52,9 @@ def test_grouped_batches_hold_whole_groups_and_cover_every_row_once():
 
 def test_one_pair_per_group_is_the_per_pair_loss():
     margins, logits = torch.randn(6, 3), torch.randn(6, 3)
-    torch.testing.assert_close(context_mixture_bt_loss(margins, logits, torch.arange(6)), mixture_bt_loss(margins, logits))
+    torch.testing.assert_close(
+        context_mixture_bt_loss(margins, logits, torch.arange(6)), mixture_bt_loss(margins, logits)
+    )
     grouped = context_mixture_bt_loss(margins, logits, torch.tensor([0, 0, 1, 1, 1, 2]))
     assert grouped.shape == (3,)
 
@@ -85,8 +91,12 @@ def test_pair_latents_and_the_ensemble_loss_are_not_grouped(tokenizer, tmp_path)
     data = rater_pairs(3)
     for overrides in ({"latent_groups": "pair"}, {"loss_type": "ensemble"}):
         model = build_tiny_micro_model(tokenizer, num_heads=2)
-        trainer = MiCRoRewardTrainer(model=model, args=make_args(tmp_path, freeze_backbone=True, **overrides),
-                                     train_dataset=data, processing_class=tokenizer)
+        trainer = MiCRoRewardTrainer(
+            model=model,
+            args=make_args(tmp_path, freeze_backbone=True, **overrides),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
         assert "latent_group" not in trainer.train_dataset.column_names
     with pytest.raises(ValueError, match="latent_groups"):
         make_args(tmp_path, latent_groups="prompt")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from benchmarks.studies.latent_recovery import joint_assignment, purity, reversal_components, separability
 from benchmarks.harness.pair_pool import CachedPairPool
+from benchmarks.studies.latent_recovery import joint_assignment, purity, reversal_components, separability
 from trl_micro.trainer.head_initialization import fit_mixture_em, random_responsibilities
 
 
@@ -30,7 +30,9 @@ def test_the_truth_start_keeps_a_planted_mixture_and_random_starts_find_it():
     _, fitted, log_likelihood = fit_mixture_em(differences, groups, start, l2=0.01)
     assert purity(fitted, labels) >= 0.95 and log_likelihood == pytest.approx(truth_log_likelihood, abs=1e-3)
     # the cannot-link E-step plugs into the same fit (no reversals here: it is the hard assignment)
-    _, hard, _ = fit_mixture_em(differences, groups, start, 0.01, e_step=lambda group_ll, _: joint_assignment(group_ll, []))
+    _, hard, _ = fit_mixture_em(
+        differences, groups, start, 0.01, e_step=lambda group_ll, _: joint_assignment(group_ll, [])
+    )
     assert set(hard.sum(dim=1).tolist()) == {1.0} and purity(hard, labels) >= 0.95
 
 
@@ -41,11 +43,13 @@ def test_purity_is_one_for_a_relabelled_truth_and_chance_for_one_head():
 
 
 def test_reversed_groups_of_a_prompt_are_kept_apart():
-    dataset = Dataset.from_dict({
-        "prompt": ["p", "p", "p", "q", "q"],
-        "chosen": ["a", "a", "b", "a", "c"],
-        "rejected": ["b", "c", "a", "b", "d"],
-    })
+    dataset = Dataset.from_dict(
+        {
+            "prompt": ["p", "p", "p", "q", "q"],
+            "chosen": ["a", "a", "b", "a", "c"],
+            "rejected": ["b", "c", "a", "b", "d"],
+        }
+    )
     pool = CachedPairPool(dataset=dataset, features=None, context_ids=["x"] * 5, num_with_context=0)
     groups = torch.tensor([0, 0, 1, 2, 3])  # (p, a), (p, b) reverse each other on a-b; q's groups do not
     components = reversal_components(pool, range(5), groups)

@@ -28,14 +28,20 @@ def _imported_names(path: Path) -> set[str]:
 
 def test_library_never_imports_benchmarks_or_tests():
     offenders = {
-        str(path.relative_to(PACKAGE)): sorted(name for name in _imported_names(path) if name.split(".")[0] in {"benchmarks", "tests"})
+        str(path.relative_to(PACKAGE)): sorted(
+            name for name in _imported_names(path) if name.split(".")[0] in {"benchmarks", "tests"}
+        )
         for path in _modules()
     }
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
 def test_modules_stay_readable():
-    long = {str(path.relative_to(PACKAGE)): n for path in _modules() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        str(path.relative_to(PACKAGE)): n
+        for path in _modules()
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert long == {}
     root_modules = [path.name for path in PACKAGE.glob("*.py")]
     assert len(root_modules) <= 16, root_modules
@@ -63,12 +69,37 @@ def test_every_benchmark_folder_says_what_it_holds_and_how_to_regenerate_it():
         text = readme.read_text(encoding="utf-8")
         assert f"python benchmarks/{folder.name}/" in text, f"{folder.name}/README.md names no command"
         for script in folder.glob("*.py"):
-            assert script.name == "__init__.py" or f"`{script.name}`" in text, f"{folder.name}/README.md omits {script.name}"
+            assert script.name == "__init__.py" or f"`{script.name}`" in text, (
+                f"{folder.name}/README.md omits {script.name}"
+            )
 
 
 def test_reports_name_no_local_folder():
     """A report's command is one anyone can rerun from a checkout: no absolute path of the machine that ran it."""
-    reports = [PACKAGE.parent / "BENCHMARKS.md", PACKAGE.parent / "README.md", *BENCHMARKS.rglob("results/**/*.md"),
-               *BENCHMARKS.rglob("results/**/*.json")]
-    found = {str(path.relative_to(PACKAGE.parent)): LOCAL_PATH.findall(path.read_text(encoding="utf-8")) for path in reports}
+    reports = [
+        PACKAGE.parent / "BENCHMARKS.md",
+        PACKAGE.parent / "README.md",
+        *BENCHMARKS.rglob("results/**/*.md"),
+        *BENCHMARKS.rglob("results/**/*.json"),
+    ]
+    found = {
+        str(path.relative_to(PACKAGE.parent)): LOCAL_PATH.findall(path.read_text(encoding="utf-8")) for path in reports
+    }
     assert {path: paths for path, paths in found.items() if paths} == {}
+
+
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_the_readme_is_a_users_page_whose_links_resolve():
+    """At most about 200 lines; train, adapt, evaluate and RL within the first 100; every relative link a file.
+    (The docs' links are checked by `mkdocs build --strict`, which `make test` runs.)"""
+    root = PACKAGE.parent
+    lines = (root / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200, len(lines)
+    head = "\n".join(lines[:100])
+    for section in ("## Train a MiCRo reward model", "## Adapt it to a user", "## Evaluate", "## Train a policy"):
+        assert section in head, section
+    targets = [target.split("#")[0] for target in MARKDOWN_LINK.findall("\n".join(lines))]
+    missing = [target for target in targets if target and "://" not in target and not (root / target).exists()]
+    assert missing == []

@@ -47,7 +47,9 @@ def test_mixture_loss_is_finite_for_extreme_logits(dtype):
 def test_margin_shifts_every_head():
     margins, router_logits = torch.randn(8, 3), torch.randn(8, 3)
     shift = torch.full((8,), 0.5)
-    torch.testing.assert_close(mixture_bt_loss(margins, router_logits, shift), mixture_bt_loss(margins - 0.5, router_logits))
+    torch.testing.assert_close(
+        mixture_bt_loss(margins, router_logits, shift), mixture_bt_loss(margins - 0.5, router_logits)
+    )
 
 
 def test_ensemble_loss_is_mean_of_per_head_bt():
@@ -92,11 +94,14 @@ def test_context_loss_equals_direct_computation():
     context_index = torch.tensor([3, 0, 1] * 8)
     loss = context_mixture_bt_loss(margins, router_logits, context_index)
     assert loss.shape == (3,)
-    torch.testing.assert_close(loss.double(), direct_context_nll(margins, router_logits, context_index), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        loss.double(), direct_context_nll(margins, router_logits, context_index), rtol=1e-5, atol=1e-6
+    )
     shift = torch.full((24,), 0.5)
-    torch.testing.assert_close(context_mixture_bt_loss(margins, router_logits, context_index, shift),
-                               context_mixture_bt_loss(margins - 0.5, router_logits, context_index))
+    torch.testing.assert_close(
+        context_mixture_bt_loss(margins, router_logits, context_index, shift),
+        context_mixture_bt_loss(margins - 0.5, router_logits, context_index),
+    )
 
 
 def test_context_loss_with_one_pair_per_context_is_the_mixture_loss():

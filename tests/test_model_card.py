@@ -15,14 +15,13 @@ from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
 
 from trl_micro import MiCRoRewardModel, score_preference_pairs
+from trl_micro.bundled.embedded import EMBEDDED_HUB_ID, embedded_model_path
 from trl_micro.model_card import measure_heads, replace_section
 from trl_micro.scoring import PairScores
 from trl_micro.scripts.cli import main as cli_main
 from trl_micro.scripts.train import main as train_main
 from trl_micro.scripts.train import make_parser as train_parser
 from trl_micro.testing_utils import save_tiny_backbone
-
-from trl_micro.bundled.embedded import EMBEDDED_HUB_ID, embedded_model_path
 
 from .conftest import CONTEXTS, make_conflicting_pairs, skip_unless_strict
 from .rl_fixtures import reward_checkpoint  # noqa: F401 (fixture)
@@ -41,8 +40,14 @@ def test_measure_heads_reads_routing_accuracy_length_and_examples():
         feature_deltas=torch.zeros(3, 4),
         head_rewards=head_rewards,
     )
-    pairs = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "chosen": responses[0::2], "rejected": responses[1::2],
-                               "context_id": ["a", "a", "b"]})
+    pairs = Dataset.from_dict(
+        {
+            "prompt": ["p0", "p1", "p2"],
+            "chosen": responses[0::2],
+            "rejected": responses[1::2],
+            "context_id": ["a", "a", "b"],
+        }
+    )
     measured = measure_heads(scores, pairs)
     longer, shorter = measured["heads"]
     assert measured["contexts"] == ["a", "a", "b"] and measured["num_pairs"] == 3
@@ -105,8 +110,17 @@ def test_eval_adds_its_table_to_the_card_once(reward_checkpoint, tmp_path):  # n
     shutil.copytree(reward_checkpoint, checkpoint)
     data = tmp_path / "pairs.jsonl"
     make_conflicting_pairs(12, conversational=True).to_json(data)
-    argv = ["eval", "--model_name_or_path", str(checkpoint), "--dataset_name", str(data), "--context_id_column",
-            "taste", "--output_dir", str(tmp_path / "eval")]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        str(checkpoint),
+        "--dataset_name",
+        str(data),
+        "--context_id_column",
+        "taste",
+        "--output_dir",
+        str(tmp_path / "eval"),
+    ]
     assert cli_main(argv) == 0
     assert cli_main(argv) == 0  # evaluating again replaces the section
     text = (checkpoint / "README.md").read_text()
@@ -130,18 +144,45 @@ def test_what_push_to_hub_would_push(tokenizer, tmp_path, monkeypatch):
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     make_conflicting_pairs(16).to_json(tmp_path / "pairs.jsonl")
     output_dir = tmp_path / "micro-rm"
-    argv = ["--model_name_or_path", backbone, "--dataset_name", str(tmp_path / "pairs.jsonl"), "--num_heads", "3",
-            "--output_dir", str(output_dir), "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-            "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--hub_model_id", "someone/micro-rm"]
+    argv = [
+        "--model_name_or_path",
+        backbone,
+        "--dataset_name",
+        str(tmp_path / "pairs.jsonl"),
+        "--num_heads",
+        "3",
+        "--output_dir",
+        str(output_dir),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--hub_model_id",
+        "someone/micro-rm",
+    ]
     script_args, training_args, model_args = train_parser().parse_args_and_config(argv)
     assert training_args.hub_model_id == "someone/micro-rm" and not training_args.push_to_hub
     assert train_parser().parse_args_and_config([*argv, "--push_to_hub"])[1].push_to_hub
     train_main(script_args, training_args, model_args)
 
     pushed = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(("_", "checkpoint-")))
-    assert pushed == ["README.md", "chat_template.jinja", "config.json", "configuration_micro.py", "head_usage.png",
-                      "model.safetensors", "modeling_micro.py", "tokenizer.json", "tokenizer_config.json",
-                      "training_args.bin"]
+    assert pushed == [
+        "README.md",
+        "chat_template.jinja",
+        "config.json",
+        "configuration_micro.py",
+        "head_usage.png",
+        "model.safetensors",
+        "modeling_micro.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "training_args.bin",
+    ]
     text = (output_dir / "README.md").read_text()
     assert "# Model Card for micro-rm" in text and "--reward_model_name_or_path someone/micro-rm" in text
     assert all(f"#### Head {k}" in text for k in range(3)) and "pairs.jsonl, 16 training pairs" in text
@@ -161,10 +202,28 @@ def test_the_card_of_a_model_trained_on_the_embedded_model_from_a_local_file(tmp
     except (ImportError, FileNotFoundError) as error:
         skip_unless_strict(f"the embedded model is not installed: {error}")
     make_conflicting_pairs(16, conversational=True).to_json(tmp_path / "pairs.jsonl")
-    argv = ["train", "--model_name_or_path", "embedded", "--dataset_name", str(tmp_path / "pairs.jsonl"),
-            "--output_dir", str(tmp_path / "micro-rm"), "--max_steps", "2", "--per_device_train_batch_size", "8",
-            "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--freeze_backbone", "true",
-            "--feature_cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "train",
+        "--model_name_or_path",
+        "embedded",
+        "--dataset_name",
+        str(tmp_path / "pairs.jsonl"),
+        "--output_dir",
+        str(tmp_path / "micro-rm"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--freeze_backbone",
+        "true",
+        "--feature_cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert cli_main(argv) == 0
     text = (tmp_path / "micro-rm" / "README.md").read_text()
     card = ModelCard.load(tmp_path / "micro-rm" / "README.md")
@@ -178,7 +237,14 @@ def test_the_card_of_a_model_trained_on_the_embedded_model_from_a_local_file(tmp
 
     without, with_trl_micro = python_blocks(text.split("## Quick start")[1].split("\n## ")[0])
     for code, env in ((without, no_trl_micro), (with_trl_micro, {**os.environ, "OMP_NUM_THREADS": "1"})):
-        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=300, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert re.search(r"-?\d+\.\d+", result.stdout.strip().splitlines()[-1]), result.stdout

@@ -108,8 +108,12 @@ def test_encoder_backbone_router_does_not_see_the_response(tokenizer):
 
 def test_mixture_weights_override(model, tokenizer):
     input_ids, attention_mask, prompt_lengths = encode_batch(tokenizer, PROMPTS, COMPLETIONS)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths,
-                mixture_weights=torch.tensor([0.0, 1.0, 0.0]))
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        prompt_lengths=prompt_lengths,
+        mixture_weights=torch.tensor([0.0, 1.0, 0.0]),
+    )
     torch.testing.assert_close(out.logits[:, 0], out.head_rewards[:, 1])
     with pytest.raises(ValueError, match="mixture_weights"):
         model(input_ids=input_ids, attention_mask=attention_mask, mixture_weights=torch.ones(2, 5))
@@ -154,9 +158,12 @@ def test_heads_and_router_stay_float32_when_the_model_is_cast(tokenizer, router_
     input_ids, attention_mask, prompt_lengths = encode_batch(tokenizer, PROMPTS, COMPLETIONS)
     expected = model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths).logits
     float32 = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("backbone.")}
-    for cast, low in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
-                      (lambda m: m.to("cpu", dtype=torch.bfloat16), torch.bfloat16),
-                      (lambda m: m.bfloat16(), torch.bfloat16)):
+    for cast, low in (
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.to("cpu", dtype=torch.bfloat16), torch.bfloat16),
+        (lambda m: m.bfloat16(), torch.bfloat16),
+    ):
         model.float()
         assert cast(model) is model
         assert model.backbone.embed_tokens.weight.dtype == low

@@ -14,8 +14,12 @@ def test_gpu_performance_script_runs_at_a_tiny_shape(tmp_path):
     report = json.loads(output.with_suffix(".json").read_text())
     (shape,) = report["shapes"]
     assert shape["shape"] == "tiny"
-    for value in (shape["scoring"]["micro_k4_ratio"], shape["scoring"]["micro_k10_ratio"],
-                  shape["feature_pass"]["ratio"], shape["lora_step"]["ratio"]):
+    for value in (
+        shape["scoring"]["micro_k4_ratio"],
+        shape["scoring"]["micro_k10_ratio"],
+        shape["feature_pass"]["ratio"],
+        shape["lora_step"]["ratio"],
+    ):
         assert value > 0
     assert "| tiny | 4 x 32 |" in output.read_text()
 
@@ -23,8 +27,12 @@ def test_gpu_performance_script_runs_at_a_tiny_shape(tmp_path):
 def test_feature_store_script_counts_distinct_sequences(tokenizer, tmp_path):
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output = tmp_path / "feature_store.md"
-    assert feature_store.main(["--model", backbone, "--dsp_queries", "2", "--synthetic_pairs", "5",
-                               "--output", str(output)]) == 0
+    assert (
+        feature_store.main(
+            ["--model", backbone, "--dsp_queries", "2", "--synthetic_pairs", "5", "--output", str(output)]
+        )
+        == 0
+    )
     dsp_row = next(line for line in output.read_text().splitlines() if line.startswith("| DSP"))
     sequences = dsp_row.split("|")[3].strip()  # per pair / store, e.g. "64 / 10"
     per_pair, store = (int(value) for value in sequences.split(" / "))
@@ -34,7 +42,24 @@ def test_feature_store_script_counts_distinct_sequences(tokenizer, tmp_path):
 def test_grpo_step_script_times_both_rewards(tokenizer, tmp_path):
     policy = save_tiny_policy(tokenizer, tmp_path / "policy")
     output = tmp_path / "grpo_step.md"
-    assert grpo_step.main(["--model", str(policy), "--steps", "1", "--rounds", "1", "--generations", "2",
-                           "--completion_tokens", "4", "--output", str(output)]) == 0
+    assert (
+        grpo_step.main(
+            [
+                "--model",
+                str(policy),
+                "--steps",
+                "1",
+                "--rounds",
+                "1",
+                "--generations",
+                "2",
+                "--completion_tokens",
+                "4",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     text = output.read_text()
     assert "| MiCRoReward (K=4, routed by context) |" in text and "Ratio (MiCRo / plain)" in text

@@ -43,12 +43,17 @@ def test_ppo_reads_the_routed_reward(tokenizer, tmp_path, readout):
         [{"role": "user", "content": "Question number 22: how do I cook rice?"}],
     ]
     texts = [STYLES["short"][0], STYLES["long"][0]]
-    queries = [tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"] for p in prompts]
+    queries = [
+        tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"] for p in prompts
+    ]
     responses = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     pad = tokenizer.pad_token_id
     context_length = max(len(q) for q in queries)
     response_length = max(len(r) for r in responses) + 3
-    rows = [[pad] * (context_length - len(q)) + q + r + [pad] * (response_length - len(r)) for q, r in zip(queries, responses)]
+    rows = [
+        [pad] * (context_length - len(q)) + q + r + [pad] * (response_length - len(r))
+        for q, r in zip(queries, responses)
+    ]
     _, ppo_rewards, _ = get_reward(reward_model, torch.tensor(rows), pad, context_length)
     expected = scorer.score(prompts, [[{"role": "assistant", "content": t}] for t in texts])["rewards"]
     torch.testing.assert_close(ppo_rewards, expected, rtol=1e-4, atol=1e-5)

@@ -36,7 +36,9 @@ def direct_features(model, ids, prompt_length):
             prompt_out = model.backbone(input_ids=torch.tensor([ids[:prompt_length]])).last_hidden_state[0]
         else:
             prompt_out = outputs.last_hidden_state[0, :prompt_length]
-    layer = outputs.last_hidden_state[0] if config.reward_layer is None else outputs.hidden_states[config.reward_layer][0]
+    layer = (
+        outputs.last_hidden_state[0] if config.reward_layer is None else outputs.hidden_states[config.reward_layer][0]
+    )
     parts = {"last": layer[-1], "mean": layer[prompt_length:].mean(dim=0)}
     reward = torch.cat([parts[name] for name in config.reward_readout.split("_")])
     router = prompt_out[-1] if config.router_readout == "last" else prompt_out.mean(dim=0)
@@ -118,8 +120,11 @@ def test_a_checkpoint_with_a_readout_scores_the_same_in_and_out_of_trl_micro(tok
     model = MiCRoRewardModel.from_pretrained(path).eval()
     assert model.config.readout_name == "mean@layer1/mean"
     prompts = [[{"role": "user", "content": "Question number 3?"}]]
-    result = run_checked([sys.executable, "-c", SCORE_WITHOUT_TRL_MICRO, path, json.dumps(prompts),
-                          json.dumps(COMPLETIONS)], no_trl_micro, tmp_path)
+    result = run_checked(
+        [sys.executable, "-c", SCORE_WITHOUT_TRL_MICRO, path, json.dumps(prompts), json.dumps(COMPLETIONS)],
+        no_trl_micro,
+        tmp_path,
+    )
     remote = json.loads(result.stdout.split("RESULT", 1)[1])
     local = assert_scored_alike(model, remote)
     # the text path finds the prompt boundary itself and reads the same response tokens as the explicit lengths

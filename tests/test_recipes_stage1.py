@@ -24,7 +24,9 @@ def launch(script, config, num_processes, *script_args, timeout=900):
     command += [str(REPO_ROOT / "recipes" / script), *script_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
-    assert result.returncode == 0, f"{' '.join(command)}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(command)}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    )
     return result
 
 
@@ -37,10 +39,28 @@ def test_recipe_trains_and_saves_a_loadable_model_on_two_processes(tokenizer, tm
     output_dir = tmp_path / "micro"
     distributed = ["--ddp_backend", "gloo", "--use_cpu"]
     launch(
-        "train_micro_rm.py", config, 2,
-        "--model_name_or_path", backbone, "--dataset_name", str(data), "--num_heads", "3",
-        "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
-        "--learning_rate", "1e-2", "--report_to", "none", "--save_strategy", "no", *distributed,
+        "train_micro_rm.py",
+        config,
+        2,
+        "--model_name_or_path",
+        backbone,
+        "--dataset_name",
+        str(data),
+        "--num_heads",
+        "3",
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--num_train_epochs",
+        "1",
+        "--learning_rate",
+        "1e-2",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        *distributed,
     )
     model = AutoModelForSequenceClassification.from_pretrained(output_dir)
     assert isinstance(model, trl_micro.MiCRoRewardModel) and model.config.num_heads == 3

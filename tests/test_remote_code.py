@@ -5,7 +5,6 @@ Self-contained checkpoints: a saved MiCRo model loads where trl_micro cannot be 
 
 import ast
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +21,10 @@ from .rl_fixtures import policy_path, prompt_dataset, reward_checkpoint  # noqa:
 
 TRL = str(Path(sys.executable).parent / "trl")
 CODE_FILES = ("configuration_micro.py", "modeling_micro.py")
-PROMPTS = [[{"role": "system", "content": CONTEXTS[taste]}, {"role": "user", "content": "Question number 3?"}]
-           for taste in ("short", "long")]
+PROMPTS = [
+    [{"role": "system", "content": CONTEXTS[taste]}, {"role": "user", "content": "Question number 3?"}]
+    for taste in ("short", "long")
+]
 COMPLETIONS = ["Sure.", "Here is a detailed answer that walks through every step carefully."]
 
 # Scores the GRPO way (prompt + completion rendered by the chat template, right-padded, no prompt boundary given) and
@@ -62,8 +63,9 @@ print("RESULT", json.dumps({
 
 
 def run_checked(command, env, cwd, timeout=600):
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL
+    )
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
@@ -73,9 +75,14 @@ def assert_scored_alike(model, remote: dict) -> dict:
     returns the local outputs."""
     input_ids, attention_mask = torch.tensor(remote["input_ids"]), torch.tensor(remote["attention_mask"])
     with torch.no_grad():
-        local = {"by_text": model(input_ids=input_ids, attention_mask=attention_mask),
-                 "by_lengths": model(input_ids=input_ids, attention_mask=attention_mask,
-                                     prompt_lengths=torch.tensor(remote["prompt_lengths"]))}
+        local = {
+            "by_text": model(input_ids=input_ids, attention_mask=attention_mask),
+            "by_lengths": model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                prompt_lengths=torch.tensor(remote["prompt_lengths"]),
+            ),
+        }
     for way, output in local.items():
         for key in ("logits", "head_rewards", "mixture_weights"):
             torch.testing.assert_close(torch.tensor(remote[way][key]), getattr(output, key), rtol=0, atol=1e-6)
@@ -91,21 +98,47 @@ def test_modeling_files_import_only_each_other():
                 assert f"{node.module}.py" in CODE_FILES, (name, node.module)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
-                assert all(module.split(".")[0] in {"__future__", "os", "warnings", "dataclasses", "typing", "torch",
-                                                    "transformers", "huggingface_hub"} for module in modules), (name, modules)
+                assert all(
+                    module.split(".")[0]
+                    in {
+                        "__future__",
+                        "os",
+                        "warnings",
+                        "dataclasses",
+                        "typing",
+                        "torch",
+                        "transformers",
+                        "huggingface_hub",
+                    }
+                    for module in modules
+                ), (name, modules)
 
 
 def test_checkpoint_loads_without_trl_micro_and_scores_the_same(
-    reward_checkpoint, no_trl_micro, tmp_path  # noqa: F811
+    reward_checkpoint,
+    no_trl_micro,
+    tmp_path,  # noqa: F811
 ):
     saved = json.loads((Path(reward_checkpoint) / "config.json").read_text())
-    assert saved["auto_map"] == {"AutoConfig": "configuration_micro.MiCRoConfig",
-                                 "AutoModel": "modeling_micro.MiCRoRewardModel",
-                                 "AutoModelForSequenceClassification": "modeling_micro.MiCRoRewardModel"}
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_micro.MiCRoConfig",
+        "AutoModel": "modeling_micro.MiCRoRewardModel",
+        "AutoModelForSequenceClassification": "modeling_micro.MiCRoRewardModel",
+    }
     assert all((Path(reward_checkpoint) / name).exists() for name in CODE_FILES)
 
-    result = run_checked([sys.executable, "-c", SCORE_WITHOUT_TRL_MICRO, reward_checkpoint, json.dumps(PROMPTS),
-                          json.dumps(COMPLETIONS)], no_trl_micro, tmp_path)
+    result = run_checked(
+        [
+            sys.executable,
+            "-c",
+            SCORE_WITHOUT_TRL_MICRO,
+            reward_checkpoint,
+            json.dumps(PROMPTS),
+            json.dumps(COMPLETIONS),
+        ],
+        no_trl_micro,
+        tmp_path,
+    )
     remote = json.loads(result.stdout.split("RESULT", 1)[1])  # after transformers' (unanswered) question
     assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith(".MiCRoRewardModel")
     assert remote["auto_model"] == "MiCRoRewardModel" and not remote["trl_micro_loaded"]
@@ -118,7 +151,8 @@ def test_checkpoint_loads_without_trl_micro_and_scores_the_same(
 
 
 def test_an_older_checkpoint_without_code_loads_in_trl_micro_and_says_how_to_add_it(
-    reward_checkpoint, tmp_path  # noqa: F811
+    reward_checkpoint,
+    tmp_path,  # noqa: F811
 ):
     old = tmp_path / "old"
     shutil.copytree(reward_checkpoint, old)
@@ -146,8 +180,17 @@ def test_another_architecture_is_refused_by_the_micro_loaders(tokenizer, tmp_pat
         MiCRoRewardModel.from_pretrained(backbone)
     make_conflicting_pairs(4).to_json(tmp_path / "pairs.jsonl")
     with pytest.raises(ValueError, match=r"not a MiCRo checkpoint \(model_type='llama'\)"):
-        cli_main(["eval", "--model_name_or_path", backbone, "--dataset_name", str(tmp_path / "pairs.jsonl"),
-                  "--output_dir", str(tmp_path / "eval")])
+        cli_main(
+            [
+                "eval",
+                "--model_name_or_path",
+                backbone,
+                "--dataset_name",
+                str(tmp_path / "pairs.jsonl"),
+                "--output_dir",
+                str(tmp_path / "eval"),
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -161,18 +204,50 @@ def prompts_folder(tmp_path_factory):
 
 
 def trl_command(trainer, policy, reward, prompts, output_dir, *extra):
-    return [TRL, trainer, "--model_name_or_path", policy, "--reward_model_name_or_path", reward, "--dataset_name",
-            prompts, "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--num_generations", "4",
-            "--max_completion_length", "8", "--max_steps", "2", "--logging_steps", "1", "--use_cpu", "--bf16",
-            "false", "--report_to", "none", "--save_strategy", "no", *extra]
+    return [
+        TRL,
+        trainer,
+        "--model_name_or_path",
+        policy,
+        "--reward_model_name_or_path",
+        reward,
+        "--dataset_name",
+        prompts,
+        "--output_dir",
+        str(output_dir),
+        "--per_device_train_batch_size",
+        "4",
+        "--num_generations",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("trainer", ["grpo", "rloo"])
 def test_trl_cli_trains_with_the_checkpoint_as_reward_model(
-    trainer, reward_checkpoint, policy_path, prompts_folder, no_trl_micro, tmp_path  # noqa: F811
+    trainer,
+    reward_checkpoint,
+    policy_path,
+    prompts_folder,
+    no_trl_micro,
+    tmp_path,  # noqa: F811
 ):
-    command = trl_command(trainer, policy_path, reward_checkpoint, prompts_folder, tmp_path / "out",
-                          "--trust_remote_code")
+    command = trl_command(
+        trainer, policy_path, reward_checkpoint, prompts_folder, tmp_path / "out", "--trust_remote_code"
+    )
     result = run_checked(command, no_trl_micro, tmp_path)
     name = Path(reward_checkpoint).name
     steps = [line for line in result.stdout.splitlines() if f"'rewards/{name}/mean'" in line]
@@ -181,11 +256,16 @@ def test_trl_cli_trains_with_the_checkpoint_as_reward_model(
 
 
 def test_trl_cli_without_trust_remote_code_says_what_to_pass(
-    reward_checkpoint, policy_path, prompts_folder, no_trl_micro, tmp_path  # noqa: F811
+    reward_checkpoint,
+    policy_path,
+    prompts_folder,
+    no_trl_micro,
+    tmp_path,  # noqa: F811
 ):
     command = trl_command("grpo", policy_path, reward_checkpoint, prompts_folder, tmp_path / "out")
-    result = subprocess.run(command, capture_output=True, text=True, env=no_trl_micro, cwd=tmp_path, timeout=600,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=no_trl_micro, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL
+    )
     assert result.returncode != 0
     assert "contains custom code" in result.stderr and "trust_remote_code=True" in result.stderr
     assert "ImportError" not in result.stderr  # trl_micro was never needed

@@ -9,11 +9,11 @@ from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 import trl_micro  # noqa: F401  (registers MiCRo with AutoModelForSequenceClassification)
-from trl_micro.scripts.rl_utils import show_context_to_policy
-from trl_micro.residual_heads import ResidualHeads
 from trl_micro.data_utils import join_context
-from trl_micro.rewards import MiCRoReward, truncate_completion
 from trl_micro.online_router import OnlineRouter
+from trl_micro.residual_heads import ResidualHeads
+from trl_micro.rewards import MiCRoReward, truncate_completion
+from trl_micro.scripts.rl_utils import show_context_to_policy
 from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
 from .conftest import CONTEXTS, STYLES
@@ -63,7 +63,10 @@ def test_reward_follows_the_heads_the_context_routes_to(tokenizer):
     reward = MiCRoReward(model, tokenizer)
     prompt, completion = chat("user", "Question number 1: how do I learn chess?"), chat("assistant", SHORT)
     contexts = [CONTEXTS["short"], CONTEXTS["long"]]
-    encoded = [reward._encode(join_context(prompt, c, model.config.context_template, skip_if_present=True), completion) for c in contexts]
+    encoded = [
+        reward._encode(join_context(prompt, c, model.config.context_template, skip_if_present=True), completion)
+        for c in contexts
+    ]
     with torch.no_grad():
         model.heads.weight[1] = -model.heads.weight[0]
         router_inputs = model.router_input(reward._score_batch(encoded, None).router_features)
@@ -76,8 +79,9 @@ def test_reward_follows_the_heads_the_context_routes_to(tokenizer):
 
 
 def test_online_router_overrides_known_users_only(reward_checkpoint):
-    reward = MiCRoReward.from_pretrained(reward_checkpoint, context_column=None, user_column="user",
-                                         online_router=OnlineRouter(num_heads=2))
+    reward = MiCRoReward.from_pretrained(
+        reward_checkpoint, context_column=None, user_column="user", online_router=OnlineRouter(num_heads=2)
+    )
     reward.online_router.update("alice", torch.tensor([[8.0, -8.0]] * 5))
     prompt, completion = chat("user", "Question number 2: how do I fix a bike?"), chat("assistant", SHORT)
     scores = reward.score([prompt] * 2, [completion] * 2, users=["alice", "bob"])
@@ -93,8 +97,9 @@ def test_residual_heads_correct_their_users_rewards_only(reward_checkpoint, tmp_
     residuals = ResidualHeads(hidden, l2=0.1)
     residuals.fit("alice", torch.zeros(8), torch.randn(8, hidden, generator=generator))
     residuals.save(tmp_path / "residuals.json")
-    reward = MiCRoReward.from_pretrained(reward_checkpoint, context_column=None, user_column="user",
-                                         residual_heads=tmp_path / "residuals.json")
+    reward = MiCRoReward.from_pretrained(
+        reward_checkpoint, context_column=None, user_column="user", residual_heads=tmp_path / "residuals.json"
+    )
     prompt, completion = chat("user", "Question number 3: how do I plant tulips?"), chat("assistant", LONG)
     scores = reward.score([prompt] * 2, [completion] * 2, users=["alice", "bob"])
     plain = reward.score([prompt], [completion])
@@ -116,14 +121,22 @@ def test_integer_user_ids_find_the_stores_eval_writes(reward_checkpoint, tmp_pat
     residuals = ResidualHeads(hidden, l2=0.1)
     residuals.fit("17", torch.zeros(8), torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)))
     residuals.save(tmp_path / "residual_heads.json")
-    reward = MiCRoReward.from_pretrained(reward_checkpoint, context_column=None, user_column="context_id",
-                                         online_router=tmp_path / "online_router.json",
-                                         residual_heads=tmp_path / "residual_heads.json")
+    reward = MiCRoReward.from_pretrained(
+        reward_checkpoint,
+        context_column=None,
+        user_column="context_id",
+        online_router=tmp_path / "online_router.json",
+        residual_heads=tmp_path / "residual_heads.json",
+    )
     prompt, completion = chat("user", "Question number 2: how do I fix a bike?"), chat("assistant", SHORT)
     logged = {}
     with caplog.at_level(logging.WARNING, logger="trl_micro"):
-        rewards = reward(prompts=[prompt] * 3, completions=[completion] * 3, context_id=[17, np.int64(17), 99],
-                         log_metric=logged.__setitem__)
+        rewards = reward(
+            prompts=[prompt] * 3,
+            completions=[completion] * 3,
+            context_id=[17, np.int64(17), 99],
+            log_metric=logged.__setitem__,
+        )
     by_string = reward.score([prompt], [completion], users=["17"])
     assert rewards[0] == pytest.approx(by_string["rewards"][0].item(), abs=1e-5) and rewards[1] == rewards[0]
     assert by_string["online_routed"].tolist() == [True] and by_string["mixture_weights"][0, 0] > 0.99
@@ -188,8 +201,11 @@ def test_checkpoint_path_is_a_drop_in_reward_model(conversational, tokenizer, po
     path = save_untrained_micro(tokenizer, tmp_path / "rm", conversational)
     reward = MiCRoReward.from_pretrained(path, context_column=None)
     trainer = GRPOTrainer(
-        model=policy_path, reward_funcs=[path, reward], args=rl_args(GRPOConfig, tmp_path),
-        train_dataset=prompt_dataset(1, conversational), processing_class=tokenizer,
+        model=policy_path,
+        reward_funcs=[path, reward],
+        args=rl_args(GRPOConfig, tmp_path),
+        train_dataset=prompt_dataset(1, conversational),
+        processing_class=tokenizer,
     )
     assert type(trainer.reward_funcs[0]).__name__ == "MiCRoRewardModel"
     prompts, completions = [], []
@@ -218,8 +234,11 @@ def test_missing_context_column_is_a_clear_error(reward_checkpoint):
 def test_none_contexts_and_empty_completions_are_scored(reward_checkpoint):
     reward = MiCRoReward.from_pretrained(reward_checkpoint)
     prompt = chat("user", "Question number 3: how do I cook rice?")
-    rewards = reward(prompts=[prompt] * 3, completions=[chat("assistant", SHORT), chat("assistant", ""),
-                     chat("assistant", SHORT)], context=[None, CONTEXTS["short"], ""])
+    rewards = reward(
+        prompts=[prompt] * 3,
+        completions=[chat("assistant", SHORT), chat("assistant", ""), chat("assistant", SHORT)],
+        context=[None, CONTEXTS["short"], ""],
+    )
     assert all(isinstance(value, float) for value in rewards)
     alone = reward.score([prompt], [chat("assistant", SHORT)])["rewards"][0]
     assert rewards[0] == pytest.approx(alone.item(), abs=1e-5) and rewards[2] == pytest.approx(alone.item(), abs=1e-5)
@@ -258,8 +277,10 @@ def test_non_micro_checkpoints_are_refused(tokenizer, tmp_path):
 
 PROMPT, COMPLETION = chat("user", "Hi?"), chat("assistant", SHORT)
 BAD_CALLS = {
-    "None prompt": (dict(prompts=[PROMPT, None], completions=[COMPLETION] * 2),
-                    r"`prompts\[1\]` is NoneType None: every prompt and completion"),
+    "None prompt": (
+        dict(prompts=[PROMPT, None], completions=[COMPLETION] * 2),
+        r"`prompts\[1\]` is NoneType None: every prompt and completion",
+    ),
     "None completion": (dict(prompts=[PROMPT], completions=[None]), r"`completions\[0\]` is NoneType None"),
     "zero rows": (dict(prompts=[], completions=[]), "no rows: `prompts` and `completions` are empty"),
 }
@@ -282,6 +303,10 @@ def test_logged_groups_are_capped(reward_checkpoint):
     reward = MiCRoReward.from_pretrained(reward_checkpoint, context_column=None, max_logged_groups=2)
     logged = {}
     prompt, completion = chat("user", "Hi?"), chat("assistant", SHORT)
-    reward(prompts=[prompt] * 3, completions=[completion] * 3, context_id=["a", "b/c", "d"],
-           log_metric=lambda name, value: logged.setdefault(name, value))
+    reward(
+        prompts=[prompt] * 3,
+        completions=[completion] * 3,
+        context_id=["a", "b/c", "d"],
+        log_metric=lambda name, value: logged.setdefault(name, value),
+    )
     assert {"micro/reward/a", "micro/reward/b_c"} <= set(logged) and "micro/reward/d" not in logged

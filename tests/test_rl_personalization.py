@@ -72,7 +72,20 @@ def test_smoke_preset_writes_table_plots_and_runs(tmp_path, capsys):
     finished = (tmp_path / "runs" / "gold-seed0.json").read_text()
     main(["--preset", "smoke", "--output_dir", str(tmp_path), "--methods", "gold", "--seeds", "0", "--resume"])
     assert (tmp_path / "runs" / "gold-seed0.json").read_text() == finished
-    main(["--preset", "smoke", "--output_dir", str(tmp_path), "--methods", "gold", "--seeds", "0", "--resume",
-          "--max_steps", "2"])
+    main(
+        [
+            "--preset",
+            "smoke",
+            "--output_dir",
+            str(tmp_path),
+            "--methods",
+            "gold",
+            "--seeds",
+            "0",
+            "--resume",
+            "--max_steps",
+            "2",
+        ]
+    )
     rerun = json.loads((tmp_path / "runs" / "gold-seed0.json").read_text())
     assert [point["step"] for point in rerun["points"]] == [0, 2] and rerun["settings"]["max_steps"] == 2

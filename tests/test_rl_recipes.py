@@ -17,11 +17,42 @@ GRPO_RECIPE = str(REPO_ROOT / "recipes" / "grpo_personalized.py")
 PPO_RECIPE = str(REPO_ROOT / "recipes" / "ppo_personalized.py")
 ACCELERATE_CONFIGS = REPO_ROOT / "recipes" / "accelerate_configs"
 CPU_FLAGS = ["--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
-GRPO_FLAGS = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
-              "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8"]
-PPO_FLAGS = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--num_mini_batches", "1",
-             "--total_episodes", "8", "--response_length", "8", "--num_ppo_epochs", "1", "--num_sample_generations", "0",
-             "--lora_r", "4", "--lora_alpha", "8", "--stop_token", "eos"]
+GRPO_FLAGS = [
+    "--per_device_train_batch_size",
+    "4",
+    "--num_generations",
+    "4",
+    "--max_completion_length",
+    "8",
+    "--max_steps",
+    "2",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "8",
+]
+PPO_FLAGS = [
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "1",
+    "--num_mini_batches",
+    "1",
+    "--total_episodes",
+    "8",
+    "--response_length",
+    "8",
+    "--num_ppo_epochs",
+    "1",
+    "--num_sample_generations",
+    "0",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--stop_token",
+    "eos",
+]
 
 
 @pytest.fixture()
@@ -47,14 +78,41 @@ def run(command, output_dir):
 
 
 def two_cpu_processes(zero_config):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / zero_config),
-            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_CONFIGS / zero_config),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 def test_rloo_recipe_logs_reward_per_context_and_probes(run_inputs, tmp_path):
     output_dir = tmp_path / "rloo"
-    logged = run([sys.executable, GRPO_RECIPE, "--trainer", "rloo", *run_inputs, *CPU_FLAGS, *GRPO_FLAGS,
-                  "--probe_prompts", "1", "--probe_max_new_tokens", "6", "--output_dir", str(output_dir)], output_dir)
+    logged = run(
+        [
+            sys.executable,
+            GRPO_RECIPE,
+            "--trainer",
+            "rloo",
+            *run_inputs,
+            *CPU_FLAGS,
+            *GRPO_FLAGS,
+            "--probe_prompts",
+            "1",
+            "--probe_max_new_tokens",
+            "6",
+            "--output_dir",
+            str(output_dir),
+        ],
+        output_dir,
+    )
     steps = [entry for entry in logged["log_history"] if "rewards/micro_reward/mean" in entry]
     assert len(steps) == 2 and any(key.startswith("micro/reward/") for key in steps[0])
     assert set(logged["probe"]["after"]) == {"short-reader", "long-reader"}
@@ -72,13 +130,30 @@ def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
         residuals.fit(user, torch.zeros(4), 10 * torch.randn(4, hidden, generator=generator))
     router.save(tmp_path / "router.json")
     residuals.save(tmp_path / "residuals.json")
-    flags = [*run_inputs, *CPU_FLAGS, *GRPO_FLAGS, "--max_steps", "1", "--probe_prompts", "1",
-             "--probe_max_new_tokens", "6"]
+    flags = [
+        *run_inputs,
+        *CPU_FLAGS,
+        *GRPO_FLAGS,
+        "--max_steps",
+        "1",
+        "--probe_prompts",
+        "1",
+        "--probe_max_new_tokens",
+        "6",
+    ]
     plain = run([sys.executable, GRPO_RECIPE, *flags, "--output_dir", str(tmp_path / "plain")], tmp_path / "plain")
-    stores = ["--user_column", "context_id", "--online_router", str(tmp_path / "router.json"),
-              "--residual_heads", str(tmp_path / "residuals.json")]
-    personal = run([sys.executable, GRPO_RECIPE, *flags, *stores, "--output_dir", str(tmp_path / "personal")],
-                   tmp_path / "personal")
+    stores = [
+        "--user_column",
+        "context_id",
+        "--online_router",
+        str(tmp_path / "router.json"),
+        "--residual_heads",
+        str(tmp_path / "residuals.json"),
+    ]
+    personal = run(
+        [sys.executable, GRPO_RECIPE, *flags, *stores, "--output_dir", str(tmp_path / "personal")],
+        tmp_path / "personal",
+    )
     before = {"plain": plain["probe"]["before"], "personal": personal["probe"]["before"]}
     assert set(before["plain"]) == set(before["personal"]) == {"short-reader", "long-reader"}
     assert all(abs(before["personal"][user] - before["plain"][user]) > 1e-3 for user in before["plain"])
@@ -90,8 +165,20 @@ def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
 @pytest.mark.slow
 def test_grpo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
     output_dir = tmp_path / "grpo-zero3"
-    logged = run([*two_cpu_processes("zero3.yaml"), GRPO_RECIPE, *run_inputs, *CPU_FLAGS, *GRPO_FLAGS,
-                  "--ddp_backend", "gloo", "--output_dir", str(output_dir)], output_dir)
+    logged = run(
+        [
+            *two_cpu_processes("zero3.yaml"),
+            GRPO_RECIPE,
+            *run_inputs,
+            *CPU_FLAGS,
+            *GRPO_FLAGS,
+            "--ddp_backend",
+            "gloo",
+            "--output_dir",
+            str(output_dir),
+        ],
+        output_dir,
+    )
     steps = [entry for entry in logged["log_history"] if "rewards/micro_reward/mean" in entry]
     assert len(steps) == 2
     groups = {key for entry in steps for key in entry if key.startswith("micro/reward/")}
@@ -101,8 +188,22 @@ def test_grpo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
 @pytest.mark.ppo
 def test_ppo_recipe_trains_a_lora_policy_and_probes(run_inputs, tmp_path):
     output_dir = tmp_path / "ppo"
-    logged = run([sys.executable, PPO_RECIPE, *run_inputs, *CPU_FLAGS, *PPO_FLAGS, "--probe_prompts", "1",
-                  "--probe_max_new_tokens", "6", "--output_dir", str(output_dir)], output_dir)
+    logged = run(
+        [
+            sys.executable,
+            PPO_RECIPE,
+            *run_inputs,
+            *CPU_FLAGS,
+            *PPO_FLAGS,
+            "--probe_prompts",
+            "1",
+            "--probe_max_new_tokens",
+            "6",
+            "--output_dir",
+            str(output_dir),
+        ],
+        output_dir,
+    )
     steps = [entry for entry in logged["log_history"] if "objective/scores" in entry]
     assert len(steps) == 4 and all(isinstance(entry["objective/scores"], float) for entry in steps)  # 8 episodes / 2
     assert set(logged["probe"]["before"]) == {"short-reader", "long-reader"}
@@ -113,7 +214,19 @@ def test_ppo_recipe_trains_a_lora_policy_and_probes(run_inputs, tmp_path):
 @pytest.mark.ppo
 def test_ppo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
     output_dir = tmp_path / "ppo-zero3"
-    logged = run([*two_cpu_processes("zero3.yaml"), PPO_RECIPE, *run_inputs, *CPU_FLAGS, *PPO_FLAGS,
-                  "--ddp_backend", "gloo", "--output_dir", str(output_dir)], output_dir)
+    logged = run(
+        [
+            *two_cpu_processes("zero3.yaml"),
+            PPO_RECIPE,
+            *run_inputs,
+            *CPU_FLAGS,
+            *PPO_FLAGS,
+            "--ddp_backend",
+            "gloo",
+            "--output_dir",
+            str(output_dir),
+        ],
+        output_dir,
+    )
     assert len([entry for entry in logged["log_history"] if "objective/scores" in entry]) == 2
     assert (output_dir / "adapter_model.safetensors").exists()

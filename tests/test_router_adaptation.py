@@ -8,11 +8,10 @@ from transformers import AutoModelForSequenceClassification
 
 import trl_micro  # noqa: F401  (registers the MiCRo model with the Auto classes)
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
-from trl_micro.data_utils import encode_prompt_completion, join_context
-from trl_micro.evaluation import per_context_accuracy
-from trl_micro.data_utils import take_per_context
-from trl_micro.scoring import score_preference_pairs
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
+from trl_micro.data_utils import encode_prompt_completion, join_context, take_per_context
+from trl_micro.evaluation import per_context_accuracy
+from trl_micro.scoring import score_preference_pairs
 from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer, save_tiny_backbone
 from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
 
@@ -66,7 +65,9 @@ def test_anchor_keeps_the_router_near_stage1(tokenizer, tmp_path):
     drifts = {}
     for coef in (0.0, 10.0):
         model = build_tiny_micro_model(tokenizer, num_heads=2)
-        drifts[coef] = adapt(model, tokenizer, tmp_path, router_anchor_coef=coef, learning_rate=5e-2).router_drift().item()
+        drifts[coef] = (
+            adapt(model, tokenizer, tmp_path, router_anchor_coef=coef, learning_rate=5e-2).router_drift().item()
+        )
     assert drifts[10.0] < 0.5 * drifts[0.0]
 
 
@@ -108,7 +109,9 @@ def test_scored_margins_are_routed_reward_differences(tokenizer, tmp_path):
         for side in ("chosen", "rejected"):
             ids, prompt_length = encode_prompt_completion(tokenizer, prompt, row[side])
             with torch.no_grad():
-                rewards.append(model(input_ids=torch.tensor([ids]), prompt_lengths=torch.tensor([prompt_length])).logits)
+                rewards.append(
+                    model(input_ids=torch.tensor([ids]), prompt_lengths=torch.tensor([prompt_length])).logits
+                )
         torch.testing.assert_close(scores.margins[index], (rewards[0] - rewards[1]).squeeze(), rtol=1e-4, atol=1e-5)
 
 
@@ -129,7 +132,9 @@ def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
         return RouterAdaptationTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, **kwargs)
 
     without_context = make_conflicting_pairs(4).remove_columns(["context", "taste"])
-    with pytest.raises(ValueError, match=r"no context column 'context'; columns present: \['chosen', 'prompt', 'rejected'\]"):
+    with pytest.raises(
+        ValueError, match=r"no context column 'context'; columns present: \['chosen', 'prompt', 'rejected'\]"
+    ):
         build(without_context)
     rows = make_conflicting_pairs(4).to_list()
     for bad, message in ((None, "is None"), ("   ", "is empty")):
@@ -140,7 +145,9 @@ def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
     numbers = make_conflicting_pairs(4).remove_columns("context").add_column("context", [1, 2, 3, 4])
     with pytest.raises(ValueError, match="Row 0 of the train dataset: `context` must be text, got int"):
         build(numbers)
-    with pytest.raises(ValueError, match=r"Row 0 of the train dataset: `context` has \d+ tokens, more than max_context_length=3"):
+    with pytest.raises(
+        ValueError, match=r"Row 0 of the train dataset: `context` has \d+ tokens, more than max_context_length=3"
+    ):
         build(make_conflicting_pairs(4), args=make_args(tmp_path, max_context_length=3))
     with pytest.raises(ValueError, match="no router"):
         build(make_conflicting_pairs(4), model=build_tiny_micro_model(tokenizer, use_router=False))
@@ -154,7 +161,9 @@ def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="loss_type must be 'mixture'"):
         make_args(tmp_path, loss_type="ensemble")
     with pytest.raises(TypeError, match="RouterAdaptationConfig"):
-        RouterAdaptationTrainer(model=model, args=MiCRoRewardConfig(str(tmp_path)), train_dataset=make_conflicting_pairs(4))
+        RouterAdaptationTrainer(
+            model=model, args=MiCRoRewardConfig(str(tmp_path)), train_dataset=make_conflicting_pairs(4)
+        )
 
 
 def test_recipe_adapts_a_checkpoint_from_a_local_file(tokenizer, tmp_path):
@@ -166,11 +175,26 @@ def test_recipe_adapts_a_checkpoint_from_a_local_file(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "stage1")
     make_conflicting_pairs(24).to_json(str(tmp_path / "pairs.jsonl"))
 
-    recipe.main(*recipe.make_parser().parse_args_and_config([
-        "--model_name_or_path", str(tmp_path / "stage1"), "--dataset_name", str(tmp_path / "pairs.jsonl"),
-        "--pairs_per_context", "4", "--num_train_epochs", "2", "--output_dir", str(tmp_path / "adapted"),
-        "--feature_cache_dir", str(tmp_path / "cache"), "--report_to", "none",
-    ]))
+    recipe.main(
+        *recipe.make_parser().parse_args_and_config(
+            [
+                "--model_name_or_path",
+                str(tmp_path / "stage1"),
+                "--dataset_name",
+                str(tmp_path / "pairs.jsonl"),
+                "--pairs_per_context",
+                "4",
+                "--num_train_epochs",
+                "2",
+                "--output_dir",
+                str(tmp_path / "adapted"),
+                "--feature_cache_dir",
+                str(tmp_path / "cache"),
+                "--report_to",
+                "none",
+            ]
+        )
+    )
     adapted = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "adapted"))
     assert (tmp_path / "adapted" / "tokenizer.json").exists()
     assert not torch.equal(adapted.router.weight, stage1.router.weight)
@@ -182,8 +206,15 @@ def test_context_likelihood_batches_carry_each_pairs_context(tokenizer, tmp_path
     data = make_conflicting_pairs(16)
     model = build_tiny_micro_model(tokenizer, num_heads=2)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    trainer = adapt(model, tokenizer, tmp_path, data=data, adaptation_likelihood="context",
-                    use_feature_cache=use_feature_cache, per_device_train_batch_size=16)
+    trainer = adapt(
+        model,
+        tokenizer,
+        tmp_path,
+        data=data,
+        adaptation_likelihood="context",
+        use_feature_cache=use_feature_cache,
+        per_device_train_batch_size=16,
+    )
     ids = {context: index for index, context in enumerate(sorted(set(data["context"])))}
     assert trainer.train_dataset["context_index"] == [ids[context] for context in data["context"]]
     batch = next(iter(trainer.get_train_dataloader()))
@@ -195,14 +226,23 @@ def test_context_likelihood_batches_carry_each_pairs_context(tokenizer, tmp_path
 def test_context_likelihood_is_the_per_context_loss_of_the_batch(tokenizer, tmp_path):
     from trl_micro.losses import context_mixture_bt_loss, mixture_bt_loss
 
-    trainer = adapt(build_tiny_micro_model(tokenizer, num_heads=3), tokenizer, tmp_path,
-                    adaptation_likelihood="context", num_train_epochs=1)
+    trainer = adapt(
+        build_tiny_micro_model(tokenizer, num_heads=3),
+        tokenizer,
+        tmp_path,
+        adaptation_likelihood="context",
+        num_train_epochs=1,
+    )
     head_margins, router_logits = torch.randn(6, 3), torch.randn(6, 3)
     context_index = torch.tensor([0, 1, 0, 1, 1, 0])
-    torch.testing.assert_close(trainer.mixture_nll(head_margins, router_logits, None, context_index),
-                               context_mixture_bt_loss(head_margins, router_logits, context_index).mean())
-    assert not torch.allclose(trainer.mixture_nll(head_margins, router_logits, None, context_index),
-                              mixture_bt_loss(head_margins, router_logits).mean())
+    torch.testing.assert_close(
+        trainer.mixture_nll(head_margins, router_logits, None, context_index),
+        context_mixture_bt_loss(head_margins, router_logits, context_index).mean(),
+    )
+    assert not torch.allclose(
+        trainer.mixture_nll(head_margins, router_logits, None, context_index),
+        mixture_bt_loss(head_margins, router_logits).mean(),
+    )
     with pytest.raises(ValueError, match="needs a `context_index` in every batch"):
         trainer.mixture_nll(head_margins, router_logits)
 
@@ -210,12 +250,21 @@ def test_context_likelihood_is_the_per_context_loss_of_the_batch(tokenizer, tmp_
 def test_context_likelihood_bad_input(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="adaptation_likelihood` must be one of"):
         make_args(tmp_path, adaptation_likelihood="user")
-    tokenized = Dataset.from_dict({"chosen_ids": [[5, 6, 7]], "rejected_ids": [[5, 6, 8]], "chosen_prompt_length": [2],
-                                   "rejected_prompt_length": [2]})
+    tokenized = Dataset.from_dict(
+        {
+            "chosen_ids": [[5, 6, 7]],
+            "rejected_ids": [[5, 6, 8]],
+            "chosen_prompt_length": [2],
+            "rejected_prompt_length": [2],
+        }
+    )
     with pytest.raises(ValueError, match="give it a `context_index` column"):
-        RouterAdaptationTrainer(model=build_tiny_micro_model(tokenizer, num_heads=2),
-                                args=make_args(tmp_path, adaptation_likelihood="context"), train_dataset=tokenized,
-                                processing_class=tokenizer)
+        RouterAdaptationTrainer(
+            model=build_tiny_micro_model(tokenizer, num_heads=2),
+            args=make_args(tmp_path, adaptation_likelihood="context"),
+            train_dataset=tokenized,
+            processing_class=tokenizer,
+        )
 
 
 # --------------------------------------------------------------------------------------------- synthetic contexts
@@ -236,17 +285,31 @@ def synthetic_stage1_model(tmp_path, seed: int = 0):
             num_subpopulations=2, num_pairs_per_subpopulation=500, axes=("length", "formality"), seed=seed
         )
     )
-    tokenizer = build_tiny_tokenizer([row[c] for row in data.select(range(200)) for c in ("prompt", "chosen", "rejected")]
-                                     + sorted(set(data["context"])), vocab_size=1000)
+    tokenizer = build_tiny_tokenizer(
+        [row[c] for row in data.select(range(200)) for c in ("prompt", "chosen", "rejected")]
+        + sorted(set(data["context"])),
+        vocab_size=1000,
+    )
     stage1 = rated_by_topic_owner(data.select(range(600)), num_subpopulations=2)
     adaptation, test = data.select(range(600, 800)), data.select(range(800, 1000))
     model = build_tiny_micro_model(tokenizer, num_heads=2, seed=seed)
     args = MiCRoRewardConfig(
-        output_dir=str(tmp_path / "stage1"), num_heads=2, freeze_backbone=True, feature_cache_dir=str(tmp_path / "cache"),
-        per_device_train_batch_size=32, num_train_epochs=30, learning_rate=2e-2, report_to="none", save_strategy="no",
-        seed=seed, disable_tqdm=True, head_init="random",
+        output_dir=str(tmp_path / "stage1"),
+        num_heads=2,
+        freeze_backbone=True,
+        feature_cache_dir=str(tmp_path / "cache"),
+        per_device_train_batch_size=32,
+        num_train_epochs=30,
+        learning_rate=2e-2,
+        report_to="none",
+        save_strategy="no",
+        seed=seed,
+        disable_tqdm=True,
+        head_init="random",
     )
-    MiCRoRewardTrainer(model=model, args=args, train_dataset=stage1.remove_columns("context"), processing_class=tokenizer).train()
+    MiCRoRewardTrainer(
+        model=model, args=args, train_dataset=stage1.remove_columns("context"), processing_class=tokenizer
+    ).train()
     return model, tokenizer, adaptation, test
 
 
@@ -256,8 +319,9 @@ def adapt_synthetic_stage1_model(tmp_path, **overrides):
     cache = str(tmp_path / "cache")
     stage1 = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
     args = make_args(tmp_path, **{"num_train_epochs": 30, "logging_steps": 100, "disable_tqdm": True, **overrides})
-    RouterAdaptationTrainer(model=model, args=args, train_dataset=take_per_context(adaptation, 32, seed=0),
-                            processing_class=tokenizer).train()
+    RouterAdaptationTrainer(
+        model=model, args=args, train_dataset=take_per_context(adaptation, 32, seed=0), processing_class=tokenizer
+    ).train()
     adapted = score_preference_pairs(model, test, tokenizer, feature_cache_dir=cache)
     return model, tokenizer, test, cache, stage1, adapted
 
@@ -271,8 +335,11 @@ def synthetic_adaptation(tmp_path_factory):
 def synthetic_context_adaptation(tmp_path_factory):
     """The per-context likelihood: one batch of all 64 pairs, no anchor."""
     return adapt_synthetic_stage1_model(
-        tmp_path_factory.mktemp("synthetic-context"), num_train_epochs=200, per_device_train_batch_size=64,
-        adaptation_likelihood="context", router_anchor_coef=0.0,
+        tmp_path_factory.mktemp("synthetic-context"),
+        num_train_epochs=200,
+        per_device_train_batch_size=64,
+        adaptation_likelihood="context",
+        router_anchor_coef=0.0,
     )
 
 

@@ -379,8 +379,10 @@ def test_merge_replays_each_writers_comparisons_on_the_store(tmp_path):
     assert sorted(stored.users()) == ["only-a", "only-b", "shared"]
     for user_id in stored.users():
         torch.testing.assert_close(
-            stored.weights(user_id, dtype=torch.float64), sequential.weights(user_id, dtype=torch.float64),
-            rtol=1e-10, atol=1e-12,
+            stored.weights(user_id, dtype=torch.float64),
+            sequential.weights(user_id, dtype=torch.float64),
+            rtol=1e-10,
+            atol=1e-12,
         )
         assert stored.num_updates(user_id) == sequential.num_updates(user_id)
     torch.testing.assert_close(stored._states["shared"].log_prior, sequential._states["shared"].log_prior)

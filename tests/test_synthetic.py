@@ -14,7 +14,17 @@ from trl_micro.bundled.synthetic import (
     utility,
 )
 
-COLUMNS = {"prompt", "chosen", "rejected", "context", "context_id", "subpopulation", "topic", "chosen_style", "rejected_style"}
+COLUMNS = {
+    "prompt",
+    "chosen",
+    "rejected",
+    "context",
+    "context_id",
+    "subpopulation",
+    "topic",
+    "chosen_style",
+    "rejected_style",
+}
 
 
 def generate(**kwargs):
@@ -77,8 +87,7 @@ def test_label_noise_flips_some_labels_and_matches_the_bradley_terry_rate():
 def test_two_subpopulations_conflict_on_most_pairs():
     dataset = generate(num_subpopulations=2, num_pairs_per_subpopulation=300)
     reversed_by_other = [
-        true_preference(row["chosen_style"], row["rejected_style"], 1 - row["subpopulation"]) == -1
-        for row in dataset
+        true_preference(row["chosen_style"], row["rejected_style"], 1 - row["subpopulation"]) == -1 for row in dataset
     ]
     assert sum(reversed_by_other) / len(dataset) > 0.3
 

@@ -54,12 +54,18 @@ def test_trains_and_logs_mixture_metrics(tokenizer, tmp_path, conversational):
 
 def test_implicit_prompt_is_split_at_the_marker(tokenizer, tmp_path):
     rows = [
-        {"chosen": f"\n\nHuman: hello {i}\n\nAssistant: Sure, yes.", "rejected": f"\n\nHuman: hello {i}\n\nAssistant: Sure, no."}
+        {
+            "chosen": f"\n\nHuman: hello {i}\n\nAssistant: Sure, yes.",
+            "rejected": f"\n\nHuman: hello {i}\n\nAssistant: Sure, no.",
+        }
         for i in range(8)
     ]
     args = make_args(tmp_path, prompt_marker="\n\nAssistant:")
     trainer = MiCRoRewardTrainer(
-        model=build_tiny_micro_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        model=build_tiny_micro_model(tokenizer),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
     )
     example = trainer.train_dataset[0]
     prompt_ids = example["chosen_ids"][: example["chosen_prompt_length"]]
@@ -73,8 +79,9 @@ def test_feature_cache_matches_the_slow_path(tokenizer, tmp_path):
     for use_cache in (False, True):
         model = build_tiny_micro_model(tokenizer, num_heads=3, seed=1)
         # the same start on both paths: head_init="em" needs the cache's features (a documented difference)
-        args = make_args(tmp_path, freeze_backbone=True, use_feature_cache=use_cache, num_train_epochs=2,
-                         head_init="random")
+        args = make_args(
+            tmp_path, freeze_backbone=True, use_feature_cache=use_cache, num_train_epochs=2, head_init="random"
+        )
         trainer = MiCRoRewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         assert ("pair_index" in trainer.train_dataset.column_names) == use_cache
         trainer.train()
@@ -89,7 +96,9 @@ def test_frozen_backbone_trains_only_heads_and_router(tokenizer, tmp_path):
     model = build_tiny_micro_model(tokenizer)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     args = make_args(tmp_path, freeze_backbone=True)
-    MiCRoRewardTrainer(model=model, args=args, train_dataset=make_conflicting_pairs(16), processing_class=tokenizer).train()
+    MiCRoRewardTrainer(
+        model=model, args=args, train_dataset=make_conflicting_pairs(16), processing_class=tokenizer
+    ).train()
     for name, value in model.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[name]), name
 
@@ -99,8 +108,11 @@ def test_lora_trains_and_saves_heads_and_router(tokenizer, tmp_path):
     heads_before = model.heads.weight.detach().clone()
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     trainer = MiCRoRewardTrainer(
-        model=model, args=make_args(tmp_path), train_dataset=make_conflicting_pairs(16),
-        processing_class=tokenizer, peft_config=peft_config,
+        model=model,
+        args=make_args(tmp_path),
+        train_dataset=make_conflicting_pairs(16),
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     assert isinstance(trainer.model, PeftModel)
     trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
@@ -130,7 +142,9 @@ def test_ensemble_and_single_head_baselines_train(tokenizer, tmp_path):
         model_kwargs = {k: v for k, v in overrides.items() if k in ("num_heads", "use_router")}
         model = build_tiny_micro_model(tokenizer, **model_kwargs)
         args = make_args(tmp_path, **overrides)
-        trainer = MiCRoRewardTrainer(model=model, args=args, train_dataset=make_conflicting_pairs(16), processing_class=tokenizer)
+        trainer = MiCRoRewardTrainer(
+            model=model, args=args, train_dataset=make_conflicting_pairs(16), processing_class=tokenizer
+        )
         trainer.train()
         assert torch.isfinite(torch.tensor(trainer.state.log_history[-2]["loss"]))
 
@@ -139,20 +153,33 @@ def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
     model = build_tiny_micro_model(tokenizer)
     args = make_args(tmp_path)
     with pytest.raises(ValueError, match=r"missing the column\(s\) \['rejected'\]"):
-        MiCRoRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b"}]),
-                           processing_class=tokenizer)
-    empty = Dataset.from_list([{"prompt": "Question?", "chosen": "Sure.", "rejected": "Ok."},
-                               {"prompt": "Question?", "chosen": "  ", "rejected": "Ok."}])
+        MiCRoRewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b"}]),
+            processing_class=tokenizer,
+        )
+    empty = Dataset.from_list(
+        [
+            {"prompt": "Question?", "chosen": "Sure.", "rejected": "Ok."},
+            {"prompt": "Question?", "chosen": "  ", "rejected": "Ok."},
+        ]
+    )
     with pytest.raises(ValueError, match="Row 1: `chosen` is empty"):
         MiCRoRewardTrainer(model=model, args=args, train_dataset=empty, processing_class=tokenizer)
     with pytest.raises(ValueError, match="longer than max_length=4"):
-        MiCRoRewardTrainer(model=model, args=make_args(tmp_path, max_length=4),
-                           train_dataset=make_conflicting_pairs(4), processing_class=tokenizer)
+        MiCRoRewardTrainer(
+            model=model,
+            args=make_args(tmp_path, max_length=4),
+            train_dataset=make_conflicting_pairs(4),
+            processing_class=tokenizer,
+        )
     with pytest.raises(ValueError, match="num_heads"):
         make_args(tmp_path, num_heads=0)
     with pytest.raises(TypeError, match="MiCRoRewardModel"):
-        MiCRoRewardTrainer(model=torch.nn.Linear(2, 2), args=args, train_dataset=make_conflicting_pairs(4),
-                           processing_class=tokenizer)
+        MiCRoRewardTrainer(
+            model=torch.nn.Linear(2, 2), args=args, train_dataset=make_conflicting_pairs(4), processing_class=tokenizer
+        )
 
 
 def test_overlong_pairs_are_dropped(tokenizer, tmp_path):
@@ -162,10 +189,16 @@ def test_overlong_pairs_are_dropped(tokenizer, tmp_path):
         for r in data
     ]
     max_length = sorted(lengths)[len(lengths) // 2]
-    trainer = MiCRoRewardTrainer(model=build_tiny_micro_model(tokenizer), args=make_args(tmp_path, max_length=max_length),
-                                 train_dataset=data, processing_class=tokenizer)
+    trainer = MiCRoRewardTrainer(
+        model=build_tiny_micro_model(tokenizer),
+        args=make_args(tmp_path, max_length=max_length),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
     assert 0 < len(trainer.train_dataset) < len(data)
-    assert all(len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length for r in trainer.train_dataset)
+    assert all(
+        len(r["chosen_ids"]) <= max_length and len(r["rejected_ids"]) <= max_length for r in trainer.train_dataset
+    )
 
 
 def test_streaming_dataset_trains_with_a_frozen_backbone(tokenizer, tmp_path, caplog):
@@ -174,8 +207,12 @@ def test_streaming_dataset_trains_with_a_frozen_backbone(tokenizer, tmp_path, ca
     heads_before = model.heads.weight.detach().clone()
     args = make_args(tmp_path, freeze_backbone=True, max_steps=2)
     with caplog.at_level(logging.WARNING, logger="trl_micro"):
-        trainer = MiCRoRewardTrainer(model=model, args=args, train_dataset=make_conflicting_pairs(16).to_iterable_dataset(),
-                                     processing_class=tokenizer)
+        trainer = MiCRoRewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=make_conflicting_pairs(16).to_iterable_dataset(),
+            processing_class=tokenizer,
+        )
     assert "Feature cache off: a streaming IterableDataset" in caplog.text
     trainer.train()
     assert trainer.state.global_step == 2 and not torch.equal(model.heads.weight, heads_before)
@@ -184,17 +221,27 @@ def test_streaming_dataset_trains_with_a_frozen_backbone(tokenizer, tmp_path, ca
 
 def train_on(rows, tokenizer, tmp_path, **overrides):
     data = rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
-    return MiCRoRewardTrainer(model=build_tiny_micro_model(tokenizer), args=make_args(tmp_path, **overrides),
-                              train_dataset=data, processing_class=tokenizer)
+    return MiCRoRewardTrainer(
+        model=build_tiny_micro_model(tokenizer),
+        args=make_args(tmp_path, **overrides),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
 
 
 BAD_DATA = {
-    "int chosen": ([{"prompt": "Question?", "chosen": 3, "rejected": 4}] * 2,
-                   r"Row 0: `chosen` must be text or a list of chat messages, got int 3"),
-    "margin None": ([{"prompt": "Q?", "chosen": "Sure.", "rejected": "Ok.", "margin": m} for m in (1.0, None)],
-                    r"Row 1 of the train dataset: `margin` is NoneType None"),
-    "margin string": ([{"prompt": "Q?", "chosen": "Sure.", "rejected": "Ok.", "margin": "1.0"}] * 2,
-                      r"Row 0 of the train dataset: `margin` is str '1.0'"),
+    "int chosen": (
+        [{"prompt": "Question?", "chosen": 3, "rejected": 4}] * 2,
+        r"Row 0: `chosen` must be text or a list of chat messages, got int 3",
+    ),
+    "margin None": (
+        [{"prompt": "Q?", "chosen": "Sure.", "rejected": "Ok.", "margin": m} for m in (1.0, None)],
+        r"Row 1 of the train dataset: `margin` is NoneType None",
+    ),
+    "margin string": (
+        [{"prompt": "Q?", "chosen": "Sure.", "rejected": "Ok.", "margin": "1.0"}] * 2,
+        r"Row 0 of the train dataset: `margin` is str '1.0'",
+    ),
     "empty dataset": (Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}), "The train dataset is empty"),
 }
 
@@ -216,8 +263,12 @@ def test_bad_values_met_later_are_named_too(tokenizer, tmp_path):
 
 def test_missing_model_path_is_named(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="`model`: there is no model directory at .*such-model"):
-        MiCRoRewardTrainer(model=str(tmp_path / "no" / "such-model"), args=make_args(tmp_path),
-                           train_dataset=make_conflicting_pairs(4), processing_class=tokenizer)
+        MiCRoRewardTrainer(
+            model=str(tmp_path / "no" / "such-model"),
+            args=make_args(tmp_path),
+            train_dataset=make_conflicting_pairs(4),
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize("implicit_prompt", [False, True])

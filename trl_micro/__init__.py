@@ -5,10 +5,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from .configuration_micro import MiCRoConfig
 from .context_adaptation import ContextAdaptation, adapt_to_contexts
 from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
+from .online_router import OnlineRouter
 from .ppo_reward import MiCRoRewardForPPO
 from .residual_heads import ResidualHeads
 from .rewards import MiCRoReward
-from .online_router import OnlineRouter
 from .scoring import PairScores, score_preference_pairs
 from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
 

@@ -21,7 +21,6 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-
 ROUTER_TYPES = ("linear", "mlp")
 REWARD_READOUTS = ("last", "mean", "last_mean")
 ROUTER_READOUTS = ("last", "mean")
@@ -66,9 +65,7 @@ class MiCRoArchitecture:
     use_router: bool = field(default=True, metadata={"help": "False learns one global weight vector (StaticMixture)."})
     router_type: Literal["linear", "mlp"] = field(default="linear", metadata={"help": "'linear' or 'mlp'."})
     router_hidden_size: int = field(default=256, metadata={"help": "Hidden width of the MLP router."})
-    router_input_norm: bool = field(
-        default=True, metadata={"help": "Standardize the prompt feature the router reads."}
-    )
+    router_input_norm: bool = field(default=True, metadata={"help": "Standardize the prompt feature the router reads."})
     reward_readout: Literal["last", "mean", "last_mean"] = field(
         default="last_mean",
         metadata={"help": "How the heads read a sequence: 'last' token, 'mean' over the response, or 'last_mean'."},
@@ -87,15 +84,19 @@ class MiCRoArchitecture:
             raise ValueError(f"{owner}.num_heads must be an integer >= 1, got {self.num_heads!r}.")
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"{owner}.router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}.")
-        if isinstance(self.router_hidden_size, bool) or not isinstance(self.router_hidden_size, int) or (
-            self.router_hidden_size < 1
+        if (
+            isinstance(self.router_hidden_size, bool)
+            or not isinstance(self.router_hidden_size, int)
+            or (self.router_hidden_size < 1)
         ):
             raise ValueError(f"{owner}.router_hidden_size must be an integer >= 1, got {self.router_hidden_size!r}.")
         if self.reward_readout not in REWARD_READOUTS:
             raise ValueError(f"{owner}.reward_readout must be one of {REWARD_READOUTS}, got {self.reward_readout!r}.")
         if self.router_readout not in ROUTER_READOUTS:
             raise ValueError(f"{owner}.router_readout must be one of {ROUTER_READOUTS}, got {self.router_readout!r}.")
-        if self.reward_layer is not None and (isinstance(self.reward_layer, bool) or not isinstance(self.reward_layer, int)):
+        if self.reward_layer is not None and (
+            isinstance(self.reward_layer, bool) or not isinstance(self.reward_layer, int)
+        ):
             raise ValueError(
                 f"{owner}.reward_layer must be an integer (an index into the backbone's hidden_states) or None (its "
                 f"output), got {self.reward_layer!r}."
@@ -172,13 +173,15 @@ class MiCRoConfig(PreTrainedConfig, MiCRoArchitecture):
             raise ValueError("MiCRoConfig.num_labels must be 1: the routed reward is a single score.")
         self.check_architecture()
         if "{context}" not in self.context_template:
-            raise ValueError(
-                f"MiCRoConfig.context_template must contain '{{context}}', got {self.context_template!r}."
-            )
+            raise ValueError(f"MiCRoConfig.context_template must contain '{{context}}', got {self.context_template!r}.")
         if self.backbone_is_causal is None:
             self.backbone_is_causal = is_causal_backbone(self.text_config)
         num_layers = getattr(self.text_config, "num_hidden_layers", None)
-        if self.reward_layer is not None and num_layers is not None and not -num_layers - 1 <= self.reward_layer <= num_layers:
+        if (
+            self.reward_layer is not None
+            and num_layers is not None
+            and not -num_layers - 1 <= self.reward_layer <= num_layers
+        ):
             raise ValueError(
                 f"MiCRoConfig.reward_layer={self.reward_layer} is out of range: the backbone has {num_layers} layers, "
                 f"so hidden_states holds {num_layers + 1} (indices {-num_layers - 1} to {num_layers}). Use None for "
@@ -262,7 +265,9 @@ def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
     asked = load_kwargs.get("config")
     asked_heads = load_kwargs.get("num_heads", getattr(asked, "num_heads", saved.num_heads))
     if asked_heads != saved.num_heads:
-        raise ValueError(f"The checkpoint at {path} has num_heads={saved.num_heads}, but num_heads={asked_heads} was asked.")
+        raise ValueError(
+            f"The checkpoint at {path} has num_heads={saved.num_heads}, but num_heads={asked_heads} was asked."
+        )
     if isinstance(asked, MiCRoConfig):
         for field in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
             mine, theirs = getattr(asked.text_config, field, None), getattr(saved.text_config, field, None)

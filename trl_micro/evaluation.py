@@ -378,8 +378,9 @@ def plot_head_usage_heatmap(
     image = axes.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(1.0, float(matrix.max())), aspect="auto")
     for row, column in itertools.product(range(matrix.shape[0]), range(num_heads)):
         value = matrix[row, column]
-        axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                  color="black" if value > 0.6 else "white")
+        axes.text(
+            column, row, f"{value:.2f}", ha="center", va="center", fontsize=9, color="black" if value > 0.6 else "white"
+        )
     axes.set_xticks(range(num_heads), head_names)
     axes.set_yticks(range(len(context_names)), list(context_names))
     axes.set_xlabel("reward head")

@@ -264,15 +264,19 @@ def pair_features(
         store = FeatureStore(model, cache_dir)
         reward, router = store.features(sequences, batch_size, device, desc)
         logger.info(
-            "%s: %d distinct sequences computed, %d read from %s.", desc, store.num_computed, store.num_reused,
+            "%s: %d distinct sequences computed, %d read from %s.",
+            desc,
+            store.num_computed,
+            store.num_reused,
             store.directory,
         )
     else:
         keys = [sequence_key(*sequence) for sequence in sequences]
         distinct = dict(zip(keys, sequences))
         index = {key: row for row, key in enumerate(distinct)}
-        distinct_reward, distinct_router = compute_sequence_features(model, list(distinct.values()), batch_size, device,
-                                                                     desc)
+        distinct_reward, distinct_router = compute_sequence_features(
+            model, list(distinct.values()), batch_size, device, desc
+        )
         rows = torch.tensor([index[key] for key in keys], dtype=torch.long)
         reward, router = distinct_reward[rows], distinct_router[rows]
     num_pairs = len(dataset)
@@ -301,7 +305,9 @@ class CachedFeatureCollator:
         rows = torch.tensor([example["pair_index"] for example in examples], dtype=torch.long)
         router = self.features["router"][rows]
         batch = {
-            "reward_features": torch.cat([self.features["chosen_reward"][rows], self.features["rejected_reward"][rows]]),
+            "reward_features": torch.cat(
+                [self.features["chosen_reward"][rows], self.features["rejected_reward"][rows]]
+            ),
             "router_features": torch.cat([router, router]),
         }
         batch.update(pair_labels(examples))

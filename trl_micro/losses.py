@@ -78,7 +78,9 @@ def context_mixture_bt_loss(
         head_margins = head_margins - margin.float()[:, None]
     groups, rows = torch.unique(context_index, return_inverse=True)
     num_groups, num_heads = len(groups), head_margins.shape[1]
-    counts = torch.zeros(num_groups, device=head_margins.device).index_add(0, rows, torch.ones_like(rows, dtype=torch.float))
+    counts = torch.zeros(num_groups, device=head_margins.device).index_add(
+        0, rows, torch.ones_like(rows, dtype=torch.float)
+    )
     weights = F.softmax(router_logits, dim=-1)
     mean_weights = torch.zeros(num_groups, num_heads, device=head_margins.device).index_add(0, rows, weights)
     # A weight that underflowed to 0 is floored at the smallest float: the value is unchanged, the gradient stays finite.

@@ -298,7 +298,9 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         prompt_end = self.prompt_end_index(input_ids, attention_mask, prompt_lengths)
         layer = self.config.reward_layer
         outputs = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layer is not None,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=layer is not None,
             **backbone_kwargs,
         )
         hidden = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]

@@ -44,8 +44,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .user_stores import ArrayLike, StoreReader, as_float64, check_mergeable, is_integer, is_real_number
-from .user_stores import normalize_user_id, store_lock, write_store
+from .user_stores import (
+    ArrayLike,
+    StoreReader,
+    as_float64,
+    check_mergeable,
+    is_integer,
+    is_real_number,
+    normalize_user_id,
+    store_lock,
+    write_store,
+)
 
 STORE_FORMAT = "trl-micro-online-router"
 STORE_FORMAT_VERSION = 1
@@ -318,23 +327,26 @@ class OnlineRouter:
         """
         with store_lock(path):
             states = self._merged_states(path) if merge and os.path.exists(path) else self._states
-            write_store(path, {
-                "format": STORE_FORMAT,
-                "format_version": STORE_FORMAT_VERSION,
-                "num_heads": self.num_heads,
-                "eta": self.eta,
-                "forgetting": self.forgetting,
-                "default_prior": None if self.default_prior is None else self.default_prior.tolist(),
-                "model_fingerprint": self.model_fingerprint,
-                "users": {
-                    user_id: {
-                        "log_weights": state.log_weights.tolist(),
-                        "log_prior": state.log_prior.tolist(),
-                        "num_updates": state.num_updates,
-                    }
-                    for user_id, state in states.items()
+            write_store(
+                path,
+                {
+                    "format": STORE_FORMAT,
+                    "format_version": STORE_FORMAT_VERSION,
+                    "num_heads": self.num_heads,
+                    "eta": self.eta,
+                    "forgetting": self.forgetting,
+                    "default_prior": None if self.default_prior is None else self.default_prior.tolist(),
+                    "model_fingerprint": self.model_fingerprint,
+                    "users": {
+                        user_id: {
+                            "log_weights": state.log_weights.tolist(),
+                            "log_prior": state.log_prior.tolist(),
+                            "num_updates": state.num_updates,
+                        }
+                        for user_id, state in states.items()
+                    },
                 },
-            })
+            )
         self._states, self._pending = dict(states), {}
 
     def _merged_states(self, path: str | os.PathLike) -> dict[str, ContextState]:
@@ -354,7 +366,8 @@ class OnlineRouter:
             count = mine.num_updates - base_count
             kept = self.forgetting**count
             log_weights = (
-                mine.log_weights + kept * (theirs.log_weights - base_log_weights)
+                mine.log_weights
+                + kept * (theirs.log_weights - base_log_weights)
                 + (1 - kept) * (theirs.log_prior - mine.log_prior)
             )
             log_weights = log_weights - torch.logsumexp(log_weights, dim=0)

@@ -34,8 +34,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .user_stores import ArrayLike, StoreReader, as_float64, check_mergeable, is_integer, is_real_number
-from .user_stores import normalize_user_id, store_lock, write_store
+from .user_stores import (
+    ArrayLike,
+    StoreReader,
+    as_float64,
+    check_mergeable,
+    is_integer,
+    is_real_number,
+    normalize_user_id,
+    store_lock,
+    write_store,
+)
 
 STORE_FORMAT = "trl-micro-residual-heads"
 STORE_FORMAT_VERSION = 1
@@ -243,20 +252,23 @@ class ResidualHeads:
         """
         with store_lock(path):
             users = self._merged_users(path) if merge and os.path.exists(path) else self._user_entries()
-            write_store(path, {
-                "format": STORE_FORMAT,
-                "format_version": STORE_FORMAT_VERSION,
-                "hidden_size": self.hidden_size,
-                "l2": self.l2,
-                "l2_grid": list(self.l2_grid),
-                "cv_folds": self.cv_folds,
-                "max_iter": self.max_iter,
-                "model_fingerprint": self.model_fingerprint,
-                "users": {
-                    user_id: {"residual": residual.tolist(), "l2": l2, "num_pairs": num_pairs}
-                    for user_id, (residual, l2, num_pairs) in users.items()
+            write_store(
+                path,
+                {
+                    "format": STORE_FORMAT,
+                    "format_version": STORE_FORMAT_VERSION,
+                    "hidden_size": self.hidden_size,
+                    "l2": self.l2,
+                    "l2_grid": list(self.l2_grid),
+                    "cv_folds": self.cv_folds,
+                    "max_iter": self.max_iter,
+                    "model_fingerprint": self.model_fingerprint,
+                    "users": {
+                        user_id: {"residual": residual.tolist(), "l2": l2, "num_pairs": num_pairs}
+                        for user_id, (residual, l2, num_pairs) in users.items()
+                    },
                 },
-            })
+            )
         self._residuals = {user_id: entry[0] for user_id, entry in users.items()}
         self._chosen_l2 = {user_id: entry[1] for user_id, entry in users.items()}
         self._num_pairs = {user_id: entry[2] for user_id, entry in users.items()}

@@ -373,7 +373,9 @@ class MiCRoReward:
             if len(self._logged_groups) >= self.max_logged_groups:
                 return None
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_")[:40] or "group"
-            self._logged_groups[key] = slug if slug not in self._logged_groups.values() else f"{slug}_{len(self._logged_groups)}"
+            self._logged_groups[key] = (
+                slug if slug not in self._logged_groups.values() else f"{slug}_{len(self._logged_groups)}"
+            )
         return self._logged_groups[key]
 
 
@@ -391,7 +393,9 @@ def known_users(
     return torch.tensor([user in store for user in users], dtype=torch.bool)
 
 
-def truncate_completion(ids: list[int], prompt_length: int, max_length: int, ending: list[int]) -> tuple[list[int], int]:
+def truncate_completion(
+    ids: list[int], prompt_length: int, max_length: int, ending: list[int]
+) -> tuple[list[int], int]:
     """
     Fit `ids` into `max_length` keeping the prompt and the `ending` (so the reward is read where training read it):
     the completion loses its tail; a prompt that does not fit with one completion token and the ending loses its

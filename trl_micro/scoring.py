@@ -75,7 +75,11 @@ def score_preference_pairs(
     context_column = context_column if context_column in dataset.column_names else None
     tokenized = tokenize_pairs(dataset, tokenizer, model.config.context_template, context_column, prompt_marker)
     features = pair_features(
-        model, tokenized, feature_cache_dir, use_store=feature_cache_dir is not None, batch_size=batch_size,
+        model,
+        tokenized,
+        feature_cache_dir,
+        use_store=feature_cache_dir is not None,
+        batch_size=batch_size,
         desc="Scoring pairs",
     )
     return score_pair_features(model, features)

@@ -62,18 +62,18 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
 from trl_micro.data_utils import context_indices, split_by_context, take_per_context
 from trl_micro.evaluation import head_accuracy, head_usage, per_context_accuracy
 from trl_micro.losses import head_agreement
 from trl_micro.modeling_micro import MiCRoRewardModel
-from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
 from trl_micro.online_router import OnlineRouter
 from trl_micro.residual_heads import ResidualHeads
 from trl_micro.scoring import PairScores, score_pair_features
 from trl_micro.trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
 
-from .pair_pool import CachedPairPool
 from .metrics import best_head_accuracy
+from .pair_pool import CachedPairPool
 
 SINGLE = "SingleReward"
 STATIC = "StaticMixture"
@@ -209,8 +209,11 @@ def split_pool(
     if adaptation_share is None:
         table = Dataset.from_dict({"pair": evaluation, "context_id": [pool.context_ids[pair] for pair in evaluation]})
         parts = split_by_context(
-            table, context_column="context_id", fractions=None,
-            sizes_per_context=(0, adaptation_per_context, test_per_context), seed=seed,
+            table,
+            context_column="context_id",
+            fractions=None,
+            sizes_per_context=(0, adaptation_per_context, test_per_context),
+            seed=seed,
         )
         adaptation, test = list(parts["adaptation"]["pair"]), list(parts["test"]["pair"])
     else:
@@ -227,9 +230,7 @@ def split_pool(
 
 def adaptation_subset(pool: CachedPairPool, adaptation: Sequence[int], pairs_per_context: int, seed: int) -> list[int]:
     """`pairs_per_context` adaptation pairs of every context; for one seed, smaller subsets are nested in larger ones."""
-    table = Dataset.from_dict(
-        {"pair": list(adaptation), "context_id": [pool.context_ids[pair] for pair in adaptation]}
-    )
+    table = Dataset.from_dict({"pair": list(adaptation), "context_id": [pool.context_ids[pair] for pair in adaptation]})
     return list(take_per_context(table, pairs_per_context, context_column="context_id", seed=seed)["pair"])
 
 
@@ -331,8 +332,18 @@ def train_diverse_ensemble(
     for member in range(num_members):
         resample = torch.randint(len(pairs), (len(pairs),), generator=generator).tolist()
         prior = torch.randn(1, deltas["chosen_reward"].shape[1], generator=generator) * scale
-        members.append(train_heads(backbone, tokenizer, pool, [pairs[i] for i in resample], training,
-                                   seed * 1000 + member, num_heads=1, initial_heads=prior))
+        members.append(
+            train_heads(
+                backbone,
+                tokenizer,
+                pool,
+                [pairs[i] for i in resample],
+                training,
+                seed * 1000 + member,
+                num_heads=1,
+                initial_heads=prior,
+            )
+        )
     return members
 
 
@@ -389,7 +400,9 @@ def score(model: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], w
 
 
 # ----------------------------------------------------------------------------------------------------- few-shot routing
-def micro_online_routing(micro: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], eta: float) -> OnlineRouter:
+def micro_online_routing(
+    micro: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], eta: float
+) -> OnlineRouter:
     """
     MiCRo + online routing: one posterior per context id over `micro`'s heads, from the head margins of its pool
     pairs `pairs` (scored without their context), starting from the Stage-1 router's mean weights over those pairs'
@@ -413,8 +426,9 @@ def per_context_oracle_models(
     """The oracle's models: for every context, `num_heads` heads (and a router when K > 1) trained on that context's
     training pairs only."""
     return {
-        context: train_heads(backbone, tokenizer, pool, pool.pairs_of_context(split.train, context), training, seed,
-                             num_heads=num_heads)
+        context: train_heads(
+            backbone, tokenizer, pool, pool.pairs_of_context(split.train, context), training, seed, num_heads=num_heads
+        )
         for context in contexts
     }
 
@@ -430,8 +444,9 @@ def per_context_oracle_margins(
 ) -> torch.Tensor:
     """Test margins (N,) of the oracle (`per_context_oracle_models`), each context's model scoring its test pairs."""
     test_contexts = [pool.context_ids[pair] for pair in split.test]
-    models = per_context_oracle_models(backbone, tokenizer, pool, split, sorted(set(test_contexts)), training, seed,
-                                       num_heads)
+    models = per_context_oracle_models(
+        backbone, tokenizer, pool, split, sorted(set(test_contexts)), training, seed, num_heads
+    )
     margins = torch.empty(len(split.test))
     for context, model in models.items():
         rows = [row for row, other in enumerate(test_contexts) if other == context]
@@ -558,7 +573,9 @@ def compare_methods(
     record(STATIC, score(static, pool, split.test, with_context=False).margins)
 
     with timed(ENSEMBLE):
-        ensemble = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=K, loss_type="ensemble")
+        ensemble = train_heads(
+            backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=K, loss_type="ensemble"
+        )
     record(ENSEMBLE, score(ensemble, pool, split.test, with_context=False).head_margins.mean(dim=-1))
     with timed(HYRE):
         members = train_diverse_ensemble(backbone, tokenizer, pool, split.stage1_train, heads, seed, K)
@@ -573,7 +590,9 @@ def compare_methods(
     micro_test_with_context = score(micro, pool, split.test, with_context=True)
     micro_test = score(micro, pool, split.test, with_context=False)
     record(MICRO, micro_test_with_context.margins)
-    result.head_usage[f"{MICRO} (context in prompt)"] = head_usage(micro_test_with_context.mixture_weights, test_contexts)
+    result.head_usage[f"{MICRO} (context in prompt)"] = head_usage(
+        micro_test_with_context.mixture_weights, test_contexts
+    )
     result.head_accuracy = head_accuracy(micro_test.head_margins, test_contexts)
     result.diagnostics["micro_head_agreement"] = float(head_agreement(micro_test.head_margins))
     result.accuracy[BEST_HEAD] = best_head_accuracy(micro_test.head_margins, test_contexts)
@@ -627,7 +646,9 @@ def compare_methods(
             rows = [row for row, flag in enumerate(flags) if flag]
             subset_contexts = [test_contexts[row] for row in rows]
             result.subsets[column] = {
-                name: per_context_accuracy(margins_of[name][rows], subset_contexts) for name in order if name in margins_of
+                name: per_context_accuracy(margins_of[name][rows], subset_contexts)
+                for name in order
+                if name in margins_of
             }
     return result
 
@@ -647,7 +668,9 @@ def leave_one_context_out(
     """
     test_contexts = [pool.context_ids[pair] for pair in split.test]
     single = train_heads(backbone, tokenizer, pool, split.stage1_train, settings.heads, seed, num_heads=1)
-    micro = train_heads(backbone, tokenizer, pool, split.stage1_train, settings.heads, seed, num_heads=settings.num_heads)
+    micro = train_heads(
+        backbone, tokenizer, pool, split.stage1_train, settings.heads, seed, num_heads=settings.num_heads
+    )
     pairs = adaptation_subset(pool, split.adaptation, settings.reported_size, seed)
     contexts = [pool.context_ids[pair] for pair in pairs]
     single_test, micro_test = (score(model, pool, split.test, with_context=False) for model in (single, micro))
@@ -657,10 +680,10 @@ def leave_one_context_out(
     margins = {
         SINGLE: single_test.margins,
         MICRO_ONLINE: online_margins,
-        MICRO_RESIDUAL: online_margins + fit_pool_residual_heads(micro, pool, pairs, online).rewards(
-            test_contexts, micro_test.feature_deltas
-        ),
-        SINGLE_RESIDUAL: single_test.margins + fit_pool_residual_heads(single, pool, pairs, single_router).rewards(
+        MICRO_RESIDUAL: online_margins
+        + fit_pool_residual_heads(micro, pool, pairs, online).rewards(test_contexts, micro_test.feature_deltas),
+        SINGLE_RESIDUAL: single_test.margins
+        + fit_pool_residual_heads(single, pool, pairs, single_router).rewards(
             test_contexts, single_test.feature_deltas
         ),
         ORACLE: per_context_oracle_margins(backbone, tokenizer, pool, split, settings.heads, seed),

@@ -37,8 +37,10 @@ class LoraTuning:
     extra: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        pairs = "all training pairs" if self.train_pairs_per_context is None else (
-            f"{self.train_pairs_per_context} training pairs per context"
+        pairs = (
+            "all training pairs"
+            if self.train_pairs_per_context is None
+            else (f"{self.train_pairs_per_context} training pairs per context")
         )
         return (
             f"{self.name}: LoRA rank {self.rank} (alpha {self.alpha}) on {self.target_modules}, {pairs}, "

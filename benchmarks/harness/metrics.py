@@ -174,12 +174,20 @@ def adaptation_section(rows: Sequence[Mapping]) -> list[str]:
         for count in counts:
             row = cells.get((method, context, count))
             line.append(
-                "–" if row is None else format_accuracy_cell(row["accuracy"], row.get("accuracy_std", 0.0), row.get("num_seeds", 1))
+                "–"
+                if row is None
+                else format_accuracy_cell(row["accuracy"], row.get("accuracy_std", 0.0), row.get("num_seeds", 1))
             )
         table.append(line)
     header = ["method", "context", *[f"{count} pairs" for count in counts]]
-    return ["## Adaptation curves", "", "Accuracy (%) by number of adaptation pairs per context.", "",
-            *markdown_table(header, table), ""]
+    return [
+        "## Adaptation curves",
+        "",
+        "Accuracy (%) by number of adaptation pairs per context.",
+        "",
+        *markdown_table(header, table),
+        "",
+    ]
 
 
 def write_seeded_report(results: Mapping[str, Any], path_prefix: str | os.PathLike) -> tuple[Path, Path]:
@@ -224,7 +232,9 @@ def plot_adaptation_curves(
         raise ValueError("No adaptation curve rows to plot.")
     missing = {"context", "num_pairs", "accuracy"} - set().union(*rows)
     if missing:
-        raise ValueError(f"Adaptation curve rows lack the keys {sorted(missing)}; they have {sorted(set().union(*rows))}.")
+        raise ValueError(
+            f"Adaptation curve rows lack the keys {sorted(missing)}; they have {sorted(set().union(*rows))}."
+        )
     if contexts is None:
         contexts = list(dict.fromkeys(row["context"] for row in rows))
     methods = list(dict.fromkeys(row.get("method", "method") for row in rows))
@@ -281,15 +291,15 @@ def plot_adaptation_curves(
     return save_figure(figure, path)
 
 
-
-
 def best_heads(head_margins: torch.Tensor, contexts: Sequence[str]) -> dict[str, int]:
     """`{context: k}`, the head most accurate on each context's pairs (head margins (N, K), one context per row)."""
     table = head_accuracy(head_margins, contexts)
     return {context: int(np.argmax(table["accuracy"][:, column])) for column, context in enumerate(table["contexts"])}
 
 
-def best_head_accuracy(head_margins: torch.Tensor, contexts: Sequence[str], heads: dict[str, int] | None = None) -> dict:
+def best_head_accuracy(
+    head_margins: torch.Tensor, contexts: Sequence[str], heads: dict[str, int] | None = None
+) -> dict:
     """
     Per-context accuracy of the head that is most accurate on that context's pairs (`per_context_accuracy` keys):
     a ceiling for any routing that gives each context one head. The head is chosen on the scored pairs themselves

@@ -98,7 +98,10 @@ class CachedPairPool:
         column = {False: None, True: "context", "unseen": UNSEEN_CONTEXT_COLUMN}[with_context]
         rows = self.dataset.select([int(pair) for pair in pairs])
         contexts = rows[column] if column else [None] * len(rows)
-        return [json.dumps([prompt, context, chosen]) for prompt, context, chosen in zip(rows["prompt"], contexts, rows["chosen"])]
+        return [
+            json.dumps([prompt, context, chosen])
+            for prompt, context, chosen in zip(rows["prompt"], contexts, rows["chosen"])
+        ]
 
     def latent_groups(self, pairs: Sequence[int], with_context: bool | str) -> list[int]:
         """Per pair, the id of its latent group as the Stage 1 trainer forms them (`data_utils.latent_groups`)."""

@@ -25,12 +25,11 @@ pool's seed): only evaluation pairs are ever scored with their context, so only 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
-
-import random
 
 from trl_micro.bundled.dsp import HELD_OUT_WORDINGS, dsp_pairs, load_dsp_queries
 from trl_micro.bundled.hh import load_hh_relabeled, load_hh_rlhf
@@ -77,7 +76,9 @@ class PoolSpec:
                 "pairs per query (4 per domain context)"
             )
         if self.source == "synthetic":
-            raters = "; training pairs rated by the subpopulation owning the prompt's topic" * self.train_rater_follows_topic
+            raters = (
+                "; training pairs rated by the subpopulation owning the prompt's topic" * self.train_rater_follows_topic
+            )
             return (
                 f"synthetic generator, M={self.num_subpopulations} subpopulations, {self.pairs_per_context} pairs each "
                 f"(generator seed {POOL_SEED}){raters}; {self._split()}"

@@ -19,19 +19,21 @@ from trl_micro.evaluation import markdown_table, plot_accuracy_per_context, plot
 
 from .comparison import (
     DIAGNOSTICS,
-    MICRO_ADAPTED_UNSEEN,
-    SINGLE_RESIDUAL,
     MICRO_ADAPTED,
+    MICRO_ADAPTED_UNSEEN,
     MICRO_ONLINE,
     MICRO_RESIDUAL,
     ORACLE,
     SINGLE,
+    SINGLE_RESIDUAL,
     ComparisonResult,
 )
 from .metrics import adaptation_curve, gap_closed, plot_adaptation_curves, summarize_methods, write_seeded_report
 
 STAGE2_SHORT_NAMES = {  # the Stage 2 variants, with their column name in the targets table
-    MICRO_ADAPTED: "router adapt.", MICRO_ONLINE: "online routing", MICRO_RESIDUAL: "online + residual"
+    MICRO_ADAPTED: "router adapt.",
+    MICRO_ONLINE: "online routing",
+    MICRO_RESIDUAL: "online + residual",
 }
 STAGE2_METHODS = tuple(STAGE2_SHORT_NAMES)
 
@@ -89,7 +91,9 @@ class BenchmarkOutcome:
     def gap_closed(self, method: str, context: str) -> float:
         """Gap closed on `context`, from the seed means (see the module docstring)."""
         return gap_closed(
-            self.mean_accuracy(method, context), self.mean_accuracy(SINGLE, context), self.mean_accuracy(ORACLE, context)
+            self.mean_accuracy(method, context),
+            self.mean_accuracy(SINGLE, context),
+            self.mean_accuracy(ORACLE, context),
         )
 
     def gap_closed_per_seed(self, method: str, context: str) -> list[float]:
@@ -105,7 +109,9 @@ class BenchmarkOutcome:
     def adaptation_rows(self) -> list[dict]:
         rows = []
         for method in self.runs[0].adaptation:
-            per_size = {size: [run.adaptation[method][size] for run in self.runs] for size in self.runs[0].adaptation[method]}
+            per_size = {
+                size: [run.adaptation[method][size] for run in self.runs] for size in self.runs[0].adaptation[method]
+            }
             rows += adaptation_curve(per_size, method=method, include_summary=False)
         return rows
 
@@ -160,7 +166,8 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
         title=f"{outcome.title}: test accuracy per context (mean ± std over {len(outcome.seeds)} seeds)",
     )
     references = {
-        name: {context: outcome.mean_accuracy(name, context) for context in outcome.contexts} for name in (SINGLE, ORACLE)
+        name: {context: outcome.mean_accuracy(name, context) for context in outcome.contexts}
+        for name in (SINGLE, ORACLE)
     }
     files["adaptation_plot"] = plot_adaptation_curves(
         outcome.adaptation_rows(),
@@ -190,7 +197,7 @@ def _gap(value: float) -> str:
 
 
 def _met(outcome: BenchmarkOutcome, context: str) -> str:
-    """"yes" when a Stage 2 variant closes the target share of the gap on `context`; "n/a" when there is no gap."""
+    """ "yes" when a Stage 2 variant closes the target share of the gap on `context`; "n/a" when there is no gap."""
     gaps = [outcome.gap_closed(method, context) for method in STAGE2_METHODS]
     if not any(math.isfinite(gap) for gap in gaps):
         return "n/a"
@@ -202,12 +209,19 @@ def targets_table(outcomes: list[BenchmarkOutcome]) -> list[str]:
     rows = []
     for outcome in outcomes:
         for context in outcome.contexts:
-            row = [outcome.title, context, _percent(outcome.mean_accuracy(SINGLE, context)),
-                   _percent(outcome.mean_accuracy(ORACLE, context))]
+            row = [
+                outcome.title,
+                context,
+                _percent(outcome.mean_accuracy(SINGLE, context)),
+                _percent(outcome.mean_accuracy(ORACLE, context)),
+            ]
             for method in STAGE2_METHODS:
                 gaps = [g for g in outcome.gap_closed_per_seed(method, context) if math.isfinite(g)]
                 spread = f" [{min(gaps):.2f}, {max(gaps):.2f}]" if len(gaps) > 1 else ""
-                row += [_percent(outcome.mean_accuracy(method, context)), _gap(outcome.gap_closed(method, context)) + spread]
+                row += [
+                    _percent(outcome.mean_accuracy(method, context)),
+                    _gap(outcome.gap_closed(method, context)) + spread,
+                ]
             row += ["–", "–"] if outcome.target is None else [f">= {outcome.target:.1f}", _met(outcome, context)]
             rows.append(row)
     header = ["benchmark", "context", "SingleReward", "Oracle"]
@@ -225,13 +239,20 @@ def subset_section(outcome: BenchmarkOutcome) -> list[str]:
         for method in outcome.runs[0].subsets[subset]:
             if method in DIAGNOSTICS:
                 continue
-            means = [float(np.mean([run.subsets[subset][method]["accuracy"][context] for run in outcome.runs]))
-                     for context in outcome.contexts]
+            means = [
+                float(np.mean([run.subsets[subset][method]["accuracy"][context] for run in outcome.runs]))
+                for context in outcome.contexts
+            ]
             rows.append([method, *[_percent(value) for value in means], _percent(float(np.mean(means)))])
-        lines += [f"#### Test pairs marked `{subset}`", "",
-                  "Accuracy (%) on those pairs alone, mean over seeds (DSP: the pairs whose rejected answer is the "
-                  "plain one, on which every context agrees).", "",
-                  *markdown_table(["method", *outcome.contexts, "macro"], rows), ""]
+        lines += [
+            f"#### Test pairs marked `{subset}`",
+            "",
+            "Accuracy (%) on those pairs alone, mean over seeds (DSP: the pairs whose rejected answer is the "
+            "plain one, on which every context agrees).",
+            "",
+            *markdown_table(["method", *outcome.contexts, "macro"], rows),
+            "",
+        ]
     return lines
 
 
@@ -241,8 +262,11 @@ def diagnostics_section(outcome: BenchmarkOutcome) -> list[str]:
         "hyre_member_disagreement": "HyRe's members: share of test pairs on which at least two members disagree",
         "shared_base_ensemble_disagreement": "Shared-Base Ensemble's heads: the same share",
     }
-    rows = [[text, ", ".join(f"{run.diagnostics[key]:.3f}" for run in outcome.runs)]
-            for key, text in names.items() if key in outcome.runs[0].diagnostics]
+    rows = [
+        [text, ", ".join(f"{run.diagnostics[key]:.3f}" for run in outcome.runs)]
+        for key, text in names.items()
+        if key in outcome.runs[0].diagnostics
+    ]
     return ["#### Diagnostics", "", *markdown_table(["per seed", "value"], rows), ""] if rows else []
 
 
@@ -256,14 +280,19 @@ def leave_one_out_section(outcome: BenchmarkOutcome) -> list[str]:
         accuracy = {method: result["accuracy"][context] for method, result in results.items()}
         row = [context, _percent(accuracy[SINGLE]), _percent(accuracy[ORACLE])]
         for method in methods:
-            row.append(f"{_percent(accuracy[method])} ({_gap(gap_closed(accuracy[method], accuracy[SINGLE], accuracy[ORACLE]))})")
+            row.append(
+                f"{_percent(accuracy[method])} ({_gap(gap_closed(accuracy[method], accuracy[SINGLE], accuracy[ORACLE]))})"
+            )
         rows.append(row)
     return [
-        "#### Leave one context out", "",
+        "#### Leave one context out",
+        "",
         f"Stage 1 (SingleReward and MiCRo) trained without any pair of the context in the first column, then Stage 2 "
         f"on that context from {outcome.largest_adaptation} pairs; accuracy (%) on its test pairs and, in brackets, "
-        f"the gap closed (seed {outcome.seeds[0]}).", "",
-        *markdown_table(["context left out", SINGLE, ORACLE, *methods], rows), "",
+        f"the gap closed (seed {outcome.seeds[0]}).",
+        "",
+        *markdown_table(["context left out", SINGLE, ORACLE, *methods], rows),
+        "",
     ]
 
 
@@ -279,14 +308,22 @@ def outcome_section(outcome: BenchmarkOutcome, document: Path) -> list[str]:
         if method in (SINGLE, ORACLE):
             continue
         gap_rows.append([method, *[_gap(outcome.gap_closed(method, context)) for context in outcome.contexts]])
-    lines += ["#### Gap closed per context", "",
-              "(acc - SingleReward) / (Oracle - SingleReward) on the seed-mean accuracies; 1 = oracle, 0 = SingleReward.",
-              "", *markdown_table(["method", *outcome.contexts], gap_rows), ""]
+    lines += [
+        "#### Gap closed per context",
+        "",
+        "(acc - SingleReward) / (Oracle - SingleReward) on the seed-mean accuracies; 1 = oracle, 0 = SingleReward.",
+        "",
+        *markdown_table(["method", *outcome.contexts], gap_rows),
+        "",
+    ]
     lines += subset_section(outcome) + diagnostics_section(outcome) + leave_one_out_section(outcome)
     lines += [f"Wall time of the {len(outcome.seeds)} seeds (features cached): {outcome.seconds:.0f} s.", ""]
-    for key, caption in (("accuracy_plot", "accuracy per context"), ("adaptation_plot", "adaptation curves"),
-                         ("router_usage_plot", "head weights after router adaptation"),
-                         ("online_usage_plot", "head weights of online routing")):
+    for key, caption in (
+        ("accuracy_plot", "accuracy per context"),
+        ("adaptation_plot", "adaptation curves"),
+        ("router_usage_plot", "head weights after router adaptation"),
+        ("online_usage_plot", "head weights of online routing"),
+    ):
         relative = Path(os.path.relpath(outcome.files[key], document.parent)).as_posix()
         lines += [f"![{outcome.title}: {caption}]({relative})", ""]
     return lines
@@ -345,8 +382,10 @@ def _machine_table(machine: dict) -> list[str]:
 
 
 def _timings_table(timings, lora, with_performance: bool = True) -> list[str]:
-    rows = [[f"features of pool `{name}` (tokenize + load or compute)", f"{seconds:.0f}"]
-            for name, seconds in timings.pools.items()]
+    rows = [
+        [f"features of pool `{name}` (tokenize + load or compute)", f"{seconds:.0f}"]
+        for name, seconds in timings.pools.items()
+    ]
     rows += [[f"comparison `{name}` (all seeds)", f"{seconds:.0f}"] for name, seconds in timings.benchmarks.items()]
     if with_performance:
         rows.append(["performance figures", f"{timings.performance:.0f}"])
@@ -368,10 +407,15 @@ def _verdicts(outcomes: list[BenchmarkOutcome]) -> list[str]:
             verdict = {True: "meets", False: "misses", None: "cannot be judged on"}[outcome.meets_target(method)]
             parts.append(f"{method}: {verdict} it ({shown})")
         undefined = [c for c in outcome.contexts if not math.isfinite(outcome.gap_closed(MICRO_ADAPTED, c))]
-        note = (f" No gap to close on {', '.join(undefined)}: the oracle is not above SingleReward there."
-                if undefined else "")
-        lines.append(f"- **{outcome.title}** (target: close >= {outcome.target:.0%} of the gap on every context, "
-                     f"{outcome.largest_adaptation} adaptation pairs per context). " + "; ".join(parts) + "." + note)
+        note = (
+            f" No gap to close on {', '.join(undefined)}: the oracle is not above SingleReward there."
+            if undefined
+            else ""
+        )
+        lines.append(
+            f"- **{outcome.title}** (target: close >= {outcome.target:.0%} of the gap on every context, "
+            f"{outcome.largest_adaptation} adaptation pairs per context). " + "; ".join(parts) + "." + note
+        )
         lines += _extra_verdicts(outcome)
     return lines
 
@@ -382,25 +426,35 @@ def _extra_verdicts(outcome: BenchmarkOutcome) -> list[str]:
     if MICRO_ADAPTED_UNSEEN in outcome.methods:
         gaps = {context: outcome.gap_closed(MICRO_ADAPTED_UNSEEN, context) for context in outcome.contexts}
         met = all(math.isfinite(gap) and gap >= 0.6 for gap in gaps.values())
-        lines.append(f"  - {MICRO_ADAPTED_UNSEEN} (target >= 60% of the gap per context): "
-                     + ", ".join(f"{context} {_gap(gap)}" for context, gap in gaps.items())
-                     + (": met." if met else ": not met."))
+        lines.append(
+            f"  - {MICRO_ADAPTED_UNSEEN} (target >= 60% of the gap per context): "
+            + ", ".join(f"{context} {_gap(gap)}" for context, gap in gaps.items())
+            + (": met." if met else ": not met.")
+        )
     micro, single = MICRO_RESIDUAL, SINGLE_RESIDUAL
     if single in outcome.methods:
-        macro = {name: float(np.mean([outcome.mean_accuracy(name, context) for context in outcome.contexts]))
-                 for name in (micro, single)}
-        lines.append(f"  - {micro} {_percent(macro[micro])} against {single} {_percent(macro[single])} macro: the "
-                     f"mixture {'adds' if macro[micro] > macro[single] else 'does not add'} to the per-context "
-                     "correction.")
+        macro = {
+            name: float(np.mean([outcome.mean_accuracy(name, context) for context in outcome.contexts]))
+            for name in (micro, single)
+        }
+        lines.append(
+            f"  - {micro} {_percent(macro[micro])} against {single} {_percent(macro[single])} macro: the "
+            f"mixture {'adds' if macro[micro] > macro[single] else 'does not add'} to the per-context "
+            "correction."
+        )
     for subset in outcome.runs[0].subsets:
         per_context = {
-            context: {name: float(np.mean([run.subsets[subset][name]["accuracy"][context] for run in outcome.runs]))
-                      for name in (SINGLE, MICRO_ONLINE)}
+            context: {
+                name: float(np.mean([run.subsets[subset][name]["accuracy"][context] for run in outcome.runs]))
+                for name in (SINGLE, MICRO_ONLINE)
+            }
             for context in outcome.contexts
         }
         below = [context for context, values in per_context.items() if values[MICRO_ONLINE] < values[SINGLE]]
-        lines.append(f"  - On the `{subset}` test pairs, {MICRO_ONLINE} is "
-                     + (f"below {SINGLE} on {', '.join(below)}." if below else f"never below {SINGLE}."))
+        lines.append(
+            f"  - On the `{subset}` test pairs, {MICRO_ONLINE} is "
+            + (f"below {SINGLE} on {', '.join(below)}." if below else f"never below {SINGLE}.")
+        )
     return lines
 
 
@@ -431,18 +485,25 @@ def _performance_section(performance: dict | None) -> list[str]:
     ]
     for line in performance["overhead"].splitlines()[1:]:  # its title is replaced by the sentence above
         lines.append(line)
-    for name, lead in (("grpo_step", "The whole GRPO step (`benchmarks/performance/grpo_step.py`):"),
-                       ("feature_store", "The per-sequence feature store against the per-pair cache it replaced "
-                                         "(`benchmarks/performance/feature_store.py`):")):
+    for name, lead in (
+        ("grpo_step", "The whole GRPO step (`benchmarks/performance/grpo_step.py`):"),
+        (
+            "feature_store",
+            "The per-sequence feature store against the per-pair cache it replaced "
+            "(`benchmarks/performance/feature_store.py`):",
+        ),
+    ):
         if performance.get(name):
             lines += ["", lead, "", *performance[name].splitlines()[1:]]
     lines += ["", "At GPU scale (`benchmarks/performance/gpu_performance.py`: Llama-3.2-1B and 3B shapes, bf16):", ""]
     if performance.get("gpu_performance"):
         lines += performance["gpu_performance"].splitlines()[1:]
     else:
-        lines.append("Not measured yet: no GPU was available to this project's sessions. The script runs in one "
-                     "command of a few minutes on one GPU with only torch, transformers and peft installed; CI runs it "
-                     "at a tiny shape on the CPU.")
+        lines.append(
+            "Not measured yet: no GPU was available to this project's sessions. The script runs in one "
+            "command of a few minutes on one GPU with only torch, transformers and peft installed; CI runs it "
+            "at a tiny shape on the CPU."
+        )
     return lines + [""]
 
 
@@ -471,9 +532,12 @@ def _lora_section(lora: dict | None, document: Path) -> list[str]:
 def render_document(plan, outcomes, performance, lora, timings, machine, command, date, output: Path) -> str:
     """The text of BENCHMARKS.md."""
     lora_outcomes = list(lora["outcomes"].values()) if lora else []
-    results_dir = Path(os.path.relpath(Path((outcomes + lora_outcomes)[0].files["json"]).parent, output.parent)).as_posix()
+    results_dir = Path(
+        os.path.relpath(Path((outcomes + lora_outcomes)[0].files["json"]).parent, output.parent)
+    ).as_posix()
     regenerate = (
-        "Regenerate with the same command" if plan.lora_only
+        "Regenerate with the same command"
+        if plan.lora_only
         else "Regenerate with `make benchmark` (frozen backbone) or add `--lora`"
     )
     lines = [

@@ -52,9 +52,9 @@ from benchmarks.harness.comparison import (  # noqa: E402
 )
 from benchmarks.harness.lora_backbone import CPU_HOUR_LORA, LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
 from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
-from benchmarks.performance.figures import run_reward_overhead, run_script, time_stage1_epoch  # noqa: E402
 from benchmarks.harness.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
 from benchmarks.harness.report import BenchmarkOutcome, render_document, write_outcome_files  # noqa: E402
+from benchmarks.performance.figures import run_reward_overhead, run_script, time_stage1_epoch  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
 
@@ -104,8 +104,14 @@ def synthetic_contexts(num_subpopulations: int) -> tuple[str, ...]:
 # existed (the balance weight 0.5 kept Stage 1 from merging subpopulations at M = 8: 75.8% against 71.6% at 0.1,
 # results/stage1_sweep_train128.md), kept so their numbers stay comparable across reports. DSP, the newest benchmark,
 # trains with the library's defaults, as a user of `--freeze_backbone` would.
-TUNED_HEAD_TRAINING = HeadTraining(num_train_epochs=30, learning_rate=5e-3, batch_size=32, router_balance_coef=0.5,
-                                   lr_scheduler_type="cosine", warmup_steps=0.05)
+TUNED_HEAD_TRAINING = HeadTraining(
+    num_train_epochs=30,
+    learning_rate=5e-3,
+    batch_size=32,
+    router_balance_coef=0.5,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+)
 DSP_CONTEXTS = ("academy", "business", "entertainment", "literature")
 
 
@@ -128,20 +134,40 @@ def full_plan() -> BenchmarkPlan:
             # 384 training pairs per subpopulation: with 128, Stage 1 could not separate M=8's subpopulations (the
             # best head per context, chosen on test, closed 0.72 of the gap on the weakest context;
             # results/stage1_sweep_train128.md).
-            "synthetic": PoolSpec("synthetic", pairs_per_context=608, train_per_context=384, train_rater_follows_topic=True),
+            "synthetic": PoolSpec(
+                "synthetic", pairs_per_context=608, train_per_context=384, train_rater_follows_topic=True
+            ),
             # DSP queries whose every sequence fits in 512 tokens with a context (639 of 661), 450 of them training
             # and 189 evaluating.
             "dsp": PoolSpec("dsp", pairs_per_context=0, train_per_context=0, max_length=512, train_queries=450),
         },
         benchmarks=[
-            BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 96, target=0.5,
-                          comparison={"heads": TUNED_HEAD_TRAINING}),
+            BenchmarkSpec(
+                "hh_relabeled",
+                "hh_relabeled",
+                "hh_relabeled",
+                4,
+                32,
+                96,
+                target=0.5,
+                comparison={"heads": TUNED_HEAD_TRAINING},
+            ),
             BenchmarkSpec("hh_rlhf", "hh_rlhf", "hh_rlhf", 4, 32, 96, comparison={"heads": TUNED_HEAD_TRAINING}),
             *[replace(spec, comparison={"heads": TUNED_HEAD_TRAINING}) for spec in synthetic],
             # 40% of the evaluation queries adapt (up to 4 pairs per context each), the other 60% test, every pair.
-            BenchmarkSpec("dsp", "DSP", "dsp", 4, 0, None, DSP_CONTEXTS, target=0.8, adaptation_share=0.4,
-                          comparison={"adaptation_sizes": (8, 32, 128), "reported_adaptation": 32},
-                          leave_one_out=True),
+            BenchmarkSpec(
+                "dsp",
+                "DSP",
+                "dsp",
+                4,
+                0,
+                None,
+                DSP_CONTEXTS,
+                target=0.8,
+                adaptation_share=0.4,
+                comparison={"adaptation_sizes": (8, 32, 128), "reported_adaptation": 32},
+                leave_one_out=True,
+            ),
         ],
         seeds=[0, 1, 2],
         comparison=ComparisonSettings(
@@ -149,8 +175,13 @@ def full_plan() -> BenchmarkPlan:
             # Router adaptation with one latent head per context, the whole adaptation set in one batch, no anchor:
             # synthetic M=8, 77.4% macro; the per-pair likelihood with the same settings 63.6%; per context with
             # batches of 32, 61.5%, at lr 2e-3, 66.8% (benchmarks/studies/router_objective.py, results/router_objective*.md).
-            router=RouterTraining(learning_rate=5e-3, max_steps=300, batch_size=512, router_anchor_coef=0.0,
-                                  adaptation_likelihood="context"),
+            router=RouterTraining(
+                learning_rate=5e-3,
+                max_steps=300,
+                batch_size=512,
+                router_anchor_coef=0.0,
+                adaptation_likelihood="context",
+            ),
         ),
         performance_pairs=32,
         overhead_completions=16,
@@ -171,8 +202,19 @@ def smoke_plan() -> BenchmarkPlan:
         benchmarks=[
             BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 2, 4, 2, target=0.5),
             BenchmarkSpec("synthetic_m2", "synthetic M=2", "synthetic", 2, 4, 2, synthetic_contexts(2), target=0.8),
-            BenchmarkSpec("dsp", "DSP", "dsp", 2, 0, None, DSP_CONTEXTS, target=0.8, adaptation_share=0.5,
-                          comparison={"adaptation_sizes": (2, 4), "reported_adaptation": 2}, leave_one_out=True),
+            BenchmarkSpec(
+                "dsp",
+                "DSP",
+                "dsp",
+                2,
+                0,
+                None,
+                DSP_CONTEXTS,
+                target=0.8,
+                adaptation_share=0.5,
+                comparison={"adaptation_sizes": (2, 4), "reported_adaptation": 2},
+                leave_one_out=True,
+            ),
         ],
         seeds=[0, 1],
         comparison=ComparisonSettings(
@@ -195,10 +237,20 @@ def hh_lora_plan() -> BenchmarkPlan:
     ones), 736 per context training LoRA Stage 1 for one epoch, 300 per context evaluating. A one-off run, not CI.
     """
     plan = full_plan()
-    plan.pools = {"hh_relabeled": PoolSpec("hh_relabeled", pairs_per_context=1036, train_per_context=736, max_length=192)}
+    plan.pools = {
+        "hh_relabeled": PoolSpec("hh_relabeled", pairs_per_context=1036, train_per_context=736, max_length=192)
+    }
     plan.benchmarks = [
-        BenchmarkSpec("hh_relabeled", "hh_relabeled", "hh_relabeled", 4, 32, 268, target=0.5,
-                      comparison={"heads": TUNED_HEAD_TRAINING})
+        BenchmarkSpec(
+            "hh_relabeled",
+            "hh_relabeled",
+            "hh_relabeled",
+            4,
+            32,
+            268,
+            target=0.5,
+            comparison={"heads": TUNED_HEAD_TRAINING},
+        )
     ]
     plan.lora_tuning = CPU_HOUR_LORA
     plan.lora_only = True
@@ -271,8 +323,11 @@ def add_comparison_arguments(parser: argparse.ArgumentParser, default_output: st
     parser.add_argument("--benchmark", default="synthetic_m8", help="A comparison of the plan (default synthetic_m8).")
     parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the plan).")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the plan's).")
-    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "harness" / "results" / default_output),
-                        help="Markdown report; the JSON goes next to it.")
+    parser.add_argument(
+        "--output",
+        default=str(REPO_ROOT / "benchmarks" / "harness" / "results" / default_output),
+        help="Markdown report; the JSON goes next to it.",
+    )
     add_input_arguments(parser)
 
 
@@ -282,8 +337,15 @@ def benchmark_settings(plan: BenchmarkPlan, spec: BenchmarkSpec) -> ComparisonSe
 
 def split_for(pool: CachedPairPool, spec: BenchmarkSpec, seed: int, held_out_context: str | None = None):
     contexts = spec.contexts or tuple(sorted(set(pool.context_ids)))
-    return split_pool(pool, contexts, spec.adaptation_per_context, spec.test_per_context, seed,
-                      adaptation_share=spec.adaptation_share, held_out_context=held_out_context)
+    return split_pool(
+        pool,
+        contexts,
+        spec.adaptation_per_context,
+        spec.test_per_context,
+        seed,
+        adaptation_share=spec.adaptation_share,
+        held_out_context=held_out_context,
+    )
 
 
 def run_benchmark(
@@ -299,8 +361,14 @@ def run_benchmark(
     runs = []
     for seed in seeds:
         split = split_for(pool, spec, seed)
-        logger.info("%s, seed %d: %d train / %d adaptation / %d test pairs", spec.name, seed, len(split.train),
-                    len(split.adaptation), len(split.test))
+        logger.info(
+            "%s, seed %d: %d train / %d adaptation / %d test pairs",
+            spec.name,
+            seed,
+            len(split.train),
+            len(split.adaptation),
+            len(split.test),
+        )
         runs.append(compare_methods(backbone, tokenizer, pool, split, settings, seed))
     leave_one_out = {}
     if spec.leave_one_out:
@@ -310,12 +378,16 @@ def run_benchmark(
             logger.info("%s without %s in Stage 1: done", spec.name, context)
     split = split_for(pool, spec, 0)
     if spec.adaptation_share is None:
-        draw = (f"{spec.adaptation_per_context} adaptation and {spec.test_per_context} test pairs per context drawn "
-                "from the evaluation pairs")
+        draw = (
+            f"{spec.adaptation_per_context} adaptation and {spec.test_per_context} test pairs per context drawn "
+            "from the evaluation pairs"
+        )
     else:
-        draw = (f"the evaluation queries split {spec.adaptation_share:.0%} adaptation (up to "
-                f"{max(settings.adaptation_sizes)} pairs per context drawn from them) / {1 - spec.adaptation_share:.0%} "
-                f"test (every pair; {len(split.test) // len(contexts)} per context in seed 0), never splitting a query")
+        draw = (
+            f"the evaluation queries split {spec.adaptation_share:.0%} adaptation (up to "
+            f"{max(settings.adaptation_sizes)} pairs per context drawn from them) / {1 - spec.adaptation_share:.0%} "
+            f"test (every pair; {len(split.test) // len(contexts)} per context in seed 0), never splitting a query"
+        )
     return BenchmarkOutcome(
         name=spec.name,
         title=spec.title,
@@ -340,8 +412,14 @@ def measure_performance(plan, model_path, tokenizer, pools, results_dir: Path) -
     rows = pool.dataset.select(range(min(plan.performance_pairs, len(pool))))
     pairs = Dataset.from_dict({column: rows[column] for column in ("prompt", "chosen", "rejected")})
     epoch = time_stage1_epoch(model_path, tokenizer, pairs)
-    overhead = run_reward_overhead(plan.overhead_completions, plan.overhead_repetitions, results_dir / "reward_overhead.md")
-    performance = {"epoch": epoch, "epoch_data": "synthetic" if "synthetic" in pools else "first pool", "overhead": overhead}
+    overhead = run_reward_overhead(
+        plan.overhead_completions, plan.overhead_repetitions, results_dir / "reward_overhead.md"
+    )
+    performance = {
+        "epoch": epoch,
+        "epoch_data": "synthetic" if "synthetic" in pools else "first pool",
+        "overhead": overhead,
+    }
     for name, arguments in plan.performance_scripts.items():
         # "embedded" rather than its resolved local path: the reports quote their command line.
         model = plan.model if plan.model == "embedded" else model_path
@@ -359,7 +437,11 @@ def run_lora(plan, model_path, tokenizer, pools, frozen_backbone, args) -> dict:
     contexts = spec.contexts or tuple(sorted(set(pool.context_ids)))
     train = split_for(pool, spec, 0).train
     if tuning.train_pairs_per_context is not None:
-        train = [pair for context in contexts for pair in pool.pairs_of_context(train, context)[: tuning.train_pairs_per_context]]
+        train = [
+            pair
+            for context in contexts
+            for pair in pool.pairs_of_context(train, context)[: tuning.train_pairs_per_context]
+        ]
     evaluation = [pair for pair in range(pool.num_with_context) if pool.context_ids[pair] in contexts]
     frozen_pool = pool.subset(evaluation + sorted(train))
     train_text = frozen_pool.dataset.select(range(frozen_pool.num_with_context, len(frozen_pool)))
@@ -371,7 +453,9 @@ def run_lora(plan, model_path, tokenizer, pools, frozen_backbone, args) -> dict:
     tuned_pool = build_pair_pool(
         tuned, tokenizer, frozen_pool.dataset, cache_dir=args.cache_dir, num_with_context=frozen_pool.num_with_context
     )
-    pool_description = f"{plan.pools[spec.pool].describe()}; LoRA run: {len(train) // len(contexts)} training pairs per context"
+    pool_description = (
+        f"{plan.pools[spec.pool].describe()}; LoRA run: {len(train) // len(contexts)} training pairs per context"
+    )
     outcomes = {}
     runs = (("frozen", "frozen", frozen_backbone, frozen_pool), ("LoRA-tuned", "tuned", tuned.backbone, tuned_pool))
     for label, suffix, backbone, lora_pool in runs:
@@ -379,8 +463,13 @@ def run_lora(plan, model_path, tokenizer, pools, frozen_backbone, args) -> dict:
         outcomes[label] = run_benchmark(
             lora_spec, lora_pool, backbone, tokenizer, plan, pool_description, seeds=plan.lora_seeds
         )
-    return {"tuning": tuning, "tuning_seconds": tuning_seconds, "feature_seconds": tuned_pool.build_seconds,
-            "outcomes": outcomes, "train_pairs_per_context": len(train) // len(contexts)}
+    return {
+        "tuning": tuning,
+        "tuning_seconds": tuning_seconds,
+        "feature_seconds": tuned_pool.build_seconds,
+        "outcomes": outcomes,
+        "train_pairs_per_context": len(train) // len(contexts),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------ machine
@@ -418,11 +507,18 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the preset's, 0 1 2).")
     parser.add_argument("--lora", action="store_true", help="Also run the comparison on a LoRA-tuned backbone.")
     parser.add_argument("--skip_performance", action="store_true", help="Leave out the performance figures.")
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="Run only these benchmarks of the plan (e.g. dsp); the report covers only them.")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="Run only these benchmarks of the plan (e.g. dsp); the report covers only them.",
+    )
     parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="The Markdown report to write.")
-    parser.add_argument("--results_dir", default=str(REPO_ROOT / "benchmarks" / "harness" / "results"),
-                        help="Folder of the per-benchmark JSON/Markdown reports and PNG plots.")
+    parser.add_argument(
+        "--results_dir",
+        default=str(REPO_ROOT / "benchmarks" / "harness" / "results"),
+        help="Folder of the per-benchmark JSON/Markdown reports and PNG plots.",
+    )
     add_input_arguments(parser)
     return parser.parse_args(argv)
 
@@ -430,7 +526,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the backbone features are cached and the real data lives (the scripts built on the plan's pools)."""
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default $TRL_MICRO_CACHE/features).")
-    parser.add_argument("--data_dir", default=default_data_dir(), help="Real data folder (default: $TRL_MICRO_DATA_DIR, else ../shared/data).")
+    parser.add_argument(
+        "--data_dir",
+        default=default_data_dir(),
+        help="Real data folder (default: $TRL_MICRO_DATA_DIR, else ../shared/data).",
+    )
 
 
 def start_logging() -> None:
@@ -468,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"plan": dataclasses.asdict(plan), "argv": argv}
     outcomes = []
     for spec in [] if plan.lora_only else plan.benchmarks:
-        outcome = run_benchmark(spec, pools[spec.pool], feature_model.backbone, tokenizer, plan,
-                                plan.pools[spec.pool].describe())
+        outcome = run_benchmark(
+            spec, pools[spec.pool], feature_model.backbone, tokenizer, plan, plan.pools[spec.pool].describe()
+        )
         write_outcome_files(outcome, results_dir, setup)
         timings.benchmarks[spec.name] = outcome.seconds
         outcomes.append(outcome)

@@ -52,7 +52,9 @@ def datasets_to_measure(args, tokenizer, context_template: str) -> dict:
     total = len(synthetic)
     grown_synthetic = [synthetic.select(range(round(total / 1.1))), synthetic]
     return {
-        f"DSP, {args.dsp_queries} queries (+{extra})": [tokenize_pairs(d, tokenizer, context_template, None) for d in dsp],
+        f"DSP, {args.dsp_queries} queries (+{extra})": [
+            tokenize_pairs(d, tokenizer, context_template, None) for d in dsp
+        ],
         f"synthetic, {round(total / 1.1)} pairs (+{total - round(total / 1.1)})": [
             tokenize_pairs(d, tokenizer, context_template, None) for d in grown_synthetic
         ],
@@ -69,7 +71,9 @@ def measure(model, base, grown, batch_size: int) -> dict:
     """Per-pair cache against the store, on `base` then on `grown` (base plus new pairs)."""
     row = {}
     base_sequences, grown_sequences = pair_sequences(base), pair_sequences(grown)
-    (pair_reward, _), row["per_pair_seconds"] = timed(lambda: compute_sequence_features(model, base_sequences, batch_size))
+    (pair_reward, _), row["per_pair_seconds"] = timed(
+        lambda: compute_sequence_features(model, base_sequences, batch_size)
+    )
     _, row["per_pair_grow_seconds"] = timed(lambda: compute_sequence_features(model, grown_sequences, batch_size))
     row["per_pair_sequences"], row["per_pair_grow_sequences"] = len(base_sequences), len(grown_sequences)
     with tempfile.TemporaryDirectory(prefix="trl-micro-store-") as root:
@@ -121,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = MiCRoRewardModel.from_backbone(model_path, num_heads=1).eval()
     with torch.no_grad():
-        rows = {name: measure(model, base, grown, args.batch_size)
-                for name, (base, grown) in datasets_to_measure(args, tokenizer, model.config.context_template).items()}
+        rows = {
+            name: measure(model, base, grown, args.batch_size)
+            for name, (base, grown) in datasets_to_measure(args, tokenizer, model.config.context_template).items()
+        }
     command = " ".join(["python benchmarks/performance/feature_store.py", *map(shlex.quote, argv)])
     text = render(rows, command, "SmolLM2-135M-Instruct" if args.model == "embedded" else args.model)
     Path(args.output).write_text(text, encoding="utf-8")

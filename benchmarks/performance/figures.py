@@ -57,7 +57,9 @@ def _stage1_trainer(model_path, tokenizer, pairs, use_feature_cache, cache_dir, 
     return MiCRoRewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
 
 
-def time_stage1_epoch(model_path: str, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, num_heads: int = 4) -> EpochTiming:
+def time_stage1_epoch(
+    model_path: str, tokenizer: PreTrainedTokenizerBase, pairs: Dataset, num_heads: int = 4
+) -> EpochTiming:
     """One Stage 1 epoch over `pairs` on the slow path and on the feature cache (built in a fresh directory)."""
     with tempfile.TemporaryDirectory(prefix="trl-micro-perf-") as scratch:
         slow = _stage1_trainer(model_path, tokenizer, pairs, False, None, f"{scratch}/slow", num_heads)
@@ -81,8 +83,12 @@ def run_script(name: str, output: Path, *arguments: str) -> str:
     root = Path(__file__).resolve().parents[2]
     output = Path(output).resolve()
     shown = output.relative_to(root) if output.is_relative_to(root) else output
-    subprocess.run([sys.executable, f"benchmarks/performance/{name}.py", *arguments, "--output", str(shown)], check=True,
-                   stdout=subprocess.DEVNULL, cwd=root)
+    subprocess.run(
+        [sys.executable, f"benchmarks/performance/{name}.py", *arguments, "--output", str(shown)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=root,
+    )
     return output.read_text(encoding="utf-8")
 
 

@@ -39,12 +39,33 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "gpu_performance.md"
 
 SHAPES = {  # Llama-3.2 shapes (config.json of meta-llama/Llama-3.2-1B and -3B)
-    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256),
-    "Llama-3.2-3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=512),
+    "Llama-3.2-1B": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+    ),
+    "Llama-3.2-3B": dict(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=512,
+    ),
 }
 PRESETS = {
     "gpu": dict(shapes=["Llama-3.2-1B", "Llama-3.2-3B"], batch=16, length=512, prompt=128, repeats=10),
@@ -83,8 +104,14 @@ def timed(function, device: torch.device, repeats: int) -> tuple[float, float | 
 
 def build(shape: str, dtype: torch.dtype, device: torch.device):
     """A one-label classifier of the shape with random weights; its `model` is the backbone every measure shares."""
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa",
-                         pad_token_id=0, tie_word_embeddings=False, num_labels=1)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        num_labels=1,
+    )
     with torch.device(device):
         classifier = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     return config, classifier.eval()
@@ -108,23 +135,29 @@ def measure_shape(shape: str, settings: dict, device: torch.device, dtype: torch
             lambda: micro4.compute_features(input_ids, attention_mask, prompt_lengths), device, repeats
         )
         results["feature_pass"] = {
-            "bare_tokens_per_s": batch * length / bare, "micro_tokens_per_s": batch * length / features,
-            "ratio": features / bare, "bare_peak_gib": bare_memory, "micro_peak_gib": features_memory,
+            "bare_tokens_per_s": batch * length / bare,
+            "micro_tokens_per_s": batch * length / features,
+            "ratio": features / bare,
+            "bare_peak_gib": bare_memory,
+            "micro_peak_gib": features_memory,
         }
-        plain, plain_memory = timed(lambda: classifier(input_ids=input_ids, attention_mask=attention_mask), device,
-                                    repeats)
+        plain, plain_memory = timed(
+            lambda: classifier(input_ids=input_ids, attention_mask=attention_mask), device, repeats
+        )
         results["scoring"] = {"single_head_classifier_s": plain, "single_head_peak_gib": plain_memory}
         for num_heads in (4, 10):
             micro = modeling.MiCRoRewardModel.from_backbone(backbone, num_heads=num_heads).to(device).eval()
             seconds, memory = timed(
                 lambda: micro(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths),
-                device, repeats,
+                device,
+                repeats,
             )
             results["scoring"][f"micro_k{num_heads}_s"] = seconds
             results["scoring"][f"micro_k{num_heads}_ratio"] = seconds / plain
             results["scoring"][f"micro_k{num_heads}_peak_gib"] = memory
-    results["lora_step"] = lora_step_ratio(modeling, backbone, input_ids, attention_mask, prompt_lengths, device,
-                                           repeats)
+    results["lora_step"] = lora_step_ratio(
+        modeling, backbone, input_ids, attention_mask, prompt_lengths, device, repeats
+    )
     return results
 
 
@@ -135,8 +168,12 @@ def lora_step_ratio(modeling, backbone, input_ids, attention_mask, prompt_length
     step = {}
     for num_heads in (1, 4):
         model = modeling.MiCRoRewardModel.from_backbone(backbone, num_heads=num_heads).to(device)
-        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          modules_to_save=["heads", "router"])
+        lora = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            modules_to_save=["heads", "router"],
+        )
         model = get_peft_model(model, lora)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -187,8 +224,12 @@ def render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="'gpu' (1B and 3B shapes) or 'tiny'; default: gpu with CUDA, tiny without.")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="'gpu' (1B and 3B shapes) or 'tiny'; default: gpu with CUDA, tiny without.",
+    )
     parser.add_argument("--output", default=str(RESULTS), help="Markdown report; the JSON goes next to it.")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,9 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     settings = PRESETS[preset]
     report = {
-        "command": " ".join(["python", "benchmarks/performance/gpu_performance.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "benchmarks/performance/gpu_performance.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."),

@@ -51,13 +51,23 @@ def grpo_steps(model_path: str, reward, prompts, steps: int, args) -> list[float
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="trl-micro-grpo-") as output_dir:
         config = GRPOConfig(
-            output_dir=output_dir, max_steps=steps + 1, per_device_train_batch_size=args.generations,
-            num_generations=args.generations, max_completion_length=args.completion_tokens, learning_rate=1e-6,
-            logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=not torch.cuda.is_available(),
-            bf16=False, disable_tqdm=True,
+            output_dir=output_dir,
+            max_steps=steps + 1,
+            per_device_train_batch_size=args.generations,
+            num_generations=args.generations,
+            max_completion_length=args.completion_tokens,
+            learning_rate=1e-6,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            seed=0,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            disable_tqdm=True,
         )
-        trainer = GRPOTrainer(model=model_path, reward_funcs=[reward], args=config, train_dataset=prompts,
-                              callbacks=[timer])
+        trainer = GRPOTrainer(
+            model=model_path, reward_funcs=[reward], args=config, train_dataset=prompts, callbacks=[timer]
+        )
         if isinstance(reward, MiCRoReward):
             reward.prepare(trainer.accelerator)
         trainer.train()
@@ -77,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     micro = MiCRoRewardModel.from_backbone(model_path, num_heads=4)
-    prompts = show_context_to_policy(synthetic_prompt_dataset(2, num_prompts=16, seed=0), "context",
-                                     micro.config.context_template)
+    prompts = show_context_to_policy(
+        synthetic_prompt_dataset(2, num_prompts=16, seed=0), "context", micro.config.context_template
+    )
     rewards = {
-        "MiCRoReward (K=4, routed by context)": MiCRoReward(micro, tokenizer, context_column="context",
-                                                             batch_size=args.generations),
+        "MiCRoReward (K=4, routed by context)": MiCRoReward(
+            micro, tokenizer, context_column="context", batch_size=args.generations
+        ),
         "plain reward model (one label)": AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1),
     }
     rewards["plain reward model (one label)"].config.pad_token_id = tokenizer.pad_token_id

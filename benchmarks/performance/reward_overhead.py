@@ -30,9 +30,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 from trl.data_utils import apply_chat_template
 
 from trl_micro import MiCRoRewardModel
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 from trl_micro.data_utils import assistant_header, completion_end_token_ids, marker_token_ids
 from trl_micro.rewards import MiCRoReward
-from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 
 
 def backbone_path(work_dir: Path) -> tuple[str, str]:
@@ -45,8 +45,15 @@ def backbone_path(work_dir: Path) -> tuple[str, str]:
         from trl_micro.testing_utils import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer(["a b c"] * 10)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                             num_attention_heads=9, num_key_value_heads=3, pad_token_id=tokenizer.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         LlamaForCausalLM(config).save_pretrained(work_dir / "llama")
         tokenizer.save_pretrained(work_dir / "llama")
         return str(work_dir / "llama"), "random Llama (SmolLM2-135M shape)"
@@ -108,7 +115,9 @@ def main():
             times[name].append(time.perf_counter() - start)
 
     plain_median, micro_median = statistics.median(times["plain"]), statistics.median(times["micro"])
-    tokens = [len(tokenizer.apply_chat_template(p + c, return_dict=True)["input_ids"]) for p, c in zip(shown, completions)]
+    tokens = [
+        len(tokenizer.apply_chat_template(p + c, return_dict=True)["input_ids"]) for p, c in zip(shown, completions)
+    ]
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     report = f"""# Reward overhead: MiCRoReward vs a plain single-head reward model
 
@@ -122,8 +131,8 @@ Command: `{command}`
 
 | scorer | median (s) | min (s) | max (s) |
 | --- | ---: | ---: | ---: |
-| plain single-head reward model | {plain_median:.3f} | {min(times['plain']):.3f} | {max(times['plain']):.3f} |
-| MiCRoReward | {micro_median:.3f} | {min(times['micro']):.3f} | {max(times['micro']):.3f} |
+| plain single-head reward model | {plain_median:.3f} | {min(times["plain"]):.3f} | {max(times["plain"]):.3f} |
+| MiCRoReward | {micro_median:.3f} | {min(times["micro"]):.3f} | {max(times["micro"]):.3f} |
 
 Ratio of medians (MiCRo / plain): **{micro_median / plain_median:.3f}x** (target: at most 1.10x).
 """

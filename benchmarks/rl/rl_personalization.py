@@ -65,10 +65,26 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PRESETS = {
     # Tiny random policy and reward backbone: a test of the pipeline, not a result.
     "smoke": dict(
-        models="tiny", seeds=[0, 1], max_steps=4, eval_every=2, prompts_per_step=2, num_generations=2,
-        max_completion_length=8, learning_rate=1e-3, beta=0.04, temperature=1.0, lora_r=4, lora_alpha=8,
-        eval_prompts=2, eval_samples=2, reference_samples=2, stage1_pairs=24, adaptation_pairs=4, gold_pairs=24,
-        test_pairs=8, reward_epochs=3,
+        models="tiny",
+        seeds=[0, 1],
+        max_steps=4,
+        eval_every=2,
+        prompts_per_step=2,
+        num_generations=2,
+        max_completion_length=8,
+        learning_rate=1e-3,
+        beta=0.04,
+        temperature=1.0,
+        lora_r=4,
+        lora_alpha=8,
+        eval_prompts=2,
+        eval_samples=2,
+        reference_samples=2,
+        stage1_pairs=24,
+        adaptation_pairs=4,
+        gold_pairs=24,
+        test_pairs=8,
+        reward_epochs=3,
     ),
     # The embedded SmolLM2-135M-Instruct as policy and reward backbone. Sized from two calibration runs on the shared
     # 2-core machine (one thread): about 29 s per step of 16 completions, 0.5 s per evaluation sample, so a run is
@@ -76,16 +92,49 @@ PRESETS = {
     # collapse), and 5e-4 barely moved it in 20. The reward pools' backbone features (~1500 pairs) take 10-20 min
     # once per --cache_dir.
     "full": dict(
-        models="embedded", seeds=[0, 1], max_steps=80, eval_every=20, prompts_per_step=4, num_generations=4,
-        max_completion_length=48, learning_rate=1e-3, beta=0.04, temperature=1.0, lora_r=16, lora_alpha=32,
-        eval_prompts=16, eval_samples=4, reference_samples=4, stage1_pairs=200, adaptation_pairs=32, gold_pairs=400,
-        test_pairs=100, reward_epochs=30,
+        models="embedded",
+        seeds=[0, 1],
+        max_steps=80,
+        eval_every=20,
+        prompts_per_step=4,
+        num_generations=4,
+        max_completion_length=48,
+        learning_rate=1e-3,
+        beta=0.04,
+        temperature=1.0,
+        lora_r=16,
+        lora_alpha=32,
+        eval_prompts=16,
+        eval_samples=4,
+        reference_samples=4,
+        stage1_pairs=200,
+        adaptation_pairs=32,
+        gold_pairs=400,
+        test_pairs=100,
+        reward_epochs=30,
     ),
 }
 RUN_SETTINGS = (  # what a run's result depends on, besides its method and seed (checked by --resume)
-    "preset", "models", "num_contexts", "max_steps", "eval_every", "prompts_per_step", "num_generations",
-    "max_completion_length", "learning_rate", "beta", "temperature", "lora_r", "lora_alpha", "eval_prompts",
-    "eval_samples", "reference_samples", "stage1_pairs", "adaptation_pairs", "gold_pairs", "test_pairs",
+    "preset",
+    "models",
+    "num_contexts",
+    "max_steps",
+    "eval_every",
+    "prompts_per_step",
+    "num_generations",
+    "max_completion_length",
+    "learning_rate",
+    "beta",
+    "temperature",
+    "lora_r",
+    "lora_alpha",
+    "eval_prompts",
+    "eval_samples",
+    "reference_samples",
+    "stage1_pairs",
+    "adaptation_pairs",
+    "gold_pairs",
+    "test_pairs",
     "reward_epochs",
 )
 
@@ -122,8 +171,16 @@ def parse_args(argv=None):
     preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(preset=preset, **PRESETS[preset])
     args = parser.parse_args(argv)
-    for name in ("max_steps", "eval_every", "prompts_per_step", "num_generations", "eval_prompts", "eval_samples",
-                 "reference_samples", "num_contexts"):
+    for name in (
+        "max_steps",
+        "eval_every",
+        "prompts_per_step",
+        "num_generations",
+        "eval_prompts",
+        "eval_samples",
+        "reference_samples",
+        "num_contexts",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.num_generations < 2:
@@ -247,19 +304,30 @@ def main(argv=None):
     started = time.perf_counter()
     policy_path, policy_tokenizer, backbone, reward_tokenizer = load_models(args, scratch)
     setup = RewardSetup(
-        num_contexts=args.num_contexts, num_heads=args.num_contexts, stage1_pairs=args.stage1_pairs,
-        adaptation_pairs=args.adaptation_pairs, gold_pairs=args.gold_pairs, test_pairs=args.test_pairs,
+        num_contexts=args.num_contexts,
+        num_heads=args.num_contexts,
+        stage1_pairs=args.stage1_pairs,
+        adaptation_pairs=args.adaptation_pairs,
+        gold_pairs=args.gold_pairs,
+        test_pairs=args.test_pairs,
         epochs=args.reward_epochs,
     )
     rewards = build_rewards(backbone, reward_tokenizer, setup, os.path.join(scratch, "features"))
     reward_seconds = time.perf_counter() - started
-    print(f"Rewards built in {reward_seconds:.0f} s; test accuracy: "
-          + json.dumps({name: value["accuracy"] for name, value in rewards.accuracy.items()}), flush=True)
+    print(
+        f"Rewards built in {reward_seconds:.0f} s; test accuracy: "
+        + json.dumps({name: value["accuracy"] for name, value in rewards.accuracy.items()}),
+        flush=True,
+    )
 
     train_prompts, eval_prompts = prompt_splits(args.num_contexts, args.eval_prompts)
     evaluation = GoldEvaluation(
-        eval_prompts, rewards.gold, every=args.eval_every, samples_per_prompt=args.eval_samples,
-        reference_samples=args.reference_samples, max_new_tokens=args.max_completion_length,
+        eval_prompts,
+        rewards.gold,
+        every=args.eval_every,
+        samples_per_prompt=args.eval_samples,
+        reference_samples=args.reference_samples,
+        max_new_tokens=args.max_completion_length,
         generation_kwargs=dict(temperature=args.temperature, top_p=1.0, top_k=0),
     )
     reward_of = {"micro": rewards.micro, "single": rewards.single, "gold": rewards.gold}
@@ -269,8 +337,9 @@ def main(argv=None):
             path = output_dir / "runs" / f"{method}-seed{seed}.json"
             run = load_finished_run(path, settings) if args.resume else None
             if run is None:
-                run = train_policy(method, reward_of[method], seed, args, policy_path, train_prompts, evaluation,
-                                   scratch)
+                run = train_policy(
+                    method, reward_of[method], seed, args, policy_path, train_prompts, evaluation, scratch
+                )
                 run["settings"] = settings
                 path.write_text(json.dumps(to_jsonable(run), indent=1) + "\n")
             print(f"{method} seed {seed}: {json.dumps(to_jsonable(run['points'][-1]))}", flush=True)

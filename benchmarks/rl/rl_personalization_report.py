@@ -76,9 +76,7 @@ def summarize(runs: list[dict], window: int) -> dict:
                     context: spread([run["points"][index][metric][context] for run in own]) for context in contexts
                 }
             curves[method].append(row)
-    return {
-        "contexts": contexts, "methods": methods, "table": table, "curves": curves, "training_gold": training_gold
-    }
+    return {"contexts": contexts, "methods": methods, "table": table, "curves": curves, "training_gold": training_gold}
 
 
 def cell(value: dict, digits: int = 2) -> str:
@@ -126,8 +124,14 @@ def plot_kl(summary: dict, path: Path) -> Path:
         rows = [row for row in summary["curves"][method] if row["kl"]["mean"] is not None]
         if rows:
             steps = [row["step"] for row in rows]
-            panel.plot(steps, [row["kl"]["mean"] for row in rows], marker="o", markersize=3, color=f"C{index}",
-                       label=METHOD_LABELS[method])
+            panel.plot(
+                steps,
+                [row["kl"]["mean"] for row in rows],
+                marker="o",
+                markersize=3,
+                color=f"C{index}",
+                label=METHOD_LABELS[method],
+            )
     panel.set_xlabel("GRPO step")
     panel.set_ylabel("KL to the initial policy")
     panel.grid(alpha=0.3)
@@ -167,17 +171,37 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
     for context in summary["contexts"]:
         for method in summary["methods"]:
             value = summary["table"][context][method]
-            rows.append([
-                context, METHOD_LABELS[method], cell(value["gold_before"]), cell(value["gold_after"]),
-                cell(value["win_rate_after"]), f"{cell(value['words_before'], 1)} → {cell(value['words_after'], 1)}",
-                cell(value["kl_last"], 3),
-            ])
-    header = ["context", "trained against", "gold before", "gold after", "win rate over initial",
-              "words before → after", f"KL, last {settings['eval_every']} steps"]
+            rows.append(
+                [
+                    context,
+                    METHOD_LABELS[method],
+                    cell(value["gold_before"]),
+                    cell(value["gold_after"]),
+                    cell(value["win_rate_after"]),
+                    f"{cell(value['words_before'], 1)} → {cell(value['words_after'], 1)}",
+                    cell(value["kl_last"], 3),
+                ]
+            )
+    header = [
+        "context",
+        "trained against",
+        "gold before",
+        "gold after",
+        "win rate over initial",
+        "words before → after",
+        f"KL, last {settings['eval_every']} steps",
+    ]
     lines += markdown_table(header, rows)
-    lines += ["", "The step-0 win rate (the initial policy against its own reference samples) measures the noise: "
-              + ", ".join(f"{context} {cell(summary['table'][context][summary['methods'][0]]['win_rate_before'])}"
-                          for context in summary["contexts"]) + ".", ""]
+    lines += [
+        "",
+        "The step-0 win rate (the initial policy against its own reference samples) measures the noise: "
+        + ", ".join(
+            f"{context} {cell(summary['table'][context][summary['methods'][0]]['win_rate_before'])}"
+            for context in summary["contexts"]
+        )
+        + ".",
+        "",
+    ]
     lines += ["## Rewards: accuracy on the test pairs (%)", ""]
     accuracy_rows = [
         [name] + [f"{100 * value['accuracy'][context]:.1f}" for context in summary["contexts"]]
@@ -189,8 +213,16 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
     lines += ["", "## Runs", ""]
     lines += markdown_table(
         ["trained against", "seed", "minutes", "s per step (training)", "evaluation minutes"],
-        [[METHOD_LABELS[run["method"]], run["seed"], f"{run['seconds'] / 60:.1f}", f"{run['seconds_per_step']:.1f}",
-          f"{run['evaluation_seconds'] / 60:.1f}"] for run in results["runs"]],
+        [
+            [
+                METHOD_LABELS[run["method"]],
+                run["seed"],
+                f"{run['seconds'] / 60:.1f}",
+                f"{run['seconds_per_step']:.1f}",
+                f"{run['evaluation_seconds'] / 60:.1f}",
+            ]
+            for run in results["runs"]
+        ],
     )
     return lines
 

@@ -65,7 +65,9 @@ logger = logging.getLogger("benchmarks")
 MAX_JOINT_ASSIGNMENTS = 4096  # a prompt whose groups have more head assignments than this is assigned greedily
 
 
-def reversal_components(pool: CachedPairPool, pairs: Sequence[int], groups: torch.Tensor) -> list[tuple[list[int], list]]:
+def reversal_components(
+    pool: CachedPairPool, pairs: Sequence[int], groups: torch.Tensor
+) -> list[tuple[list[int], list]]:
     """
     Per prompt, its latent groups and the pairs of them that reverse each other (one prefers a to b, the other b to
     a), as (group ids, [(i, j) positions in that list]); prompts without a reversal are left out.
@@ -82,7 +84,8 @@ def reversal_components(pool: CachedPairPool, pairs: Sequence[int], groups: torc
     components = []
     for members in by_prompt.values():
         edges = [
-            (i, j) for i, j in itertools.combinations(range(len(members)), 2)
+            (i, j)
+            for i, j in itertools.combinations(range(len(members)), 2)
             if any((rejected, chosen) in preferred[members[j]] for chosen, rejected in preferred[members[i]])
         ]
         if edges:
@@ -98,8 +101,11 @@ def joint_assignment(group_ll: torch.Tensor, components) -> torch.Tensor:
     for members, edges in components:
         scores = group_ll[members]
         if num_heads ** len(members) <= MAX_JOINT_ASSIGNMENTS:
-            options = [a for a in itertools.product(range(num_heads), repeat=len(members))
-                       if all(a[i] != a[j] for i, j in edges)]
+            options = [
+                a
+                for a in itertools.product(range(num_heads), repeat=len(members))
+                if all(a[i] != a[j] for i, j in edges)
+            ]
             if not options:
                 continue  # more mutually reversed groups than heads: keep each group's likeliest head
             table = torch.tensor(options)
@@ -124,8 +130,9 @@ def purity(responsibilities: torch.Tensor, labels: Sequence[str]) -> float:
     return sum(largest.values()) / len(labels)
 
 
-def separability(group_features: torch.Tensor, labels: Sequence[str], prompts: Sequence[str], seed: int,
-                 lam: float = 1e-2) -> dict[str, float]:
+def separability(
+    group_features: torch.Tensor, labels: Sequence[str], prompts: Sequence[str], seed: int, lam: float = 1e-2
+) -> dict[str, float]:
     """Held-out accuracy of predicting each group's context from `group_features` (G, p), split by prompt, and the
     share of the test groups' most common context (what predicting it always scores)."""
     contexts = sorted(set(labels))
@@ -149,8 +156,10 @@ def separability(group_features: torch.Tensor, labels: Sequence[str], prompts: S
     with torch.no_grad():
         predicted = (group_features[~train] @ weights).argmax(dim=1)
     test_targets = targets[~train]
-    return {"accuracy": float((predicted == test_targets).double().mean()),
-            "majority": float(torch.bincount(test_targets).max() / len(test_targets))}
+    return {
+        "accuracy": float((predicted == test_targets).double().mean()),
+        "majority": float(torch.bincount(test_targets).max() / len(test_targets)),
+    }
 
 
 def recovery(pool: CachedPairPool, pairs: Sequence[int], num_heads: int, l2s, restarts: int, seed: int):
@@ -163,7 +172,9 @@ def recovery(pool: CachedPairPool, pairs: Sequence[int], num_heads: int, l2s, re
     labels, prompts = [""] * num_groups, [""] * num_groups
     for group, pair, prompt in zip(groups.tolist(), pairs, pool.dataset.select([int(p) for p in pairs])["prompt"]):
         labels[group], prompts[group] = pool.context_ids[pair], str(prompt)
-    group_means = torch.zeros(num_groups, differences.shape[1], dtype=differences.dtype).index_add(0, groups, differences)
+    group_means = torch.zeros(num_groups, differences.shape[1], dtype=differences.dtype).index_add(
+        0, groups, differences
+    )
     group_means /= torch.bincount(groups, minlength=num_groups)[:, None]
     separable = separability(group_means, labels, prompts, seed)
     contexts = sorted(set(labels))
@@ -181,15 +192,32 @@ def recovery(pool: CachedPairPool, pairs: Sequence[int], num_heads: int, l2s, re
             for start, responsibilities in starts:
                 started = time.perf_counter()
                 _, fitted, log_likelihood = fit_mixture_em(differences, groups, responsibilities, l2, e_step)
-                rows.append({
-                    "seed": seed, "l2": l2, "cannot_link": cannot_link, "start": start.split()[0],
-                    "log_likelihood": log_likelihood, "purity": purity(fitted, labels),
-                    "seconds": round(time.perf_counter() - started, 1),
-                })
-                logger.info("seed %d l2 %g cannot_link %s %s: log-likelihood %.4f, purity %.3f", seed, l2,
-                            cannot_link, start, log_likelihood, rows[-1]["purity"])
-    return rows, {"pairs": len(pairs), "groups": num_groups, "prompts_with_reversals": len(components),
-                  "separability": separable}
+                rows.append(
+                    {
+                        "seed": seed,
+                        "l2": l2,
+                        "cannot_link": cannot_link,
+                        "start": start.split()[0],
+                        "log_likelihood": log_likelihood,
+                        "purity": purity(fitted, labels),
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
+                )
+                logger.info(
+                    "seed %d l2 %g cannot_link %s %s: log-likelihood %.4f, purity %.3f",
+                    seed,
+                    l2,
+                    cannot_link,
+                    start,
+                    log_likelihood,
+                    rows[-1]["purity"],
+                )
+    return rows, {
+        "pairs": len(pairs),
+        "groups": num_groups,
+        "prompts_with_reversals": len(components),
+        "separability": separable,
+    }
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -201,13 +229,19 @@ def summarize(rows: list[dict]) -> list[dict]:
         truth = next(row for row in fits if row["start"] == "truth")
         random = [row for row in fits if row["start"] == "random"]
         best = max(random, key=lambda row: row["log_likelihood"])
-        table.append({
-            "l2": l2, "cannot_link": cannot_link, "seed": seed,
-            "truth_log_likelihood": truth["log_likelihood"], "truth_purity": truth["purity"],
-            "best_random_log_likelihood": best["log_likelihood"], "best_random_purity": best["purity"],
-            "max_random_purity": max(row["purity"] for row in random),
-            "truth_wins": truth["log_likelihood"] > best["log_likelihood"],
-        })
+        table.append(
+            {
+                "l2": l2,
+                "cannot_link": cannot_link,
+                "seed": seed,
+                "truth_log_likelihood": truth["log_likelihood"],
+                "truth_purity": truth["purity"],
+                "best_random_log_likelihood": best["log_likelihood"],
+                "best_random_purity": best["purity"],
+                "max_random_purity": max(row["purity"] for row in random),
+                "truth_wins": truth["log_likelihood"] > best["log_likelihood"],
+            }
+        )
     return table
 
 
@@ -221,13 +255,20 @@ def render(result: dict, command: str) -> str:
         f"K = {result['num_heads']} heads; {result['restarts']} random starts per fit, drawn from the seed. A seed also "
         "draws its split's evaluation pairs; where the training pairs are the same for every seed (they are on every "
         "benchmark of run_all.py), so is the fit from the truth. Per seed: "
-        + "; ".join(f"seed {seed}: {info['pairs']} training pairs in {info['groups']} latent groups, "
-                    f"{info['prompts_with_reversals']} prompts with reversed groups"
-                    for seed, info in result["data"].items()) + ".",
+        + "; ".join(
+            f"seed {seed}: {info['pairs']} training pairs in {info['groups']} latent groups, "
+            f"{info['prompts_with_reversals']} prompts with reversed groups"
+            for seed, info in result["data"].items()
+        )
+        + ".",
         "",
         "Context of a group from its features, labels given (`separability`): held-out accuracy "
-        + "; ".join(f"seed {seed}: {100 * info['separability']['accuracy']:.1f}% (most common context "
-                    f"{100 * info['separability']['majority']:.1f}%)" for seed, info in result["data"].items()) + ".",
+        + "; ".join(
+            f"seed {seed}: {100 * info['separability']['accuracy']:.1f}% (most common context "
+            f"{100 * info['separability']['majority']:.1f}%)"
+            for seed, info in result["data"].items()
+        )
+        + ".",
         "",
         "*log-lik.*: penalized training log-likelihood per pair (higher is better); *purity*: per head, the share of its groups from "
         f"its most common context, weighted by its groups (about 1/K = {1 / result['num_heads']:.2f} by chance).",
@@ -248,9 +289,14 @@ def render(result: dict, command: str) -> str:
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_comparison_arguments(parser, "latent_recovery.md")
-    parser.add_argument("--l2", type=float, nargs="+", default=[0.02, 0.06],
-                        help="L2 weights of the heads per pair on standardized features (default 0.02, the "
-                             "trainer's `head_init_l2`, and 0.06).")
+    parser.add_argument(
+        "--l2",
+        type=float,
+        nargs="+",
+        default=[0.02, 0.06],
+        help="L2 weights of the heads per pair on standardized features (default 0.02, the "
+        "trainer's `head_init_l2`, and 0.06).",
+    )
     parser.add_argument("--restarts", type=int, default=4, help="Random starts per fit (default 4).")
     args = parser.parse_args(argv)
     if args.restarts < 1:
@@ -273,9 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         split = split_for(pool, spec, seed)
         seed_rows, data[seed] = recovery(pool, split.stage1_train, spec.num_heads, args.l2, args.restarts, seed)
         rows += seed_rows
-    result = {"title": spec.title, "seeds": list(seeds), "num_heads": spec.num_heads, "restarts": args.restarts,
-              "contexts": sorted(set(pool.context_ids[pair] for pair in split.stage1_train)), "data": data,
-              "fits": rows, "summary": summarize(rows)}
+    result = {
+        "title": spec.title,
+        "seeds": list(seeds),
+        "num_heads": spec.num_heads,
+        "restarts": args.restarts,
+        "contexts": sorted(set(pool.context_ids[pair] for pair in split.stage1_train)),
+        "data": data,
+        "fits": rows,
+        "summary": summarize(rows),
+    }
     write_study_report(output, "benchmarks/studies/latent_recovery.py", argv, result, render)
     return 0
 

@@ -45,6 +45,7 @@ from benchmarks.harness.comparison import (  # noqa: E402
     single_residual_margins,
     train_heads,
 )
+from benchmarks.harness.metrics import best_head_accuracy, gap_closed  # noqa: E402
 from benchmarks.harness.run_all import (  # noqa: E402
     PRESETS,
     add_input_arguments,
@@ -54,7 +55,6 @@ from benchmarks.harness.run_all import (  # noqa: E402
     start_logging,
     write_study_report,
 )
-from benchmarks.harness.metrics import best_head_accuracy, gap_closed  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
 from trl_micro.context_adaptation import routed_margins  # noqa: E402
@@ -100,12 +100,17 @@ def summarize(runs: list[dict]) -> dict:
     summary = {"macro": {}, "gap_closed": {}}
     for method in METHODS:
         macros = [np.mean(list(run[method].values())) for run in runs]
-        summary["macro"][method] = {"mean": float(np.mean(macros)),
-                                    "std": float(np.std(macros, ddof=1)) if len(macros) > 1 else 0.0}
+        summary["macro"][method] = {
+            "mean": float(np.mean(macros)),
+            "std": float(np.std(macros, ddof=1)) if len(macros) > 1 else 0.0,
+        }
     for method in GAP_METHODS:
         summary["gap_closed"][method] = {
-            context: float(np.nanmean([gap_closed(run[method][context], run[SINGLE][context], run[ORACLE][context])
-                                       for run in runs]))
+            context: float(
+                np.nanmean(
+                    [gap_closed(run[method][context], run[SINGLE][context], run[ORACLE][context]) for run in runs]
+                )
+            )
             for context in runs[0][SINGLE]
         }
     return summary
@@ -128,19 +133,29 @@ def run_study(args, on_readout=None) -> dict:
             pools = {}
             for spec in specs:
                 if spec.pool not in pools:
-                    pools[spec.pool] = build_pool(spec.pool, plan.pools[spec.pool], feature_model, tokenizer,
-                                                  args.cache_dir, args.data_dir)
+                    pools[spec.pool] = build_pool(
+                        spec.pool, plan.pools[spec.pool], feature_model, tokenizer, args.cache_dir, args.data_dir
+                    )
                 gc.freeze()  # see run_all.run_benchmark
                 settings = benchmark_settings(plan, spec)
                 started = time.perf_counter()
-                runs = [measure(feature_model.backbone, tokenizer, pools[spec.pool], spec, settings, readout, seed)
-                        for seed in seeds]
-                entry = result["benchmarks"].setdefault(spec.name, {"title": spec.title, "heads": settings.heads.describe(),
-                                                                    "readouts": {}})
+                runs = [
+                    measure(feature_model.backbone, tokenizer, pools[spec.pool], spec, settings, readout, seed)
+                    for seed in seeds
+                ]
+                entry = result["benchmarks"].setdefault(
+                    spec.name, {"title": spec.title, "heads": settings.heads.describe(), "readouts": {}}
+                )
                 entry["readouts"][name] = {"runs": runs, **summarize(runs), "seconds": time.perf_counter() - started}
                 macro = entry["readouts"][name]["macro"]
-                logger.info("%s, %s: online routing %.3f, SingleReward %.3f, oracle %.3f", spec.title, name,
-                            macro[ONLINE]["mean"], macro[SINGLE]["mean"], macro[ORACLE]["mean"])
+                logger.info(
+                    "%s, %s: online routing %.3f, SingleReward %.3f, oracle %.3f",
+                    spec.title,
+                    name,
+                    macro[ONLINE]["mean"],
+                    macro[SINGLE]["mean"],
+                    macro[ORACLE]["mean"],
+                )
             del pools, feature_model
             gc.unfreeze()
             gc.collect()
@@ -151,19 +166,28 @@ def run_study(args, on_readout=None) -> dict:
 
 def render(result: dict, command: str) -> str:
     lines = [
-        "# Readouts: what the heads and the router read of the backbone", "",
+        "# Readouts: what the heads and the router read of the backbone",
+        "",
         f"Generated {result['date']} by `{command}` (seeds {', '.join(map(str, result['seeds']))}; the embedded "
         "SmolLM2-135M-Instruct, frozen). Macro accuracy over the contexts, mean ± seed spread; 'gap closed' is the "
         "mean over seeds of (method - SingleReward) / (oracle - SingleReward) per context, the oracle trained on the "
         "same features. Adaptation: the comparison's reported number of pairs per context. See the script's "
-        "docstring for the methods.", "",
+        "docstring for the methods.",
+        "",
     ]
     for entry in result["benchmarks"].values():
         lines += [f"## {entry['title']}", "", f"Heads trained with {entry['heads']}.", ""]
         rows = []
         for name, readout in entry["readouts"].items():
-            rows.append([name, *(f"{100 * readout['macro'][m]['mean']:.1f} ± {100 * readout['macro'][m]['std']:.1f}"
-                                 for m in METHODS)])
+            rows.append(
+                [
+                    name,
+                    *(
+                        f"{100 * readout['macro'][m]['mean']:.1f} ± {100 * readout['macro'][m]['std']:.1f}"
+                        for m in METHODS
+                    ),
+                ]
+            )
         lines += markdown_table(["readout", *METHODS], rows) + [""]
         rows = []
         for name, readout in entry["readouts"].items():
@@ -193,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--benchmarks {unknown} are not comparisons of the {args.preset} plan: {names}.")
     start_logging()
     output = ensure_writable(args.output)
+
     def save(result):
         write_study_report(output, "benchmarks/studies/readout_study.py", argv, result, render)
 

@@ -29,14 +29,6 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.harness.run_all import (  # noqa: E402
-    add_comparison_arguments,
-    load_comparison,
-    split_for,
-    start_logging,
-    write_study_report,
-)
-from trl_micro import MiCRoRewardModel  # noqa: E402
 from benchmarks.harness.comparison import (  # noqa: E402
     adapt_router,
     adaptation_subset,
@@ -46,8 +38,16 @@ from benchmarks.harness.comparison import (  # noqa: E402
     train_heads,
 )
 from benchmarks.harness.metrics import gap_closed  # noqa: E402
-from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
+from benchmarks.harness.run_all import (  # noqa: E402
+    add_comparison_arguments,
+    load_comparison,
+    split_for,
+    start_logging,
+    write_study_report,
+)
+from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.context_adaptation import routed_margins  # noqa: E402
+from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -98,23 +98,45 @@ def compare_objectives(pool, backbone, tokenizer, spec, plan, seeds) -> dict:
         micro = train_heads(backbone, tokenizer, pool, split.train, heads, seed, num_heads=spec.num_heads)
         pairs = adaptation_subset(pool, split.adaptation, largest, seed)
         for method, likelihood in LIKELIHOODS.items():
-            adapted = adapt_router(micro, tokenizer, pool, pairs, replace(router, adaptation_likelihood=likelihood), seed)
+            adapted = adapt_router(
+                micro, tokenizer, pool, pairs, replace(router, adaptation_likelihood=likelihood), seed
+            )
             record(method, score(adapted, pool, split.test, with_context=True).margins)
         online = micro_online_routing(micro, pool, pairs, plan.comparison.online_eta)
         record(ONLINE, routed_margins(online, test_contexts, score(micro, pool, split.test, False).head_margins))
-        logger.info("%s, seed %d: %s", spec.name, seed, ", ".join(
-            f"{method} {100 * np.mean(list(runs[method][-1].values())):.1f}" for method in METHODS))
+        logger.info(
+            "%s, seed %d: %s",
+            spec.name,
+            seed,
+            ", ".join(f"{method} {100 * np.mean(list(runs[method][-1].values())):.1f}" for method in METHODS),
+        )
 
     probe = [context_probe_accuracy(micro, pool, list(contexts), seed) for seed in seeds]
     mean = {method: {c: float(np.mean([run[c] for run in runs[method]])) for c in contexts} for method in METHODS}
-    spread = {method: {c: float(np.std([run[c] for run in runs[method]], ddof=1)) if len(seeds) > 1 else 0.0
-                       for c in contexts} for method in METHODS}
-    gaps = {method: {c: gap_closed(mean[method][c], mean[SINGLE][c], mean[ORACLE][c]) for c in contexts}
-            for method in METHODS}
-    return {"benchmark": spec.name, "title": spec.title, "contexts": list(contexts), "seeds": list(seeds),
-            "adaptation_per_context": largest, "target": spec.target,
-            "router_training": {key: value for key, value in asdict(router).items() if key != "adaptation_likelihood"},
-            "context_probe_accuracy": probe, "mean": mean, "std": spread, "gap": gaps, "runs": runs}
+    spread = {
+        method: {
+            c: float(np.std([run[c] for run in runs[method]], ddof=1)) if len(seeds) > 1 else 0.0 for c in contexts
+        }
+        for method in METHODS
+    }
+    gaps = {
+        method: {c: gap_closed(mean[method][c], mean[SINGLE][c], mean[ORACLE][c]) for c in contexts}
+        for method in METHODS
+    }
+    return {
+        "benchmark": spec.name,
+        "title": spec.title,
+        "contexts": list(contexts),
+        "seeds": list(seeds),
+        "adaptation_per_context": largest,
+        "target": spec.target,
+        "router_training": {key: value for key, value in asdict(router).items() if key != "adaptation_likelihood"},
+        "context_probe_accuracy": probe,
+        "mean": mean,
+        "std": spread,
+        "gap": gaps,
+        "runs": runs,
+    }
 
 
 def render(result: dict, command: str) -> str:
@@ -137,12 +159,17 @@ def render(result: dict, command: str) -> str:
         cells = [f"{100 * mean[c]:.1f} ± {100 * std[c]:.1f}" for c in contexts]
         finite = [value for value in gap.values() if np.isfinite(value)]
         min_gap = f"{min(finite):.2f}" if method not in (SINGLE, ORACLE) and finite else ""
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * np.mean(list(mean.values())):.1f} | {min_gap} |")
+        lines.append(
+            f"| {method} | " + " | ".join(cells) + f" | {100 * np.mean(list(mean.values())):.1f} | {min_gap} |"
+        )
     probe = result["context_probe_accuracy"]
-    lines += ["", f"Context probe (`context_probe_accuracy`: a linear classifier on what the router reads, prompts with "
-              f"their context, half of the evaluation pairs to train, half to test): {100 * np.mean(probe):.1f}% "
-              f"held-out accuracy over {len(contexts)} contexts (per seed: "
-              f"{', '.join(f'{100 * value:.1f}' for value in probe)})."]
+    lines += [
+        "",
+        f"Context probe (`context_probe_accuracy`: a linear classifier on what the router reads, prompts with "
+        f"their context, half of the evaluation pairs to train, half to test): {100 * np.mean(probe):.1f}% "
+        f"held-out accuracy over {len(contexts)} contexts (per seed: "
+        f"{', '.join(f'{100 * value:.1f}' for value in probe)}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -152,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     add_comparison_arguments(parser, "router_objective.md")
     for name in OVERRIDABLE:
         field_type = int if name in ("max_steps", "batch_size") else float
-        parser.add_argument(f"--router_{name.removeprefix('router_')}", dest=name, type=field_type, default=None,
-                            help=f"Override the plan's RouterTraining.{name}.")
+        parser.add_argument(
+            f"--router_{name.removeprefix('router_')}",
+            dest=name,
+            type=field_type,
+            default=None,
+            help=f"Override the plan's RouterTraining.{name}.",
+        )
     args = parser.parse_args(argv)
     start_logging()
     output = ensure_writable(args.output)
@@ -162,8 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     loaded.plan.comparison.router = replace(
         loaded.plan.comparison.router, **{name: value for name, value in overrides.items() if value is not None}
     )
-    result = compare_objectives(loaded.pool, loaded.feature_model.backbone, loaded.tokenizer, loaded.spec,
-                                loaded.plan, args.seeds or loaded.plan.seeds)
+    result = compare_objectives(
+        loaded.pool,
+        loaded.feature_model.backbone,
+        loaded.tokenizer,
+        loaded.spec,
+        loaded.plan,
+        args.seeds or loaded.plan.seeds,
+    )
     write_study_report(output, "benchmarks/studies/router_objective.py", argv, result, render)
     return 0
 

@@ -41,14 +41,6 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.harness.run_all import (  # noqa: E402
-    add_comparison_arguments,
-    benchmark_settings,
-    load_comparison,
-    split_for,
-    start_logging,
-    write_study_report,
-)
 from benchmarks.harness.comparison import (  # noqa: E402
     HeadTraining,
     adaptation_subset,
@@ -59,9 +51,17 @@ from benchmarks.harness.comparison import (  # noqa: E402
     train_heads,
 )
 from benchmarks.harness.metrics import best_head_accuracy, best_heads, gap_closed  # noqa: E402
+from benchmarks.harness.run_all import (  # noqa: E402
+    add_comparison_arguments,
+    benchmark_settings,
+    load_comparison,
+    split_for,
+    start_logging,
+    write_study_report,
+)
+from trl_micro.context_adaptation import routed_margins  # noqa: E402
 from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
 from trl_micro.losses import context_mixture_bt_loss  # noqa: E402
-from trl_micro.context_adaptation import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -100,8 +100,10 @@ def check_variants(variants: list[dict]) -> None:
             raise ValueError(f"Variant {variant['name']!r}: `init` must be one of {INITS}, got {variant['init']!r}.")
         bad = set(variant.get("heads", {})) - head_fields
         if bad:
-            raise ValueError(f"Variant {variant['name']!r}: `heads` fields {sorted(bad)} are not HeadTraining fields "
-                             f"({sorted(head_fields)}).")
+            raise ValueError(
+                f"Variant {variant['name']!r}: `heads` fields {sorted(bad)} are not HeadTraining fields "
+                f"({sorted(head_fields)})."
+            )
 
 
 def stage1_objective(micro, pool, pairs) -> float:
@@ -128,8 +130,9 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
         """Seed-mean SingleReward and oracle accuracy per context, trained with `training` (as in the benchmark)."""
         key = json.dumps(asdict(training), sort_keys=True)
         if key not in references:
-            runs = [reference_accuracy(backbone, tokenizer, pool, split, training, seed)
-                    for seed, split in splits.items()]
+            runs = [
+                reference_accuracy(backbone, tokenizer, pool, split, training, seed) for seed, split in splits.items()
+            ]
             references[key] = {
                 name: mean_over_seeds([run[name] for run in runs], contexts) for name in ("single", "oracle")
             }
@@ -145,16 +148,19 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
         eta = variant.get("eta", settings.online_eta)
         init = variant.get("init", "random")
         if init == "oracle" and num_heads != len(contexts):
-            raise ValueError(f"Variant {variant['name']!r}: init 'oracle' needs one head per context "
-                             f"(K = {len(contexts)}), got K = {num_heads}.")
+            raise ValueError(
+                f"Variant {variant['name']!r}: init 'oracle' needs one head per context "
+                f"(K = {len(contexts)}), got K = {num_heads}."
+            )
         ceiling, online, picks, train_nll = [], [], 0, []
         for seed, split in splits.items():
             initial_heads = None
             if init == "oracle":
                 oracle = per_context_oracle_models(backbone, tokenizer, pool, split, contexts, training, seed)
                 initial_heads = torch.cat([oracle[context].heads.weight.data for context in contexts])
-            micro = train_heads(backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads,
-                                initial_heads=initial_heads)
+            micro = train_heads(
+                backbone, tokenizer, pool, split.train, training, seed, num_heads=num_heads, initial_heads=initial_heads
+            )
             train_nll.append(stage1_objective(micro, pool, split.train))
             test = score(micro, pool, split.test, with_context=False).head_margins
             best = best_heads(test, test_contexts[seed])
@@ -165,21 +171,45 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
             picks += sum(int(router.weights(context).argmax()) == best[context] for context in contexts)
         reference = seed_mean_references(training)
         single, oracle = reference["single"], reference["oracle"]
-        row = {"variant": variant["name"], "num_heads": num_heads, "heads": asdict(training), "eta": eta, "init": init,
-               "train_nll": float(np.mean(train_nll)),
-               "single": single, "oracle": oracle, "picks": picks, "cases": len(contexts) * len(seeds),
-               "seconds": time.perf_counter() - started}
+        row = {
+            "variant": variant["name"],
+            "num_heads": num_heads,
+            "heads": asdict(training),
+            "eta": eta,
+            "init": init,
+            "train_nll": float(np.mean(train_nll)),
+            "single": single,
+            "oracle": oracle,
+            "picks": picks,
+            "cases": len(contexts) * len(seeds),
+            "seconds": time.perf_counter() - started,
+        }
         for name, runs in (("ceiling", ceiling), ("online", online)):
             accuracy = mean_over_seeds(runs, contexts)
-            row[name] = {"accuracy": accuracy,
-                         "gap": {c: gap_closed(accuracy[c], single[c], oracle[c]) for c in contexts}}
+            row[name] = {
+                "accuracy": accuracy,
+                "gap": {c: gap_closed(accuracy[c], single[c], oracle[c]) for c in contexts},
+            }
         rows.append(row)
-        logger.info("%s: online min gap %.2f, ceiling min gap %.2f, %d/%d picks (%.0f s)", variant["name"],
-                    min(row["online"]["gap"].values()), min(row["ceiling"]["gap"].values()), picks, row["cases"],
-                    row["seconds"])
-    return {"benchmark": spec.name, "title": spec.title, "contexts": list(contexts), "seeds": list(seeds),
-            "adaptation_per_context": largest, "target": spec.target, "benchmark_heads": asdict(heads),
-            "variants": rows}
+        logger.info(
+            "%s: online min gap %.2f, ceiling min gap %.2f, %d/%d picks (%.0f s)",
+            variant["name"],
+            min(row["online"]["gap"].values()),
+            min(row["ceiling"]["gap"].values()),
+            picks,
+            row["cases"],
+            row["seconds"],
+        )
+    return {
+        "benchmark": spec.name,
+        "title": spec.title,
+        "contexts": list(contexts),
+        "seeds": list(seeds),
+        "adaptation_per_context": largest,
+        "target": spec.target,
+        "benchmark_heads": asdict(heads),
+        "variants": rows,
+    }
 
 
 def head_training_label(heads: dict, benchmark_heads: dict) -> str:
@@ -214,8 +244,11 @@ def render(result: dict, command: str) -> str:
             continue
         shown.add(label)
         for name, title in (("single", "SingleReward acc."), ("oracle", "Oracle acc.")):
-            lines.append(f"| {label if name == 'single' else ''} | {title} | "
-                         + " | ".join(f"{100 * row[name][c]:.1f}" for c in contexts) + " |")
+            lines.append(
+                f"| {label if name == 'single' else ''} | {title} | "
+                + " | ".join(f"{100 * row[name][c]:.1f}" for c in contexts)
+                + " |"
+            )
     lines += [
         "",
         "| variant | K | | " + " | ".join(contexts) + " | min | macro acc. | picks | train NLL |",
@@ -229,7 +262,8 @@ def render(result: dict, command: str) -> str:
             nll = f"{row['train_nll']:.4f}" if name == "online" else ""
             lines.append(
                 f"| {row['variant'] if name == 'online' else ''} | {row['num_heads'] if name == 'online' else ''} | "
-                f"{name} | " + " | ".join(f"{gaps[c]:.2f}" for c in contexts)
+                f"{name} | "
+                + " | ".join(f"{gaps[c]:.2f}" for c in contexts)
                 + f" | {min(gaps.values()):.2f} | {macro:.1f} | {picks} | {nll} |"
             )
     return "\n".join(lines) + "\n"
@@ -250,8 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     check_variants(variants)
     output = ensure_writable(args.output)
     loaded = load_comparison(args.preset, args.benchmark, args.model, args.cache_dir, args.data_dir)
-    result = sweep(loaded.pool, loaded.feature_model.backbone, loaded.tokenizer, loaded.spec, loaded.plan, variants,
-                   args.seeds or loaded.plan.seeds)
+    result = sweep(
+        loaded.pool,
+        loaded.feature_model.backbone,
+        loaded.tokenizer,
+        loaded.spec,
+        loaded.plan,
+        variants,
+        args.seeds or loaded.plan.seeds,
+    )
     write_study_report(output, "benchmarks/studies/stage1_sweep.py", argv, result, render)
     return 0
 

@@ -53,9 +53,6 @@ from benchmarks import default_data_dir  # noqa: E402
 from benchmarks.harness.metrics import adaptation_curve, best_head_accuracy, write_seeded_report  # noqa: E402
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer  # noqa: E402
 from trl_micro.bundled.hh import load_hh_relabeled  # noqa: E402
-from trl_micro.data_utils import split_by_context, take_per_context  # noqa: E402
-from trl_micro.evaluation import head_usage, per_context_accuracy  # noqa: E402
-from trl_micro.scoring import score_preference_pairs  # noqa: E402
 from trl_micro.bundled.synthetic import (  # noqa: E402
     AXES,
     SyntheticPreferenceConfig,
@@ -63,8 +60,11 @@ from trl_micro.bundled.synthetic import (  # noqa: E402
     rated_by_topic_owner,
     subpopulation_paraphrases,
 )
-from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer
-from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
+from trl_micro.data_utils import split_by_context, take_per_context  # noqa: E402
+from trl_micro.evaluation import head_usage, per_context_accuracy  # noqa: E402
+from trl_micro.scoring import score_preference_pairs  # noqa: E402
+from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer  # noqa: E402
+from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stage2_adaptation"
 
@@ -73,6 +73,8 @@ def shown_path(path: str) -> str:
     """`path` as a report shows it: relative to the checkout when inside it, so the report names no local folder."""
     resolved = Path(path).resolve()
     return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
 HH_REWORDINGS = {  # criteria in words the adaptation never saw
     "helpful": "Pick the reply that is most useful to the person asking.",
     "harmless": "Pick the reply that is least likely to hurt anyone or help them do damage.",
@@ -86,12 +88,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning_rate", type=float, default=None, help="Router adaptation lr (config default).")
     parser.add_argument("--router_anchor_coef", type=float, default=None, help="Pull toward Stage 1 (config default).")
-    parser.add_argument("--num_train_epochs", type=float, default=None, help="Router adaptation epochs (config default).")
+    parser.add_argument(
+        "--num_train_epochs", type=float, default=None, help="Router adaptation epochs (config default)."
+    )
     parser.add_argument("--max_steps", type=int, default=None, help="Router adaptation steps, overriding epochs.")
     parser.add_argument("--hh_train_pairs", type=int, default=200, help="Stage 1 pairs per context (HH).")
     parser.add_argument("--hh_test_pairs", type=int, default=120, help="Test pairs per context (HH).")
     parser.add_argument("--hh_max_tokens", type=int, default=160, help="Longest HH sequence kept, in tokens.")
-    parser.add_argument("--data_dir", default=default_data_dir(), help="Real data folder (default: $TRL_MICRO_DATA_DIR, else ../shared/data).")
+    parser.add_argument(
+        "--data_dir",
+        default=default_data_dir(),
+        help="Real data folder (default: $TRL_MICRO_DATA_DIR, else ../shared/data).",
+    )
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default: a temporary folder).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--output", default=str(RESULTS), help="Report path prefix (.md and .json are added).")
@@ -113,7 +121,9 @@ def synthetic_setup(args, num_subpopulations: int, axes: tuple[str, ...], backbo
     """
     num_stage1, num_adaptation, num_test = 300 * num_subpopulations, max(args.counts), 200
     config = SyntheticPreferenceConfig(
-        num_subpopulations=num_subpopulations, axes=axes, seed=args.seed,
+        num_subpopulations=num_subpopulations,
+        axes=axes,
+        seed=args.seed,
         num_pairs_per_subpopulation=num_stage1 + num_adaptation + num_test,
     )
     data = generate_synthetic_preferences(config)
@@ -122,8 +132,9 @@ def synthetic_setup(args, num_subpopulations: int, axes: tuple[str, ...], backbo
 
         tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
         model = MiCRoRewardModel.from_backbone(embedded_model_path(), num_heads=num_subpopulations)
-        stage1_args = dict(per_device_train_batch_size=32, num_train_epochs=30, learning_rate=5e-3,
-                           adaptation=EMBEDDED_ADAPTATION)
+        stage1_args = dict(
+            per_device_train_batch_size=32, num_train_epochs=30, learning_rate=5e-3, adaptation=EMBEDDED_ADAPTATION
+        )
     else:
         texts = [row[column] for row in data.select(range(200)) for column in ("prompt", "chosen", "rejected")]
         tokenizer = build_tiny_tokenizer(texts + sorted(set(data["context"])), vocab_size=1000)
@@ -147,14 +158,21 @@ def hh_setup(args):
 
     def short(row):
         prompt = row["context"] + "\n\n" + row["prompt"]
-        return all(len(tokenizer(prompt + row[side])["input_ids"]) < args.hh_max_tokens for side in ("chosen", "rejected"))
+        return all(
+            len(tokenizer(prompt + row[side])["input_ids"]) < args.hh_max_tokens for side in ("chosen", "rejected")
+        )
 
     data = data.filter(short)
     sizes = (args.hh_train_pairs, max(args.counts), args.hh_test_pairs)
     parts = split_by_context(data, sizes_per_context=sizes, seed=args.seed)
     model = MiCRoRewardModel.from_backbone(path, num_heads=2)
-    stage1_args = dict(per_device_train_batch_size=32, num_train_epochs=30, learning_rate=5e-3,
-                       prompt_marker=ASSISTANT_MARKER, adaptation=EMBEDDED_ADAPTATION)
+    stage1_args = dict(
+        per_device_train_batch_size=32,
+        num_train_epochs=30,
+        learning_rate=5e-3,
+        prompt_marker=ASSISTANT_MARKER,
+        adaptation=EMBEDDED_ADAPTATION,
+    )
     return model, tokenizer, parts["train"], parts["adaptation"], parts["test"], stage1_args, HH_REWORDINGS
 
 
@@ -163,16 +181,30 @@ def run_dataset(name, model, tokenizer, stage1_train, adaptation, test, stage1_a
     """Stage 1, then one adaptation per count; accuracy on `test` and on `test` with its contexts reworded."""
     stage1_args = dict(stage1_args)
     adaptation_args = stage1_args.pop("adaptation", {})
-    common = dict(report_to="none", save_strategy="no", seed=args.seed, disable_tqdm=True, logging_steps=10_000,
-                  feature_cache_dir=cache_dir, prompt_marker=stage1_args.pop("prompt_marker", None))
+    common = dict(
+        report_to="none",
+        save_strategy="no",
+        seed=args.seed,
+        disable_tqdm=True,
+        logging_steps=10_000,
+        feature_cache_dir=cache_dir,
+        prompt_marker=stage1_args.pop("prompt_marker", None),
+    )
     timings = {}
     start = time.perf_counter()
     stage1_config = MiCRoRewardConfig(
-        output_dir=os.path.join(cache_dir, f"{name}-stage1"), num_heads=model.num_heads, freeze_backbone=True,
-        **stage1_args, **common,
+        output_dir=os.path.join(cache_dir, f"{name}-stage1"),
+        num_heads=model.num_heads,
+        freeze_backbone=True,
+        **stage1_args,
+        **common,
     )
-    MiCRoRewardTrainer(model=model, args=stage1_config, train_dataset=stage1_train.remove_columns("context"),
-                       processing_class=tokenizer).train()
+    MiCRoRewardTrainer(
+        model=model,
+        args=stage1_config,
+        train_dataset=stage1_train.remove_columns("context"),
+        processing_class=tokenizer,
+    ).train()
     timings["stage1_s"] = time.perf_counter() - start
 
     reworded = test.map(lambda row: {"context": rewordings[row["context_id"]]})
@@ -181,8 +213,9 @@ def run_dataset(name, model, tokenizer, stage1_train, adaptation, test, stage1_a
     def evaluate(method):
         scores = {}
         for label, data in (("", test), (", unseen wording", reworded)):
-            scores[label] = score_preference_pairs(model, data, tokenizer, feature_cache_dir=cache_dir,
-                                                   prompt_marker=common["prompt_marker"])
+            scores[label] = score_preference_pairs(
+                model, data, tokenizer, feature_cache_dir=cache_dir, prompt_marker=common["prompt_marker"]
+            )
             methods[f"{name}: {method}{label}"] = per_context_accuracy(scores[label].margins, contexts)
         usage[f"{name}: {method}"] = head_usage(scores[""].mixture_weights, contexts)
         same_head = scores[""].mixture_weights.argmax(-1) == scores[", unseen wording"].mixture_weights.argmax(-1)
@@ -199,9 +232,15 @@ def run_dataset(name, model, tokenizer, stage1_train, adaptation, test, stage1_a
     for count in sorted(args.counts):
         model.router.load_state_dict(stage1_router)
         start = time.perf_counter()
-        config = RouterAdaptationConfig(output_dir=os.path.join(cache_dir, f"{name}-adapt-{count}"), **overrides, **common)
-        RouterAdaptationTrainer(model=model, args=config, processing_class=tokenizer,
-                                train_dataset=take_per_context(adaptation, count, seed=args.seed)).train()
+        config = RouterAdaptationConfig(
+            output_dir=os.path.join(cache_dir, f"{name}-adapt-{count}"), **overrides, **common
+        )
+        RouterAdaptationTrainer(
+            model=model,
+            args=config,
+            processing_class=tokenizer,
+            train_dataset=take_per_context(adaptation, count, seed=args.seed),
+        ).train()
         timings[f"adapt_{count}_s"] = time.perf_counter() - start
         evaluate(f"adapted, {count} pairs")
         curve[count] = methods[f"{name}: adapted, {count} pairs"]
@@ -229,11 +268,19 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python benchmarks/studies/stage2_adaptation.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python benchmarks/studies/stage2_adaptation.py " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:])
+    )
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="stage2-benchmark-")
-    results = {"title": "Stage 2: router adaptation vs Stage 1 routing", "command": command.strip(),
-               "methods": {}, "adaptation_curves": [], "head_usage": {}, "runs": {},
-               "settings": {**vars(args), "output": shown_path(args.output)}}
+    results = {
+        "title": "Stage 2: router adaptation vs Stage 1 routing",
+        "command": command.strip(),
+        "methods": {},
+        "adaptation_curves": [],
+        "head_usage": {},
+        "runs": {},
+        "settings": {**vars(args), "output": shown_path(args.output)},
+    }
     for name in args.datasets:
         set_seed(args.seed)  # the heads and router of a model built from a backbone start from torch's generator
         setup = DATASETS[name](args)

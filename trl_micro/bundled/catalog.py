@@ -60,8 +60,11 @@ def resolve_model_path(name_or_path: str, download: bool = False) -> str:
 
 def _offline_note() -> str:
     """` (offline mode is on: HF_HUB_OFFLINE=1)` when one of the offline settings is on, else nothing."""
-    settings = [f"{name}={os.environ[name]}" for name in OFFLINE_ENV_VARS
-                if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")]
+    settings = [
+        f"{name}={os.environ[name]}"
+        for name in OFFLINE_ENV_VARS
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+    ]
     return f" (offline mode is on: {', '.join(settings)})" if settings else ""
 
 
@@ -70,9 +73,7 @@ def is_hub_dataset_name(name: str | None) -> bool:
     return bool(name) and not name.startswith("trl-micro/") and not Path(name).exists()
 
 
-def load_named_dataset(
-    name: str, config: str | None = None, data_dir: str | None = None, seed: int = 0
-) -> DatasetDict:
+def load_named_dataset(name: str, config: str | None = None, data_dir: str | None = None, seed: int = 0) -> DatasetDict:
     """A `DatasetDict` for `name` (see the module docstring); built-ins have train / adaptation / test splits."""
     if name == "trl-micro/synthetic":
         from .synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences

@@ -16,7 +16,6 @@ The subpopulations are designed to conflict (concise and casual vs thorough and 
 ...), so one Bradley-Terry reward cannot fit them all.
 """
 
-
 from __future__ import annotations
 
 import itertools
@@ -85,9 +84,7 @@ class SyntheticPreferenceConfig:
             )
         unknown = [axis for axis in self.axes if axis not in AXES]
         if not self.axes or unknown or len(set(self.axes)) != len(self.axes):
-            raise ValueError(
-                f"SyntheticPreferenceConfig.axes must be distinct names among {AXES}, got {self.axes!r}."
-            )
+            raise ValueError(f"SyntheticPreferenceConfig.axes must be distinct names among {AXES}, got {self.axes!r}.")
         if not self.label_noise >= 0:
             raise ValueError(f"SyntheticPreferenceConfig.label_noise must be >= 0, got {self.label_noise!r}.")
         if not 0 <= self.conflict_fraction <= 1:

@@ -56,7 +56,9 @@ def main(script_args: AdaptationScriptArguments, training_args: RouterAdaptation
     train_dataset = dataset[split]
     if script_args.pairs_per_context is not None:
         train_dataset = take_per_context(
-            train_dataset, script_args.pairs_per_context, context_column=training_args.context_column,
+            train_dataset,
+            script_args.pairs_per_context,
+            context_column=training_args.context_column,
             seed=training_args.seed,
         )
     eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None

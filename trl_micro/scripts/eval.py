@@ -71,8 +71,10 @@ ROUTED, UNIFORM = "routed (checkpoint router)", "uniform mixture of heads"
 class EvalArguments:
     model_name_or_path: str = field(metadata={"help": "A MiCRo checkpoint: a local directory or a Hub model id."})
     dataset_name: str = field(
-        metadata={"help": "Local preference file/directory, a Hub dataset id, or trl-micro/hh_relabeled, "
-                          "trl-micro/hh_rlhf, trl-micro/synthetic."}
+        metadata={
+            "help": "Local preference file/directory, a Hub dataset id, or trl-micro/hh_relabeled, "
+            "trl-micro/hh_rlhf, trl-micro/synthetic."
+        }
     )
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where the report and plots are written."})
     dataset_split: str | None = field(
@@ -89,8 +91,10 @@ class EvalArguments:
     )
     context_id_column: str | None = field(
         default="context_id",
-        metadata={"help": "Column of user or context ids grouping the report and keying the adaptation (default: the "
-                          "context text); ids alone, without context text, are enough."},
+        metadata={
+            "help": "Column of user or context ids grouping the report and keying the adaptation (default: the "
+            "context text); ids alone, without context text, are enough."
+        },
     )
     skip_malformed_rows: bool = field(
         default=False, metadata={"help": "Skip malformed rows (and report how many) instead of stopping at the first."}
@@ -196,8 +200,11 @@ def malformed_field(example: dict, text_column: str | None, label_column: str) -
 
 def check_rows(dataset, text_column: str | None, label_column: str, args: EvalArguments):
     """`dataset` without malformed rows, and how many there were; without --skip_malformed_rows, the first raises."""
-    bad = [(row, found) for row, example in enumerate(dataset)
-           if (found := malformed_field(example, text_column, label_column)) is not None]
+    bad = [
+        (row, found)
+        for row, example in enumerate(dataset)
+        if (found := malformed_field(example, text_column, label_column)) is not None
+    ]
     if bad and not args.skip_malformed_rows:
         row, (column, problem) = bad[0]
         raise ValueError(
@@ -304,7 +311,9 @@ def run_eval(args: EvalArguments) -> dict:
         title="Pairwise accuracy per context",
     )
     plot_head_usage_heatmap(
-        usage[ROUTED]["usage"], usage[ROUTED]["contexts"], paths["usage_plot"],
+        usage[ROUTED]["usage"],
+        usage[ROUTED]["contexts"],
+        paths["usage_plot"],
         title="Mean router weight per head and context (checkpoint router)",
     )
     return {"results": results, "paths": paths}
@@ -324,17 +333,22 @@ def update_model_card(model_path: str, results: dict, args: EvalArguments) -> Pa
     """Add the per-context table (not the single heads' rows) to the checkpoint's card."""
     methods = {name: value for name, value in results["methods"].items() if not name.startswith("head ")}
     counts = results["num_pairs"]
-    intro = (f"`trl-micro eval` on {counts['evaluated']} pairs of `{data_name(args.dataset_name)}`, grouped by "
-             f"`{results['context_label_column']}`" + (f" ({counts['adaptation']} more pairs adapted the online "
-                                                       "router)" if counts["adaptation"] else "") + ".")
+    intro = (
+        f"`trl-micro eval` on {counts['evaluated']} pairs of `{data_name(args.dataset_name)}`, grouped by "
+        f"`{results['context_label_column']}`"
+        + (f" ({counts['adaptation']} more pairs adapted the online router)" if counts["adaptation"] else "")
+        + "."
+    )
     lines = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in accuracy_lines(methods)]
     return add_evaluation_section(model_path, args.dataset_name, [intro, "", *lines])
 
 
 def format_summary(outcome: dict) -> str:
     results, paths = outcome["results"], outcome["paths"]
-    lines = [f"model: K = {results['model']['num_heads']} heads, readout {results['model']['readout']} "
-             "(reward readout @ layer / router readout)"]
+    lines = [
+        f"model: K = {results['model']['num_heads']} heads, readout {results['model']['readout']} "
+        "(reward readout @ layer / router readout)"
+    ]
     if results.get("skipped_rows"):
         lines.append(f"skipped {results['skipped_rows']} malformed rows (--skip_malformed_rows)")
     for name, accuracy in results["methods"].items():

@@ -23,7 +23,6 @@ from ..bundled.prompts import SYNTHETIC_NAMES, synthetic_prompt_dataset
 from ..data_utils import join_context
 from ..rewards import MiCRoReward
 
-
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RUN_LOG = "personalized_rewards.json"
 

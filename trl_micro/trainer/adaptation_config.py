@@ -46,7 +46,9 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
     learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate of the router."})
     num_train_epochs: float = field(default=30.0, metadata={"help": "Epochs over the (small) adaptation set."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps (adaptation runs are short)."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoints during training; the script saves at the end."})
+    save_strategy: str = field(
+        default="no", metadata={"help": "Checkpoints during training; the script saves at the end."}
+    )
     router_balance_coef: float = field(default=0.0, metadata={"help": "Head-usage balance penalty (off in Stage 2)."})
     latent_groups: str = field(
         default="pair", metadata={"help": "Stage 2 groups pairs by `adaptation_likelihood` instead; keep 'pair'."}

@@ -24,10 +24,9 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from ..configuration_micro import MiCRoConfig
+from ..configuration_micro import MiCRoConfig, checkpoint_model_type
 from ..data_utils import TOKENIZED_COLUMNS, context_indices
 from ..losses import context_mixture_bt_loss
-from ..configuration_micro import checkpoint_model_type
 from ..modeling_micro import MiCRoRewardModel
 from .adaptation_config import RouterAdaptationConfig
 from .micro_trainer import MiCRoRewardTrainer, build_micro_model
@@ -64,11 +63,15 @@ def check_contexts(
     for index, context in enumerate(contexts):
         where = f"Row {index} of the {dataset_name} dataset: `{context_column}`"
         if context is None:
-            raise ValueError(f"{where} is None. Every adaptation pair needs its context text; fill it in or drop the row.")
+            raise ValueError(
+                f"{where} is None. Every adaptation pair needs its context text; fill it in or drop the row."
+            )
         if not isinstance(context, str):
             raise ValueError(f"{where} must be text, got {type(context).__name__} ({context!r}).")
         if not context.strip():
-            raise ValueError(f"{where} is empty. Every adaptation pair needs its context text; fill it in or drop the row.")
+            raise ValueError(
+                f"{where} is empty. Every adaptation pair needs its context text; fill it in or drop the row."
+            )
     if max_context_length is None:
         return
     lengths = [len(ids) for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
@@ -155,8 +158,10 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
         if self.args.adaptation_likelihood == "pair":
             return super().mixture_nll(head_margins, router_logits, margin)
         if context_index is None:
-            raise ValueError("adaptation_likelihood='context' needs a `context_index` in every batch; the data "
-                             "collator dropped it (use the trainer's default collator or pass it through).")
+            raise ValueError(
+                "adaptation_likelihood='context' needs a `context_index` in every batch; the data "
+                "collator dropped it (use the trainer's default collator or pass it through)."
+            )
         return context_mixture_bt_loss(head_margins, router_logits, context_index, margin).mean()
 
     def router_drift(self) -> torch.Tensor:

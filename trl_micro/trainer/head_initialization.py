@@ -181,6 +181,8 @@ def em_initial_heads(
         start = torch.softmax(group_log_likelihoods(standardized, groups, heads) + log_weights, dim=1)
         heads, _, _ = fit_mixture_em(standardized, groups, start, value)
     chosen_by = "held-out" if held_ids is not None else "training (penalized)"
-    logger.info(f"Initialized {num_heads} heads by EM: best of {len(candidates)} fits ({restarts} restarts x l2 in "
-                f"{l2_values}), l2={value}, {chosen_by} log-likelihood per pair {best_score:.4f}.")
+    logger.info(
+        f"Initialized {num_heads} heads by EM: best of {len(candidates)} fits ({restarts} restarts x l2 in "
+        f"{l2_values}), l2={value}, {chosen_by} log-likelihood per pair {best_score:.4f}."
+    )
     return (heads / scale).float()

@@ -12,7 +12,6 @@ from trl import RewardConfig
 from ..configuration_micro import MiCRoArchitecture
 from ..user_stores import is_integer
 
-
 DEEPSPEED_EXTRA = "pip install 'trl-micro[deepspeed]'"
 
 

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational
 
+from ..configuration_micro import checkpoint_model_type
 from ..data_utils import (
     PAIR_LABEL_COLUMNS,
     TOKENIZED_COLUMNS,
@@ -26,17 +27,16 @@ from ..data_utils import (
 )
 from ..feature_cache import CachedFeatureCollator, pair_features
 from ..losses import (
+    HEAD_AGREEMENT_WARNING,
     balance_penalty,
     context_mixture_bt_loss,
     ensemble_bt_loss,
     entropy,
     entropy_penalty,
-    HEAD_AGREEMENT_WARNING,
     head_agreement,
     mixture_bt_loss,
 )
 from ..model_card import MiCRoModelCardMixin
-from ..configuration_micro import checkpoint_model_type
 from ..modeling_micro import MiCRoRewardModel
 from .head_initialization import em_initial_heads
 from .micro_config import MiCRoRewardConfig
@@ -176,8 +176,11 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         if not all(column in column_names for column in TOKENIZED_COLUMNS):
             check_preference_columns(column_names, dataset_name)
             dataset = self._drop_pairs(
-                dataset, lambda example: example["chosen"] != example["rejected"], dataset_name,
-                "identical (`chosen` == `rejected`)", "such a pair carries no preference; fix or drop it",
+                dataset,
+                lambda example: example["chosen"] != example["rejected"],
+                dataset_name,
+                "identical (`chosen` == `rejected`)",
+                "such a pair carries no preference; fix or drop it",
             )
             context_column = args.context_column if args.context_column in column_names else None
             map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
@@ -235,8 +238,14 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         if model.config.num_heads < 2:
             return
         dataset = self.train_dataset
-        bank = next((collator for collator in (self.data_collator, self._feature_bank)
-                     if isinstance(collator, CachedFeatureCollator) and collator.features is not None), None)
+        bank = next(
+            (
+                collator
+                for collator in (self.data_collator, self._feature_bank)
+                if isinstance(collator, CachedFeatureCollator) and collator.features is not None
+            ),
+            None,
+        )
         if bank is None or not (isinstance(dataset, Dataset) and "pair_index" in dataset.column_names):
             logger.info("head_init='em' needs cached features (a frozen backbone): the heads start at random.")
             return
@@ -247,8 +256,14 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         else:
             groups = torch.arange(len(rows))
         heads = em_initial_heads(
-            differences.float(), groups, model.config.num_heads, restarts=args.head_init_restarts,
-            l2=args.head_init_l2, seed=args.seed, holdout=args.head_init_holdout, show_progress=not args.disable_tqdm,
+            differences.float(),
+            groups,
+            model.config.num_heads,
+            restarts=args.head_init_restarts,
+            l2=args.head_init_l2,
+            seed=args.seed,
+            holdout=args.head_init_holdout,
+            show_progress=not args.disable_tqdm,
         )
         with torch.no_grad():
             model.heads.weight.copy_(heads.to(model.heads.weight))
@@ -261,7 +276,9 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
     def get_train_dataloader(self):
         """TRL's loader, except that pairs of one latent group (see `latent_groups`) always share a batch."""
         dataset = self.train_dataset
-        if not (isinstance(dataset, Dataset) and "latent_group" in dataset.column_names and self._groups_latents(self.args)):
+        if not (
+            isinstance(dataset, Dataset) and "latent_group" in dataset.column_names and self._groups_latents(self.args)
+        ):
             return super().get_train_dataloader()
         dataset = self._remove_unused_columns(dataset, description="training")
         sampler = GroupedBatchSampler(dataset["latent_group"], self._train_batch_size, seed=self.args.seed)

@@ -26,8 +26,13 @@ def summarize(run_dir: Path) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     probe = logged.get("probe") or {}
     if probe:
-        lines += ["", "Held-out probe, mean reward per context:", "", "| context | before | after | change |",
-                  "| --- | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "Held-out probe, mean reward per context:",
+            "",
+            "| context | before | after | change |",
+            "| --- | ---: | ---: | ---: |",
+        ]
         for group in probe["before"]:
             before, after = probe["before"][group], probe.get("after", {}).get(group)
             change = "" if after is None else f"{after - before:+.3f}"

@@ -17,9 +17,18 @@ def main(output_dir: str, num_heads: int = 2, pairs_per_subpopulation: int = 160
         SyntheticPreferenceConfig(num_pairs_per_subpopulation=pairs_per_subpopulation, conversational=True, seed=1)
     )
     args = MiCRoRewardConfig(
-        output_dir=output_dir, num_heads=num_heads, freeze_backbone=True, num_train_epochs=30,
-        per_device_train_batch_size=32, learning_rate=3e-3, logging_steps=20, report_to="none", save_strategy="no",
-        use_cpu=True, bf16=False, seed=0,
+        output_dir=output_dir,
+        num_heads=num_heads,
+        freeze_backbone=True,
+        num_train_epochs=30,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        logging_steps=20,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
     )
     model = MiCRoRewardModel.from_backbone(embedded_model_path(), num_heads=num_heads)
     trainer = MiCRoRewardTrainer(model=model, args=args, train_dataset=data)
