@@ -55,7 +55,7 @@ def test_user_ids_without_context_text_are_enough(checkpoint, tokenizer, tmp_pat
     )
     report = json.loads((out / "eval_report.json").read_text())
     assert report["context_column"] is None and report["context_label_column"] == "user"
-    assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8}
+    assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8, "adaptation_pool": 8}
     online = report["methods"]["online routing + residual heads (4 pairs per context)"]["accuracy"]
     assert set(online) == {"user-short", "user-long"}
     assert set(json.loads((out / "online_router.json").read_text())["users"]) == {"user-short", "user-long"}
@@ -80,6 +80,37 @@ def test_user_ids_without_context_text_are_enough(checkpoint, tokenizer, tmp_pat
     )
     routed = json.loads((tmp_path / "all" / "eval_report.json").read_text())["methods"]["routed (checkpoint router)"]
     assert routed["accuracy"] == pytest.approx(everything["accuracy"])
+
+
+def test_eval_chooses_the_adaptation_pairs_from_a_pool(checkpoint, tmp_path):
+    """--query_strategy picks --adaptation_pairs of --adaptation_pool per context; the pool's rest is not evaluated."""
+    user_pairs(40).to_json(tmp_path / "pairs.jsonl")
+    base = [
+        "eval",
+        "--model_name_or_path",
+        checkpoint,
+        "--dataset_name",
+        str(tmp_path / "pairs.jsonl"),
+        "--context_id_column",
+        "user",
+        "--adaptation_pairs",
+        "3",
+    ]
+    assert (
+        cli_main(
+            [*base, "--adaptation_pool", "8", "--query_strategy", "information", "--output_dir", str(tmp_path / "eval")]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert report["num_pairs"] == {"scored": 40, "evaluated": 24, "adaptation": 6, "adaptation_pool": 16}
+    assert "online routing (3 pairs per context, chosen by information)" in report["methods"]
+    stored = json.loads((tmp_path / "eval" / "online_router.json").read_text())["users"]
+    assert all(stored[user]["num_updates"] == 3 for user in ("user-short", "user-long")), stored
+    with pytest.raises(ValueError, match="--adaptation_pool above 3"):
+        cli_main([*base, "--query_strategy", "disagreement", "--output_dir", str(tmp_path / "e2")])
+    with pytest.raises(ValueError, match="--adaptation_pool 2 is below --adaptation_pairs 3"):
+        cli_main([*base, "--adaptation_pool", "2", "--output_dir", str(tmp_path / "e3")])
 
 
 def test_no_id_and_no_context_column_names_both_flags(checkpoint, tmp_path):

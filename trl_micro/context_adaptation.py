@@ -9,6 +9,12 @@ feature differences d_i), [`adapt_to_contexts`] fits, per context c,
 2. a [`ResidualHeads`] residual u_c (`trl_micro.residual_heads`) on top of the routed margins sum_k w_k(c) delta_ik,
    its L2 weight cross-validated on c's pairs (needs 2 pairs per context or more).
 
+With `num_queries`, the pairs given are a pool to ask from: [`choose_pairs_to_label`] picks `num_queries` per context
+(`query_strategy`, `trl_micro.query_selection`), and both pieces are fitted on those alone. Residual heads fitted on
+chosen pairs see the pairs on which the heads disagree most, not a random sample of the context's pairs, and their L2
+weight is cross-validated on that sample: where an unbiased residual matters more than the routing, label random
+pairs (`query_strategy="random"`).
+
 The personalized margin of a pair of context c is then sum_k w_k(c) delta_k + u_c . d; what was fitted saves as the two
 JSON stores that [`MiCRoReward`] reads by user id (`user_column`), for RL.
 """
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .online_router import OnlineRouter
+from .query_selection import choose_pairs_to_label
 from .residual_heads import ResidualHeads
 from .scoring import PairScores
 from .user_stores import normalize_user_id
@@ -37,6 +44,7 @@ class ContextAdaptation:
 
     online_router: OnlineRouter
     residual_heads: ResidualHeads | None = None
+    labelled_rows: list[int] | None = None  # with `num_queries`: the pool rows that were asked, in asking order
 
     def margins(self, scores: PairScores, contexts: Sequence[str], with_residuals: bool = True) -> torch.Tensor:
         """(N,) personalized margins of scored pairs of the given contexts (routed, plus the residual correction)."""
@@ -64,6 +72,9 @@ def adapt_to_contexts(
     residual_heads: bool = True,
     cv_folds: int = 4,
     model_fingerprint: str | None = None,
+    num_queries: int | None = None,
+    query_strategy: str = "information",
+    query_seed: int = 0,
 ) -> ContextAdaptation:
     """
     Fit online routing and residual heads per context from a few labelled pairs (see the module docstring).
@@ -78,6 +89,9 @@ def adapt_to_contexts(
         cv_folds (`int`, defaults to 4): cross-validation folds of the residual heads' L2 weight (fewer for a context
             with fewer pairs).
         model_fingerprint (`str`, *optional*): saved with the stores, checked when they are loaded.
+        num_queries (`int`, *optional*): treat the pairs as a pool and learn from this many per context, chosen by
+            `query_strategy` (`"information"`, `"disagreement"` or `"random"`, seeded by `query_seed`); the rows
+            used are `ContextAdaptation.labelled_rows`. Default: learn from every pair given.
     """
     contexts = [normalize_user_id(context, f"contexts[{row}]") for row, context in enumerate(contexts)]
     if len(contexts) != scores.head_margins.shape[0]:
@@ -85,9 +99,14 @@ def adapt_to_contexts(
     if not contexts:
         raise ValueError("No labelled pairs to adapt to.")
     weights = scores.mixture_weights if prior_weights is None else prior_weights
-    router = fit_online_router(
-        contexts, scores.head_margins, router_priors(contexts, weights), eta, model_fingerprint=model_fingerprint
-    )
+    priors = router_priors(contexts, weights)  # over every pair given: a pool's prior does not depend on what is asked
+    labelled_rows = None
+    if num_queries is not None:
+        labelled_rows = choose_pairs_to_label(
+            contexts, scores.head_margins, num_queries, query_strategy, priors, eta, query_seed
+        )
+        contexts, scores = [contexts[row] for row in labelled_rows], scores.subset(labelled_rows)
+    router = fit_online_router(contexts, scores.head_margins, priors, eta, model_fingerprint=model_fingerprint)
     residuals = None
     if residual_heads:
         fewest = min(contexts.count(context) for context in set(contexts))
@@ -99,7 +118,7 @@ def adapt_to_contexts(
         residuals = fit_residual_heads(
             router, contexts, scores.head_margins, scores.feature_deltas, cv_folds, model_fingerprint
         )
-    return ContextAdaptation(router, residuals)
+    return ContextAdaptation(router, residuals, labelled_rows)
 
 
 # ---------------------------------------------------------------------------------------------------- the pieces

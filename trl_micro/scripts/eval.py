@@ -18,6 +18,10 @@ With `--adaptation_pairs N`, N pairs of every context are taken out (seeded) to 
 (`trl_micro.online_router.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with
 their head margins) and, on top of it, a residual head per context (`trl_micro.residual_heads.ResidualHeads`, lambda
 cross-validated on the same pairs; from 2 pairs per context); every method is reported on the remaining pairs only.
+With `--adaptation_pool M` (M > N) M pairs per context are set aside and N of them chosen, one at a time as a user
+would answer them, by `--query_strategy` (`information`: the pair whose label tells most about which head the context
+follows; `disagreement`; `random`; `trl_micro.query_selection`); the other pairs of the pool are neither used nor
+evaluated.
 
 Every row is checked before anything is scored: a malformed one (a missing or non-text prompt or response, a prompt
 and responses in different formats, an empty prompt, a missing context id) stops the run with an error naming the
@@ -108,6 +112,18 @@ class EvalArguments:
     max_pairs: int | None = field(default=None, metadata={"help": "Score at most this many pairs (the first ones)."})
     adaptation_pairs: int = field(
         default=0, metadata={"help": "Pairs per context used to adapt an online router (0: no adaptation)."}
+    )
+    query_strategy: str = field(
+        default="random",
+        metadata={
+            "help": "How the adaptation pairs are chosen from each context's pool: random, information (BALD) or "
+            "disagreement (trl_micro.query_selection).",
+            "choices": ["random", "information", "disagreement"],
+        },
+    )
+    adaptation_pool: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per context to choose the adaptation pairs from (default: --adaptation_pairs)."},
     )
     batch_size: int = field(default=16, metadata={"help": "Sequences per backbone batch."})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "Cache backbone features in this folder."})
@@ -217,19 +233,37 @@ def check_rows(dataset, text_column: str | None, label_column: str, args: EvalAr
     return dataset, len(bad)
 
 
+def adaptation_pool_size(args: EvalArguments) -> int:
+    """Pairs per context set aside to adapt from: `adaptation_pool`, else `adaptation_pairs`; checked."""
+    pool = args.adaptation_pairs if args.adaptation_pool is None else args.adaptation_pool
+    if pool < args.adaptation_pairs:
+        raise ValueError(
+            f"--adaptation_pool {pool} is below --adaptation_pairs {args.adaptation_pairs}: the pool "
+            "is what the adaptation pairs are chosen from."
+        )
+    if args.query_strategy != "random" and pool == args.adaptation_pairs and args.adaptation_pairs > 0:
+        raise ValueError(
+            f"--query_strategy {args.query_strategy} chooses --adaptation_pairs among --adaptation_pool "
+            "pairs per context; with a pool of the same size there is nothing to choose. Set "
+            f"--adaptation_pool above {args.adaptation_pairs} (e.g. {4 * args.adaptation_pairs})."
+        )
+    return pool
+
+
 def split_adaptation(dataset, labels: list[str], label_column: str, args: EvalArguments) -> tuple[list[int], list[int]]:
-    """Indices of the adaptation pairs (`adaptation_pairs` per context) and of the evaluated pairs (all the others)."""
+    """Indices of the adaptation pool (`adaptation_pool_size` per context) and of the evaluated pairs (the others)."""
     if args.adaptation_pairs <= 0:
         return [], list(range(len(dataset)))
+    pool = adaptation_pool_size(args)
     counts = {label: labels.count(label) for label in sorted(set(labels))}
-    short = {label: count for label, count in counts.items() if count <= args.adaptation_pairs}
+    short = {label: count for label, count in counts.items() if count <= pool}
     if short:
         raise ValueError(
-            f"--adaptation_pairs {args.adaptation_pairs} needs more than that many pairs in every context (the rest "
-            f"are evaluated), but these contexts have fewer: {short}. Lower --adaptation_pairs or add pairs."
+            f"Adapting needs more than {pool} pairs in every context (--adaptation_pairs, --adaptation_pool; the "
+            f"rest are evaluated), but these contexts have fewer: {short}. Lower them or add pairs."
         )
     indexed = Dataset.from_dict({"row": list(range(len(dataset))), label_column: labels})
-    adaptation = list(take_per_context(indexed, args.adaptation_pairs, label_column, seed=args.seed)["row"])
+    adaptation = list(take_per_context(indexed, pool, label_column, seed=args.seed)["row"])
     chosen = set(adaptation)
     return adaptation, [row for row in range(len(dataset)) if row not in chosen]
 
@@ -269,20 +303,28 @@ def run_eval(args: EvalArguments) -> dict:
         UNIFORM: per_context_accuracy(head_margins.mean(dim=-1), evaluated_labels),
     }
     usage = {ROUTED: head_usage(scores.mixture_weights[evaluated], evaluated_labels)}
+    labelled = 0
     if adaptation:
         adaptation_labels = [labels[row] for row in adaptation]
         adapted = adapt_to_contexts(
-            adaptation_labels, scores.subset(adaptation), residual_heads=args.adaptation_pairs >= 2
+            adaptation_labels,
+            scores.subset(adaptation),
+            residual_heads=args.adaptation_pairs >= 2,
+            num_queries=args.adaptation_pairs if adaptation_pool_size(args) > args.adaptation_pairs else None,
+            query_strategy=args.query_strategy,
+            query_seed=args.seed,
         )
+        labelled = len(adaptation) if adapted.labelled_rows is None else len(adapted.labelled_rows)
         evaluated_scores = scores.subset(evaluated)
-        online = f"online routing ({args.adaptation_pairs} pairs per context)"
+        chosen = "" if args.query_strategy == "random" else f", chosen by {args.query_strategy}"
+        online = f"online routing ({args.adaptation_pairs} pairs per context{chosen})"
         methods[online] = per_context_accuracy(
             adapted.margins(evaluated_scores, evaluated_labels, with_residuals=False), evaluated_labels
         )
         online_weights = torch.stack([adapted.online_router.weights(label) for label in evaluated_labels])
         usage[online] = head_usage(online_weights, evaluated_labels)
         if adapted.residual_heads is not None:
-            methods[f"online routing + residual heads ({args.adaptation_pairs} pairs per context)"] = (
+            methods[f"online routing + residual heads ({args.adaptation_pairs} pairs per context{chosen})"] = (
                 per_context_accuracy(adapted.margins(evaluated_scores, evaluated_labels), evaluated_labels)
             )
         adapted.save(args.output_dir)
@@ -296,7 +338,12 @@ def run_eval(args: EvalArguments) -> dict:
         "head_accuracy": head_accuracy(head_margins, evaluated_labels),
         "head_agreement": float(head_agreement(head_margins)) if head_margins.shape[1] > 1 else None,
         "model": {"num_heads": model.config.num_heads, "readout": model.config.readout_name},
-        "num_pairs": {"scored": len(dataset), "evaluated": len(evaluated), "adaptation": len(adaptation)},
+        "num_pairs": {
+            "scored": len(dataset),
+            "evaluated": len(evaluated),
+            "adaptation": labelled,
+            "adaptation_pool": len(adaptation),
+        },
         "skipped_rows": skipped,
         "context_column": text_column,
         "context_label_column": label_column,
