@@ -437,3 +437,47 @@ def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_d
     assert "| mean / router last |" in document and "Gap closed per context" in document
     with pytest.raises(SystemExit):
         readout_study.main(["--preset", "smoke", "--benchmarks", "nope", "--output", str(tmp_path / "x.md")])
+
+
+def test_query_selection_study_reports_curves_per_strategy(tokenizer, tmp_path, real_data_dir):
+    """Every strategy at every budget the pool allows, on synthetic and DSP, with the plot and the command."""
+    from benchmarks.studies import query_selection
+
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output = tmp_path / "queries.md"
+    argv = [
+        "--preset",
+        "smoke",
+        "--benchmarks",
+        "synthetic_m2",
+        "dsp",
+        "--model",
+        backbone,
+        "--output",
+        str(output),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--data_dir",
+        str(real_data_dir),
+        "--seeds",
+        "0",
+        "1",
+        "--budgets",
+        "1",
+        "2",
+    ]
+    assert query_selection.main(argv) == 0
+    result = json.loads(output.with_suffix(".json").read_text())
+    document = output.read_text()
+    assert f"python benchmarks/studies/query_selection.py {' '.join(argv)}" in document
+    assert output.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
+    for name in ("synthetic_m2", "dsp"):
+        summary = result["benchmarks"][name]["summary"]
+        assert set(summary) == {"random", "information", "disagreement"}
+        for strategy in summary.values():
+            assert set(strategy[query_selection.ONLINE]) == {"1", "2"}
+            assert set(strategy[query_selection.RESIDUAL]) == {"2"}  # residual heads need 2 pairs per context
+            for method in (query_selection.ONLINE, query_selection.RESIDUAL):
+                assert all(0 <= value["mean"] <= 1 for value in strategy[method].values())
+        for run in result["benchmarks"][name]["runs"]:  # one per seed
+            assert set(run["selection_seconds"]) == set(summary)
