@@ -75,6 +75,36 @@ def test_two_processes_fitting_into_one_residual_store_keep_all_users(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["residuals.json", "residuals.json.lock"]
 
 
+def test_a_plain_save_over_another_writers_changes_is_refused_not_silent(tmp_path):
+    """Two writers of one store with plain `save`: the second is refused naming merge=True, and nothing is lost."""
+    path = tmp_path / "routing.json"
+    OnlineRouter(K).save(path)
+    first, second = OnlineRouter.load(path), OnlineRouter.load(path)
+    first.update("alice", comparison_deltas(1, 3))
+    first.save(path)
+    first.update("alice", comparison_deltas(2, 1))
+    first.save(path)  # its own store since its last save: fine
+    second.update("bob", comparison_deltas(3, 2))
+    with pytest.raises(ValueError, match=r"another writer .* merge=True"):
+        second.save(path)
+    assert OnlineRouter.load(path).num_updates("alice") == 4  # the refused save changed nothing
+    second.save(path, merge=True)
+    stored = OnlineRouter.load(path)
+    assert stored.num_updates("alice") == 4 and stored.num_updates("bob") == 2
+    OnlineRouter(K).save(path)  # a router that never read this store replaces it, as documented
+
+    residual_path = tmp_path / "residuals.json"
+    ResidualHeads(HIDDEN, l2=1.0).save(residual_path)
+    one, other = ResidualHeads.load(residual_path), ResidualHeads.load(residual_path)
+    one.fit("alice", torch.zeros(4), torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(0)))
+    one.save(residual_path)
+    other.fit("bob", torch.zeros(4), torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match=r"residual-head store .* another writer .* merge=True"):
+        other.save(residual_path)
+    other.save(residual_path, merge=True)
+    assert sorted(ResidualHeads.load(residual_path).users()) == ["alice", "bob"]
+
+
 @pytest.mark.parametrize(("user_id", "expected"), [("alice", "alice"), ("17", "17"), (17, "17"), (np.int64(-3), "-3")])
 def test_ids_are_strings_or_integers(user_id, expected):
     assert normalize_user_id(user_id) == expected

@@ -47,6 +47,7 @@ import torch
 from .user_stores import (
     ArrayLike,
     StoreReader,
+    SyncedStore,
     as_float64,
     check_mergeable,
     is_integer,
@@ -71,7 +72,7 @@ class ContextState:
     num_updates: int = 0
 
 
-class OnlineRouter:
+class OnlineRouter(SyncedStore):
     """
     Per-context weights over the K heads of a MiCRo reward model, updated online from observed comparisons. See the
     module docstring for the math.
@@ -319,15 +320,18 @@ class OnlineRouter:
         Args:
             path: the store.
             merge (`bool`, defaults to `False`):
-                `False`: the store becomes this router (one writer per store). `True`: the comparisons this router
+                `False`: the store becomes this router (one writer per store); refused, naming `merge=True`, when
+                another writer changed the store since this router loaded or last saved it. `True`: the comparisons this router
                 applied since it was loaded or last saved are added to the store as it is now, users it did not touch
                 keep what the store holds, and this router then holds the merged store: every writer of a shared
                 store saves this way. The store must have the same `num_heads`, `eta`, `forgetting` and
                 `model_fingerprint`; a missing store is created.
         """
         with store_lock(path):
+            if not merge:
+                self._refuse_dropping_changes(path, "routing store")
             states = self._merged_states(path) if merge and os.path.exists(path) else self._states
-            write_store(
+            digest = write_store(
                 path,
                 {
                     "format": STORE_FORMAT,
@@ -348,6 +352,7 @@ class OnlineRouter:
                 },
             )
         self._states, self._pending = dict(states), {}
+        self._remember_store(path, digest)
 
     def _merged_states(self, path: str | os.PathLike) -> dict[str, ContextState]:
         """The store at `path` with this router's pending changes replayed on it (module docstring)."""
@@ -397,6 +402,7 @@ class OnlineRouter:
             router._states = _read_states(store.payload["users"], router.num_heads)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise store.corrupt(err) from err
+        router._remember_store(path, store.digest)
         return router
 
 

@@ -37,6 +37,7 @@ import torch
 from .user_stores import (
     ArrayLike,
     StoreReader,
+    SyncedStore,
     as_float64,
     check_mergeable,
     is_integer,
@@ -51,7 +52,7 @@ STORE_FORMAT_VERSION = 1
 DEFAULT_L2_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
-class ResidualHeads:
+class ResidualHeads(SyncedStore):
     """
     One residual head u_c per context id, added to the routed reward; see the module docstring for the math.
 
@@ -245,14 +246,17 @@ class ResidualHeads:
         Args:
             path: the store.
             merge (`bool`, defaults to `False`):
-                `False`: the store becomes this object (one writer per store). `True`: the residuals this object fitted
+                `False`: the store becomes this object (one writer per store); refused, naming `merge=True`, when
+                another writer changed the store since this object loaded or last saved it. `True`: the residuals this object fitted
                 since it was loaded or last saved replace those of the store as it is now, the store's other users are
                 kept, and this object then holds the merged store: every writer of a shared store saves this way. The
                 store must have the same `hidden_size` and `model_fingerprint`; a missing store is created.
         """
         with store_lock(path):
+            if not merge:
+                self._refuse_dropping_changes(path, "residual-head store")
             users = self._merged_users(path) if merge and os.path.exists(path) else self._user_entries()
-            write_store(
+            digest = write_store(
                 path,
                 {
                     "format": STORE_FORMAT,
@@ -273,6 +277,7 @@ class ResidualHeads:
         self._chosen_l2 = {user_id: entry[1] for user_id, entry in users.items()}
         self._num_pairs = {user_id: entry[2] for user_id, entry in users.items()}
         self._pending = set()
+        self._remember_store(path, digest)
 
     def _user_entries(self, user_ids=None) -> dict[str, tuple[torch.Tensor, float, int]]:
         """`{user: (residual, l2, num_pairs)}` of `user_ids` (default: every user), as a store holds them."""
@@ -323,6 +328,7 @@ class ResidualHeads:
                 heads._num_pairs[user_id] = entry["num_pairs"]
         except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:
             raise store.corrupt(err) from err
+        heads._remember_store(path, store.digest)
         return heads
 
 

@@ -18,6 +18,7 @@ User ids. One rule everywhere a user (context) id meets a store, the reward or `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -39,6 +40,7 @@ class StoreReader:
         self.path, self.what = os.fspath(path), what
         with open(self.path, "rb") as file:
             raw = file.read()
+        self.digest = hashlib.sha256(raw).hexdigest()  # what this reader saw (`SyncedStore`)
         try:
             payload = json.loads(raw.decode("utf-8"))
             if not isinstance(payload, dict) or payload.get("format") != store_format:
@@ -90,10 +92,11 @@ def check_mergeable(what: str, path: str | os.PathLike, stored: Any, mine: Any, 
             )
 
 
-def write_store(path: str | os.PathLike, payload: dict) -> None:
+def write_store(path: str | os.PathLike, payload: dict) -> str:
     """
     Write `payload` as JSON to `path`, atomically: the data go to a temporary file in the same directory, are flushed
-    and fsynced, then `os.replace`d onto `path`. A crash at any point leaves the previous store intact.
+    and fsynced, then `os.replace`d onto `path`. A crash at any point leaves the previous store intact. Returns the
+    SHA-256 of what was written.
     """
     path = os.fspath(path)
     text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
@@ -112,6 +115,37 @@ def write_store(path: str | os.PathLike, payload: dict) -> None:
         if os.path.exists(temporary_path):
             os.unlink(temporary_path)
     _fsync_directory(directory)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str | None:
+    """SHA-256 of the file at `path`, or `None` when there is none."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+class SyncedStore:
+    """
+    What a store object last read from or wrote to each path, so that a plain `save(path)` never drops another
+    writer's updates: over a store that changed since this object loaded or saved it, a plain save is refused (and
+    `save(path, merge=True)` named); a store this object never touched is replaced, as the docstrings of `save` say.
+    """
+
+    def _remember_store(self, path: str | os.PathLike, digest: str) -> None:
+        self.__dict__.setdefault("_store_digests", {})[os.path.abspath(path)] = digest
+
+    def _refuse_dropping_changes(self, path: str | os.PathLike, what: str) -> None:
+        recorded = self.__dict__.get("_store_digests", {}).get(os.path.abspath(path))
+        current = file_digest(path)
+        if recorded is not None and current is not None and current != recorded:
+            raise ValueError(
+                f"The {what} at {path} was written by another writer since this object loaded or last saved it: a "
+                "plain save would drop that writer's updates. Save with `save(path, merge=True)` to add this object's "
+                "changes to the store as it is now."
+            )
 
 
 def _fsync_directory(directory: str) -> None:
