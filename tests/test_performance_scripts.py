@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks.performance import feature_store, gpu_performance, grpo_step
 from trl_micro.testing_utils import save_tiny_backbone
 
@@ -63,3 +65,22 @@ def test_grpo_step_script_times_both_rewards(tokenizer, tmp_path):
     )
     text = output.read_text()
     assert "| MiCRoReward (K=4, routed by context) |" in text and "Ratio (MiCRo / plain)" in text
+
+
+@pytest.mark.slow
+def test_serving_benchmark_measures_throughput_and_keeps_feedback_across_a_kill(tokenizer, tmp_path):
+    """The serving benchmark at a tiny shape: servers on 127.0.0.1 (one of them SIGKILLed and restarted)."""
+    from benchmarks.performance import serving
+
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    output = tmp_path / "serving.md"
+    argv = ["--model", backbone, "--rounds", "1", "--feedback_per_client", "6", "--output", str(output)]
+    assert serving.main(argv) == 0
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert report["throughput"]["rows"] == serving.CLIENTS * serving.ROWS_PER_CLIENT
+    assert report["throughput"]["max_reward_difference"] < 1e-5 and report["throughput"]["ratio"] > 0
+    feedback = report["feedback"]
+    assert feedback["killed_and_restarted"] and feedback["acknowledged"] == 4 * 6 + 1  # + one to the restarted server
+    # every acknowledged comparison is in the store; one whose answer the kill cut off may be there twice
+    assert feedback["acknowledged"] <= feedback["stored_updates"] <= feedback["acknowledged"] + 4
+    assert "## Feedback under load" in output.read_text()
