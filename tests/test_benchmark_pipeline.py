@@ -137,7 +137,7 @@ def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, cap
     ]
     assert cli_main(argv) == 0
     report = json.loads((out / "eval_report.json").read_text())
-    assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8}
+    assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8, "adaptation_pool": 8}
     assert set(report["methods"]) >= {
         "routed (checkpoint router)",
         "online routing (4 pairs per context)",
@@ -346,7 +346,7 @@ def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_
     """DSP splits evaluation pairs by query (`adaptation_share`): the studies split as run_all does."""
     import importlib
 
-    study = importlib.import_module(f"benchmarks.{script}")
+    study = importlib.import_module(f"benchmarks.studies.{script}")
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output = tmp_path / f"{script}.md"
     argv = [

@@ -16,7 +16,7 @@ from trl_micro.testing_utils import build_tiny_micro_model, tiny_backbone_config
 
 from .rl_fixtures import save_untrained_micro
 from .test_modeling import COMPLETIONS, PROMPTS, encode_batch
-from .test_remote_code import SCORE_WITHOUT_TRL_MICRO, assert_scored_alike, no_trl_micro, run_checked  # noqa: F401
+from .test_remote_code import SCORE_WITHOUT_TRL_MICRO, assert_scored_alike, run_checked
 
 READOUTS = [
     {"reward_readout": "last", "router_readout": "last"},

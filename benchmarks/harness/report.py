@@ -492,6 +492,10 @@ def _performance_section(performance: dict | None) -> list[str]:
             "The per-sequence feature store against the per-pair cache it replaced "
             "(`benchmarks/performance/feature_store.py`):",
         ),
+        (
+            "serving",
+            "`trl-micro serve` against in-process scoring, and feedback across a crash (`benchmarks/performance/serving.py`):",
+        ),
     ):
         if performance.get(name):
             lines += ["", lead, "", *performance[name].splitlines()[1:]]

@@ -186,7 +186,7 @@ def full_plan() -> BenchmarkPlan:
         performance_pairs=32,
         overhead_completions=16,
         overhead_repetitions=3,
-        performance_scripts={"feature_store": [], "grpo_step": []},
+        performance_scripts={"feature_store": [], "grpo_step": [], "serving": []},
     )
 
 

@@ -258,9 +258,10 @@ def split_adaptation(dataset, labels: list[str], label_column: str, args: EvalAr
     counts = {label: labels.count(label) for label in sorted(set(labels))}
     short = {label: count for label, count in counts.items() if count <= pool}
     if short:
+        flag = "--adaptation_pairs" if args.adaptation_pool is None else "--adaptation_pool"
         raise ValueError(
-            f"Adapting needs more than {pool} pairs in every context (--adaptation_pairs, --adaptation_pool; the "
-            f"rest are evaluated), but these contexts have fewer: {short}. Lower them or add pairs."
+            f"{flag} {pool} needs more than that many pairs in every context (the rest are evaluated), but these "
+            f"contexts have fewer: {short}. Lower {flag} or add pairs."
         )
     indexed = Dataset.from_dict({"row": list(range(len(dataset))), label_column: labels})
     adaptation = list(take_per_context(indexed, pool, label_column, seed=args.seed)["row"])

@@ -100,6 +100,8 @@ def compute_score_batch(
     return scores["rewards"].tolist()
 
 
-def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: dict | None = None, **kwargs) -> float:
+def compute_score(
+    data_source: Any, solution_str: str, ground_truth: Any, extra_info: dict | None = None, **kwargs
+) -> float:
     """The routed MiCRo reward of one response (verl's default reward manager signature)."""
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], **kwargs)[0]
