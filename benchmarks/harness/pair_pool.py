@@ -141,10 +141,12 @@ def build_pair_pool(
     batch_size: int = 16,
     prompt_marker: str | None = None,
     num_with_context: int | None = None,
+    with_unseen_wordings: bool = True,
 ) -> CachedPairPool:
     """
     Tokenize `dataset` without its `context_column`, and its first `num_with_context` pairs (all when None) with it
-    (and with its `unseen_context` column, when the dataset has one), and load (or compute and store) the backbone
+    (and with its `unseen_context` column, when the dataset has one and `with_unseen_wordings`: only router adaptation
+    on held-out wordings reads those), and load (or compute and store) the backbone
     features of every form. `model`'s heads
     and router are not used, only its backbone.
     """
@@ -161,7 +163,7 @@ def build_pair_pool(
     bank = CachedFeatureCollator()
     evaluation = dataset.select(range(num_with_context))
     forms = [(None, dataset), (context_column, evaluation)]
-    has_unseen_wordings = UNSEEN_CONTEXT_COLUMN in dataset.column_names
+    has_unseen_wordings = with_unseen_wordings and UNSEEN_CONTEXT_COLUMN in dataset.column_names
     if has_unseen_wordings:
         forms.append((UNSEEN_CONTEXT_COLUMN, evaluation))
     for form_context_column, pairs in forms:

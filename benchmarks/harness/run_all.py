@@ -270,10 +270,21 @@ class Timings:
     total: float = 0.0
 
 
-def build_pool(name: str, spec: PoolSpec, model, tokenizer, cache_dir, data_dir) -> CachedPairPool:
+def build_pool(
+    name: str, spec: PoolSpec, model, tokenizer, cache_dir, data_dir, with_unseen_wordings: bool = True
+) -> CachedPairPool:
+    """The pool `name` with its backbone features; `with_unseen_wordings=False` skips the held-out context wordings'
+    features, which only the comparison's router adaptation reads (the studies do not)."""
     dataset, num_evaluation = load_pool_dataset(spec, tokenizer, model.config.context_template, data_dir)
     logger.info("Pool %s: %d pairs, %d evaluation pairs", name, len(dataset), num_evaluation)
-    return build_pair_pool(model, tokenizer, dataset, cache_dir=cache_dir, num_with_context=num_evaluation)
+    return build_pair_pool(
+        model,
+        tokenizer,
+        dataset,
+        cache_dir=cache_dir,
+        num_with_context=num_evaluation,
+        with_unseen_wordings=with_unseen_wordings,
+    )
 
 
 def build_pools(plan, model, tokenizer, args, timings) -> dict[str, CachedPairPool]:

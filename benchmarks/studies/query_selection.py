@@ -124,7 +124,13 @@ def run_study(args, on_benchmark=None) -> dict:
     for spec in specs:
         if spec.pool not in pools:
             pools[spec.pool] = build_pool(
-                spec.pool, plan.pools[spec.pool], feature_model, tokenizer, args.cache_dir, args.data_dir
+                spec.pool,
+                plan.pools[spec.pool],
+                feature_model,
+                tokenizer,
+                args.cache_dir,
+                args.data_dir,
+                with_unseen_wordings=False,
             )
         settings = benchmark_settings(plan, spec)
         started = time.perf_counter()

@@ -134,7 +134,13 @@ def run_study(args, on_readout=None) -> dict:
             for spec in specs:
                 if spec.pool not in pools:
                     pools[spec.pool] = build_pool(
-                        spec.pool, plan.pools[spec.pool], feature_model, tokenizer, args.cache_dir, args.data_dir
+                        spec.pool,
+                        plan.pools[spec.pool],
+                        feature_model,
+                        tokenizer,
+                        args.cache_dir,
+                        args.data_dir,
+                        with_unseen_wordings=False,
                     )
                 gc.freeze()  # see run_all.run_benchmark
                 settings = benchmark_settings(plan, spec)
