@@ -4,8 +4,8 @@ r"""
     trl-micro serve --model_name_or_path micro-rm [--online_router stage2/online_router.json \
         --residual_heads stage2/residual_heads.json --user_field labels --allow_feedback] [--host 127.0.0.1 --port 5000]
 
-OpenRLHF: `--remote_rm_url http://127.0.0.1:5000/get_reward`, with `--user_field labels` when the dataset's label
-column carries each prompt's user id. verl: `trl_micro.serving.verl_reward.compute_score` as the custom reward
+OpenRLHF (0.11): `--reward.remote_url http://127.0.0.1:5000/get_reward`, with `--user_field labels` when the
+dataset's label column carries each prompt's user id. verl: `trl_micro.serving.verl_reward.compute_score` as the custom reward
 function (see its docstring). The server binds 127.0.0.1 unless `--host` says otherwise; on any other address give it
 `--api_key` (or `$TRL_MICRO_API_KEY`), which every request but `/health` must then send as a bearer token.
 """
