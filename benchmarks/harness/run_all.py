@@ -544,6 +544,28 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--preset`, `--benchmarks`, `--model`, `--seeds` and the inputs: for studies over several comparisons of a plan."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="Plan of run_all.py (default full).")
+    parser.add_argument("--benchmarks", nargs="+", default=None, help="Comparisons of the plan (default: all).")
+    parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the plan).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the plan's).")
+    add_input_arguments(parser)
+
+
+def selected_comparisons(args, parser: argparse.ArgumentParser) -> tuple[BenchmarkPlan, list[BenchmarkSpec]]:
+    """The plan `args.preset` (backbone `args.model`, seeds `args.seeds`) and the comparisons `args.benchmarks` of it
+    (all when None); an unknown name is a `parser.error` listing the plan's comparisons."""
+    plan = PRESETS[args.preset]()
+    plan.model = args.model or plan.model
+    plan.seeds = args.seeds or plan.seeds
+    names = [spec.name for spec in plan.benchmarks]
+    unknown = sorted(set(args.benchmarks or []) - set(names))
+    if unknown:
+        parser.error(f"--benchmarks {unknown} are not comparisons of the {args.preset} plan: {names}.")
+    return plan, [spec for spec in plan.benchmarks if spec.name in (args.benchmarks or names)]
+
+
 def start_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     transformers.logging.set_verbosity_error()

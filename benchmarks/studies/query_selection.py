@@ -33,10 +33,10 @@ from transformers import AutoTokenizer  # noqa: E402
 from benchmarks.harness.comparison import score, train_heads  # noqa: E402
 from benchmarks.harness.metrics import plot_adaptation_curves  # noqa: E402
 from benchmarks.harness.run_all import (  # noqa: E402
-    PRESETS,
-    add_input_arguments,
+    add_plan_arguments,
     benchmark_settings,
     build_pool,
+    selected_comparisons,
     split_for,
     start_logging,
     write_study_report,
@@ -106,14 +106,11 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def run_study(args, on_benchmark=None) -> dict:
-    plan = PRESETS[args.preset]()
-    plan.model = args.model or plan.model
-    specs = [spec for spec in plan.benchmarks if spec.name in (args.benchmarks or [s.name for s in plan.benchmarks])]
+def run_study(args, plan, specs, on_benchmark=None) -> dict:
     model_path = resolve_model_path(plan.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     feature_model = MiCRoRewardModel.from_backbone(model_path, num_heads=1).eval()
-    seeds = args.seeds or plan.seeds
+    seeds = plan.seeds
     result = {
         "date": datetime.date.today().isoformat(),
         "seeds": seeds,
@@ -212,21 +209,14 @@ def plot(result: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="Plan of run_all.py (default full).")
-    parser.add_argument("--benchmarks", nargs="+", default=None, help="Comparisons of the plan (default: all).")
     parser.add_argument("--strategies", nargs="+", choices=QUERY_STRATEGIES, default=list(QUERY_STRATEGIES))
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="Questions per context.")
-    parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the plan).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the plan's).")
     parser.add_argument(
         "--output", default=str(REPO_ROOT / "benchmarks" / "studies" / "results" / "query_selection.md")
     )
-    add_input_arguments(parser)
+    add_plan_arguments(parser)
     args = parser.parse_args(argv)
-    names = [spec.name for spec in PRESETS[args.preset]().benchmarks]
-    unknown = sorted(set(args.benchmarks or []) - set(names))
-    if unknown:
-        parser.error(f"--benchmarks {unknown} are not comparisons of the {args.preset} plan: {names}.")
+    plan, specs = selected_comparisons(args, parser)
     start_logging()
     output = ensure_writable(args.output)
     figure = output.with_suffix(".png")
@@ -241,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda r, command: render(r, command, figure.name),
         )
 
-    run_study(args, on_benchmark=save)
+    run_study(args, plan, specs, on_benchmark=save)
     return 0
 
 

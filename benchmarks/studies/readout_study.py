@@ -47,10 +47,10 @@ from benchmarks.harness.comparison import (  # noqa: E402
 )
 from benchmarks.harness.metrics import best_head_accuracy, gap_closed  # noqa: E402
 from benchmarks.harness.run_all import (  # noqa: E402
-    PRESETS,
-    add_input_arguments,
+    add_plan_arguments,
     benchmark_settings,
     build_pool,
+    selected_comparisons,
     split_for,
     start_logging,
     write_study_report,
@@ -116,14 +116,11 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def run_study(args, on_readout=None) -> dict:
-    """Every readout on every comparison asked for; `on_readout(result)` after each readout (to save progress)."""
-    plan = PRESETS[args.preset]()
-    plan.model = args.model or plan.model
-    specs = [spec for spec in plan.benchmarks if spec.name in (args.benchmarks or [s.name for s in plan.benchmarks])]
+def run_study(args, plan, specs, on_readout=None) -> dict:
+    """Every readout on the comparisons `specs` of `plan`; `on_readout(result)` after each readout (to save progress)."""
     model_path = resolve_model_path(plan.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    seeds = args.seeds or plan.seeds
+    seeds = plan.seeds
     result = {"date": datetime.date.today().isoformat(), "seeds": seeds, "benchmarks": {}}
     for router_readout in args.router_readouts:
         for reward_readout in args.reward_readouts:
@@ -208,26 +205,19 @@ def render(result: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="Plan of run_all.py (default full).")
-    parser.add_argument("--benchmarks", nargs="+", default=None, help="Comparisons of the plan (default: all).")
     parser.add_argument("--reward_readouts", nargs="+", choices=REWARD_READOUTS, default=list(REWARD_READOUTS))
     parser.add_argument("--router_readouts", nargs="+", choices=("last", "mean"), default=["last"])
-    parser.add_argument("--model", default=None, help="Backbone path, or 'embedded' (default of the plan).")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds (default: the plan's).")
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "studies" / "results" / "readout_study.md"))
-    add_input_arguments(parser)
+    add_plan_arguments(parser)
     args = parser.parse_args(argv)
-    names = [spec.name for spec in PRESETS[args.preset]().benchmarks]
-    unknown = sorted(set(args.benchmarks or []) - set(names))
-    if unknown:
-        parser.error(f"--benchmarks {unknown} are not comparisons of the {args.preset} plan: {names}.")
+    plan, specs = selected_comparisons(args, parser)
     start_logging()
     output = ensure_writable(args.output)
 
     def save(result):
         write_study_report(output, "benchmarks/studies/readout_study.py", argv, result, render)
 
-    run_study(args, on_readout=save)
+    run_study(args, plan, specs, on_readout=save)
     return 0
 
 
