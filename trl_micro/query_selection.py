@@ -72,20 +72,32 @@ def _label_probabilities(margins: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * margins))
 
 
-def expected_information(head_margins, weights) -> np.ndarray:
-    """(N,) I(y_i; k) in nats: what the label of each candidate tells about the head (module docstring)."""
+def _gains(p: np.ndarray, pi: np.ndarray, posteriors: np.ndarray, probabilities: np.ndarray, strategy: str):
+    """
+    (N,) the score of each candidate (label probabilities p (N, K) under the heads) given the answer sets so far, each
+    with its posterior (C, K) and probability (C,): the expected information (BALD) or disagreement of the module
+    docstring. One answer set holding the posterior `pi` is the score of a single question.
+    """
+    predictive = posteriors @ p.T  # (C, N): pbar_i | c
+    if strategy == "information":
+        return probabilities @ _binary_entropy(predictive) - _binary_entropy(p) @ pi
+    return probabilities @ (posteriors @ (p**2).T - predictive**2)
+
+
+def _single_question(head_margins, weights, strategy: str) -> np.ndarray:
     margins = _as_margins(head_margins)
     pi = _as_weights(weights, margins.shape[1])
-    p = _label_probabilities(margins)
-    return np.maximum(_binary_entropy(p @ pi) - _binary_entropy(p) @ pi, 0.0)
+    return np.maximum(_gains(_label_probabilities(margins), pi, pi[None, :], np.ones(1), strategy), 0.0)
+
+
+def expected_information(head_margins, weights) -> np.ndarray:
+    """(N,) I(y_i; k) in nats: what the label of each candidate tells about the head (module docstring)."""
+    return _single_question(head_margins, weights, "information")
 
 
 def head_disagreement(head_margins, weights) -> np.ndarray:
     """(N,) the variance under the posterior of the heads' label probabilities (module docstring)."""
-    margins = _as_margins(head_margins)
-    pi = _as_weights(weights, margins.shape[1])
-    p = _label_probabilities(margins)
-    return ((p - (p @ pi)[:, None]) ** 2) @ pi
+    return _single_question(head_margins, weights, "disagreement")
 
 
 def select_queries(
@@ -129,17 +141,10 @@ def select_queries(
         return [int(i) for i in rng.permutation(np.flatnonzero(available))[:num_queries]]
 
     p = _label_probabilities(margins)  # (N, K)
-    conditional_entropy = _binary_entropy(p) @ pi  # sum_k pi_k H(p_ik), unchanged by the other answers
     posteriors, probabilities = pi[None, :], np.ones(1)  # the answer sets c: pi | c and P(c)
     chosen: list[int] = []
     for _ in range(num_queries):
-        predictive = posteriors @ p.T  # (C, N): pbar_i | c
-        if strategy == "information":
-            gain = probabilities @ _binary_entropy(predictive) - conditional_entropy
-        else:
-            second_moment = posteriors @ (p**2).T
-            gain = probabilities @ (second_moment - predictive**2)
-        gain = np.where(available, gain, -np.inf)
+        gain = np.where(available, _gains(p, pi, posteriors, probabilities, strategy), -np.inf)
         best = int(np.argmax(gain))
         chosen.append(best)
         available[best] = False
