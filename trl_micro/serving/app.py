@@ -150,6 +150,7 @@ class RewardService:
                 contexts=contexts if any(c is not None for c in contexts) else None,
                 users=users if any(u is not None for u in users) else None,
             )
+        self.metrics.rows.inc(len(rows))
         fallback = [
             user for user, routed in zip(users, scores["online_routed"].tolist()) if user is not None and not routed
         ]
@@ -248,7 +249,6 @@ def create_app(reward: MiCRoReward, settings: ServeSettings | None = None) -> Fa
         rows = openrlhf_rows(request, settings.user_field)
         service.check_size(len(rows))
         results = await service.batcher.submit(rows)
-        service.metrics.rows.inc(len(rows))
         rewards = [result["reward"] for result in results]
         num_heads = len(results[0]["head_rewards"])
         extra_logs = {f"head_reward_{k}": [result["head_rewards"][k] for result in results] for k in range(num_heads)}
@@ -264,7 +264,6 @@ def create_app(reward: MiCRoReward, settings: ServeSettings | None = None) -> Fa
             if isinstance(row.prompt, str) != isinstance(row.completion, str):
                 raise _unprocessable(f"rows[{index}]: prompt and completion must both be text or both be messages.")
         results = await service.batcher.submit([row.model_dump() for row in request.rows])
-        service.metrics.rows.inc(len(results))
         answer = {"rewards": [r["reward"] for r in results], "online_routed": [r["online_routed"] for r in results]}
         if request.return_heads:
             answer["head_rewards"] = [r["head_rewards"] for r in results]
