@@ -213,6 +213,7 @@ def plot_adaptation_curves(
     references: Mapping[str, float | Mapping[str, float]] | None = None,
     title: str = "Accuracy vs number of adaptation pairs",
     contexts: Sequence[str] | None = None,
+    xlabel: str = "adaptation pairs per context",
 ) -> Path:
     """
     Accuracy against the number of adaptation pairs per context (log2 x axis), one panel per context, one line per
@@ -278,7 +279,7 @@ def plot_adaptation_curves(
         panel.set_xticks(counts, [str(count) for count in counts])
         panel.minorticks_off()
         panel.set_title(context)
-        panel.set_xlabel("adaptation pairs per context")
+        panel.set_xlabel(xlabel)
         panel.grid(alpha=0.3)
     for row in grid:
         row[0].set_ylabel("pairwise accuracy")
@@ -286,7 +287,8 @@ def plot_adaptation_curves(
     for panel in panels:
         for handle, label in zip(*panel.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    figure.legend(list(handles.values()), list(handles), loc="outside right upper", frameon=False)
+    # Centred on the right edge: at the top, the legend of a one-panel figure runs into the figure's title.
+    figure.legend(list(handles.values()), list(handles), loc="outside right center", frameon=False)
     figure.suptitle(title)
     return save_figure(figure, path)
 

@@ -29,6 +29,7 @@ from .comparison import (
     ComparisonResult,
 )
 from .metrics import adaptation_curve, gap_closed, plot_adaptation_curves, summarize_methods, write_seeded_report
+from .study_reports import studies_section
 
 STAGE2_SHORT_NAMES = {  # the Stage 2 variants, with their column name in the targets table
     MICRO_ADAPTED: "router adapt.",
@@ -533,8 +534,10 @@ def _lora_section(lora: dict | None, document: Path) -> list[str]:
     return lines
 
 
-def render_document(plan, outcomes, performance, lora, timings, machine, command, date, output: Path) -> str:
-    """The text of BENCHMARKS.md."""
+def render_document(
+    plan, outcomes, performance, lora, timings, machine, command, date, output: Path, studies: list[Path] = ()
+) -> str:
+    """The text of BENCHMARKS.md; `studies`: the study reports its Studies section embeds (none: no section)."""
     lora_outcomes = list(lora["outcomes"].values()) if lora else []
     results_dir = Path(
         os.path.relpath(Path((outcomes + lora_outcomes)[0].files["json"]).parent, output.parent)
@@ -595,5 +598,7 @@ def render_document(plan, outcomes, performance, lora, timings, machine, command
         for outcome in outcomes:
             lines += outcome_section(outcome, output)
         lines += _performance_section(performance)
+    if studies:
+        lines += studies_section(list(studies), output)
     lines += _lora_section(lora, output)
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -54,6 +54,7 @@ from benchmarks.harness.lora_backbone import CPU_HOUR_LORA, LoraTuning, default_
 from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
 from benchmarks.harness.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
 from benchmarks.harness.report import BenchmarkOutcome, render_document, write_outcome_files  # noqa: E402
+from benchmarks.harness.study_reports import refresh_studies  # noqa: E402
 from benchmarks.performance.figures import run_reward_overhead, run_script, time_stage1_epoch  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
@@ -93,6 +94,7 @@ class BenchmarkPlan:
     lora_tuning: LoraTuning | None = None  # None: the GPU configuration on a GPU, the CPU one otherwise
     lora_seeds: list[int] | None = None  # seeds of the comparisons on the LoRA run (None: `seeds`)
     lora_only: bool = False  # run only the LoRA run (its frozen and tuned comparisons), as if `--lora` were given
+    studies: tuple[str, ...] = ()  # study reports (paths from the repository root) the Studies section embeds
 
 
 def synthetic_contexts(num_subpopulations: int) -> tuple[str, ...]:
@@ -187,6 +189,16 @@ def full_plan() -> BenchmarkPlan:
         overhead_completions=16,
         overhead_repetitions=3,
         performance_scripts={"feature_store": [], "grpo_step": [], "serving": []},
+        studies=tuple(
+            f"benchmarks/studies/results/{name}.md"
+            for name in (
+                "readout_study",
+                "readout_study_dsp",
+                "latent_recovery_dsp",
+                "query_selection",
+                "query_selection_dsp",
+            )
+        ),
     )
 
 
@@ -524,6 +536,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="Run only these benchmarks of the plan (e.g. dsp); the report covers only them.",
     )
+    parser.add_argument(
+        "--refresh_studies",
+        action="store_true",
+        help="Only re-embed the plan's study reports into the Studies section of --output; run nothing else.",
+    )
     parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="The Markdown report to write.")
     parser.add_argument(
         "--results_dir",
@@ -580,6 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = PRESETS[args.preset]()
     plan.model = args.model or plan.model
     plan.seeds = args.seeds or plan.seeds
+    studies = [REPO_ROOT / path for path in plan.studies]
+    if args.refresh_studies:
+        refresh_studies(Path(args.output), studies)
+        logger.info("Re-embedded %d study reports in %s", len(studies), args.output)
+        return 0
     if args.only:
         unknown = sorted(set(args.only) - {spec.name for spec in plan.benchmarks})
         if unknown:
@@ -634,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join(["python", "benchmarks/harness/run_all.py", *argv]),
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         output=output,
+        studies=studies,
     )
     output.write_text(document, encoding="utf-8")
     logger.info("Wrote %s (total %.0f s)", output, timings.total)

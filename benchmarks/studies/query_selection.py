@@ -8,7 +8,8 @@ comparison's head training), then, per context, asks pairs of the comparison's a
 updating the context's online router, and reports online routing (and online routing + residual heads fitted on the
 same pairs) on the test pairs after 2, 4, 8, 16 and 32 questions. The pairs asked are a pool's labelled pairs, their
 labels revealed only once asked; one pass of the backbone over the pool, as in use. Writes a Markdown and a JSON
-report and a plot of macro accuracy against questions asked.
+report and a plot of macro accuracy against questions asked, and for each comparison's K the time to rank a pool of
+`--ranking_candidates` (10,000) candidates from stored margins, and to choose a batch of 8 of them at once.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/studies/query_selection.py --data_dir ../shared/data \\
         --benchmarks synthetic_m2 synthetic_m4 synthetic_m8 dsp --output benchmarks/studies/results/query_selection.md
@@ -45,7 +46,13 @@ from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
 from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors  # noqa: E402
 from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy  # noqa: E402
-from trl_micro.query_selection import QUERY_STRATEGIES, choose_pairs_to_label  # noqa: E402
+from trl_micro.query_selection import (  # noqa: E402
+    QUERY_STRATEGIES,
+    choose_pairs_to_label,
+    expected_information,
+    head_disagreement,
+    select_queries,
+)
 
 logger = logging.getLogger("benchmarks.studies.query_selection")
 
@@ -88,6 +95,28 @@ def measure(backbone, tokenizer, pool, spec, settings, seed: int, budgets, strat
                 with_residual = online + residuals.rewards(test_contexts, test.feature_deltas)
                 result[strategy][RESIDUAL][budget] = per_context_accuracy(with_residual, test_contexts)["accuracy"]
     return {"accuracy": result, "selection_seconds": selection_seconds, "candidates_per_context": fewest}
+
+
+def ranking_seconds(num_candidates: int, num_heads: int, repetitions: int = 5, batch: int = 8) -> dict:
+    """Median seconds to score and rank `num_candidates` stored margins (K = `num_heads`) by each rule, and to choose
+    a batch of `batch` at once (`select_queries`); margins and posterior are random, as timing does not depend on them."""
+    rng = np.random.default_rng(0)
+    margins = rng.normal(scale=2.0, size=(num_candidates, num_heads))
+    weights = rng.dirichlet(np.ones(num_heads))
+    timed = {
+        "information": lambda: np.argsort(-expected_information(margins, weights)),
+        "disagreement": lambda: np.argsort(-head_disagreement(margins, weights)),
+        f"information, batch of {batch}": lambda: select_queries(margins, weights, batch, "information"),
+    }
+    seconds = {}
+    for name, rank in timed.items():
+        runs = []
+        for _ in range(repetitions):
+            started = time.perf_counter()
+            rank()
+            runs.append(time.perf_counter() - started)
+        seconds[name] = float(np.median(runs))
+    return seconds
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -143,6 +172,11 @@ def run_study(args, plan, specs, on_benchmark=None) -> dict:
             "runs": runs,
             "summary": summarize(runs),
             "seconds": time.perf_counter() - started,
+            "ranking": {
+                "candidates": args.ranking_candidates,
+                "num_heads": settings.num_heads,
+                "seconds": ranking_seconds(args.ranking_candidates, settings.num_heads),
+            },
         }
         logger.info("%s done in %.0f s", spec.title, time.perf_counter() - started)
         if on_benchmark is not None:
@@ -175,6 +209,14 @@ def render(result: dict, command: str, plot: str | None = None) -> str:
             "per seed, all contexts.",
             "",
         ]
+        if "ranking" in entry:
+            ranking = entry["ranking"]
+            timings = ", ".join(f"{name} {1000 * value:.1f} ms" for name, value in ranking["seconds"].items())
+            lines += [
+                f"Ranking {ranking['candidates']:,} candidates from stored margins (K = {ranking['num_heads']}, "
+                f"median of 5): {timings}.",
+                "",
+            ]
         rows = []
         for method in (ONLINE, RESIDUAL):
             for strategy, methods in summary.items():
@@ -203,7 +245,9 @@ def plot(result: dict, path: Path) -> Path:
                         "accuracy_std": value["std"],
                     }
                 )
-    return plot_adaptation_curves(rows, path, title="MiCRo + online routing: macro accuracy vs questions asked")
+    return plot_adaptation_curves(
+        rows, path, title="MiCRo + online routing: macro accuracy", xlabel="questions asked per context"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategies", nargs="+", choices=QUERY_STRATEGIES, default=list(QUERY_STRATEGIES))
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="Questions per context.")
+    parser.add_argument(
+        "--ranking_candidates", type=int, default=10_000, help="Pool size of the ranking-time figure (default 10,000)."
+    )
     parser.add_argument(
         "--output", default=str(REPO_ROOT / "benchmarks" / "studies" / "results" / "query_selection.md")
     )
