@@ -84,6 +84,21 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
     assert len(report["methods"]["SingleReward"]) == 2  # one per-context result per seed
     assert (results / "hh_relabeled_lora_tuned.json").exists()
 
+    # --resume reuses every comparison recorded with the same settings: no pool is built, the sections are the same.
+    resumed_argv = [*[arg for arg in argv if arg != "--lora"], "--resume", "--skip_performance"]
+    assert run_all.main(resumed_argv) == 0
+    again = output.read_text()
+    section = slice(document.index("## Results"), document.index("## Performance"))
+    assert again[again.index("## Results") : again.index("## Performance")] == document[section]
+    assert "features of pool" not in again and "comparison `hh_relabeled`" not in again
+    assert "(`--resume`), so not in the wall times below: `hh_relabeled` (run " in again
+    plan = run_all.smoke_plan()
+    plan.model = backbone
+    spec = plan.benchmarks[0]
+    assert run_all.resumed_outcome(spec, plan, results) is not None
+    plan.seeds = [0]
+    assert run_all.resumed_outcome(spec, plan, results) is None  # other settings: it runs again
+
 
 def test_hyre_weights_are_the_normalized_likelihood_of_each_head():
     head_margins = torch.tensor([[2.0, -1.0], [1.0, 0.5], [-3.0, 1.0]])

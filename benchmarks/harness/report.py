@@ -8,6 +8,8 @@ on the accuracies averaged over seeds (undefined when the oracle is not above Si
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trl_micro.evaluation import markdown_table, plot_accuracy_per_context, plot_head_usage_heatmap
+from trl_micro.evaluation import markdown_table, plot_accuracy_per_context, plot_head_usage_heatmap, to_jsonable
 
 from .comparison import (
     DIAGNOSTICS,
@@ -128,10 +130,66 @@ class BenchmarkOutcome:
         return all(gap >= self.target for gap in gaps)
 
 
-def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dict) -> dict:
-    """`<name>.json` / `<name>.md` (evaluation.write_report) and the PNG plots of one benchmark; returns the paths."""
+PLOT_FILES = {  # files key -> file-name suffix of the benchmark's plots
+    "accuracy_plot": "accuracy",
+    "adaptation_plot": "adaptation",
+    "router_usage_plot": "router_usage",
+    "online_usage_plot": "online_usage",
+}
+
+
+def outcome_files(results_dir: Path, name: str) -> dict[str, Path]:
+    """The paths of one benchmark's files under `results_dir`: its JSON and Markdown reports and its plots."""
+    stem = Path(results_dir) / name
+    return {
+        "json": stem.with_suffix(".json"),
+        "markdown": stem.with_suffix(".md"),
+        **{key: stem.with_name(f"{name}_{suffix}.png") for key, suffix in PLOT_FILES.items()},
+    }
+
+
+def _keys_as_ints(value):
+    """Mapping keys that JSON turned into strings of integers (adaptation sizes) back into integers."""
+    if isinstance(value, dict):
+        restore = bool(value) and all(isinstance(key, str) and key.isdigit() for key in value)
+        return {(int(key) if restore else key): _keys_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_keys_as_ints(item) for item in value]
+    return value
+
+
+def load_outcome(json_path: Path) -> tuple[BenchmarkOutcome, dict] | None:
+    """
+    The [`BenchmarkOutcome`] a benchmark's JSON report holds (its `outcome` entry) and the record's `settings` and
+    `generated` stamp, or None for a report written before outcomes were recorded. Used by `run_all.py --resume`.
+    """
+    record = json.loads(Path(json_path).read_text(encoding="utf-8")).get("outcome")
+    if record is None:
+        return None
+    fields = _keys_as_ints({key: record[key] for key in record if key not in ("runs", "settings", "generated")})
+    fields["leave_one_out"] = record.get("leave_one_out", {})  # keyed by context names
+    runs = [ComparisonResult(**_keys_as_ints(run)) for run in record["runs"]]
+    outcome = BenchmarkOutcome(**fields, runs=runs)
+    outcome.files = outcome_files(Path(json_path).parent, outcome.name)
+    return outcome, {"settings": record["settings"], "generated": record["generated"]}
+
+
+def outcome_record(outcome: BenchmarkOutcome, settings: dict, generated: str) -> dict:
+    """What [`load_outcome`] restores: every field of `outcome` but its files, with the settings it ran under."""
+    fields = {item.name: getattr(outcome, item.name) for item in dataclasses.fields(outcome) if item.name != "files"}
+    return to_jsonable({**fields, "settings": settings, "generated": generated})
+
+
+def write_outcome_files(
+    outcome: BenchmarkOutcome, results_dir: Path, setup: dict, settings: dict | None = None, generated: str = ""
+) -> dict:
+    """
+    `<name>.json` / `<name>.md` (evaluation.write_report) and the PNG plots of one benchmark; returns the paths. The
+    JSON also records the outcome itself with `settings` (what it depends on) and `generated`, for `--resume`.
+    """
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / outcome.name
+    paths = outcome_files(results_dir, outcome.name)
     usage = outcome.first_seed_head_usage()
     results = {
         "title": outcome.title,
@@ -156,13 +214,14 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
         "num_heads": outcome.num_heads,
         "description": outcome.description,
         "setup": setup,
+        "outcome": outcome_record(outcome, settings or {}, generated),
     }
     json_path, markdown_path = write_seeded_report(results, stem)
     files = {"json": json_path, "markdown": markdown_path}
     summary = summarize_methods(outcome.accuracy_runs(outcome.methods))
     files["accuracy_plot"] = plot_accuracy_per_context(
         summary["mean"],
-        stem.with_name(f"{outcome.name}_accuracy.png"),
+        paths["accuracy_plot"],
         std=summary["std"],
         title=f"{outcome.title}: test accuracy per context (mean ± std over {len(outcome.seeds)} seeds)",
     )
@@ -172,7 +231,7 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
     }
     files["adaptation_plot"] = plot_adaptation_curves(
         outcome.adaptation_rows(),
-        stem.with_name(f"{outcome.name}_adaptation.png"),
+        paths["adaptation_plot"],
         references=references,
         title=f"{outcome.title}: accuracy vs adaptation pairs per context",
     )
@@ -181,7 +240,7 @@ def write_outcome_files(outcome: BenchmarkOutcome, results_dir: Path, setup: dic
         files[key] = plot_head_usage_heatmap(
             entry["usage"],
             entry["contexts"],
-            stem.with_name(f"{outcome.name}_{key.removesuffix('_plot')}.png"),
+            paths[key],
             title=f"{outcome.title}: head weights, {label}\n({outcome.largest_adaptation} pairs per context, seed {outcome.seeds[0]})",
         )
     outcome.files = files
@@ -535,9 +594,22 @@ def _lora_section(lora: dict | None, document: Path) -> list[str]:
 
 
 def render_document(
-    plan, outcomes, performance, lora, timings, machine, command, date, output: Path, studies: list[Path] = ()
+    plan,
+    outcomes,
+    performance,
+    lora,
+    timings,
+    machine,
+    command,
+    date,
+    output: Path,
+    studies: list[Path] = (),
+    resumed: dict[str, str] | None = None,
 ) -> str:
-    """The text of BENCHMARKS.md; `studies`: the study reports its Studies section embeds (none: no section)."""
+    """
+    The text of BENCHMARKS.md; `studies`: the study reports its Studies section embeds (none: no section);
+    `resumed`: `{comparison: when it ran}` for the outcomes `--resume` reused.
+    """
     lora_outcomes = list(lora["outcomes"].values()) if lora else []
     results_dir = Path(
         os.path.relpath(Path((outcomes + lora_outcomes)[0].files["json"]).parent, output.parent)
@@ -563,6 +635,15 @@ def render_document(
         f"- Machine load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in machine['load_average_start'])}, "
         f"at end {tuple(round(x, 2) for x in machine['load_average_end'])}: the machine is shared, so wall times "
         "include other people's jobs.",
+        *(
+            [
+                "- Reused from earlier runs with the same settings (`--resume`), so not in the wall times below: "
+                + ", ".join(f"`{name}` (run {when})" for name, when in resumed.items())
+                + "."
+            ]
+            if resumed
+            else []
+        ),
         "",
         *_machine_table({k: v for k, v in machine.items() if not k.startswith("load_average")}),
         "",

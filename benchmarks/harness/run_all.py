@@ -53,11 +53,18 @@ from benchmarks.harness.comparison import (  # noqa: E402
 from benchmarks.harness.lora_backbone import CPU_HOUR_LORA, LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
 from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
 from benchmarks.harness.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
-from benchmarks.harness.report import BenchmarkOutcome, render_document, write_outcome_files  # noqa: E402
+from benchmarks.harness.report import (  # noqa: E402
+    BenchmarkOutcome,
+    load_outcome,
+    outcome_files,
+    render_document,
+    write_outcome_files,
+)
 from benchmarks.harness.study_reports import refresh_studies  # noqa: E402
 from benchmarks.performance.figures import run_reward_overhead, run_script, time_stage1_epoch  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
+from trl_micro.evaluation import to_jsonable  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -299,12 +306,41 @@ def build_pool(
     )
 
 
-def build_pools(plan, model, tokenizer, args, timings) -> dict[str, CachedPairPool]:
-    pools = {}
-    for name, spec in plan.pools.items():
-        pools[name] = build_pool(name, spec, model, tokenizer, args.cache_dir, args.data_dir)
-        timings.pools[name] = pools[name].build_seconds
-    return pools
+class Pools(dict):
+    """The plan's pools with their features, each built on first use (a resumed comparison's pool is never built)."""
+
+    def __init__(self, plan, model, tokenizer, args, timings):
+        super().__init__()
+        self.plan, self.model, self.tokenizer, self.args, self.timings = plan, model, tokenizer, args, timings
+
+    def __missing__(self, name: str) -> CachedPairPool:
+        args = self.args
+        pool = build_pool(name, self.plan.pools[name], self.model, self.tokenizer, args.cache_dir, args.data_dir)
+        self.timings.pools[name] = pool.build_seconds
+        self[name] = pool
+        return pool
+
+
+def comparison_settings(plan: BenchmarkPlan, spec: BenchmarkSpec) -> dict:
+    """What a comparison's outcome depends on besides the code: `--resume` reuses an outcome recorded with these."""
+    settings = {
+        "model": plan.model,
+        "seeds": plan.seeds,
+        "spec": spec,
+        "pool": plan.pools[spec.pool],
+        "comparison": benchmark_settings(plan, spec),
+    }
+    return json.loads(json.dumps(to_jsonable(settings)))
+
+
+def resumed_outcome(spec: BenchmarkSpec, plan: BenchmarkPlan, results_dir: Path) -> BenchmarkOutcome | None:
+    """The outcome `results_dir` records for `spec` under the same settings, or None (then it runs)."""
+    path = outcome_files(results_dir, spec.name)["json"]
+    loaded = load_outcome(path) if path.exists() else None
+    if loaded is None or loaded[1]["settings"] != comparison_settings(plan, spec):
+        return None
+    logger.info("%s: reusing the outcome recorded on %s (%s)", spec.name, loaded[1]["generated"], path)
+    return loaded[0]
 
 
 @dataclass
@@ -429,10 +465,11 @@ def run_benchmark(
     )
 
 
-def measure_performance(plan, model_path, tokenizer, pools, results_dir: Path) -> dict:
+def measure_performance(plan, model_path, tokenizer, context_template: str, data_dir, results_dir: Path) -> dict:
     """Stage 1 epoch time (slow path vs cache) on the synthetic pool's pairs, and reward_overhead.py's scoring cost."""
-    pool = pools.get("synthetic") or next(iter(pools.values()))
-    rows = pool.dataset.select(range(min(plan.performance_pairs, len(pool))))
+    name = "synthetic" if "synthetic" in plan.pools else next(iter(plan.pools))
+    dataset, _ = load_pool_dataset(plan.pools[name], tokenizer, context_template, data_dir)  # no backbone pass
+    rows = dataset.select(range(min(plan.performance_pairs, len(dataset))))
     pairs = Dataset.from_dict({column: rows[column] for column in ("prompt", "chosen", "rejected")})
     epoch = time_stage1_epoch(model_path, tokenizer, pairs)
     overhead = run_reward_overhead(
@@ -440,7 +477,7 @@ def measure_performance(plan, model_path, tokenizer, pools, results_dir: Path) -
     )
     performance = {
         "epoch": epoch,
-        "epoch_data": "synthetic" if "synthetic" in pools else "first pool",
+        "epoch_data": "synthetic" if name == "synthetic" else "first pool",
         "overhead": overhead,
     }
     for name, arguments in plan.performance_scripts.items():
@@ -537,6 +574,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="Run only these benchmarks of the plan (e.g. dsp); the report covers only them.",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Reuse each comparison whose JSON report in --results_dir records the same settings (the library code is "
+        "not compared: rerun without it after changing the library); the others run, building only their pools.",
+    )
+    parser.add_argument(
         "--refresh_studies",
         action="store_true",
         help="Only re-embed the plan's study reports into the Studies section of --output; run nothing else.",
@@ -618,15 +661,21 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_model_path(plan.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     feature_model = MiCRoRewardModel.from_backbone(model_path, num_heads=1).eval()
-    pools = build_pools(plan, feature_model, tokenizer, args, timings)
+    pools = Pools(plan, feature_model, tokenizer, args, timings)
 
     setup = {"plan": dataclasses.asdict(plan), "argv": argv}
-    outcomes = []
+    outcomes, resumed = [], {}
     for spec in [] if plan.lora_only else plan.benchmarks:
+        outcome = resumed_outcome(spec, plan, results_dir) if args.resume else None
+        if outcome is not None:
+            resumed[spec.name] = load_outcome(outcome.files["json"])[1]["generated"]
+            outcomes.append(outcome)
+            continue
         outcome = run_benchmark(
             spec, pools[spec.pool], feature_model.backbone, tokenizer, plan, plan.pools[spec.pool].describe()
         )
-        write_outcome_files(outcome, results_dir, setup)
+        generated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        write_outcome_files(outcome, results_dir, setup, comparison_settings(plan, spec), generated)
         timings.benchmarks[spec.name] = outcome.seconds
         outcomes.append(outcome)
         logger.info("%s done in %.0f s", spec.name, outcome.seconds)
@@ -634,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     performance = None
     if not (args.skip_performance or plan.lora_only):
         step = time.perf_counter()
-        performance = measure_performance(plan, model_path, tokenizer, pools, results_dir)
+        context_template = feature_model.config.context_template
+        performance = measure_performance(plan, model_path, tokenizer, context_template, args.data_dir, results_dir)
         timings.performance = time.perf_counter() - step
 
     lora = None
@@ -657,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         output=output,
         studies=studies,
+        resumed=resumed,
     )
     output.write_text(document, encoding="utf-8")
     logger.info("Wrote %s (total %.0f s)", output, timings.total)
