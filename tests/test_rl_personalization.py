@@ -64,14 +64,22 @@ def test_smoke_preset_writes_table_plots_and_runs(tmp_path, capsys):
         assert (tmp_path / f"curves_{context}.png").stat().st_size > 0
     assert set(results["reward_accuracy"]) == {"MiCRo, Stage 1 routing", "MiCRo + Stage 2", "SingleReward", "gold"}
     markdown = (tmp_path / "rl_personalization.md").read_text()
-    table_rows = [line for line in markdown.splitlines() if line.startswith("| subpop-")]
+    main_table = markdown[: markdown.index("## Completions cut")]
+    table_rows = [line for line in main_table.splitlines() if line.startswith("| subpop-")]
     assert len(table_rows) == 6 and "python benchmarks/rl/rl_personalization.py --preset smoke" in markdown
     assert (tmp_path / "kl.png").exists() and len(list((tmp_path / "runs").glob("*.json"))) == 6
+    for run in results["runs"]:
+        for point in run["points"]:
+            assert all(0.0 <= point["cap_share"][context] <= 1.0 for context in contexts)
+            assert all(1 <= point["tokens"][context] <= 8 for context in contexts)  # the smoke budget is 8 tokens
+            assert set(point["cross_win_rate"]) == set(contexts)
+            assert all(point["cross_win_rate"][c][c] == point["win_rate"][c] for c in contexts)
+    assert "## Completions cut at the budget of 8 tokens" in markdown and "## Cross-context matrix" in markdown
 
     # --resume reuses the finished runs of the same settings, and reruns one whose settings differ.
-    finished = (tmp_path / "runs" / "gold-seed0.json").read_text()
+    finished = (tmp_path / "runs" / "synthetic-gold-seed0.json").read_text()
     main(["--preset", "smoke", "--output_dir", str(tmp_path), "--methods", "gold", "--seeds", "0", "--resume"])
-    assert (tmp_path / "runs" / "gold-seed0.json").read_text() == finished
+    assert (tmp_path / "runs" / "synthetic-gold-seed0.json").read_text() == finished
     main(
         [
             "--preset",
@@ -87,5 +95,73 @@ def test_smoke_preset_writes_table_plots_and_runs(tmp_path, capsys):
             "2",
         ]
     )
-    rerun = json.loads((tmp_path / "runs" / "gold-seed0.json").read_text())
+    rerun = json.loads((tmp_path / "runs" / "synthetic-gold-seed0.json").read_text())
     assert [point["step"] for point in rerun["points"]] == [0, 2] and rerun["settings"]["max_steps"] == 2
+
+
+def test_sample_completions_counts_tokens_and_marks_completions_cut_at_the_cap(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trl_micro.scripts.rl_utils import sample_completions
+    from trl_micro.testing_utils import tiny_backbone_config
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(tiny_backbone_config(tokenizer))
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config.eos_token_id = tokenizer.eos_token_id
+    prompts = ["Question number 1: how do I cook rice?", "Tell me a story."]
+    others = [token for token in range(policy.config.vocab_size) if token != tokenizer.eos_token_id]
+
+    # Only the end-of-sequence token can be sampled: every completion ends at its first token.
+    texts, lengths, capped = sample_completions(
+        policy, tokenizer, prompts, max_new_tokens=5, return_lengths=True, suppress_tokens=others
+    )
+    assert len(texts) == 2 and lengths == [1, 1] and capped == [False, False]
+
+    # The end-of-sequence token can never be sampled: every completion runs to the cap.
+    texts, lengths, capped = sample_completions(
+        policy, tokenizer, prompts, max_new_tokens=5, return_lengths=True, suppress_tokens=[tokenizer.eos_token_id]
+    )
+    assert lengths == [5, 5] and capped == [True, True]
+    assert all(isinstance(text, str) for text in sample_completions(policy, tokenizer, prompts, max_new_tokens=2))
+
+
+def test_dsp_scenario_trains_on_disjoint_queries_and_reports_the_cross_domain_matrix(tmp_path):
+    from benchmarks.rl.personalization_rewards import DSPRewardSetup, draw_dsp_pools
+    from trl_micro.bundled.data_dir import resolve_data_dir
+
+    from .conftest import skip_unless_strict
+
+    try:
+        data_dir = resolve_data_dir()
+    except FileNotFoundError as error:
+        skip_unless_strict(str(error))
+    setup = DSPRewardSetup(stage1_queries=6, adaptation_queries=4, adaptation_pairs=4, gold_queries=6, test_queries=4)
+    pools = draw_dsp_pools(setup, data_dir)
+    queries = {name: {str(row["prompt"]) for row in pools[name]} for name in ("stage1", "adaptation", "gold", "test")}
+    for first in queries:
+        for second in queries:
+            assert first == second or not queries[first] & queries[second], (first, second)
+    assert {str(q) for q in pools["train_prompts"]["query"]} == queries["stage1"]
+    assert {str(q) for q in pools["eval_prompts"]["query"]} == queries["test"]  # held-out prompts: unseen queries
+    assert "context" not in pools["stage1"].column_names and len(set(pools["stage1"]["context_id"])) == 4
+    for name in ("adaptation", "gold", "test", "eval_prompts"):
+        assert set(pools[name]["context_id"]) == {"academy", "entertainment"}, name
+    assert sorted(pools["adaptation"]["context_id"]) == ["academy"] * 4 + ["entertainment"] * 4
+    with pytest.raises(ValueError, match="DSP domains must be some of"):
+        draw_dsp_pools(DSPRewardSetup(domains=("cooking",)), data_dir)
+    with pytest.raises(ValueError, match="none is left"):
+        draw_dsp_pools(DSPRewardSetup(stage1_queries=10_000), data_dir)
+
+    output = tmp_path / "out"
+    argv = ["--preset", "smoke", "--scenario", "dsp", "--seeds", "0", "--output_dir", str(output)]
+    main([*argv, "--cache_dir", str(tmp_path / "scratch"), "--data_dir", str(data_dir)])
+    results = json.loads((output / "rl_personalization_dsp.json").read_text())
+    assert results["scenario"] == "dsp" and results["summary"]["contexts"] == ["academy", "entertainment"]
+    assert {run["method"] for run in results["runs"]} == {"micro", "single", "gold"}
+    matrix = results["summary"]["table"]["academy"]["micro"]["cross_win_rate"]
+    assert set(matrix) == {"academy", "entertainment"} and all(0 <= v["mean"] <= 1 for v in matrix.values())
+    markdown = (output / "rl_personalization_dsp.md").read_text()
+    assert "DSP pairs of 6 queries" in markdown and "| MiCRo (Stage 2 routing) | academy |" in markdown
+    assert (output / "rl_personalization_dsp_curves_academy.png").exists()
+    assert len(list((output / "runs").glob("dsp-*-seed0.json"))) == 3

@@ -11,7 +11,13 @@ The rewards of the RL personalization benchmark (`benchmarks/rl/rl_personalizati
 
 The pools are conversational synthetic pairs (the context as the system message, as the policy's prompts show it):
 Stage 1 from one generator draw, the adaptation, gold and test pools from another, split per context. The test pairs
-measure how well each reward ranks pairs of every context ([`reward_accuracy`]).
+measure how well each reward ranks pairs of every context.
+
+On DSP ([`draw_dsp_pools`]) the same three rewards come from disjoint sets of DSP queries: Stage 1 on every domain's
+pairs of the Stage 1 queries without their context (K = 4 heads, one per domain at best); Stage 2 from
+`adaptation_pairs` labelled pairs per domain of other queries; each domain's gold head on the pairs of yet other
+queries; the test pairs from the rest, whose queries are also the policy's held-out prompts. Heads train with the
+library's defaults there (`MiCRoRewardConfig`), as a user of `--freeze_backbone` gets them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer, adapt_to_contexts
+from trl_micro.bundled.dsp import DOMAINS, SEEN_WORDINGS, dsp_pairs, load_dsp_queries
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
 from trl_micro.data_utils import split_by_context, take_per_context
 from trl_micro.evaluation import per_context_accuracy
@@ -62,6 +69,44 @@ class RewardSetup:
     learning_rate: float = 5e-3
     seed: int = 0
 
+    def training(self) -> dict:
+        """The `MiCRoRewardConfig` fields every head of this setup trains with (beyond the frozen-backbone run)."""
+        return {"num_train_epochs": self.epochs, "learning_rate": self.learning_rate, "per_device_train_batch_size": 32}
+
+
+@dataclass(frozen=True)
+class DSPRewardSetup:
+    """
+    Sizes of the DSP scenario's rewards, in DSP queries (each gives 4 pairs per domain); heads train with the library's
+    defaults.
+
+    Args:
+        domains: the readers the policy serves (Stage 2, gold, prompts); Stage 1 sees every domain's pairs.
+        num_heads: K of the MiCRo model.
+        stage1_queries: queries of the Stage 1 pairs (and of the policy's training prompts).
+        adaptation_queries: queries the Stage 2 pairs are drawn from, `adaptation_pairs` per domain.
+        adaptation_pairs: labelled pairs per domain for Stage 2 (online router + residual heads).
+        gold_queries: queries of each domain's gold pairs.
+        test_queries: queries of the test pairs and of the policy's held-out prompts (every other query at most).
+        seed: seed of the query split, of the adaptation draw and of training.
+    """
+
+    domains: tuple[str, ...] = ("academy", "entertainment")
+    num_heads: int = 4
+    stage1_queries: int = 300
+    adaptation_queries: int = 40
+    adaptation_pairs: int = 32
+    gold_queries: int = 200
+    test_queries: int = 100
+    seed: int = 0
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.domains)
+
+    def training(self) -> dict:
+        return {}
+
 
 def draw_pools(setup: RewardSetup) -> dict[str, Dataset]:
     """`stage1` (no `context` column), `adaptation`, `gold` and `test` pairs, conversational (module docstring)."""
@@ -83,12 +128,59 @@ def draw_pools(setup: RewardSetup) -> dict[str, Dataset]:
     return {"stage1": stage1, "adaptation": parts["adaptation"], "gold": parts["train"], "test": parts["test"]}
 
 
+def draw_dsp_pools(setup: DSPRewardSetup, data_dir=None) -> dict[str, Dataset]:
+    """
+    `stage1` (every domain, no `context` column), `adaptation`, `gold` and `test` pairs of `setup.domains`, each pool
+    from its own DSP queries (a seeded split), and `train_prompts` / `eval_prompts`: the Stage 1 and test queries
+    under every domain of `setup.domains` (columns `prompt`, `query`, `context`, `context_id`; the context is the
+    domain's first wording, shown to the policy).
+    """
+    unknown = sorted(set(setup.domains) - set(DOMAINS))
+    if unknown or not setup.domains:
+        raise ValueError(f"DSP domains must be some of {list(DOMAINS)}, got {list(setup.domains)}.")
+    items = load_dsp_queries(data_dir)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(setup.seed)).tolist()
+    sizes = (setup.stage1_queries, setup.adaptation_queries, setup.gold_queries)
+    if sum(sizes) >= len(items):
+        raise ValueError(
+            f"DSP has {len(items)} queries; {sum(sizes)} go to Stage 1, adaptation and gold, none is left."
+        )
+    bounds = [sum(sizes[:index]) for index in range(4)]
+    stage1_ids, adaptation_ids, gold_ids = (sorted(order[a:b]) for a, b in zip(bounds, bounds[1:]))
+    test_ids = sorted(order[bounds[3] : bounds[3] + setup.test_queries])
+    shown = {domain: (SEEN_WORDINGS[domain][0],) for domain in setup.domains}
+
+    def prompts(query_ids):
+        return Dataset.from_list(
+            [
+                {
+                    "prompt": [{"role": "user", "content": items[i]["query"]}],
+                    "query": [{"role": "user", "content": items[i]["query"]}],
+                    "context": shown[domain][0],
+                    "context_id": domain,
+                }
+                for i in query_ids
+                for domain in setup.domains
+            ]
+        )
+
+    adaptation = dsp_pairs(items, adaptation_ids, shown, setup.domains, seed=setup.seed)
+    return {
+        "stage1": dsp_pairs(items, stage1_ids, seed=setup.seed).remove_columns("context"),
+        "adaptation": take_per_context(adaptation, setup.adaptation_pairs, seed=setup.seed),
+        "gold": dsp_pairs(items, gold_ids, shown, setup.domains, seed=setup.seed),
+        "test": dsp_pairs(items, test_ids, shown, setup.domains, seed=setup.seed),
+        "train_prompts": prompts(stage1_ids),
+        "eval_prompts": prompts(test_ids),
+    }
+
+
 def train_heads(
     backbone: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Dataset,
     num_heads: int,
-    setup: RewardSetup,
+    setup: RewardSetup | DSPRewardSetup,
     cache_dir: str,
 ) -> MiCRoRewardModel:
     """Heads (and router) over the shared frozen `backbone`, trained on `pairs` from its cached features."""
@@ -99,11 +191,9 @@ def train_heads(
         num_heads=num_heads,
         freeze_backbone=True,
         feature_cache_dir=cache_dir,
-        per_device_train_batch_size=32,
-        num_train_epochs=setup.epochs,
-        learning_rate=setup.learning_rate,
         logging_steps=10_000,
         seed=setup.seed,
+        **setup.training(),
         **CPU_RUN,
     )
     MiCRoRewardTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer).train()
@@ -163,10 +253,17 @@ class BenchmarkRewards:
 
 
 def build_rewards(
-    backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, setup: RewardSetup, cache_dir: str
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    setup: RewardSetup | DSPRewardSetup,
+    cache_dir: str,
+    pools: dict[str, Dataset] | None = None,
 ) -> BenchmarkRewards:
-    """Draw the pools, train MiCRo (+ Stage 2), SingleReward and the gold heads, and measure them on the test pairs."""
-    pools = draw_pools(setup)
+    """
+    Train MiCRo (+ Stage 2), SingleReward and the gold heads on `pools` (default: `draw_pools(setup)`; on DSP,
+    `draw_dsp_pools`), and measure them on the test pairs.
+    """
+    pools = draw_pools(setup) if pools is None else pools
     test, test_contexts = pools["test"], pools["test"]["context_id"]
 
     def test_scores(model):
@@ -205,5 +302,5 @@ def build_rewards(
         single=MiCRoReward(single, tokenizer, name="single"),
         gold=GoldReward(judges),
         accuracy=accuracy,
-        sizes={name: len(pool) for name, pool in pools.items()},
+        sizes={name: len(pool) for name, pool in pools.items() if not name.endswith("_prompts")},
     )

@@ -11,20 +11,31 @@ with the same prompts, steps and seeds:
     gold     against the gold reward itself: the ceiling
 
 The rewards are built by `benchmarks/rl/personalization_rewards.py` (the gold: one oracle head per context, trained with
-the context labels on pairs no other reward saw). Scenario: the synthetic subpopulations `--num_contexts` (2: a busy
-engineer who wants short, casual answers; a professor who wants long, formal ones); the prompts show their context as
-the system message, so the policy can answer each context differently. Held-out prompts (under every context) are
-sampled at step 0 and every `--eval_every` steps and judged by each context's gold reward: the gold mean and the win
-rate over the initial policy's samples (`benchmarks/rl/gold_evaluation.py`), with the KL to the initial policy that TRL
-logs (`--beta` > 0).
+the context labels on pairs no other reward saw). Two scenarios (`--scenario`), the prompts showing their context as the
+system message, so the policy can answer each context differently:
 
-    python benchmarks/rl/rl_personalization.py --preset full --threads 1 --cache_dir ~/.cache/trl_micro/rl-personalization
-                                    # the real run: 3 methods x 2 seeds, about 45 min each on 2 shared CPU cores
-    python benchmarks/rl/rl_personalization.py --preset smoke    # tiny random policy and reward backbone, seconds
+    synthetic  the synthetic subpopulations `--num_contexts` (2: a busy engineer who wants short, casual answers; a
+               professor who wants long, formal ones)
+    dsp        DSP's queries answered for the readers of `--domains` (academy and entertainment by default, whose
+               preferences reverse exactly), each domain's description as the system message; Stage 1 on DSP pairs
+               without context, Stage 2 from 32 labelled pairs per domain, training and held-out prompts from
+               disjoint queries
 
-Writes under `--output_dir` (default benchmarks/rl/results/): rl_personalization.md and .json (the
-table, curves, reward accuracies, settings and the command), one PNG of curves per context, kl.png, and
-runs/<method>-seed<k>.json per run; with `--resume`, a run whose file holds the same settings is not run again.
+Held-out prompts (under every context) are sampled at step 0 and every `--eval_every` steps and judged by each
+context's gold reward: the gold mean, the win rate over the initial policy's samples, tokens and the share cut at the
+completion budget, and the cross-context matrix (`benchmarks/rl/gold_evaluation.py`), with the KL to the initial
+policy that TRL logs (`--beta` > 0).
+
+    python benchmarks/rl/rl_personalization.py --threads 1 --resume --cache_dir ~/.cache/trl_micro/rl-personalization
+    python benchmarks/rl/rl_personalization.py --scenario dsp --threads 1 --resume \
+        --cache_dir ~/.cache/trl_micro/rl-personalization --data_dir ../shared/data
+                                    # the real runs: 3 methods x 2 seeds, about 40 min each on 2 shared CPU cores
+    python benchmarks/rl/rl_personalization.py --preset smoke [--scenario dsp]   # tiny random models, seconds
+
+Writes under `--output_dir` (default benchmarks/rl/results/): rl_personalization.md and .json (rl_personalization_dsp.*
+for DSP: the table, curves, matrix, reward accuracies, settings and the command), one PNG of curves per context, kl.png,
+and runs/<scenario>-<method>-seed<k>.json per run; with `--resume`, a run whose file holds the same settings is not
+run again.
 """
 
 from __future__ import annotations
@@ -48,8 +59,15 @@ from peft import LoraConfig  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from benchmarks import default_data_dir  # noqa: E402
 from benchmarks.rl.gold_evaluation import GoldEvaluation, add_logged_kl  # noqa: E402
-from benchmarks.rl.personalization_rewards import CPU_RUN, RewardSetup, build_rewards  # noqa: E402
+from benchmarks.rl.personalization_rewards import (  # noqa: E402
+    CPU_RUN,
+    DSPRewardSetup,
+    RewardSetup,
+    build_rewards,
+    draw_dsp_pools,
+)
 from benchmarks.rl.rl_personalization_report import write_outputs  # noqa: E402
 from trl_micro.bundled.prompts import synthetic_prompt_dataset  # noqa: E402
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences  # noqa: E402
@@ -114,7 +132,19 @@ PRESETS = {
         reward_epochs=30,
     ),
 }
+# The DSP scenario's sizes, over the preset's GRPO settings. Stage 1 reads 300 queries' pairs (4800, every domain),
+# the gold 200 queries' pairs per domain; DSP's answers run to hundreds of tokens, so the budget is the preset's.
+DSP_PRESETS = {
+    "smoke": dict(stage1_queries=6, adaptation_queries=4, gold_queries=6, test_queries=4),
+    "full": dict(stage1_queries=300, adaptation_queries=40, gold_queries=200, test_queries=100),
+}
 RUN_SETTINGS = (  # what a run's result depends on, besides its method and seed (checked by --resume)
+    "scenario",
+    "domains",
+    "stage1_queries",
+    "adaptation_queries",
+    "gold_queries",
+    "test_queries",
     "preset",
     "models",
     "num_contexts",
@@ -145,7 +175,16 @@ def parse_args(argv=None):
     parser.add_argument("--models", choices=["embedded", "tiny"], help="SmolLM2-135M, or tiny random models.")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, help="GRPO seeds; every method runs with each.")
+    parser.add_argument("--scenario", choices=["synthetic", "dsp"], default="synthetic", help="See the docstring.")
     parser.add_argument("--num_contexts", type=int, default=2, help="Synthetic subpopulations (contexts).")
+    parser.add_argument(
+        "--domains", nargs="+", default=["academy", "entertainment"], help="DSP: the readers the policy serves."
+    )
+    parser.add_argument("--stage1_queries", type=int, help="DSP: queries of the Stage 1 pairs and training prompts.")
+    parser.add_argument("--adaptation_queries", type=int, help="DSP: queries the Stage 2 pairs are drawn from.")
+    parser.add_argument("--gold_queries", type=int, help="DSP: queries of each domain's gold pairs.")
+    parser.add_argument("--test_queries", type=int, help="DSP: queries of the test pairs and held-out prompts.")
+    parser.add_argument("--data_dir", default=default_data_dir(), help="Real data folder (DSP).")
     parser.add_argument("--max_steps", type=int, help="GRPO steps per run.")
     parser.add_argument("--eval_every", type=int, help="Evaluate the policy every this many steps.")
     parser.add_argument("--prompts_per_step", type=int, help="Prompts per GRPO step (each gets num_generations).")
@@ -169,8 +208,12 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default=str(RESULTS), help="Where the report, plots and runs are written.")
     parser.add_argument("--resume", action="store_true", help="Skip runs whose result file has the same settings.")
     preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(preset=preset, **PRESETS[preset])
+    parser.set_defaults(preset=preset, **PRESETS[preset], **DSP_PRESETS[preset])
     args = parser.parse_args(argv)
+    if args.scenario == "synthetic":  # the DSP sizes do not apply: keep them out of the settings --resume compares
+        args.domains = args.stage1_queries = args.adaptation_queries = args.gold_queries = args.test_queries = None
+    else:
+        args.num_contexts = len(args.domains)
     for name in (
         "max_steps",
         "eval_every",
@@ -212,14 +255,31 @@ def load_models(args, scratch: str):
     return path, tokenizer, build_tiny_backbone(tokenizer, seed=1), tokenizer
 
 
+def show_contexts(train: Dataset, evaluation: Dataset) -> tuple[Dataset, Dataset]:
+    """Both prompt sets with the context joined to `prompt` as the system message; `query` keeps the bare prompt."""
+    parts = []
+    for part in (train, evaluation):
+        if "query" not in part.column_names:
+            part = part.add_column("query", part["prompt"])
+        parts.append(show_context_to_policy(part, "context", CONTEXT_TEMPLATE))
+    return tuple(parts)
+
+
 def prompt_splits(num_contexts: int, eval_prompts: int) -> tuple[Dataset, Dataset]:
-    """(train, held-out) prompts, every prompt under every context, held out whole, the context as system message."""
+    """(train, held-out) synthetic prompts, every prompt under every context, held out whole."""
     dataset = synthetic_prompt_dataset(num_contexts, conversational=True, seed=0)
     keys = [json.dumps(prompt) for prompt in dataset["prompt"]]
     held_out = set(list(dict.fromkeys(keys))[-eval_prompts:])
     train = dataset.select([index for index, key in enumerate(keys) if key not in held_out])
     evaluation = dataset.select([index for index, key in enumerate(keys) if key in held_out])
-    return tuple(show_context_to_policy(part, "context", CONTEXT_TEMPLATE) for part in (train, evaluation))
+    return show_contexts(train, evaluation)
+
+
+def first_queries(prompts: Dataset, num_queries: int) -> Dataset:
+    """The rows of the first `num_queries` distinct queries (each under every context)."""
+    keys = [json.dumps(query) for query in prompts["query"]]
+    kept = set(list(dict.fromkeys(keys))[:num_queries])
+    return prompts.select([index for index, key in enumerate(keys) if key in kept])
 
 
 # ------------------------------------------------------------------------------------------------------- runs
@@ -303,16 +363,31 @@ def main(argv=None):
 
     started = time.perf_counter()
     policy_path, policy_tokenizer, backbone, reward_tokenizer = load_models(args, scratch)
-    setup = RewardSetup(
-        num_contexts=args.num_contexts,
-        num_heads=args.num_contexts,
-        stage1_pairs=args.stage1_pairs,
-        adaptation_pairs=args.adaptation_pairs,
-        gold_pairs=args.gold_pairs,
-        test_pairs=args.test_pairs,
-        epochs=args.reward_epochs,
-    )
-    rewards = build_rewards(backbone, reward_tokenizer, setup, os.path.join(scratch, "features"))
+    if args.scenario == "dsp":
+        setup = DSPRewardSetup(
+            domains=tuple(args.domains),
+            stage1_queries=args.stage1_queries,
+            adaptation_queries=args.adaptation_queries,
+            adaptation_pairs=args.adaptation_pairs,
+            gold_queries=args.gold_queries,
+            test_queries=args.test_queries,
+        )
+        pools = draw_dsp_pools(setup, args.data_dir)
+        train_prompts, eval_prompts = show_contexts(pools["train_prompts"], pools["eval_prompts"])
+        eval_prompts = first_queries(eval_prompts, args.eval_prompts)
+    else:
+        setup = RewardSetup(
+            num_contexts=args.num_contexts,
+            num_heads=args.num_contexts,
+            stage1_pairs=args.stage1_pairs,
+            adaptation_pairs=args.adaptation_pairs,
+            gold_pairs=args.gold_pairs,
+            test_pairs=args.test_pairs,
+            epochs=args.reward_epochs,
+        )
+        pools = None
+        train_prompts, eval_prompts = prompt_splits(args.num_contexts, args.eval_prompts)
+    rewards = build_rewards(backbone, reward_tokenizer, setup, os.path.join(scratch, "features"), pools)
     reward_seconds = time.perf_counter() - started
     print(
         f"Rewards built in {reward_seconds:.0f} s; test accuracy: "
@@ -320,7 +395,6 @@ def main(argv=None):
         flush=True,
     )
 
-    train_prompts, eval_prompts = prompt_splits(args.num_contexts, args.eval_prompts)
     evaluation = GoldEvaluation(
         eval_prompts,
         rewards.gold,
@@ -329,12 +403,13 @@ def main(argv=None):
         reference_samples=args.reference_samples,
         max_new_tokens=args.max_completion_length,
         generation_kwargs=dict(temperature=args.temperature, top_p=1.0, top_k=0),
+        context_template=CONTEXT_TEMPLATE,
     )
     reward_of = {"micro": rewards.micro, "single": rewards.single, "gold": rewards.gold}
     runs = []
     for seed in args.seeds:
         for method in args.methods:
-            path = output_dir / "runs" / f"{method}-seed{seed}.json"
+            path = output_dir / "runs" / f"{args.scenario}-{method}-seed{seed}.json"
             run = load_finished_run(path, settings) if args.resume else None
             if run is None:
                 run = train_policy(
@@ -345,8 +420,10 @@ def main(argv=None):
             print(f"{method} seed {seed}: {json.dumps(to_jsonable(run['points'][-1]))}", flush=True)
             runs.append(run)
 
+    scenario = "DSP readers " + ", ".join(args.domains) if args.scenario == "dsp" else "synthetic subpopulations"
     results = {
-        "title": "RL personalization: GRPO against MiCRo, SingleReward and the gold reward",
+        "title": f"RL personalization ({scenario}): GRPO against MiCRo, SingleReward and the gold reward",
+        "scenario": args.scenario,
         "command": command.strip(),
         "settings": {**settings, "methods": args.methods, "seeds": args.seeds, "threads": args.threads},
         "policy": "tiny random Llama" if args.models == "tiny" else "SmolLM2-135M-Instruct (embedded), LoRA",
@@ -358,7 +435,9 @@ def main(argv=None):
         "train_prompts": len(train_prompts),
         "runs": runs,
     }
-    markdown_path = write_outputs(results, output_dir)
+    markdown_path = write_outputs(
+        results, output_dir, "rl_personalization" + ("_dsp" if args.scenario == "dsp" else "")
+    )
     print(markdown_path.read_text())
 
 

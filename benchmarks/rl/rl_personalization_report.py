@@ -14,7 +14,12 @@ import numpy as np
 from trl_micro.evaluation import markdown_table, new_figure, save_figure, write_report
 
 METHOD_LABELS = {"micro": "MiCRo (Stage 2 routing)", "single": "SingleReward", "gold": "gold (ceiling)"}
-CURVE_PANELS = (("gold", "gold reward (mean)"), ("win_rate", "win rate over the initial policy"), ("words", "words"))
+CURVE_PANELS = (
+    ("gold", "gold reward (mean)"),
+    ("win_rate", "win rate over the initial policy"),
+    ("tokens", "tokens per completion"),
+    ("cap_share", "share cut at the completion budget"),
+)
 
 
 def spread(values: Sequence[float | None]) -> dict:
@@ -64,7 +69,14 @@ def summarize(runs: list[dict], window: int) -> dict:
                 "win_rate_after": spread([run["points"][-1]["win_rate"][context] for run in own]),
                 "words_before": spread([run["points"][0]["words"][context] for run in own]),
                 "words_after": spread([run["points"][-1]["words"][context] for run in own]),
+                "tokens_before": spread([run["points"][0]["tokens"][context] for run in own]),
+                "tokens_after": spread([run["points"][-1]["tokens"][context] for run in own]),
+                "cap_share_after": spread([run["points"][-1]["cap_share"][context] for run in own]),
                 "kl_last": spread([run["points"][-1].get("kl") for run in own]),
+                "cross_win_rate": {
+                    judge: spread([run["points"][-1]["cross_win_rate"][context][judge] for run in own])
+                    for judge in contexts
+                },
             }
         steps = [point["step"] for point in own[0]["points"]]
         training_gold[method] = {context: training_curve(own, f"gold/{context}", window) for context in contexts}
@@ -139,6 +151,29 @@ def plot_kl(summary: dict, path: Path) -> Path:
     return save_figure(figure, path)
 
 
+def rewards_paragraph(results: dict) -> str:
+    settings, sizes = results["settings"], results["reward_sizes"]
+    if results.get("scenario") == "dsp":
+        trained = (
+            f"MiCRo (K=4) and SingleReward on the {sizes['stage1']} DSP pairs of {settings['stage1_queries']} queries "
+            "(every domain, contexts not shown), with the library's default head training; MiCRo's Stage 2 state from "
+            f"{settings['adaptation_pairs']} labelled pairs per domain of {settings['adaptation_queries']} other "
+            f"queries; the gold, one head per domain on its pairs of {settings['gold_queries']} queries that no other "
+            "reward saw; held-out prompts and test pairs from other queries again"
+        )
+    else:
+        trained = (
+            f"MiCRo (K={settings['num_contexts']}) and SingleReward on {settings['stage1_pairs']} Stage 1 pairs per "
+            "context rated by the topic's owner, contexts not shown; MiCRo's Stage 2 state from "
+            f"{settings['adaptation_pairs']} labelled pairs per context; the gold, one head per context on "
+            f"{settings['gold_pairs']} pairs of that context that no other reward saw"
+        )
+    return (
+        f"Rewards over one frozen backbone ({results['reward_backbone']}): {trained} "
+        f"(benchmarks/rl/personalization_rewards.py). Built in {results['reward_seconds']:.0f} s."
+    )
+
+
 def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list[str]:
     settings = results["settings"]
     seeds = settings["seeds"]
@@ -153,11 +188,7 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
         f"{settings['beta']}, temperature {settings['temperature']}; seeds {seeds}, the same prompts and steps for "
         f"every method. {results['train_prompts']} training prompts (prompt x context).",
         "",
-        f"Rewards over one frozen backbone ({results['reward_backbone']}): MiCRo (K={settings['num_contexts']}) and "
-        f"SingleReward on {settings['stage1_pairs']} Stage 1 pairs per context rated by the topic's owner, contexts "
-        f"not shown; MiCRo's Stage 2 state from {settings['adaptation_pairs']} labelled pairs per context; the gold, "
-        f"one head per context on {settings['gold_pairs']} pairs of that context that no other reward saw "
-        "(benchmarks/rl/personalization_rewards.py). Built in " + f"{results['reward_seconds']:.0f} s.",
+        rewards_paragraph(results),
         "",
         f"Evaluation: {results['eval_prompts_per_context']} held-out prompts per context, {settings['eval_samples']} "
         f"samples each, every {settings['eval_every']} steps; win rate against {settings['reference_samples']} samples "
@@ -179,6 +210,8 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
                     cell(value["gold_after"]),
                     cell(value["win_rate_after"]),
                     f"{cell(value['words_before'], 1)} → {cell(value['words_after'], 1)}",
+                    f"{cell(value['tokens_before'], 1)} → {cell(value['tokens_after'], 1)}",
+                    cell(value["cap_share_after"]),
                     cell(value["kl_last"], 3),
                 ]
             )
@@ -189,6 +222,8 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
         "gold after",
         "win rate over initial",
         "words before → after",
+        "tokens before → after",
+        "cap share after",
         f"KL, last {settings['eval_every']} steps",
     ]
     lines += markdown_table(header, rows)
@@ -202,6 +237,8 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
         + ".",
         "",
     ]
+    lines += cap_share_lines(summary, settings)
+    lines += cross_context_lines(summary)
     lines += ["## Rewards: accuracy on the test pairs (%)", ""]
     accuracy_rows = [
         [name] + [f"{100 * value['accuracy'][context]:.1f}" for context in summary["contexts"]]
@@ -227,15 +264,59 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
     return lines
 
 
-def write_outputs(results: dict, output_dir: Path) -> Path:
-    """Plots, rl_personalization.md and .json under `output_dir`; returns the Markdown path."""
+def cap_share_lines(summary: dict, settings: dict) -> list[str]:
+    """The share of held-out samples cut at the completion budget, per context and method, at every evaluation."""
+    steps = [row["step"] for row in summary["curves"][summary["methods"][0]]]
+    rows = [
+        [context, METHOD_LABELS[method], *[cell(row["cap_share"][context]) for row in summary["curves"][method]]]
+        for context in summary["contexts"]
+        for method in summary["methods"]
+    ]
+    return [
+        f"## Completions cut at the budget of {settings['max_completion_length']} tokens",
+        "",
+        "Share of the held-out samples that end without an end-of-sequence token, at each evaluation (step):",
+        "",
+        *markdown_table(["context", "trained against", *map(str, steps)], rows),
+        "",
+    ]
+
+
+def cross_context_lines(summary: dict) -> list[str]:
+    """At the last evaluation: answers under each context's prompt, win rate over the initial policy by every gold."""
+    contexts = summary["contexts"]
+    rows = [
+        [
+            METHOD_LABELS[method],
+            context,
+            *[cell(summary["table"][context][method]["cross_win_rate"][j]) for j in contexts],
+        ]
+        for method in summary["methods"]
+        for context in contexts
+    ]
+    return [
+        "## Cross-context matrix",
+        "",
+        "Win rate over the initial policy at the last evaluation of the answers to prompts shown under one context "
+        "(row), judged by each context's gold reward (column). Personalization: above 0.5 on the diagonal, not off it "
+        "where the tastes conflict (benchmarks/rl/gold_evaluation.py).",
+        "",
+        *markdown_table(["trained against", "answered under", *[f"judged by {c}" for c in contexts]], rows),
+        "",
+    ]
+
+
+def write_outputs(results: dict, output_dir: Path, name: str = "rl_personalization") -> Path:
+    """Plots, `<name>.md` and `.json` under `output_dir` (plots prefixed `<name>_` but for the synthetic scenario's
+    report); returns the Markdown path."""
     window = results["settings"]["eval_every"]
     summary = summarize(results["runs"], window)
+    prefix = "" if name == "rl_personalization" else f"{name}_"
     images = {}
     for context in summary["contexts"]:
-        images[context] = plot_context(summary, context, output_dir / f"curves_{context}.png", window).name
-    images["KL to the initial policy"] = plot_kl(summary, output_dir / "kl.png").name
+        images[context] = plot_context(summary, context, output_dir / f"{prefix}curves_{context}.png", window).name
+    images["KL to the initial policy"] = plot_kl(summary, output_dir / f"{prefix}kl.png").name
     _, markdown_path = write_report(
-        {**results, "summary": summary}, output_dir / "rl_personalization", markdown_lines(results, summary, images)
+        {**results, "summary": summary}, output_dir / name, markdown_lines(results, summary, images)
     )
     return markdown_path

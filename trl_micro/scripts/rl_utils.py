@@ -138,18 +138,23 @@ def sample_completions(
     prompts: list,
     max_new_tokens: int = 48,
     batch_size: int = 8,
+    return_lengths: bool = False,
     **generation_kwargs,
-) -> list:
+) -> list | tuple[list, list[int], list[bool]]:
     """
     One sampled completion per prompt (text, or `[{"role": "assistant", ...}]` for a conversational prompt), in the
     prompts' order. Sampling uses the policy's generation config, overridden by `generation_kwargs` (`temperature`,
     `top_k`, ...); seed torch's generator first for a reproducible draw. The policy's train / eval mode is restored.
+    With `return_lengths`, also each completion's number of generated tokens (its end-of-sequence token included) and
+    whether it was cut at `max_new_tokens` (it ends without an end-of-sequence token).
     """
     was_training = policy.training
     policy.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    completions = []
+    eos = policy.generation_config.eos_token_id
+    eos_ids = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos))
+    completions, lengths, capped = [], [], []
     try:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -162,12 +167,17 @@ def sample_completions(
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not conversational)
             inputs = inputs.to(policy.device)
             output = policy.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, **generation_kwargs)
-            decoded = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            generated = output[:, inputs["input_ids"].shape[1] :]
+            decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
             completions += [[{"role": "assistant", "content": text}] if conversational else text for text in decoded]
+            ended = torch.isin(generated.cpu(), eos_ids)  # (B, T): an end-of-sequence token at that step
+            first_end = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, generated.shape[1])
+            lengths += first_end.tolist()
+            capped += (~ended.any(dim=1)).tolist()
     finally:
         tokenizer.padding_side = padding_side
         policy.train(was_training)
-    return completions
+    return (completions, lengths, capped) if return_lengths else completions
 
 
 @torch.no_grad()
