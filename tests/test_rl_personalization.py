@@ -165,3 +165,14 @@ def test_dsp_scenario_trains_on_disjoint_queries_and_reports_the_cross_domain_ma
     assert "DSP pairs of 6 queries" in markdown and "| MiCRo (Stage 2 routing) | academy |" in markdown
     assert (output / "rl_personalization_dsp_curves_academy.png").exists()
     assert len(list((output / "runs").glob("dsp-*-seed0.json"))) == 3
+
+
+def test_probe_lengths_reports_the_initial_policys_answer_lengths_without_training(tmp_path):
+    main(["--preset", "smoke", "--probe_lengths", "6", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path)])
+    probe = json.loads((tmp_path / "initial_lengths.json").read_text())
+    assert probe["budget"] == 6 and set(probe["contexts"]) == {"subpop-0", "subpop-1"}
+    for value in probe["contexts"].values():
+        assert 1 <= value["mean_tokens"] <= 6 and 0 <= value["cap_share"] <= 1 and value["samples"] == 4
+    report = (tmp_path / "initial_lengths.md").read_text()
+    assert report.startswith("# How long the initial policy answers (synthetic scenario)") and "| subpop-0 |" in report
+    assert not list((tmp_path / "runs").glob("*.json"))  # nothing trained

@@ -71,8 +71,8 @@ from benchmarks.rl.personalization_rewards import (  # noqa: E402
 from benchmarks.rl.rl_personalization_report import write_outputs  # noqa: E402
 from trl_micro.bundled.prompts import synthetic_prompt_dataset  # noqa: E402
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences  # noqa: E402
-from trl_micro.evaluation import to_jsonable  # noqa: E402
-from trl_micro.scripts.rl_utils import show_context_to_policy  # noqa: E402
+from trl_micro.evaluation import markdown_table, to_jsonable, write_report  # noqa: E402
+from trl_micro.scripts.rl_utils import sample_completions, show_context_to_policy  # noqa: E402
 from trl_micro.testing_utils import build_tiny_backbone, build_tiny_tokenizer, tiny_backbone_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -207,6 +207,12 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", default=None, help="Feature cache and scratch (default: a temporary folder).")
     parser.add_argument("--output_dir", default=str(RESULTS), help="Where the report, plots and runs are written.")
     parser.add_argument("--resume", action="store_true", help="Skip runs whose result file has the same settings.")
+    parser.add_argument(
+        "--probe_lengths",
+        type=int,
+        default=None,
+        help="Only sample the initial policy on the held-out prompts at this budget and report its answers' lengths.",
+    )
     preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(preset=preset, **PRESETS[preset], **DSP_PRESETS[preset])
     args = parser.parse_args(argv)
@@ -340,29 +346,8 @@ def train_policy(method, reward, seed, args, policy_path, train_prompts, evaluat
     }
 
 
-def run_settings(args) -> dict:
-    return {name: getattr(args, name) for name in RUN_SETTINGS}
-
-
-def load_finished_run(path: Path, settings: dict) -> dict | None:
-    if not path.exists():
-        return None
-    run = json.loads(path.read_text())
-    return run if run.get("settings") == settings else None
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python benchmarks/rl/rl_personalization.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    output_dir = Path(args.output_dir)
-    (output_dir / "runs").mkdir(parents=True, exist_ok=True)
-    scratch = args.cache_dir or tempfile.mkdtemp(prefix="rl-personalization-")
-    settings = run_settings(args)
-
-    started = time.perf_counter()
-    policy_path, policy_tokenizer, backbone, reward_tokenizer = load_models(args, scratch)
+def scenario_inputs(args):
+    """(reward setup, reward pools or None for the synthetic draw, training prompts, held-out prompts) of `--scenario`."""
     if args.scenario == "dsp":
         setup = DSPRewardSetup(
             domains=tuple(args.domains),
@@ -387,6 +372,93 @@ def main(argv=None):
         )
         pools = None
         train_prompts, eval_prompts = prompt_splits(args.num_contexts, args.eval_prompts)
+    return setup, pools, train_prompts, eval_prompts
+
+
+def probe_lengths(args, policy_path, tokenizer, eval_prompts, output_dir: Path, command: str) -> None:
+    """
+    How long the initial policy answers when let run: `--eval_samples` samples per held-out prompt at a budget of
+    `--probe_lengths` tokens, with the run's sampling settings. Sizes `--max_completion_length`; writes
+    initial_lengths[_dsp].md and .json.
+    """
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    prompts = [prompt for prompt in eval_prompts["prompt"] for _ in range(args.eval_samples)]
+    contexts = [context for context in eval_prompts["context_id"] for _ in range(args.eval_samples)]
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    _, tokens, capped = sample_completions(
+        policy,
+        tokenizer,
+        prompts,
+        args.probe_lengths,
+        64,
+        return_lengths=True,
+        temperature=args.temperature,
+        top_p=1.0,
+        top_k=0,
+    )
+    seconds = time.perf_counter() - started
+    rows, summary = [], {}
+    for context in sorted(set(contexts)):
+        own = torch.tensor([n for n, c in zip(tokens, contexts) if c == context], dtype=torch.float32)
+        cut = torch.tensor([k for k, c in zip(capped, contexts) if c == context], dtype=torch.float32)
+        summary[context] = {
+            "mean_tokens": own.mean().item(),
+            "median_tokens": own.median().item(),
+            "cap_share": cut.mean().item(),
+            "samples": len(own),
+        }
+        rows.append([context, f"{own.mean():.0f}", f"{own.median():.0f}", f"{cut.mean():.2f}", len(own)])
+    lines = [
+        f"Command: `{command.strip()}`",
+        "",
+        f"The initial policy's answers to the held-out prompts of the {args.scenario} scenario, sampled at temperature "
+        f"{args.temperature} with a budget of {args.probe_lengths} tokens ({seconds:.0f} s). A budget that leaves a taste "
+        "for longer answers room to move is at least twice the mean; the cap share says how many answers the budget "
+        "already cuts.",
+        "",
+        *markdown_table(
+            ["context", "mean tokens", "median tokens", f"share cut at {args.probe_lengths}", "samples"], rows
+        ),
+    ]
+    name = "initial_lengths" + ("_dsp" if args.scenario == "dsp" else "")
+    results = {
+        "title": f"How long the initial policy answers ({args.scenario} scenario)",
+        "command": command.strip(),
+        "budget": args.probe_lengths,
+        "seconds": seconds,
+        "contexts": summary,
+    }
+    _, markdown_path = write_report(results, output_dir / name, lines)
+    print(markdown_path.read_text())
+
+
+def run_settings(args) -> dict:
+    return {name: getattr(args, name) for name in RUN_SETTINGS}
+
+
+def load_finished_run(path: Path, settings: dict) -> dict | None:
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    return run if run.get("settings") == settings else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/rl/rl_personalization.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    output_dir = Path(args.output_dir)
+    (output_dir / "runs").mkdir(parents=True, exist_ok=True)
+    scratch = args.cache_dir or tempfile.mkdtemp(prefix="rl-personalization-")
+    settings = run_settings(args)
+
+    started = time.perf_counter()
+    policy_path, policy_tokenizer, backbone, reward_tokenizer = load_models(args, scratch)
+    setup, pools, train_prompts, eval_prompts = scenario_inputs(args)
+    if args.probe_lengths:
+        return probe_lengths(args, policy_path, policy_tokenizer, eval_prompts, output_dir, command)
     rewards = build_rewards(backbone, reward_tokenizer, setup, os.path.join(scratch, "features"), pools)
     reward_seconds = time.perf_counter() - started
     print(
