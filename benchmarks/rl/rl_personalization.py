@@ -104,19 +104,22 @@ PRESETS = {
         test_pairs=8,
         reward_epochs=3,
     ),
-    # The embedded SmolLM2-135M-Instruct as policy and reward backbone. Sized from two calibration runs on the shared
-    # 2-core machine (one thread): about 29 s per step of 16 completions, 0.5 s per evaluation sample, so a run is
-    # about 45 min; at learning rate 1e-3 the KL to the initial policy was still about 0.06 after 30 steps (no
-    # collapse), and 5e-4 barely moved it in 20. The reward pools' backbone features (~1500 pairs) take 10-20 min
-    # once per --cache_dir.
+    # The embedded SmolLM2-135M-Instruct as policy and reward backbone. The budget of 128 tokens leaves each taste
+    # room: the synthetic long style runs to 61 tokens on average (100 at most), DSP's styled answers to a median of
+    # 137-160 tokens whose style shows in their first sentences, while the initial policy, let run, writes about 200
+    # (results/initial_lengths*.md); 48 tokens cut 90% of its answers and every long-style one. Steps: at 48 tokens a
+    # step of 16 completions took about 29 s on the shared 2-core machine (one thread) and an evaluation sample 0.5 s;
+    # at 128 tokens about 2.5x that, so 32 steps and three evaluations make a run of about 45 min. At learning rate
+    # 1e-3 the KL to the initial policy was still about 0.06 after 30 steps (no collapse), and 5e-4 barely moved it
+    # in 20. The reward pools' backbone features take 10-20 min (synthetic) or about 30 (DSP) once per --cache_dir.
     "full": dict(
         models="embedded",
         seeds=[0, 1],
-        max_steps=80,
-        eval_every=20,
+        max_steps=32,
+        eval_every=16,
         prompts_per_step=4,
         num_generations=4,
-        max_completion_length=48,
+        max_completion_length=128,
         learning_rate=1e-3,
         beta=0.04,
         temperature=1.0,
@@ -132,8 +135,8 @@ PRESETS = {
         reward_epochs=30,
     ),
 }
-# The DSP scenario's sizes, over the preset's GRPO settings. Stage 1 reads 300 queries' pairs (4800, every domain),
-# the gold 200 queries' pairs per domain; DSP's answers run to hundreds of tokens, so the budget is the preset's.
+# The DSP scenario's sizes, over the preset's GRPO settings: Stage 1 reads 300 queries' pairs (4800, every domain),
+# the gold 200 queries' pairs per domain (800), the test pairs and held-out prompts come from 100 other queries.
 DSP_PRESETS = {
     "smoke": dict(stage1_queries=6, adaptation_queries=4, gold_queries=6, test_queries=4),
     "full": dict(stage1_queries=300, adaptation_queries=40, gold_queries=200, test_queries=100),
