@@ -333,14 +333,14 @@ def comparison_settings(plan: BenchmarkPlan, spec: BenchmarkSpec) -> dict:
     return json.loads(json.dumps(to_jsonable(settings)))
 
 
-def resumed_outcome(spec: BenchmarkSpec, plan: BenchmarkPlan, results_dir: Path) -> BenchmarkOutcome | None:
-    """The outcome `results_dir` records for `spec` under the same settings, or None (then it runs)."""
+def resumed_outcome(spec: BenchmarkSpec, plan: BenchmarkPlan, results_dir: Path) -> tuple[BenchmarkOutcome, str] | None:
+    """The outcome `results_dir` records for `spec` under the same settings and when it ran, or None (then it runs)."""
     path = outcome_files(results_dir, spec.name)["json"]
     loaded = load_outcome(path) if path.exists() else None
     if loaded is None or loaded[1]["settings"] != comparison_settings(plan, spec):
         return None
     logger.info("%s: reusing the outcome recorded on %s (%s)", spec.name, loaded[1]["generated"], path)
-    return loaded[0]
+    return loaded[0], loaded[1]["generated"]
 
 
 @dataclass
@@ -666,10 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"plan": dataclasses.asdict(plan), "argv": argv}
     outcomes, resumed = [], {}
     for spec in [] if plan.lora_only else plan.benchmarks:
-        outcome = resumed_outcome(spec, plan, results_dir) if args.resume else None
-        if outcome is not None:
-            resumed[spec.name] = load_outcome(outcome.files["json"])[1]["generated"]
-            outcomes.append(outcome)
+        reused = resumed_outcome(spec, plan, results_dir) if args.resume else None
+        if reused is not None:
+            outcomes.append(reused[0])
+            resumed[spec.name] = reused[1]
             continue
         outcome = run_benchmark(
             spec, pools[spec.pool], feature_model.backbone, tokenizer, plan, plan.pools[spec.pool].describe()
