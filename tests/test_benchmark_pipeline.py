@@ -31,7 +31,7 @@ def real_data_dir():
 
 def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_data_dir):
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
-    output, results = tmp_path / "BENCHMARKS.md", tmp_path / "results"
+    output, results, performance = tmp_path / "BENCHMARKS.md", tmp_path / "results", tmp_path / "performance"
     argv = [
         "--preset",
         "smoke",
@@ -41,6 +41,8 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
         str(output),
         "--results_dir",
         str(results),
+        "--performance_dir",
+        str(performance),
         "--cache_dir",
         str(tmp_path / "cache"),
         "--data_dir",
@@ -83,6 +85,7 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
     assert set(report["methods"]) == {*METHODS, *DIAGNOSTICS}
     assert len(report["methods"]["SingleReward"]) == 2  # one per-context result per seed
     assert (results / "hh_relabeled_lora_tuned.json").exists()
+    assert (performance / "feature_store.md").exists() and not (results / "feature_store.md").exists()
 
     # --resume reuses every comparison recorded with the same settings: no pool is built, the sections are the same.
     resumed_argv = [*[arg for arg in argv if arg != "--lora"], "--resume", "--skip_performance"]

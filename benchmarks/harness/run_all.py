@@ -1,7 +1,8 @@
 """
-The whole benchmark in one command: MiCRo against every baseline on hh_relabeled, hh_rlhf and synthetic mixtures
-(M = 2, 4, 8), performance figures, and optionally the same comparison on a LoRA-tuned backbone. Regenerates
-BENCHMARKS.md at the repository root and the JSON / Markdown reports and PNG plots under benchmarks/results/.
+The whole benchmark in one command: MiCRo against every baseline on hh_relabeled, hh_rlhf, DSP and synthetic
+mixtures (M = 2, 4, 8), performance figures, and optionally the same comparison on a LoRA-tuned backbone. Regenerates
+BENCHMARKS.md at the repository root, the JSON / Markdown reports and PNG plots under benchmarks/harness/results/,
+and the performance scripts' reports under benchmarks/performance/results/.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/harness/run_all.py            # frozen backbone (make benchmark)
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/harness/run_all.py --lora     # + LoRA-tuned backbone
@@ -466,7 +467,10 @@ def run_benchmark(
 
 
 def measure_performance(plan, model_path, tokenizer, context_template: str, data_dir, results_dir: Path) -> dict:
-    """Stage 1 epoch time (slow path vs cache) on the synthetic pool's pairs, and reward_overhead.py's scoring cost."""
+    """Stage 1 epoch time (slow path vs cache) on the synthetic pool's pairs, and the performance scripts' figures.
+
+    Each script's report goes to `results_dir` (benchmarks/performance/results/ by default, where the scripts keep
+    theirs), and a GPU report found there is embedded as it is."""
     name = "synthetic" if "synthetic" in plan.pools else next(iter(plan.pools))
     dataset, _ = load_pool_dataset(plan.pools[name], tokenizer, context_template, data_dir)  # no backbone pass
     rows = dataset.select(range(min(plan.performance_pairs, len(dataset))))
@@ -590,6 +594,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         default=str(REPO_ROOT / "benchmarks" / "harness" / "results"),
         help="Folder of the per-benchmark JSON/Markdown reports and PNG plots.",
     )
+    parser.add_argument(
+        "--performance_dir",
+        default=str(REPO_ROOT / "benchmarks" / "performance" / "results"),
+        help="Folder of the performance scripts' reports (reward_overhead, grpo_step, feature_store, serving).",
+    )
     add_input_arguments(parser)
     return parser.parse_args(argv)
 
@@ -684,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.skip_performance or plan.lora_only):
         step = time.perf_counter()
         context_template = feature_model.config.context_template
-        performance = measure_performance(plan, model_path, tokenizer, context_template, args.data_dir, results_dir)
+        performance = measure_performance(
+            plan, model_path, tokenizer, context_template, args.data_dir, Path(args.performance_dir)
+        )
         timings.performance = time.perf_counter() - step
 
     lora = None
