@@ -103,3 +103,14 @@ def test_the_readme_is_a_users_page_whose_links_resolve():
     targets = [target.split("#")[0] for target in MARKDOWN_LINK.findall("\n".join(lines))]
     missing = [target for target in targets if target and "://" not in target and not (root / target).exists()]
     assert missing == []
+
+
+def test_report_commands_write_the_home_folder_as_tilde():
+    """The shell expands `--cache_dir ~/...` before a script sees it; the report quotes it back as typed."""
+    from benchmarks import command_line
+
+    home = str(Path.home())
+    command = command_line("benchmarks/rl/x.py", ["--cache_dir", f"{home}/.cache/a b", "--name", "it's", home])
+    assert command == "python benchmarks/rl/x.py --cache_dir ~/'.cache/a b' --name 'it'\"'\"'s' ~"
+    assert not LOCAL_PATH.findall(command.replace("~/", ""))
+    assert command_line("s.py", [f"{home}x/y"]) == f"python s.py {home}x/y"  # a sibling folder is not the home

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ from peft import LoraConfig  # noqa: E402
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from benchmarks import default_data_dir  # noqa: E402
+from benchmarks import command_line, default_data_dir  # noqa: E402
 from benchmarks.rl.gold_evaluation import GoldEvaluation, add_logged_kl  # noqa: E402
 from benchmarks.rl.personalization_rewards import (  # noqa: E402
     CPU_RUN,
@@ -451,7 +450,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python benchmarks/rl/rl_personalization.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks/rl/rl_personalization.py", argv or sys.argv[1:])
     output_dir = Path(args.output_dir)
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     scratch = args.cache_dir or tempfile.mkdtemp(prefix="rl-personalization-")
