@@ -164,6 +164,8 @@ def test_dsp_scenario_trains_on_disjoint_queries_and_reports_the_cross_domain_ma
     markdown = (output / "rl_personalization_dsp.md").read_text()
     assert "DSP pairs of 6 queries" in markdown and "| MiCRo (Stage 2 routing) | academy |" in markdown
     assert (output / "rl_personalization_dsp_curves_academy.png").exists()
+    assert "![cross-context matrix](rl_personalization_dsp_cross_context.png)" in markdown
+    assert (output / "rl_personalization_dsp_cross_context.png").stat().st_size > 0
     assert len(list((output / "runs").glob("dsp-*-seed0.json"))) == 3
 
 

@@ -1,7 +1,8 @@
 """
 The report of the RL personalization benchmark (`benchmarks/rl/rl_personalization.py`): per context and method, the mean
 and spread over seeds of the gold reward before and after training, of the win rate over the initial policy and of
-the KL to it; the curves over steps (one PNG per context, the methods on it, and kl.png); the Markdown and JSON files.
+the KL to it; the curves over steps (one PNG per context, the methods on it, and kl.png), the cross-context matrix
+(cross_context.png); the Markdown and JSON files.
 """
 
 from __future__ import annotations
@@ -148,6 +149,32 @@ def plot_kl(summary: dict, path: Path) -> Path:
     panel.set_ylabel("KL to the initial policy")
     panel.grid(alpha=0.3)
     panel.legend(frameon=False)
+    return save_figure(figure, path)
+
+
+def plot_cross_context(summary: dict, path: Path) -> Path:
+    """
+    The cross-context matrix at the last evaluation, one panel per method: rows the context the answers were asked
+    under, columns the gold that judged them, each cell the win rate over the initial policy (mean over seeds).
+    """
+    contexts, methods = summary["contexts"], summary["methods"]
+    figure = new_figure(2.2 + 1.3 * len(contexts) * len(methods), 1.2 + 0.9 * len(contexts))
+    panels = figure.subplots(1, len(methods), squeeze=False)[0]
+    for panel, method in zip(panels, methods):
+        matrix = np.asarray(
+            [
+                [summary["table"][row][method]["cross_win_rate"][column]["mean"] for column in contexts]
+                for row in contexts
+            ],
+            dtype=np.float64,
+        )
+        image = panel.imshow(matrix, cmap="RdBu", vmin=0.0, vmax=1.0)
+        for (row, column), value in np.ndenumerate(matrix):
+            panel.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=10)
+        panel.set_xticks(range(len(contexts)), [f"judged by\n{context}" for context in contexts], fontsize=8)
+        panel.set_yticks(range(len(contexts)), [f"answered under\n{context}" for context in contexts], fontsize=8)
+        panel.set_title(METHOD_LABELS[method], fontsize=10)
+    figure.colorbar(image, ax=list(panels), label="win rate over the initial policy", shrink=0.9)
     return save_figure(figure, path)
 
 
@@ -316,6 +343,7 @@ def write_outputs(results: dict, output_dir: Path, name: str = "rl_personalizati
     for context in summary["contexts"]:
         images[context] = plot_context(summary, context, output_dir / f"{prefix}curves_{context}.png", window).name
     images["KL to the initial policy"] = plot_kl(summary, output_dir / f"{prefix}kl.png").name
+    images["cross-context matrix"] = plot_cross_context(summary, output_dir / f"{prefix}cross_context.png").name
     _, markdown_path = write_report(
         {**results, "summary": summary}, output_dir / name, markdown_lines(results, summary, images)
     )
