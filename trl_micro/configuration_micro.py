@@ -241,10 +241,10 @@ def checkpoint_model_type(path: str | os.PathLike, field: str = "model") -> str 
     return checkpoint_config_dict(path, field).get("model_type")
 
 
-def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
+def check_checkpoint_matches(path: str, load_kwargs: dict) -> MiCRoConfig:
     """
     Clear errors for a checkpoint that is not a MiCRo model, or whose K or backbone differ from what is asked; a
-    warning for one saved without its modeling code (which only trl_micro can load).
+    warning for one saved without its modeling code (which only trl_micro can load). Returns the saved config.
     """
     saved = checkpoint_config_dict(path)
     if saved.get("model_type") != MiCRoConfig.model_type:
@@ -276,6 +276,7 @@ def check_checkpoint_matches(path: str, load_kwargs: dict) -> None:
                     f"The checkpoint at {path} has a backbone with text_config.{field}={theirs!r}, but the config "
                     f"passed asks for {mine!r}."
                 )
+    return saved
 
 
 MiCRoConfig.register_for_auto_class()  # saved configs name this file in `auto_map["AutoConfig"]`

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import MODEL_MAPPING, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_micro import MiCRoConfig, check_checkpoint_matches, check_model_path
@@ -188,6 +188,23 @@ class MiCRoPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.logits)
 
 
+def import_backbone_class(config: MiCRoConfig) -> None:
+    """
+    Import the backbone's modeling module now, before `from_pretrained` may enter DeepSpeed's `zero.Init`.
+
+    Under ZeRO-3, `from_pretrained` builds the model inside `zero.Init`, which wraps the `__init__` of every module
+    class defined while it is active and, on exit, puts back the `__init__` it saw at class creation. A class that a
+    decorator gives a new `__init__` after creation (transformers' kernel-aware attention layers) would lose that
+    `__init__` for good, and every later instance of it (the policy's too) fails in its forward. `__init__` below
+    builds the backbone with `AutoModel.from_config`, the first import of its module for a checkpoint loaded cold;
+    resolving the class here makes that import happen outside the context.
+    """
+    try:
+        MODEL_MAPPING[type(config.text_config)]
+    except KeyError:  # a backbone type transformers does not map: `from_config` resolves (or refuses) it itself
+        pass
+
+
 class MiCRoRewardModel(MiCRoPreTrainedModel):
     """
     Backbone + K reward heads + router. See the module docstring for the math.
@@ -233,7 +250,8 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, checking first that the checkpoint is a MiCRo model of the asked shape."""
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs)
+            saved = check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs)
+            import_backbone_class(kwargs.get("config") if isinstance(kwargs.get("config"), MiCRoConfig) else saved)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).heads_untrained = False  # tuple: output_loading_info
         return loaded
