@@ -30,8 +30,8 @@ from .comparison import (
     SINGLE_RESIDUAL,
     ComparisonResult,
 )
+from .embedded_reports import RL, STUDIES, demote_headings, embedded_section
 from .metrics import adaptation_curve, gap_closed, plot_adaptation_curves, summarize_methods, write_seeded_report
-from .study_reports import studies_section
 
 STAGE2_SHORT_NAMES = {  # the Stage 2 variants, with their column name in the targets table
     MICRO_ADAPTED: "router adapt.",
@@ -543,8 +543,7 @@ def _performance_section(performance: dict | None) -> list[str]:
         "(`benchmarks/performance/reward_overhead.py`, run by this benchmark; its report follows):",
         "",
     ]
-    for line in performance["overhead"].splitlines()[1:]:  # its title is replaced by the sentence above
-        lines.append(line)
+    lines += demote_headings(performance["overhead"].splitlines()[1:])  # its title is replaced by the sentence above
     for name, lead in (
         ("grpo_step", "The whole GRPO step (`benchmarks/performance/grpo_step.py`):"),
         (
@@ -558,10 +557,10 @@ def _performance_section(performance: dict | None) -> list[str]:
         ),
     ):
         if performance.get(name):
-            lines += ["", lead, "", *performance[name].splitlines()[1:]]
+            lines += ["", lead, "", *demote_headings(performance[name].splitlines()[1:])]
     lines += ["", "At GPU scale (`benchmarks/performance/gpu_performance.py`: Llama-3.2-1B and 3B shapes, bf16):", ""]
     if performance.get("gpu_performance"):
-        lines += performance["gpu_performance"].splitlines()[1:]
+        lines += demote_headings(performance["gpu_performance"].splitlines()[1:])
     else:
         lines.append(
             "Not measured yet: no GPU was available to this project's sessions. The script runs in one "
@@ -604,10 +603,12 @@ def render_document(
     date,
     output: Path,
     studies: list[Path] = (),
+    rl_reports: list[Path] = (),
     resumed: dict[str, str] | None = None,
 ) -> str:
     """
-    The text of BENCHMARKS.md; `studies`: the study reports its Studies section embeds (none: no section);
+    The text of BENCHMARKS.md; `studies` and `rl_reports`: the reports its Studies and RL sections embed (none: no
+    section);
     `resumed`: `{comparison: when it ran}` for the outcomes `--resume` reused.
     """
     lora_outcomes = list(lora["outcomes"].values()) if lora else []
@@ -680,6 +681,8 @@ def render_document(
             lines += outcome_section(outcome, output)
         lines += _performance_section(performance)
     if studies:
-        lines += studies_section(list(studies), output)
+        lines += embedded_section(STUDIES, list(studies), output)
+    if rl_reports:
+        lines += embedded_section(RL, list(rl_reports), output)
     lines += _lora_section(lora, output)
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -51,6 +51,7 @@ from benchmarks.harness.comparison import (  # noqa: E402
     leave_one_context_out,
     split_pool,
 )
+from benchmarks.harness.embedded_reports import RL, STUDIES, refresh_section  # noqa: E402
 from benchmarks.harness.lora_backbone import CPU_HOUR_LORA, LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
 from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
 from benchmarks.harness.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
@@ -61,7 +62,6 @@ from benchmarks.harness.report import (  # noqa: E402
     render_document,
     write_outcome_files,
 )
-from benchmarks.harness.study_reports import refresh_studies  # noqa: E402
 from benchmarks.performance.figures import run_reward_overhead, run_script, time_stage1_epoch  # noqa: E402
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
@@ -103,6 +103,7 @@ class BenchmarkPlan:
     lora_seeds: list[int] | None = None  # seeds of the comparisons on the LoRA run (None: `seeds`)
     lora_only: bool = False  # run only the LoRA run (its frozen and tuned comparisons), as if `--lora` were given
     studies: tuple[str, ...] = ()  # study reports (paths from the repository root) the Studies section embeds
+    rl_reports: tuple[str, ...] = ()  # RL benchmark reports (paths from the repository root) the RL section embeds
 
 
 def synthetic_contexts(num_subpopulations: int) -> tuple[str, ...]:
@@ -206,6 +207,9 @@ def full_plan() -> BenchmarkPlan:
                 "query_selection",
                 "query_selection_dsp",
             )
+        ),
+        rl_reports=tuple(
+            f"benchmarks/rl/results/{name}.md" for name in ("rl_personalization_dsp", "rl_personalization")
         ),
     )
 
@@ -584,9 +588,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "not compared: rerun without it after changing the library); the others run, building only their pools.",
     )
     parser.add_argument(
-        "--refresh_studies",
+        "--refresh_reports",
         action="store_true",
-        help="Only re-embed the plan's study reports into the Studies section of --output; run nothing else.",
+        help="Only re-embed the plan's study and RL reports into their sections of --output; run nothing else.",
     )
     parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="The Markdown report to write.")
     parser.add_argument(
@@ -650,9 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     plan.model = args.model or plan.model
     plan.seeds = args.seeds or plan.seeds
     studies = [REPO_ROOT / path for path in plan.studies]
-    if args.refresh_studies:
-        refresh_studies(Path(args.output), studies)
-        logger.info("Re-embedded %d study reports in %s", len(studies), args.output)
+    rl_reports = [REPO_ROOT / path for path in plan.rl_reports]
+    if args.refresh_reports:
+        refresh_section(Path(args.output), STUDIES, studies)
+        refresh_section(Path(args.output), RL, rl_reports, after=STUDIES)
+        logger.info("Re-embedded %d study and %d RL reports in %s", len(studies), len(rl_reports), args.output)
         return 0
     if args.only:
         unknown = sorted(set(args.only) - {spec.name for spec in plan.benchmarks})
@@ -718,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         output=output,
         studies=studies,
+        rl_reports=rl_reports,
         resumed=resumed,
     )
     output.write_text(document, encoding="utf-8")
