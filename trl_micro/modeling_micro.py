@@ -250,8 +250,7 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, checking first that the checkpoint is a MiCRo model of the asked shape."""
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            saved = check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs)
-            import_backbone_class(kwargs.get("config") if isinstance(kwargs.get("config"), MiCRoConfig) else saved)
+            import_backbone_class(check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs))
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).heads_untrained = False  # tuple: output_loading_info
         return loaded

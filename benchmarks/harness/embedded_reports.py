@@ -57,22 +57,28 @@ def _relink(line: str, report: Path, document: Path) -> str:
     return _LINK.sub(rewrite, line)
 
 
-def demote_headings(lines: list[str], levels: int = 2) -> list[str]:
-    """`lines` with every Markdown heading outside code fences `levels` levels down."""
-    demoted, fenced = [], False
+def _outside_fences(lines: list[str], rewrite) -> list[str]:
+    """`lines` with `rewrite` applied to each line outside code fences."""
+    rewritten, fenced = [], False
     for line in lines:
         fenced ^= line.startswith("```")
-        demoted.append(line if fenced else _HEADING.sub(lambda match: "#" * (len(match.group(1)) + levels) + " ", line))
-    return demoted
+        rewritten.append(line if fenced else rewrite(line))
+    return rewritten
+
+
+def _demote(line: str, levels: int = 2) -> str:
+    return _HEADING.sub(lambda match: "#" * (len(match.group(1)) + levels) + " ", line)
+
+
+def demote_headings(lines: list[str]) -> list[str]:
+    """`lines` with every Markdown heading outside code fences two levels down."""
+    return _outside_fences(lines, _demote)
 
 
 def embed_report(report: Path, document: Path) -> list[str]:
     """`report`'s lines as a subsection of `document`: headings two levels down, relative links rewritten."""
-    lines, fenced = [], False
-    for line in demote_headings(report.read_text(encoding="utf-8").splitlines()):
-        fenced ^= line.startswith("```")
-        lines.append(line if fenced else _relink(line, report, document))
-    return lines
+    lines = report.read_text(encoding="utf-8").splitlines()
+    return _outside_fences(lines, lambda line: _relink(_demote(line), report, document))
 
 
 def embedded_section(section: EmbeddedSection, reports: list[Path], document: Path) -> list[str]:
