@@ -76,6 +76,18 @@ def test_smoke_preset_writes_table_plots_and_runs(tmp_path, capsys):
             assert all(point["cross_win_rate"][c][c] == point["win_rate"][c] for c in contexts)
     assert "## Completions cut at the budget of 8 tokens" in markdown and "## Cross-context matrix" in markdown
 
+    # --report_only trains nothing: it reports the finished runs and names the missing one.
+    (tmp_path / "runs" / "synthetic-gold-seed1.json").unlink()
+    main(["--preset", "smoke", "--output_dir", str(tmp_path), "--report_only"])
+    assert not (tmp_path / "runs" / "synthetic-gold-seed1.json").exists()
+    partial = json.loads((tmp_path / "rl_personalization.json").read_text())
+    assert partial["missing_runs"] == [{"method": "gold", "seed": 1}] and len(partial["runs"]) == 5
+    assert partial["summary"]["table"]["subpop-0"]["gold"]["gold_after"]["n"] == 1
+    markdown = (tmp_path / "rl_personalization.md").read_text()
+    assert "Not run yet: gold (ceiling) seed 1." in markdown and "gold (ceiling): [0]" in markdown
+    with pytest.raises(SystemExit, match="no finished run"):
+        main(["--preset", "smoke", "--output_dir", str(tmp_path), "--report_only", "--seeds", "5"])
+
     # --resume reuses the finished runs of the same settings, and reruns one whose settings differ.
     finished = (tmp_path / "runs" / "synthetic-gold-seed0.json").read_text()
     main(["--preset", "smoke", "--output_dir", str(tmp_path), "--methods", "gold", "--seeds", "0", "--resume"])

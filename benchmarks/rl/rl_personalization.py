@@ -35,7 +35,8 @@ policy that TRL logs (`--beta` > 0).
 Writes under `--output_dir` (default benchmarks/rl/results/): rl_personalization.md and .json (rl_personalization_dsp.*
 for DSP: the table, curves, matrix, reward accuracies, settings and the command), one PNG of curves per context, kl.png,
 and runs/<scenario>-<method>-seed<k>.json per run; with `--resume`, a run whose file holds the same settings is not
-run again.
+run again. `--report_only` writes the report from the finished runs alone and names the runs still missing, so a
+comparison cut short by the machine's time can be reported as far as it went.
 """
 
 from __future__ import annotations
@@ -209,6 +210,12 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", default=None, help="Feature cache and scratch (default: a temporary folder).")
     parser.add_argument("--output_dir", default=str(RESULTS), help="Where the report, plots and runs are written.")
     parser.add_argument("--resume", action="store_true", help="Skip runs whose result file has the same settings.")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="Train nothing: write the report from the finished runs of --methods x --seeds (as --resume finds them) "
+        "and name the missing ones.",
+    )
     parser.add_argument(
         "--probe_lengths",
         type=int,
@@ -480,11 +487,14 @@ def main(argv=None):
         context_template=CONTEXT_TEMPLATE,
     )
     reward_of = {"micro": rewards.micro, "single": rewards.single, "gold": rewards.gold}
-    runs = []
+    runs, missing = [], []
     for seed in args.seeds:
         for method in args.methods:
             path = output_dir / "runs" / f"{args.scenario}-{method}-seed{seed}.json"
-            run = load_finished_run(path, settings) if args.resume else None
+            run = load_finished_run(path, settings) if args.resume or args.report_only else None
+            if run is None and args.report_only:
+                missing.append({"method": method, "seed": seed})
+                continue
             if run is None:
                 run = train_policy(
                     method, reward_of[method], seed, args, policy_path, train_prompts, evaluation, scratch
@@ -508,7 +518,10 @@ def main(argv=None):
         "eval_prompts_per_context": len(eval_prompts) // args.num_contexts,
         "train_prompts": len(train_prompts),
         "runs": runs,
+        "missing_runs": missing,
     }
+    if not runs:
+        raise SystemExit(f"--report_only: no finished run of {args.methods} x seeds {args.seeds} in {output_dir}/runs.")
     markdown_path = write_outputs(
         results, output_dir, "rl_personalization" + ("_dsp" if args.scenario == "dsp" else "")
     )

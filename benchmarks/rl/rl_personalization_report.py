@@ -201,6 +201,30 @@ def rewards_paragraph(results: dict) -> str:
     )
 
 
+def seeds_sentence(results: dict) -> str:
+    """How many seeds each figure averages, and the runs `--report_only` found missing."""
+    seeds_of = {}
+    for run in results["runs"]:
+        seeds_of.setdefault(run["method"], []).append(run["seed"])
+    counts = {len(seeds) for seeds in seeds_of.values()}
+    if counts == {1}:
+        sentence = "One seed: no spread over seeds."
+    elif len(counts) == 1:
+        sentence = f"Mean ± std over {counts.pop()} seeds."
+    else:
+        sentence = (
+            "Mean ± std over the seeds each method has run ("
+            + ", ".join(f"{METHOD_LABELS[method]}: {seeds}" for method, seeds in seeds_of.items())
+            + "); a figure without ± is one run."
+        )
+    missing = results.get("missing_runs") or []
+    if missing:
+        sentence += (
+            " Not run yet: " + ", ".join(f"{METHOD_LABELS[m['method']]} seed {m['seed']}" for m in missing) + "."
+        )
+    return sentence
+
+
 def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list[str]:
     settings = results["settings"]
     seeds = settings["seeds"]
@@ -220,7 +244,7 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
         f"Evaluation: {results['eval_prompts_per_context']} held-out prompts per context, {settings['eval_samples']} "
         f"samples each, every {settings['eval_every']} steps; win rate against {settings['reference_samples']} samples "
         "per prompt of the initial policy, under that context's gold reward (benchmarks/rl/gold_evaluation.py). "
-        + (f"Mean ± std over {len(seeds)} seeds." if len(seeds) > 1 else "One seed: no spread over seeds."),
+        + seeds_sentence(results),
         "",
         "## Per context, before and after training",
         "",
