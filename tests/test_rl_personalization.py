@@ -8,6 +8,7 @@ import torch
 from benchmarks.rl.gold_evaluation import add_logged_kl, win_rate
 from benchmarks.rl.personalization_rewards import GoldReward
 from benchmarks.rl.rl_personalization import main
+from benchmarks.rl.rl_personalization_report import checks_lines
 from trl_micro.rewards import MiCRoReward
 from trl_micro.testing_utils import build_tiny_micro_model
 
@@ -26,6 +27,41 @@ def test_logged_kl_is_averaged_between_evaluation_points():
     assert "kl" not in points[0]
     assert points[1]["kl"] == pytest.approx(0.2)
     assert points[2]["kl"] == pytest.approx(1.0)
+
+
+def test_personalization_checks_read_the_means_of_the_micro_runs():
+    def value(mean):
+        return {"mean": mean, "std": 0.0, "n": 2}
+
+    def row(win, cross, cap=0.1):
+        return {
+            "win_rate_after": value(win),
+            "cap_share_after": value(cap),
+            "cross_win_rate": {judge: value(mean) for judge, mean in cross.items()},
+        }
+
+    # a: wins, 0.04 below gold, its diagonal tops its row (0.5) and its column (0.3); b: loses under its own gold,
+    # 0.10 below gold, its diagonal (0.45) is below a's answers judged by b (0.5), and its answers are cut.
+    table = {
+        "a": {"micro": row(0.66, {"a": 0.66, "b": 0.5}), "gold": row(0.70, {"a": 0.7, "b": 0.2})},
+        "b": {"micro": row(0.45, {"a": 0.3, "b": 0.45}, cap=0.4), "gold": row(0.55, {"a": 0.2, "b": 0.55})},
+    }
+    summary = {
+        "contexts": ["a", "b"],
+        "methods": ["micro", "gold"],
+        "table": table,
+        "curves": {"micro": [{"step": 0}, {"step": 32}]},
+    }
+    lines = checks_lines(summary)
+    assert "step 32" in lines[2]
+    rows = [line for line in lines if line.startswith("| a |") or line.startswith("| b |")]
+    assert rows == [
+        "| a | yes (0.66) | yes (0.66 vs 0.70) | yes (0.66 vs max 0.50) | yes (0.10) |",
+        "| b | no (0.45) | no (0.45 vs 0.55) | no (0.45 vs max 0.50) | no (0.40) |",
+    ]
+    assert checks_lines({**summary, "methods": ["single", "gold"]}) == []
+    without_gold = checks_lines({**summary, "methods": ["micro"]})
+    assert "| a | yes (0.66) | n/a (no gold run) |" in "\n".join(without_gold)
 
 
 def test_gold_reward_scores_each_row_with_its_own_context(tokenizer):
@@ -75,6 +111,7 @@ def test_smoke_preset_writes_table_plots_and_runs(tmp_path, capsys):
             assert set(point["cross_win_rate"]) == set(contexts)
             assert all(point["cross_win_rate"][c][c] == point["win_rate"][c] for c in contexts)
     assert "## Completions cut at the budget of 8 tokens" in markdown and "## Cross-context matrix" in markdown
+    assert "## Does the MiCRo-trained policy personalize?" in markdown
 
     # --report_only trains nothing: it reports the finished runs and names the missing one.
     (tmp_path / "runs" / "synthetic-gold-seed1.json").unlink()

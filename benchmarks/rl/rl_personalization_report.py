@@ -15,6 +15,8 @@ import numpy as np
 from trl_micro.evaluation import markdown_table, new_figure, save_figure, write_report
 
 METHOD_LABELS = {"micro": "MiCRo (Stage 2 routing)", "single": "SingleReward", "gold": "gold (ceiling)"}
+CEILING_GAP = 0.05  # how far below the gold-trained policy's win rate the MiCRo-trained one may stay
+CAP_LIMIT = 0.20  # the share of answers cut at the budget below which the budget leaves the tastes room
 CURVE_PANELS = (
     ("gold", "gold reward (mean)"),
     ("win_rate", "win rate over the initial policy"),
@@ -290,6 +292,7 @@ def markdown_lines(results: dict, summary: dict, images: dict[str, str]) -> list
     ]
     lines += cap_share_lines(summary, settings)
     lines += cross_context_lines(summary)
+    lines += checks_lines(summary)
     lines += ["## Rewards: accuracy on the test pairs (%)", ""]
     accuracy_rows = [
         [name] + [f"{100 * value['accuracy'][context]:.1f}" for context in summary["contexts"]]
@@ -329,6 +332,55 @@ def cap_share_lines(summary: dict, settings: dict) -> list[str]:
         "Share of the held-out samples that end without an end-of-sequence token, at each evaluation (step):",
         "",
         *markdown_table(["context", "trained against", *map(str, steps)], rows),
+        "",
+    ]
+
+
+def checks_lines(summary: dict) -> list[str]:
+    """
+    Per context, whether the policy trained against MiCRo personalizes (on the means over seeds): it wins over its
+    initial self (above 0.5), comes within `CEILING_GAP` of the gold-trained policy, wins more under its own context's
+    gold than any other cell of its row and column of the cross-context matrix, and leaves fewer than `CAP_LIMIT` of
+    its answers cut at the budget. Empty without a MiCRo run.
+    """
+    if "micro" not in summary["methods"]:
+        return []
+    contexts, table = summary["contexts"], summary["table"]
+
+    def verdict(passed: bool, detail: str) -> str:
+        return f"{'yes' if passed else 'no'} ({detail})"
+
+    rows = []
+    for context in contexts:
+        micro = table[context]["micro"]
+        win = micro["win_rate_after"]["mean"]
+        cross = {judge: value["mean"] for judge, value in micro["cross_win_rate"].items()}
+        off = [cross[judge] for judge in contexts if judge != context]
+        off += [table[other]["micro"]["cross_win_rate"][context]["mean"] for other in contexts if other != context]
+        row = [context, verdict(win > 0.5, f"{win:.2f}")]
+        if "gold" in summary["methods"]:
+            gold = table[context]["gold"]["win_rate_after"]["mean"]
+            row.append(verdict(win >= gold - CEILING_GAP, f"{win:.2f} vs {gold:.2f}"))
+        else:
+            row.append("n/a (no gold run)")
+        row.append(verdict(all(cross[context] > value for value in off), f"{cross[context]:.2f} vs max {max(off):.2f}"))
+        cap = micro["cap_share_after"]["mean"]
+        row.append(verdict(cap < CAP_LIMIT, f"{cap:.2f}"))
+        rows.append(row)
+    header = [
+        "context",
+        "wins over its initial self",
+        f"within {CEILING_GAP:.2f} of the gold-trained",
+        "diagonal above its row and column",
+        f"cap share below {CAP_LIMIT:.2f}",
+    ]
+    return [
+        "## Does the MiCRo-trained policy personalize?",
+        "",
+        f"Per context, at the last evaluation (step {summary['curves']['micro'][-1]['step']}), on the means over seeds; the step-0 win "
+        "rate above says how far from 0.5 the noise alone goes.",
+        "",
+        *markdown_table(header, rows),
         "",
     ]
 
