@@ -505,6 +505,8 @@ def main(argv=None):
             runs.append(run)
 
     scenario = "DSP readers " + ", ".join(args.domains) if args.scenario == "dsp" else "synthetic subpopulations"
+    if not runs:
+        raise SystemExit(f"--report_only: no finished run of {args.methods} x seeds {args.seeds} in {output_dir}/runs.")
     results = {
         "title": f"RL personalization ({scenario}): GRPO against MiCRo, SingleReward and the gold reward",
         "scenario": args.scenario,
@@ -520,8 +522,6 @@ def main(argv=None):
         "runs": runs,
         "missing_runs": missing,
     }
-    if not runs:
-        raise SystemExit(f"--report_only: no finished run of {args.methods} x seeds {args.seeds} in {output_dir}/runs.")
     markdown_path = write_outputs(
         results, output_dir, "rl_personalization" + ("_dsp" if args.scenario == "dsp" else "")
     )
