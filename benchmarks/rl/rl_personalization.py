@@ -26,10 +26,11 @@ context's gold reward: the gold mean, the win rate over the initial policy's sam
 completion budget, and the cross-context matrix (`benchmarks/rl/gold_evaluation.py`), with the KL to the initial
 policy that TRL logs (`--beta` > 0).
 
-    python benchmarks/rl/rl_personalization.py --threads 1 --resume --cache_dir ~/.cache/trl_micro/rl-personalization
-    python benchmarks/rl/rl_personalization.py --scenario dsp --threads 1 --resume \
+    python benchmarks/rl/rl_personalization.py --scenario synthetic --threads 2 --resume \
+        --cache_dir ~/.cache/trl_micro/rl-personalization-synthetic
+    python benchmarks/rl/rl_personalization.py --scenario dsp --threads 2 --resume \
         --cache_dir ~/.cache/trl_micro/rl-personalization --data_dir ../shared/data
-                                    # the real runs: 3 methods x 2 seeds, about 40 min each on 2 shared CPU cores
+                                    # the real runs: 3 methods x 2 seeds, 25-40 min each on 2 CPU cores
     python benchmarks/rl/rl_personalization.py --preset smoke [--scenario dsp]   # tiny random models, seconds
 
 Writes under `--output_dir` (default benchmarks/rl/results/): rl_personalization.md and .json (rl_personalization_dsp.*
@@ -109,7 +110,8 @@ PRESETS = {
     # 137-160 tokens whose style shows in their first sentences, while the initial policy, let run, writes about 200
     # (results/initial_lengths*.md); 48 tokens cut 90% of its answers and every long-style one. Steps: at 48 tokens a
     # step of 16 completions took about 29 s on the shared 2-core machine (one thread) and an evaluation sample 0.5 s;
-    # at 128 tokens about 2.5x that, so 32 steps and three evaluations make a run of about 45 min. At learning rate
+    # at 128 tokens 31-40 s with two threads (DSP's longer prompts 42-55), so 32 steps and three evaluations make a
+    # run of 22-28 min (DSP 30-39; results/rl_personalization*.md, "Runs"). At learning rate
     # 1e-3 the KL to the initial policy was still about 0.06 after 30 steps (no collapse), and 5e-4 barely moved it
     # in 20. The reward pools' backbone features take 10-20 min (synthetic) or about 30 (DSP) once per --cache_dir.
     "full": dict(
