@@ -203,6 +203,7 @@ def full_plan() -> BenchmarkPlan:
             for name in (
                 "readout_study",
                 "readout_study_dsp",
+                "stage1_sweep_dsp",
                 "latent_recovery_dsp",
                 "query_selection",
                 "query_selection_dsp",
