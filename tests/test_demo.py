@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trl_micro.bundled.embedded import embedded_model_path
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
@@ -50,6 +51,23 @@ def test_micro_beats_single_reward_on_every_subpopulation(tiny_tokenizer, tmp_pa
     # Each subpopulation is routed mostly to its own head, and not both to the same one.
     top_heads = {max(range(2), key=micro[s]["head_usage"].__getitem__) for s in results["subpopulations"]}
     assert top_heads == {0, 1}, table
+
+
+def test_one_seed_gives_one_table(tiny_tokenizer, tmp_path):
+    """The demo's `--seed` fixes everything it prints: two runs with other global RNG states give the same results."""
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tiny_tokenizer)
+    arguments = DemoArguments(
+        model_name_or_path=backbone,
+        train_pairs_per_subpopulation=40,
+        test_pairs_per_subpopulation=20,
+        num_train_epochs=2,
+        feature_cache_dir=str(tmp_path / "features"),
+    )
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(run_demo(arguments)["methods"])
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.slow

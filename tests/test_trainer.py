@@ -7,7 +7,8 @@ from peft import LoraConfig, PeftModel
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
 from trl_micro.data_utils import pair_labels, tokenize_preference_example
-from trl_micro.testing_utils import build_tiny_micro_model
+from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
+from trl_micro.trainer import build_micro_model
 
 from .conftest import make_conflicting_pairs
 
@@ -285,3 +286,22 @@ def test_identical_pairs_are_dropped_with_a_count(tokenizer, tmp_path, caplog, i
     trainer.train()
     with pytest.raises(ValueError, match=r"Every pair of the train dataset is identical \(`chosen` == `rejected`\)"):
         train_on([{**row, "rejected": row["chosen"]} for row in rows], tokenizer, tmp_path)
+
+
+def test_fresh_heads_and_router_are_drawn_from_the_seed(tokenizer, tmp_path):
+    """A backbone path wrapped with fresh heads (`build_micro_model`, what the trainer and `trl-micro train` do) gives
+    the same heads and router for the same `args.seed`, whatever the global RNG did before, and others for another."""
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+
+    def fresh(seed, global_seed):
+        torch.manual_seed(global_seed)
+        model = build_micro_model(backbone, make_args(tmp_path, num_heads=3, seed=seed))
+        return {
+            name: p.detach().clone() for name, p in model.named_parameters() if name.startswith(("heads", "router"))
+        }
+
+    first, again, other = fresh(7, global_seed=1), fresh(7, global_seed=2), fresh(8, global_seed=1)
+    assert first.keys() == again.keys() and {"heads.weight", "router.weight"} <= first.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], again[name], rtol=0, atol=0)
+    assert not torch.equal(first["heads.weight"], other["heads.weight"])

@@ -236,7 +236,8 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
     def from_backbone(cls, backbone: str | PreTrainedModel, *, dtype: torch.dtype | str | None = None, **config_kwargs):
         """
         Wrap a pretrained backbone (a path, or a loaded `AutoModel`/`AutoModelFor*` model) with fresh heads and router.
-        `config_kwargs` are [`MiCRoConfig`] fields (`num_heads`, `use_router`, ...).
+        `config_kwargs` are [`MiCRoConfig`] fields (`num_heads`, `use_router`, ...). The fresh weights come from torch's
+        global RNG: call `transformers.set_seed` first for a reproducible start (`build_micro_model` does).
         """
         if isinstance(backbone, (str, os.PathLike)):
             check_model_path(backbone, "backbone")

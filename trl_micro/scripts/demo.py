@@ -18,9 +18,8 @@ from transformers import AutoTokenizer
 from ..bundled.catalog import resolve_model_path
 from ..bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 from ..data_utils import split_by_context
-from ..modeling_micro import MiCRoRewardModel
 from ..scoring import score_preference_pairs
-from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer
+from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer, build_micro_model
 
 
 @dataclass
@@ -38,7 +37,6 @@ class DemoArguments:
 
 
 def train_reward_model(model_path, tokenizer, train_dataset, num_heads, args: DemoArguments, output_dir, cache_dir):
-    model = MiCRoRewardModel.from_backbone(model_path, num_heads=num_heads)
     config = MiCRoRewardConfig(
         output_dir=output_dir,
         num_heads=num_heads,
@@ -55,6 +53,7 @@ def train_reward_model(model_path, tokenizer, train_dataset, num_heads, args: De
         seed=args.seed,
         disable_tqdm=False,
     )
+    model = build_micro_model(model_path, config)
     trainer = MiCRoRewardTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
     trainer.train()
     return trainer.model.eval()

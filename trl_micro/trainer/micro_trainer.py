@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational
 
@@ -45,13 +45,17 @@ logger = logging.getLogger(__name__)
 
 
 def build_micro_model(model_id: str, args: MiCRoRewardConfig) -> MiCRoRewardModel:
-    """Load a MiCRo checkpoint, or wrap a backbone checkpoint with fresh heads and router built from `args`."""
+    """
+    Load a MiCRo checkpoint, or wrap a backbone checkpoint with fresh heads and router built from `args`, drawn after
+    `set_seed(args.seed)` so that one seed gives one start (the Trainer seeds only after its model exists).
+    """
     init_kwargs = dict(args.model_init_kwargs or {})
     dtype = init_kwargs.pop("dtype", init_kwargs.pop("torch_dtype", torch.float32))
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if checkpoint_model_type(model_id) == "micro":
         return MiCRoRewardModel.from_pretrained(model_id, dtype=dtype, **init_kwargs)
+    set_seed(args.seed)
     return MiCRoRewardModel.from_backbone(model_id, dtype=dtype, **args.architecture_kwargs())
 
 
