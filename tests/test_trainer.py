@@ -30,9 +30,12 @@ def make_args(tmp_path, **overrides):
     return MiCRoRewardConfig(**defaults)
 
 
-def trained_parameters(trainer):
-    model = trainer.model
+def head_and_router_parameters(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if "heads" in name or "router" in name}
+
+
+def trained_parameters(trainer):
+    return head_and_router_parameters(trainer.model)
 
 
 @pytest.mark.parametrize("conversational", [False, True])
@@ -295,10 +298,7 @@ def test_fresh_heads_and_router_are_drawn_from_the_seed(tokenizer, tmp_path):
 
     def fresh(seed, global_seed):
         torch.manual_seed(global_seed)
-        model = build_micro_model(backbone, make_args(tmp_path, num_heads=3, seed=seed))
-        return {
-            name: p.detach().clone() for name, p in model.named_parameters() if name.startswith(("heads", "router"))
-        }
+        return head_and_router_parameters(build_micro_model(backbone, make_args(tmp_path, num_heads=3, seed=seed)))
 
     first, again, other = fresh(7, global_seed=1), fresh(7, global_seed=2), fresh(8, global_seed=1)
     assert first.keys() == again.keys() and {"heads.weight", "router.weight"} <= first.keys()

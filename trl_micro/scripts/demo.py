@@ -19,7 +19,7 @@ from ..bundled.catalog import resolve_model_path
 from ..bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 from ..data_utils import split_by_context
 from ..scoring import score_preference_pairs
-from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer, build_micro_model
+from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer
 
 
 @dataclass
@@ -53,8 +53,8 @@ def train_reward_model(model_path, tokenizer, train_dataset, num_heads, args: De
         seed=args.seed,
         disable_tqdm=False,
     )
-    model = build_micro_model(model_path, config)
-    trainer = MiCRoRewardTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
+    # A path: the trainer wraps it with fresh heads and router drawn from `config.seed` (`build_micro_model`).
+    trainer = MiCRoRewardTrainer(model=model_path, args=config, train_dataset=train_dataset, processing_class=tokenizer)
     trainer.train()
     return trainer.model.eval()
 
