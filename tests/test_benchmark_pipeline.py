@@ -11,7 +11,7 @@ from benchmarks.harness import run_all
 from benchmarks.harness.comparison import DIAGNOSTICS, METHODS
 from benchmarks.harness.pair_pool import build_pair_pool
 from trl_micro.bundled.data_dir import resolve_data_dir
-from trl_micro.context_adaptation import fit_online_router, routed_margins
+from trl_micro.personalization.adaptation import fit_online_router, routed_margins
 from trl_micro.rewards import MiCRoReward
 from trl_micro.scripts.cli import main as cli_main
 from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone

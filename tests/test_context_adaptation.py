@@ -1,10 +1,10 @@
-"""adapt_to_contexts: online routing then residual heads per context, from a few labelled pairs."""
+"""adapt_to_users: online routing then residual heads per context, from a few labelled pairs."""
 
 import pytest
 import torch
 
-from trl_micro import ContextAdaptation, OnlineRouter, ResidualHeads, adapt_to_contexts
-from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
+from trl_micro import OnlineRouter, ResidualHeads, UserAdaptation, adapt_to_users
+from trl_micro.personalization.adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
 from trl_micro.scoring import PairScores
 
 
@@ -23,7 +23,7 @@ def _scores(num_pairs: int = 24, num_heads: int = 3, hidden: int = 8, seed: int 
 
 def test_adaptation_is_the_online_router_then_residual_heads():
     contexts, scores = _scores()
-    adapted = adapt_to_contexts(contexts, scores)
+    adapted = adapt_to_users(contexts, scores)
     router = fit_online_router(contexts, scores.head_margins, router_priors(contexts, scores.mixture_weights))
     for user in ("alice", "bob"):
         torch.testing.assert_close(adapted.online_router.weights(user), router.weights(user))
@@ -40,11 +40,11 @@ def test_adaptation_is_the_online_router_then_residual_heads():
 
 def test_saved_stores_load_into_the_reward(tmp_path):
     contexts, scores = _scores()
-    paths = adapt_to_contexts(contexts, scores).save(tmp_path / "stage2")
+    paths = adapt_to_users(contexts, scores).save(tmp_path / "stage2")
     assert set(paths) == {"online_router", "residual_heads"}
     assert OnlineRouter.load(paths["online_router"]).users() == ["alice", "bob"]
     assert set(ResidualHeads.load(paths["residual_heads"]).users()) == {"alice", "bob"}
-    routing_only = adapt_to_contexts(contexts, scores, residual_heads=False)
+    routing_only = adapt_to_users(contexts, scores, residual_heads=False)
     assert routing_only.residual_heads is None
     assert set(routing_only.save(tmp_path / "routing_only")) == {"online_router"}
 
@@ -52,7 +52,7 @@ def test_saved_stores_load_into_the_reward(tmp_path):
 def test_uniform_prior_is_hyre_reweighting():
     contexts, scores = _scores()
     uniform = torch.full_like(scores.mixture_weights, 1 / 3)
-    adapted = adapt_to_contexts(contexts, scores, prior_weights=uniform, residual_heads=False)
+    adapted = adapt_to_users(contexts, scores, prior_weights=uniform, residual_heads=False)
     likelihood = torch.nn.functional.logsigmoid(scores.head_margins[1::2]).sum(dim=0).exp()
     torch.testing.assert_close(adapted.online_router.weights("alice"), (likelihood / likelihood.sum()).float())
 
@@ -60,7 +60,7 @@ def test_uniform_prior_is_hyre_reweighting():
 def test_bad_input_is_refused():
     contexts, scores = _scores()
     with pytest.raises(ValueError, match="23 context ids for 24 scored pairs"):
-        adapt_to_contexts(contexts[:-1], scores)
+        adapt_to_users(contexts[:-1], scores)
     with pytest.raises(ValueError, match="at least 2 labelled pairs per context"):
-        adapt_to_contexts(["solo", *contexts[1:]], scores)
-    assert isinstance(adapt_to_contexts(["solo", *contexts[1:]], scores, residual_heads=False), ContextAdaptation)
+        adapt_to_users(["solo", *contexts[1:]], scores)
+    assert isinstance(adapt_to_users(["solo", *contexts[1:]], scores, residual_heads=False), UserAdaptation)

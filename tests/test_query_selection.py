@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from trl_micro import OnlineRouter
-from trl_micro.context_adaptation import adapt_to_contexts, fit_online_router, router_priors
-from trl_micro.query_selection import (
+from trl_micro.personalization.adaptation import adapt_to_users, fit_online_router, router_priors
+from trl_micro.personalization.query_selection import (
     choose_pairs_to_label,
     expected_information,
     head_disagreement,
@@ -110,11 +110,11 @@ def test_asking_by_information_finds_the_users_head_in_fewer_questions_than_rand
     assert posterior_on_truth["information"] > 0.9
 
 
-def test_adapt_to_contexts_learns_from_the_pairs_it_chose():
+def test_adapt_to_users_learns_from_the_pairs_it_chose():
     margins = torch.cat([planted_pool(seed=1, follows=0), planted_pool(seed=2, follows=3)])
     contexts = ["a"] * 60 + ["b"] * 60
     scores = PairScores(margins, torch.zeros(120, 4), torch.randn(120, 5, generator=torch.Generator().manual_seed(0)))
-    adapted = adapt_to_contexts(contexts, scores, num_queries=4, query_seed=0)
+    adapted = adapt_to_users(contexts, scores, num_queries=4, query_seed=0)
     rows = adapted.labelled_rows
     assert len(rows) == 8 and len(set(rows)) == 8
     assert [contexts[row] for row in rows] == ["a"] * 4 + ["b"] * 4
@@ -126,6 +126,6 @@ def test_adapt_to_contexts_learns_from_the_pairs_it_chose():
         torch.testing.assert_close(adapted.online_router.weights(context), expected.weights(context))
     assert adapted.online_router.weights("a").argmax() == 0 and adapted.online_router.weights("b").argmax() == 3
     assert adapted.residual_heads is not None and set(adapted.residual_heads.users()) == {"a", "b"}
-    assert adapt_to_contexts(contexts, scores).labelled_rows is None  # without num_queries: every pair, as before
+    assert adapt_to_users(contexts, scores).labelled_rows is None  # without num_queries: every pair, as before
     with pytest.raises(ValueError, match="has 60 candidate pairs; 61 were asked for"):
-        adapt_to_contexts(contexts, scores, num_queries=61)
+        adapt_to_users(contexts, scores, num_queries=61)

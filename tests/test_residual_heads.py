@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from trl_micro.residual_heads import ResidualHeads
+from trl_micro.personalization.residual_heads import ResidualHeads
 
 HIDDEN = 16
 

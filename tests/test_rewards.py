@@ -10,8 +10,8 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 import trl_micro  # noqa: F401  (registers MiCRo with AutoModelForSequenceClassification)
 from trl_micro.data_utils import join_context
-from trl_micro.online_router import OnlineRouter
-from trl_micro.residual_heads import ResidualHeads
+from trl_micro.personalization.online_router import OnlineRouter
+from trl_micro.personalization.residual_heads import ResidualHeads
 from trl_micro.rewards import MiCRoReward, truncate_completion
 from trl_micro.scripts.rl_utils import show_context_to_policy
 from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trl_micro.online_router import OnlineRouter
+from trl_micro.personalization.online_router import OnlineRouter
 
 K = 4
 

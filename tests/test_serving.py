@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trl_micro import OnlineRouter
+from trl_micro import OnlineRouter, open_user_store
 from trl_micro.rewards import MiCRoReward
 from trl_micro.scripts.serve import ServeArguments, build_app
 from trl_micro.serving import DynamicBatcher
@@ -194,7 +194,7 @@ def test_the_batcher_scores_requests_that_arrive_together_in_one_call():
 
 
 def test_feedback_updates_the_store_and_is_off_by_default(reward_checkpoint, in_process, tmp_path):  # noqa: F811
-    store = tmp_path / "feedback" / "router.json"
+    store = f"sqlite:///{tmp_path / 'feedback' / 'users.db'}"
     comparison = {
         "user": "alice",
         "prompt": PROMPTS[0],
@@ -204,14 +204,16 @@ def test_feedback_updates_the_store_and_is_off_by_default(reward_checkpoint, in_
     with running_server(ServeArguments(model_name_or_path=reward_checkpoint)) as url:
         status, answer = call(f"{url}/feedback", {"comparisons": [comparison]})
     assert status == 403 and "--allow_feedback" in answer["detail"]
-    args = ServeArguments(model_name_or_path=reward_checkpoint, online_router=str(store), allow_feedback=True)
+    args = ServeArguments(
+        model_name_or_path=reward_checkpoint, user_store=store, allow_feedback=True, feature_dir=str(tmp_path / "f")
+    )
     with running_server(args) as url:
         for _ in range(3):
             status, answer = call(f"{url}/feedback", {"comparisons": [comparison, {**comparison, "user": 7}]})
             assert status == 200
         _, metrics = call(f"{url}/metrics")
     assert answer["num_updates"] == {"7": 3, "alice": 3} and "trl_micro_feedback_total 6.0" in metrics
-    stored = OnlineRouter.load(store)
+    stored = open_user_store(store).to_online_router()
     heads = in_process.score([PROMPTS[0]] * 2, [comparison["chosen"], comparison["rejected"]])["head_rewards"]
     expected = OnlineRouter(num_heads=2)
     expected.update("alice", (heads[0] - heads[1]).double().repeat(3, 1))
@@ -254,9 +256,12 @@ def test_a_token_guards_every_endpoint_but_health(reward_checkpoint, monkeypatch
 
 
 def test_feedback_needs_a_store_and_a_missing_store_is_named(reward_checkpoint, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="--online_router PATH"):
+    with pytest.raises(ValueError, match="--user_store URL"):
         build_app(ServeArguments(model_name_or_path=reward_checkpoint, allow_feedback=True))
-    with pytest.raises(FileNotFoundError, match="with --allow_feedback it is created"):
+    json_file = str(tmp_path / "router.json")
+    with pytest.raises(ValueError, match=f"trl-micro users import {json_file} --user_store URL"):
+        build_app(ServeArguments(model_name_or_path=reward_checkpoint, online_router=json_file, allow_feedback=True))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         build_app(ServeArguments(model_name_or_path=reward_checkpoint, online_router=str(tmp_path / "none.json")))
 
 

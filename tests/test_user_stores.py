@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trl_micro.online_router import OnlineRouter
-from trl_micro.residual_heads import ResidualHeads
-from trl_micro.user_stores import normalize_user_id
+from trl_micro.personalization.online_router import OnlineRouter
+from trl_micro.personalization.residual_heads import ResidualHeads
+from trl_micro.value_checks import normalize_user_id
 
 K, HIDDEN, UPDATES = 4, 8, 200
 

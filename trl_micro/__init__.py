@@ -3,11 +3,17 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .configuration_micro import MiCRoConfig
-from .context_adaptation import ContextAdaptation, adapt_to_contexts
 from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
-from .online_router import OnlineRouter
+from .personalization import (
+    OnlineRouter,
+    ResidualHeads,
+    UserAdaptation,
+    UserStore,
+    adapt_to_users,
+    open_user_store,
+)
+from .personalization.adaptation import ContextAdaptation, adapt_to_contexts
 from .ppo_reward import MiCRoRewardForPPO
-from .residual_heads import ResidualHeads
 from .rewards import MiCRoReward
 from .scoring import PairScores, score_preference_pairs
 from .trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
@@ -32,6 +38,10 @@ __all__ = [
     "MiCRoRewardModel",
     "MiCRoRewardOutput",
     "MiCRoRewardTrainer",
+    "UserAdaptation",
+    "UserStore",
     "adapt_to_contexts",
+    "adapt_to_users",
+    "open_user_store",
     "score_preference_pairs",
 ]

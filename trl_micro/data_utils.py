@@ -28,7 +28,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
-from .user_stores import is_real_number
+from .value_checks import is_real_number
 
 Messages = list[dict[str, Any]]
 

@@ -76,6 +76,20 @@ def backbone_fingerprint(backbone: torch.nn.Module, samples_per_tensor: int = 40
     return digest.hexdigest()[:16]
 
 
+def reward_model_fingerprint(model) -> str:
+    """
+    A stable hash of a MiCRo reward model's heads, router and backbone (`backbone_fingerprint`): what per-user weights
+    over its heads refer to. Retraining the heads, or the backbone, changes it.
+    """
+    digest = hashlib.sha256(backbone_fingerprint(model.backbone).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(f"{model.base_model_prefix}."):
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def sequence_key(ids: Sequence[int], prompt_length: int) -> str:
     """The store key of one sequence: its token ids and where its prompt ends."""
     digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes())
@@ -85,16 +99,22 @@ def sequence_key(ids: Sequence[int], prompt_length: int) -> str:
 
 @torch.no_grad()
 def compute_sequence_readings(
-    model, sequences: Sequence[TokenSequence], batch_size: int = 16, device=None, desc: str = "Backbone features"
+    model,
+    sequences: Sequence[TokenSequence],
+    batch_size: int = 16,
+    device=None,
+    desc: str = "Backbone features",
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """One backbone pass per sequence, batched by length: `model.compute_readings` of each, (N, hidden), on the CPU."""
+    """One backbone pass per sequence, batched by length: `model.compute_readings` of each, (N, hidden), on the CPU
+    (with a progress bar named `desc` unless `progress=False`)."""
     device = device or next(model.parameters()).device
     readings = {name: torch.empty(len(sequences), model.config.hidden_size) for name in READINGS}
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not order):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not order or not progress):
             rows = order[start : start + batch_size]
             input_ids = pad_right([sequences[i][0] for i in rows], 0).to(device)
             attention_mask = pad_right([[1] * len(sequences[i][0]) for i in rows], 0).to(device)
@@ -209,6 +229,11 @@ class FeatureStore:
             raise ValueError("it holds non-finite features")
         rows = [i for i, key in enumerate(keys) if key in wanted]
         return [keys[i] for i in rows], {name: tensor[rows] for name, tensor in readings.items()}
+
+    def add(self, keys: list[str], readings: dict[str, torch.Tensor]) -> None:
+        """Store readings (`compute_readings`'s, one row per key) computed elsewhere, e.g. while scoring feedback."""
+        if keys:
+            self._write(keys, readings)
 
     def _write(self, keys: list[str], readings: dict[str, torch.Tensor]) -> None:
         """Save one segment atomically: a temporary file in the same folder, renamed into place; removed on failure."""

@@ -8,14 +8,17 @@ the personalized reward the model was trained to give,
 
 with the weights w chosen per completion by, in order of precedence:
 
-1. the user id in `user_column`, when an [`OnlineRouter`] has a posterior for that user (Stage 2 online routing);
+1. the user id in `user_column`, when the user store (`user_store`, `trl_micro.personalization.stores`) or an
+   in-memory [`OnlineRouter`] has a posterior for that user (Stage 2 online routing);
 2. the router reading the prompt with the context joined as in training (`context_column`; a row whose context is
    `None` or empty, and every row when `context_column=None`, is routed by its prompt alone).
 
-A user with a fitted [`ResidualHeads`] residual (`residual_heads`) also gets its correction u_user . h on the backbone's
-reward features h (`trl_micro.residual_heads`); other rows get none.
+A user with a residual head (in the user store, or a [`ResidualHeads`] passed as `residual_heads`) also gets its
+correction u_user . h on the backbone's reward features h (`trl_micro.personalization.residual_heads`); other rows get
+none. A user store is read through a cache (`CachedUserStore`): a user's weights are at most `store_staleness_s` old,
+so comparisons that other processes record reach this reward within that time.
 
-User ids follow the stores' one rule (`trl_micro.user_stores.normalize_user_id`): a `str`, or an `int` read as its
+User ids follow the stores' one rule (`trl_micro.value_checks.normalize_user_id`): a `str`, or an `int` read as its
 decimal string (an integer `context_id` column finds the stores `trl-micro eval` keys by `str(context_id)`); `None`
 is "no user"; any other type is an error. Rows whose user a store does not know are counted and logged
 (`micro/fallback_rows`: routed by the model's router instead of the online router; `micro/rows_without_residual`), and
@@ -45,10 +48,12 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from trl.models import prepare_deepspeed
 
 from .data_utils import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
+from .feature_cache import compute_sequence_readings, sequence_key
 from .modeling_micro import MiCRoRewardModel
-from .online_router import OnlineRouter
-from .residual_heads import ResidualHeads
-from .user_stores import is_integer, normalize_user_id
+from .personalization.online_router import OnlineRouter
+from .personalization.residual_heads import ResidualHeads
+from .personalization.stores import CachedUserStore, UserStore, open_user_store
+from .value_checks import is_integer, normalize_user_id
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +77,15 @@ class MiCRoReward:
         context_column (`str` or `None`, defaults to `"context"`): dataset column joined to each prompt. A column
             missing from the dataset is an error; `None` routes by the prompt alone.
         user_column (`str`, *optional*): dataset column of user ids (str or int) routed through `online_router`.
-        online_router ([`OnlineRouter`] or path, *optional*): per-user weights over the heads. A user it does not
-            know (or a `None` id) is routed by the model's router, and counted (`micro/fallback_rows`).
-        residual_heads ([`ResidualHeads`] or path, *optional*): per-user residual heads added to the routed reward
-            (needs `user_column`); a user without one gets no correction.
+        user_store ([`UserStore`], [`CachedUserStore`] or URL, *optional*): the per-user weights over the heads and
+            residual heads, e.g. `"sqlite:///users.db"`. A user it does not know (or a `None` id) is routed by the
+            model's router, and counted (`micro/fallback_rows`).
+        store_staleness_s (`float`, defaults to 0.5): how old a user's weights read from `user_store` may be, in
+            seconds (a `UserStore` or URL is wrapped in a `CachedUserStore` with it).
+        online_router ([`OnlineRouter`] or path, *optional*): in-memory per-user weights over the heads (a JSON file
+            from `UserAdaptation.save`), instead of a `user_store`.
+        residual_heads ([`ResidualHeads`] or path, *optional*): in-memory per-user residual heads added to the routed
+            reward, instead of a `user_store`'s; a user without one gets no correction.
         batch_size (`int`, defaults to 16): sequences per backbone pass.
         max_length (`int`, *optional*): longest scored sequence, in tokens (>= 1); `None`: the backbone's
             `max_position_embeddings`.
@@ -91,6 +101,8 @@ class MiCRoReward:
         tokenizer: PreTrainedTokenizerBase,
         context_column: str | None = "context",
         user_column: str | None = None,
+        user_store: UserStore | CachedUserStore | str | None = None,
+        store_staleness_s: float = 0.5,
         online_router: OnlineRouter | str | os.PathLike | None = None,
         residual_heads: ResidualHeads | str | os.PathLike | None = None,
         batch_size: int = 16,
@@ -101,10 +113,30 @@ class MiCRoReward:
     ):
         if not isinstance(model, MiCRoRewardModel):
             raise TypeError(f"MiCRoReward needs a MiCRoRewardModel, got {type(model).__name__}.")
-        if user_column is not None and online_router is None and residual_heads is None:
-            raise ValueError("`user_column` names users for `online_router` / `residual_heads`: pass one of them too.")
-        if user_column is None and (online_router is not None or residual_heads is not None):
-            raise ValueError("`online_router` and `residual_heads` are per user: pass `user_column` too.")
+        has_user_state = user_store is not None or online_router is not None or residual_heads is not None
+        if user_column is not None and not has_user_state:
+            raise ValueError(
+                "`user_column` names users for `user_store` (or `online_router` / `residual_heads`): pass one of them."
+            )
+        if user_column is None and has_user_state:
+            raise ValueError("`user_store`, `online_router` and `residual_heads` are per user: pass `user_column` too.")
+        if user_store is not None and (online_router is not None or residual_heads is not None):
+            raise ValueError(
+                "Pass either `user_store` or the in-memory `online_router` / `residual_heads`, not both: import the "
+                "JSON files into the store with `trl-micro users import FILE --user_store URL`."
+            )
+        if isinstance(user_store, (str, os.PathLike)):
+            user_store = open_user_store(user_store, num_heads=model.num_heads)
+        if isinstance(user_store, UserStore):
+            user_store = CachedUserStore(user_store, max_staleness_s=store_staleness_s)
+        if user_store is not None:
+            user_store.store.check_model(num_heads=model.num_heads)
+            stored_size = user_store.store.settings.hidden_size
+            if stored_size is not None and stored_size != model.config.reward_feature_size:
+                raise ValueError(
+                    f"The user store's residual heads have hidden_size={stored_size}, the reward model's reward "
+                    f"features {model.config.reward_feature_size}: they were fitted on another backbone or readout."
+                )
         if isinstance(online_router, (str, os.PathLike)):
             online_router = OnlineRouter.load(online_router, expected_num_heads=model.num_heads)
         if online_router is not None and online_router.num_heads != model.num_heads:
@@ -133,6 +165,7 @@ class MiCRoReward:
         self.tokenizer = tokenizer
         self.context_column = context_column
         self.user_column = user_column
+        self.user_store = user_store
         self.online_router = online_router
         self.residual_heads = residual_heads
         self.batch_size = batch_size
@@ -267,42 +300,103 @@ class MiCRoReward:
             context = contexts[index] if contexts is not None else None
             encoded.append(self._encode(join_context(prompt, context, template, skip_if_present=True), completion))
 
+        user_weights, user_residuals = self.user_lookups(users)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
         head_rewards, weights = [None] * len(encoded), [None] * len(encoded)
         residual_rewards = torch.zeros(len(encoded))
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             batch_users = [users[i] for i in rows] if users is not None else None
-            output = self._score_batch([encoded[i] for i in rows], batch_users)
+            output = self._score_batch([encoded[i] for i in rows], batch_users, user_weights)
             for position, row in enumerate(rows):
                 head_rewards[row] = output.head_rewards[position]
                 weights[row] = output.mixture_weights[position]
-            if self.residual_heads is not None and batch_users is not None:
-                residual_rewards[rows] = self.residual_heads.rewards(batch_users, output.reward_features).cpu()
+            if user_residuals and batch_users is not None:
+                residual_rewards[rows] = residual_corrections(batch_users, user_residuals, output.reward_features)
         head_rewards = torch.stack(head_rewards).float().cpu()
         weights = torch.stack(weights).float().cpu()
+        users = users if users is not None else [None] * len(encoded)
         return {
             "rewards": (weights * head_rewards).sum(dim=-1) + residual_rewards,
             "head_rewards": head_rewards,
             "mixture_weights": weights,
             "residual_rewards": residual_rewards,
-            "online_routed": known_users(self.online_router, users, len(encoded)),
-            "has_residual": known_users(self.residual_heads, users, len(encoded)),
+            "online_routed": torch.tensor([user in user_weights for user in users], dtype=torch.bool),
+            "has_residual": torch.tensor([user in user_residuals for user in users], dtype=torch.bool),
         }
 
-    def _score_batch(self, encoded: list[tuple[list[int], int]], users: list[str | None] | None):
+    @torch.no_grad()
+    def comparison_margins(
+        self,
+        prompts: Sequence[str | Messages],
+        chosen: Sequence[str | Messages],
+        rejected: Sequence[str | Messages],
+        contexts: Sequence[str | None] | None = None,
+    ) -> dict[str, Any]:
+        """
+        Per-head margins r_k(chosen) - r_k(rejected) of N comparisons, as Stage 2 updates a user with them:
+        `head_margins` (N, K) on the CPU; `feature_keys`, the feature-store keys of each comparison's two sequences
+        (`trl_micro.feature_cache.sequence_key`); and `readings`, the backbone's readings of the 2N sequences in the
+        order of `sequence_keys` (what `FeatureStore.add` keeps, so that a rebuild on the same backbone runs none).
+        """
+        if not (len(prompts) == len(chosen) == len(rejected)) or not prompts:
+            raise ValueError(
+                f"comparison_margins needs one prompt, chosen and rejected response per comparison, got {len(prompts)} "
+                f"prompts, {len(chosen)} chosen and {len(rejected)} rejected."
+            )
+        if not self._prepared:
+            self._place_without_accelerator()
+        model = extract_model_from_parallel(self.model)
+        template = self.config.context_template
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            context = contexts[index] if contexts is not None else None
+            joined = join_context(prompt, context, template, skip_if_present=True)
+            encoded += [self._encode(joined, chosen[index]), self._encode(joined, rejected[index])]
+        keys = [sequence_key(ids, prompt_length) for ids, prompt_length in encoded]
+        readings = compute_sequence_readings(model, encoded, self.batch_size, self.device, progress=False)
+        reward_features, router_features = model.features_from_readings(readings)
+        heads = model.score_features(reward_features, router_features, None).head_rewards.double().cpu()
+        return {
+            "head_margins": heads[0::2] - heads[1::2],
+            "feature_keys": list(zip(keys[0::2], keys[1::2])),
+            "sequence_keys": keys,
+            "readings": readings,
+        }
+
+    def user_lookups(
+        self, users: Sequence[str | None] | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """`({user: weights (K,)}, {user: residual})` of the users among `users` that the user state knows."""
+        if users is None:
+            return {}, {}
+        if self.user_store is not None:
+            return self.user_store.lookup(users)
+        distinct = {user for user in users if user is not None}
+        weights, residuals = {}, {}
+        if self.online_router is not None:
+            weights = {user: self.online_router.weights(user) for user in distinct if user in self.online_router}
+        if self.residual_heads is not None:
+            residuals = {user: self.residual_heads.residual(user) for user in distinct if user in self.residual_heads}
+        return weights, residuals
+
+    def _score_batch(
+        self,
+        encoded: list[tuple[list[int], int]],
+        users: list[str | None] | None,
+        user_weights: dict[str, torch.Tensor],
+    ):
         device = self.device
         input_ids = pad_right([ids for ids, _ in encoded], self.tokenizer.pad_token_id).to(device)
         attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0).to(device)
         prompt_lengths = torch.tensor([length for _, length in encoded], device=device)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths)
-        known = known_users(self.online_router, users, len(encoded)).tolist()
-        if not any(known):
+        if users is None or not any(user in user_weights for user in users):
             return output
         weights = output.mixture_weights.clone()
         for row, user in enumerate(users):
-            if known[row]:
-                weights[row] = self.online_router.weights(user).to(weights)
+            if user in user_weights:
+                weights[row] = user_weights[user].to(weights)
         # Same features, the online users' weights instead of the router's: no second backbone pass.
         return self.model(
             reward_features=output.reward_features, router_features=output.router_features, mixture_weights=weights
@@ -334,9 +428,13 @@ class MiCRoReward:
     # -------------------------------------------------------------------------------------------------- logging
     def _report_unknown_users(self, scores: dict[str, torch.Tensor], users: list[str | None], log_metric) -> None:
         """Log how many rows a store did not know the user of; warn once per store, naming one such user."""
+        routing = self.user_store if self.user_store is not None else self.online_router
+        residuals = self.residual_heads
+        if self.user_store is not None and self.user_store.store.settings.hidden_size is not None:
+            residuals = self.user_store  # a store that holds residual heads
         for found, store, metric, consequence in (
-            ("online_routed", self.online_router, "micro/fallback_rows", "routed by the model's own router"),
-            ("has_residual", self.residual_heads, "micro/rows_without_residual", "scored without a residual head"),
+            ("online_routed", routing, "micro/fallback_rows", "routed by the model's own router"),
+            ("has_residual", residuals, "micro/rows_without_residual", "scored without a residual head"),
         ):
             if store is None:
                 continue
@@ -345,10 +443,11 @@ class MiCRoReward:
                 log_metric(metric, float(len(missing)))
             if missing and metric not in self._warned_unknown_users:
                 self._warned_unknown_users.add(metric)
+                example = missing[0] if missing[0] is None else missing[0][:32]
                 logger.warning(
                     f"MiCRoReward: {len(missing)} of {len(users)} rows have a user that the {type(store).__name__} "
-                    f"does not know (e.g. {missing[0]!r}; it has {len(store)} users, e.g. {store.users()[:3]}), so "
-                    f"they are {consequence}. Counted in `{metric}`; this warning is shown once."
+                    f"does not know (e.g. {example!r}), so they are {consequence}. Counted in `{metric}`; this warning "
+                    "is shown once."
                 )
 
     def _log_metrics(self, log_metric, scores: dict[str, torch.Tensor], groups: list | None) -> None:
@@ -384,13 +483,15 @@ def row_user_ids(values: Sequence, name: str) -> list[str | None]:
     return [None if value is None else normalize_user_id(value, f"{name}[{row}]") for row, value in enumerate(values)]
 
 
-def known_users(
-    store: OnlineRouter | ResidualHeads | None, users: list[str | None] | None, num_rows: int
+def residual_corrections(
+    users: Sequence[str | None], residuals: dict[str, torch.Tensor], reward_features: torch.Tensor
 ) -> torch.Tensor:
-    """(num_rows,) bool: whether `store` has the row's user (all False without a store or without users)."""
-    if store is None or users is None:
-        return torch.zeros(num_rows, dtype=torch.bool)
-    return torch.tensor([user in store for user in users], dtype=torch.bool)
+    """u_user . h(x, y) `(N,)` on the CPU, float32, of rows with reward features `(N, hidden)`; 0 for rows without."""
+    stacked = torch.zeros(len(users), reward_features.shape[-1], dtype=torch.float64)
+    for row, user in enumerate(users):
+        if user in residuals:
+            stacked[row] = residuals[user]
+    return (reward_features.detach().double().cpu() * stacked).sum(dim=-1).float()
 
 
 def truncate_completion(

@@ -421,7 +421,7 @@ the context's adaptation prompts (context in the prompt), updated with the adapt
 exact Bayes). MiCRo + online routing + residual heads: online routing plus, per context, a `ResidualHeads` correction
 u_c . h(x, y) on the backbone's reward features, the maximum a posteriori fit on the adaptation pairs with the routed
 margins held fixed and its L2 weight chosen by 4-fold cross-validation on those same pairs
-(`trl_micro.residual_heads`): it can move a context beyond what any mixture of the heads gives. Oracle: one BT head
+(`trl_micro.personalization.residual_heads`): it can move a context beyond what any mixture of the heads gives. Oracle: one BT head
 per context trained on that context's training pairs (it knows every training pair's context: the paper's upper
 bound, for a reward that is linear in the features). Adaptive methods are reported with the largest number of
 adaptation pairs per context; their curves show the smaller, nested draws. Three

@@ -3,7 +3,7 @@ The rewards of the RL personalization benchmark (`benchmarks/rl/rl_personalizati
 
 - MiCRo: K heads + router trained on Stage 1 pairs without their contexts, whose rater follows the prompt's topic
   (`trl_micro.bundled.synthetic.rated_by_topic_owner`, as in the benchmark's synthetic pools), then Stage 2 state per
-  context id (`adapt_to_contexts`: an online router and residual heads) fitted on `adaptation_pairs` labelled pairs
+  context id (`adapt_to_users`: an online router and residual heads) fitted on `adaptation_pairs` labelled pairs
   per context that mix every topic, scored by the Stage 1 model: what a user with a few labelled pairs has.
 - SingleReward: one Bradley-Terry head on the same Stage 1 pairs.
 - Gold: per context, an oracle Bradley-Terry head trained with the context labels on a larger pool that no other
@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer, adapt_to_contexts
+from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer, adapt_to_users
 from trl_micro.bundled.dsp import DOMAINS, SEEN_WORDINGS, dsp_pairs, load_dsp_queries
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
 from trl_micro.data_utils import split_by_context, take_per_context
@@ -271,7 +271,7 @@ def build_rewards(
 
     micro = train_heads(backbone, tokenizer, pools["stage1"], setup.num_heads, setup, cache_dir)
     adaptation_scores = score_preference_pairs(micro, pools["adaptation"], tokenizer, feature_cache_dir=cache_dir)
-    adapted = adapt_to_contexts(pools["adaptation"]["context_id"], adaptation_scores)
+    adapted = adapt_to_users(pools["adaptation"]["context_id"], adaptation_scores)
     micro_test = test_scores(micro)
     single = train_heads(backbone, tokenizer, pools["stage1"], 1, setup, cache_dir)
 

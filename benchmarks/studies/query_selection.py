@@ -4,7 +4,7 @@ ones, on the comparisons of BENCHMARKS.md.
 
 For every comparison and seed this trains MiCRo Stage 1 as the comparison does (the library's defaults and the
 comparison's head training), then, per context, asks pairs of the comparison's adaptation pool one at a time
-(`trl_micro.query_selection.choose_pairs_to_label`: `information` = BALD, `disagreement`, `random`), each answer
+(`trl_micro.personalization.query_selection.choose_pairs_to_label`: `information` = BALD, `disagreement`, `random`), each answer
 updating the context's online router, and reports online routing (and online routing + residual heads fitted on the
 same pairs) on the test pairs after 2, 4, 8, 16 and 32 questions. The pairs asked are a pool's labelled pairs, their
 labels revealed only once asked; one pass of the backbone over the pool, as in use. Writes a Markdown and a JSON
@@ -44,9 +44,9 @@ from benchmarks.harness.run_all import (  # noqa: E402
 )
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.context_adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors  # noqa: E402
+from trl_micro.personalization.adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors  # noqa: E402
 from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy  # noqa: E402
-from trl_micro.query_selection import (  # noqa: E402
+from trl_micro.personalization.query_selection import (  # noqa: E402
     QUERY_STRATEGIES,
     choose_pairs_to_label,
     expected_information,

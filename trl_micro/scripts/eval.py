@@ -15,12 +15,12 @@ every single head, and the router's mean weight per head. Over all evaluated pai
 summary warns that the heads have not separated, so there is little for routing to choose from.
 
 With `--adaptation_pairs N`, N pairs of every context are taken out (seeded) to adapt an online router per context
-(`trl_micro.online_router.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with
-their head margins) and, on top of it, a residual head per context (`trl_micro.residual_heads.ResidualHeads`, lambda
+(`trl_micro.personalization.online_router.OnlineRouter`: prior = the checkpoint router's mean weights over those pairs, updated with
+their head margins) and, on top of it, a residual head per context (`trl_micro.personalization.residual_heads.ResidualHeads`, lambda
 cross-validated on the same pairs; from 2 pairs per context); every method is reported on the remaining pairs only.
 With `--adaptation_pool M` (M > N) M pairs per context are set aside and N of them chosen, one at a time as a user
 would answer them, by `--query_strategy` (`information`: the pair whose label tells most about which head the context
-follows; `disagreement`; `random`; `trl_micro.query_selection`); the other pairs of the pool are neither used nor
+follows; `disagreement`; `random`; `trl_micro.personalization.query_selection`); the other pairs of the pool are neither used nor
 evaluated.
 
 Every row is checked before anything is scored: a malformed one (a missing or non-text prompt or response, a prompt
@@ -47,7 +47,6 @@ from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
 from ..bundled.catalog import load_named_dataset, resolve_model_path
-from ..context_adaptation import ONLINE_ROUTER_STORE, RESIDUAL_HEADS_STORE, adapt_to_contexts
 from ..data_utils import take_per_context
 from ..evaluation import (
     accuracy_lines,
@@ -62,8 +61,9 @@ from ..evaluation import (
 from ..losses import HEAD_AGREEMENT_WARNING, head_agreement
 from ..model_card import add_evaluation_section, data_name, message_text
 from ..modeling_micro import MiCRoRewardModel
+from ..personalization.adaptation import ONLINE_ROUTER_STORE, RESIDUAL_HEADS_STORE, adapt_to_users
 from ..scoring import score_preference_pairs
-from ..user_stores import normalize_user_id
+from ..value_checks import normalize_user_id
 
 REPORT_NAME = "eval_report"
 ACCURACY_PLOT = "accuracy_per_context.png"
@@ -117,7 +117,7 @@ class EvalArguments:
         default="random",
         metadata={
             "help": "How the adaptation pairs are chosen from each context's pool: random, information (BALD) or "
-            "disagreement (trl_micro.query_selection).",
+            "disagreement (trl_micro.personalization.query_selection).",
             "choices": ["random", "information", "disagreement"],
         },
     )
@@ -307,7 +307,7 @@ def run_eval(args: EvalArguments) -> dict:
     labelled = 0
     if adaptation:
         adaptation_labels = [labels[row] for row in adaptation]
-        adapted = adapt_to_contexts(
+        adapted = adapt_to_users(
             adaptation_labels,
             scores.subset(adaptation),
             residual_heads=args.adaptation_pairs >= 2,

@@ -1,8 +1,13 @@
 r"""
 `trl-micro serve`: a MiCRo checkpoint as a reward service (`trl_micro.serving`: endpoints, batching, refusals).
 
-    trl-micro serve --model_name_or_path micro-rm [--online_router stage2/online_router.json \
-        --residual_heads stage2/residual_heads.json --user_field labels --allow_feedback] [--host 127.0.0.1 --port 5000]
+    trl-micro serve --model_name_or_path micro-rm [--user_store sqlite:///users.db --user_field labels \
+        --allow_feedback] [--host 127.0.0.1 --port 5000]
+
+Per-user state (routing, residual heads, the feedback log) lives in a user store named by URL (`--user_store`:
+`sqlite:///path/users.db` on one host, `postgresql://...` for replicas on several); JSON files from
+`UserAdaptation.save` can be served read-only (`--online_router`, `--residual_heads`) or imported into a store
+(`trl-micro users import`).
 
 OpenRLHF (0.11): `--reward.remote_url http://127.0.0.1:5000/get_reward`, with `--user_field labels` when the
 dataset's label column carries each prompt's user id. verl: `trl_micro.serving.verl_reward.compute_score` as the custom reward
@@ -19,7 +24,6 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from ..bundled.catalog import resolve_model_path
-from ..online_router import OnlineRouter
 from ..rewards import MiCRoReward
 
 API_KEY_ENV = "TRL_MICRO_API_KEY"
@@ -30,15 +34,33 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServeArguments:
     model_name_or_path: str = field(metadata={"help": "A MiCRo checkpoint (local path or Hub id), or `embedded`."})
-    online_router: str | None = field(
+    user_store: str | None = field(
         default=None,
-        metadata={"help": "Online-router store (JSON) routing users; with --allow_feedback, created if missing."},
+        metadata={
+            "help": "User store URL (sqlite:///users.db or postgresql://...): per-user routing, residual heads and "
+            "the feedback log; created if missing."
+        },
     )
-    residual_heads: str | None = field(default=None, metadata={"help": "Residual-head store (JSON), per user."})
+    store_staleness_s: float = field(
+        default=0.5, metadata={"help": "How old a user's weights read from --user_store may be, in seconds."}
+    )
+    keep_features: bool = field(
+        default=True,
+        metadata={"help": "Keep the backbone readings of feedback in the feature store (a rebuild reads them)."},
+    )
+    feature_dir: str | None = field(
+        default=None, metadata={"help": "Feature store root for --keep_features (default: $TRL_MICRO_CACHE/features)."}
+    )
+    online_router: str | None = field(
+        default=None, metadata={"help": "Read-only routing from a JSON file (UserAdaptation.save), no --user_store."}
+    )
+    residual_heads: str | None = field(
+        default=None, metadata={"help": "Read-only residual heads from a JSON file, no --user_store."}
+    )
     user_field: str | None = field(
         default=None, metadata={"help": "Field of /get_reward requests holding each row's user id (e.g. labels)."}
     )
-    allow_feedback: bool = field(default=False, metadata={"help": "Accept POST /feedback (updates --online_router)."})
+    allow_feedback: bool = field(default=False, metadata={"help": "Accept POST /feedback (recorded in --user_store)."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (default: this machine only)."})
     port: int = field(default=5000, metadata={"help": "Port to bind."})
     api_key: str | None = field(
@@ -55,28 +77,31 @@ class ServeArguments:
 def build_app(args: ServeArguments):
     from ..serving import ServeSettings, create_app
 
-    if args.allow_feedback and not args.online_router:
+    if args.allow_feedback and not args.user_store:
+        migrate = (
+            f" Import the JSON routing first: `trl-micro users import {args.online_router} --user_store URL`."
+            if args.online_router
+            else ""
+        )
         raise ValueError(
-            "--allow_feedback updates an online-router store: pass --online_router PATH (created if missing)."
+            "--allow_feedback records comparisons in a user store: pass --user_store URL (e.g. sqlite:///users.db, "
+            f"created if missing).{migrate}"
+        )
+    if args.user_store and (args.online_router or args.residual_heads):
+        raise ValueError(
+            "Pass --user_store or the JSON files (--online_router / --residual_heads), not both: import the files "
+            "into the store with `trl-micro users import FILE --user_store URL`."
         )
     model_path = resolve_model_path(args.model_name_or_path)
-    router = None
-    if args.online_router:
-        if os.path.exists(args.online_router):
-            router = args.online_router
-        elif args.allow_feedback:
-            from ..modeling_micro import MiCRoRewardModel
-
-            router = OnlineRouter(num_heads=MiCRoRewardModel.from_pretrained(model_path).num_heads)
-        else:
-            raise FileNotFoundError(
-                f"--online_router {args.online_router} does not exist (with --allow_feedback it is created)."
-            )
-    has_user_state = router is not None or args.residual_heads is not None
+    if args.online_router and not os.path.exists(args.online_router):
+        raise FileNotFoundError(f"--online_router {args.online_router} does not exist.")
+    has_user_state = bool(args.user_store or args.online_router or args.residual_heads)
     reward = MiCRoReward.from_pretrained(
         model_path,
         user_column="user" if has_user_state else None,
-        online_router=router,
+        user_store=args.user_store,
+        store_staleness_s=args.store_staleness_s,
+        online_router=args.online_router,
         residual_heads=args.residual_heads,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -84,7 +109,8 @@ def build_app(args: ServeArguments):
     settings = ServeSettings(
         user_field=args.user_field,
         allow_feedback=args.allow_feedback,
-        store_path=args.online_router,
+        keep_features=args.keep_features,
+        feature_dir=args.feature_dir,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,

@@ -7,9 +7,12 @@ The reward service: a FastAPI app over one [`MiCRoReward`], its endpoints, and i
   `labels`, when the dataset's label column carries a user id); without one, rows are routed by the prompt.
 - `POST /score`: rows of `prompt`, `completion` (text or messages), optional `user` and `context`; answered with the
   routed rewards and, with `"return_heads": true`, the per-head rewards and mixture weights.
-- `POST /feedback` (only with `allow_feedback`): comparisons `(user, prompt, chosen, rejected[, context])` update that
-  user's online routing, saved to the store with `save(merge=True)` before the answer, so replicas can share a store
-  and an acknowledged comparison is on disk.
+- `POST /feedback` (only with `allow_feedback`): comparisons `(user, prompt, chosen, rejected[, context,
+  comparison_id])` update that user's online routing in the user store (`trl_micro.personalization.stores`) and are
+  logged there, in one transaction committed before the answer, on a thread of its own (`serving.feedback`): scoring
+  never waits for a commit, a failed write changes nothing, and a comparison whose `comparison_id` is already logged
+  is not applied again (its answer is repeated). Replicas on one store see each other's comparisons within the
+  store's staleness bound (`--store_staleness_s`).
 - `GET /health`, `GET /metrics` (Prometheus text: requests, rows, batch sizes, latency, fallback rows, feedback).
 
 Rows of concurrent requests are scored together ([`DynamicBatcher`]). A user the online router does not know is
@@ -34,12 +37,15 @@ from typing import Any
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import SQLAlchemyError
 
-from ..online_router import OnlineRouter
+from ..feature_cache import FeatureStore
+from ..personalization.stores import Comparison as StoredComparison
 from ..rewards import MiCRoReward
-from ..user_stores import normalize_user_id
+from ..value_checks import normalize_user_id
 from .batcher import DynamicBatcher
+from .feedback import FeedbackRecorder
 from .metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -53,7 +59,8 @@ class ServeSettings:
 
     user_field: str | None = None
     allow_feedback: bool = False
-    store_path: str | None = None
+    keep_features: bool = True
+    feature_dir: str | None = None
     api_key: str | None = None
     max_batch_size: int = 32
     max_wait_ms: float = 5.0
@@ -86,6 +93,7 @@ class Comparison(BaseModel):
     chosen: Text
     rejected: Text
     context: str | None = None
+    comparison_id: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class FeedbackRequest(BaseModel):
@@ -139,6 +147,11 @@ class RewardService:
             self.score_rows, self.executor, settings.max_batch_size, settings.max_wait_ms, self.metrics.observe_batch
         )
         self._warned_users: set[str] = set()
+        self.recorder = None
+        if settings.allow_feedback:
+            model = reward.model
+            feature_store = FeatureStore(model, settings.feature_dir) if settings.keep_features else None
+            self.recorder = FeedbackRecorder(model, reward.user_store, feature_store)
 
     def score_rows(self, rows: list[dict]) -> list[dict]:
         users = [None if row["user"] is None else normalize_user_id(row["user"], "user") for row in rows]
@@ -170,26 +183,32 @@ class RewardService:
             for i in range(len(rows))
         ]
 
-    def apply_feedback(self, comparisons: list[Comparison]) -> dict:
-        """Score each comparison's two responses, update the users' posteriors, merge into the store."""
-        router: OnlineRouter = self.reward.online_router
-        prompts = [c.prompt for c in comparisons for _ in range(2)]
-        completions = [response for c in comparisons for response in (c.chosen, c.rejected)]
-        contexts = [c.context for c in comparisons for _ in range(2)]
-        with torch.no_grad():
-            heads = self.reward.score(prompts, completions, contexts=contexts if any(contexts) else None)[
-                "head_rewards"
-            ]
-        deltas = heads[0::2] - heads[1::2]
-        users = [normalize_user_id(c.user, "user") for c in comparisons]
-        for user, delta in zip(users, deltas):
-            router.update(user, delta.double())
-        router.save(self.settings.store_path, merge=True)
-        self.metrics.feedback.inc(len(comparisons))
+    def score_comparisons(self, comparisons: list[Comparison]) -> dict:
+        """Per-head margins of each comparison (on the model's thread)."""
+        contexts = [c.context for c in comparisons]
+        return self.reward.comparison_margins(
+            [c.prompt for c in comparisons],
+            [c.chosen for c in comparisons],
+            [c.rejected for c in comparisons],
+            contexts=contexts if any(context is not None for context in contexts) else None,
+        )
+
+    def record_feedback(self, comparisons: list[Comparison], scored: dict) -> dict:
+        """Record scored comparisons in the user store (on the store's thread); the answer once committed."""
+        stored = [
+            StoredComparison(
+                normalize_user_id(c.user, "user"), c.prompt, c.chosen, c.rejected, c.context, c.comparison_id
+            )
+            for c in comparisons
+        ]
+        results = self.recorder.record(stored, scored)
+        num_updates = {result.user_id: result.num_updates for result in results}
+        self.metrics.feedback.inc(sum(not result.duplicate for result in results))
         return {
-            "updated": sorted(set(users)),
+            "updated": sorted(num_updates),
             "comparisons": len(comparisons),
-            "num_updates": {user: router.num_updates(user) for user in sorted(set(users))},
+            "duplicates": sum(result.duplicate for result in results),
+            "num_updates": dict(sorted(num_updates.items())),
         }
 
     def check_size(self, num_rows: int) -> None:
@@ -206,8 +225,10 @@ class RewardService:
 def create_app(reward: MiCRoReward, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving `reward` (see the module docstring)."""
     settings = settings or ServeSettings()
-    if settings.allow_feedback and (reward.online_router is None or not settings.store_path):
-        raise ValueError("Feedback updates an online-router store: pass --online_router PATH (created if missing).")
+    if settings.allow_feedback and reward.user_store is None:
+        raise ValueError(
+            "Feedback is recorded in a user store: pass --user_store URL (e.g. sqlite:///users.db, created if missing)."
+        )
     service = RewardService(reward, settings)
 
     @asynccontextmanager
@@ -216,6 +237,8 @@ def create_app(reward: MiCRoReward, settings: ServeSettings | None = None) -> Fa
         yield
         await service.batcher.stop()
         service.executor.shutdown(wait=False)
+        if service.recorder is not None:
+            service.recorder.close()
 
     app = FastAPI(title="trl-micro reward service", lifespan=lifespan)
     app.state.service = service
@@ -281,7 +304,18 @@ def create_app(reward: MiCRoReward, settings: ServeSettings | None = None) -> Fa
             for name in ("prompt", "chosen", "rejected"):
                 _check_text(getattr(comparison, name), f"comparisons[{index}].{name}")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(service.executor, service.apply_feedback, request.comparisons)
+        scored = await loop.run_in_executor(service.executor, service.score_comparisons, request.comparisons)
+        try:
+            return await loop.run_in_executor(
+                service.recorder.executor, service.record_feedback, request.comparisons, scored
+            )
+        except (OSError, RuntimeError, SQLAlchemyError) as error:
+            logger.error("Feedback not recorded: %s", error)
+            raise HTTPException(
+                status_code=503,
+                detail="The user store could not record the feedback; nothing was applied. Retry the request.",
+                headers={"Retry-After": "1"},
+            ) from error
 
     @app.get("/health")
     async def health():

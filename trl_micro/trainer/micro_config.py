@@ -10,7 +10,7 @@ from accelerate.utils import is_deepspeed_available
 from trl import RewardConfig
 
 from ..configuration_micro import MiCRoArchitecture
-from ..user_stores import is_integer
+from ..value_checks import is_integer
 
 DEEPSPEED_EXTRA = "pip install 'trl-micro[deepspeed]'"
 
