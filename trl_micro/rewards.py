@@ -402,6 +402,13 @@ class MiCRoReward:
             reward_features=output.reward_features, router_features=output.router_features, mixture_weights=weights
         )
 
+    def encode(
+        self, prompt: str | Messages, completion: str | Messages, context: str | None = None
+    ) -> tuple[list[int], int]:
+        """(token ids, prompt length) of one row as this reward scores it: the context joined to the prompt as in
+        training, the sequence truncated to `max_length` (see the module docstring)."""
+        return self._encode(join_context(prompt, context, self.config.context_template, skip_if_present=True), completion)
+
     def _encode(self, prompt: str | Messages, completion: str | Messages) -> tuple[list[int], int]:
         ids, prompt_length = encode_prompt_completion(self.tokenizer, prompt, completion)
         if self.max_length is None or len(ids) <= self.max_length:

@@ -5,6 +5,7 @@ and Llama / BERT backbones built from configs. Nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -86,3 +87,87 @@ def save_tiny_backbone(path: str, tokenizer: PreTrainedTokenizerFast, kind: str 
     backbone.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class LocalPostgres:
+    """
+    A private PostgreSQL server on 127.0.0.1, in a temporary folder, for tests and benchmarks of the user stores:
+    `initdb` (trust authentication), `pg_ctl start` on a free port, `stop()` removes it. PostgreSQL refuses to run as
+    root, so as root it runs as the `postgres` system user. Needs PostgreSQL's server programs (on PATH, or Debian's
+    /usr/lib/postgresql/<version>/bin).
+
+    ```python
+    with LocalPostgres() as server:
+        url = server.create_database("users")   # postgresql://postgres@127.0.0.1:PORT/users
+    ```
+    """
+
+    def __init__(self):
+        import glob
+        import shutil
+
+        self.bin_dir = None
+        if shutil.which("pg_ctl") is None:
+            found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+            if not found:
+                raise FileNotFoundError(
+                    "PostgreSQL's server programs (initdb, pg_ctl) are not installed: `apt-get install postgresql`."
+                )
+            self.bin_dir = os.path.dirname(found[-1])
+        self.directory = None
+        self.port = None
+
+    def _program(self, name: str) -> str:
+        return os.path.join(self.bin_dir, name) if self.bin_dir else name
+
+    def _run(self, *command: str) -> None:
+        import subprocess
+
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(prefix + list(command), check=True, capture_output=True, timeout=120)
+
+    def start(self) -> LocalPostgres:
+        import pwd
+        import socket
+        import tempfile
+
+        self.directory = tempfile.mkdtemp(prefix="trl-micro-postgres-")
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.directory, user.pw_uid, user.pw_gid)
+        data = os.path.join(self.directory, "data")
+        self._run(self._program("initdb"), "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        self._run(self._program("pg_ctl"), "-D", data, "-o", options, "-w", "-l", f"{data}/server.log", "start")
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create the database `name` and return its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.directory is None:
+            return
+        try:
+            self._run(self._program("pg_ctl"), "-D", os.path.join(self.directory, "data"), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

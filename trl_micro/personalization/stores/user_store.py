@@ -399,6 +399,30 @@ class UserStore:
                 yield _logged(row)
             last = rows[-1]["id"]
 
+    def comparison_index(self, batch_size: int = 50_000) -> Iterator[Any]:
+        """`(id, user_id, chosen_key, rejected_key, feature_backbone)` of every logged comparison, in log order: what
+        a rebuild needs, without the texts."""
+        columns = comparisons_table.c
+        last = 0
+        while True:
+            query = (
+                select(columns.id, columns.user_id, columns.chosen_key, columns.rejected_key, columns.feature_backbone)
+                .where(columns.id > last)
+                .order_by(columns.id)
+                .limit(batch_size)
+            )
+            with self._read() as connection:
+                rows = connection.execute(query).all()
+            if not rows:
+                return
+            yield from rows
+            last = rows[-1].id
+
+    def residual_users(self) -> list[str]:
+        """The users that have a residual head."""
+        with self._read() as connection:
+            return list(connection.execute(select(residuals_table.c.user_id)).scalars())
+
     def count_comparisons(self, user_id: str | int | None = None) -> int:
         query = select(func.count()).select_from(comparisons_table)
         if user_id is not None:
