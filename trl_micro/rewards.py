@@ -48,7 +48,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from trl.models import prepare_deepspeed
 
 from .data_utils import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
-from .feature_cache import compute_sequence_readings, sequence_key
+from .feature_cache import compute_sequence_readings, reward_model_fingerprint, sequence_key
 from .modeling_micro import MiCRoRewardModel
 from .personalization.online_router import OnlineRouter
 from .personalization.residual_heads import ResidualHeads
@@ -130,7 +130,8 @@ class MiCRoReward:
         if isinstance(user_store, UserStore):
             user_store = CachedUserStore(user_store, max_staleness_s=store_staleness_s)
         if user_store is not None:
-            user_store.store.check_model(num_heads=model.num_heads)
+            fingerprint = reward_model_fingerprint(model) if user_store.store.settings.model_fingerprint else None
+            user_store.store.check_model(num_heads=model.num_heads, model_fingerprint=fingerprint)
             stored_size = user_store.store.settings.hidden_size
             if stored_size is not None and stored_size != model.config.reward_feature_size:
                 raise ValueError(
@@ -407,7 +408,9 @@ class MiCRoReward:
     ) -> tuple[list[int], int]:
         """(token ids, prompt length) of one row as this reward scores it: the context joined to the prompt as in
         training, the sequence truncated to `max_length` (see the module docstring)."""
-        return self._encode(join_context(prompt, context, self.config.context_template, skip_if_present=True), completion)
+        return self._encode(
+            join_context(prompt, context, self.config.context_template, skip_if_present=True), completion
+        )
 
     def _encode(self, prompt: str | Messages, completion: str | Messages) -> tuple[list[int], int]:
         ids, prompt_length = encode_prompt_completion(self.tokenizer, prompt, completion)

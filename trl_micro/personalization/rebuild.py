@@ -84,7 +84,9 @@ def rebuild_user_store(
     for row in index:
         if row.feature_backbone == backbone and row.chosen_key and row.rejected_key:
             wanted[row.chosen_key] = wanted[row.rejected_key] = None
-    keep_features = {key for row in index if row.user_id in residual_users for key in (row.chosen_key, row.rejected_key)}
+    keep_features = {
+        key for row in index if row.user_id in residual_users for key in (row.chosen_key, row.rejected_key)
+    }
     heads, features = _read_stored(feature_store, model, set(wanted), keep_features, progress)
     from_features = len(heads)
 
@@ -107,7 +109,9 @@ def rebuild_user_store(
             feature_deltas.setdefault(row.user_id, []).append(features[chosen] - features[rejected])
     settings = store.settings
     fingerprint = reward_model_fingerprint(model)
-    default_prior = settings.default_prior if settings.default_prior and len(settings.default_prior) == model.num_heads else None
+    default_prior = (
+        settings.default_prior if settings.default_prior and len(settings.default_prior) == model.num_heads else None
+    )
     router = OnlineRouter(model.num_heads, settings.eta, settings.forgetting, default_prior, fingerprint)
     if user_ids:
         router.update_many(user_ids, torch.stack(margins))

@@ -1,7 +1,7 @@
 r"""
 The `trl-micro` command, built like TRL's `trl`: `trl-micro train | adapt | grpo | rloo | ppo` run the package's
 scripts (`trl_micro/scripts/<name>.py`, the code of the recipes in `recipes/`) through `accelerate launch`;
-`trl-micro eval | demo | serve` run in this process.
+`trl-micro eval | demo | serve | users` run in this process.
 
     trl-micro train --model_name_or_path embedded --dataset_name trl-micro/synthetic --output_dir outputs/micro-rm
     trl-micro grpo --accelerate_config zero3 --num_processes 8 --reward_model_path outputs/micro-rm ...
@@ -45,12 +45,18 @@ HELP = {
     "ppo": "PPO on the personalized reward (TRL 1.12, the `ppo` extra)",
     "demo": "SingleReward vs MiCRo on synthetic subpopulations",
     "serve": "serve a checkpoint's rewards over HTTP (OpenRLHF, verl, feedback)",
+    "users": "the user store: import, export, rebuild, delete, info",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    in_process = {"demo": run_demo_command, "eval": run_eval_command, "serve": run_serve_command}
+    in_process = {
+        "demo": run_demo_command,
+        "eval": run_eval_command,
+        "serve": run_serve_command,
+        "users": run_users_command,
+    }
     if not argv or argv[0] not in (*LAUNCHED, *in_process):
         usage = "\n".join(f"  {name:<6} {text}" for name, text in HELP.items())
         print(f"usage: trl-micro {{{','.join(HELP)}}} [--help]\n\n{usage}", file=sys.stderr)
@@ -133,6 +139,12 @@ def run_serve_command(argv: list[str]) -> int:
     from .serve import main as serve_main
 
     return serve_main(argv)
+
+
+def run_users_command(argv: list[str]) -> int:
+    from .users import main as users_main
+
+    return users_main(argv)
 
 
 def run_eval_command(argv: list[str]) -> int:
