@@ -4,9 +4,10 @@ What `trl-micro serve` costs against scoring in process, and whether its feedbac
 1. Throughput: the same completions scored by `MiCRoReward.score` in this process, 4 rows at a time, and by a server
    (`trl-micro serve`, in a subprocess on 127.0.0.1) receiving them from 8 concurrent clients of 4 rows each; the ratio
    of rows per second, and the served requests' p50 / p99 latency. Rewards are compared too (max difference).
-2. Feedback under load: two server processes with `--allow_feedback` share one store; 4 clients send 100 comparisons
-   each of one user, alternating servers. Midway one server is killed with SIGKILL and started again; a client whose
-   request fails retries it. Reported: comparisons acknowledged, updates in the store, and that it loads.
+2. Feedback under load: two server processes with `--allow_feedback` share one SQLite user store; 4 clients send 100
+   comparisons each of one user, alternating servers, each with a comparison id. Midway one server is killed with
+   SIGKILL and started again; a client whose request fails retries it (same id). Reported: comparisons acknowledged,
+   updates and log rows in the store.
 
 Both use an untrained MiCRo head set over the backbone (`--model`, default the embedded SmolLM2-135M-Instruct): the
 cost is the backbone's, the numbers of the heads do not matter here. Traffic goes to 127.0.0.1 only, bounded in count
@@ -41,9 +42,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from trl_micro import MiCRoRewardModel, OnlineRouter  # noqa: E402
+from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
 from trl_micro.evaluation import ensure_writable, markdown_table  # noqa: E402
+from trl_micro.personalization.stores import UserStore  # noqa: E402
 from trl_micro.rewards import MiCRoReward  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "serving.md"
@@ -175,13 +177,15 @@ def measure_throughput(checkpoint: str, rounds: int, threads: int, log: Path) ->
 
 
 def measure_feedback(checkpoint: str, folder: Path, threads: int, log: Path, per_client: int) -> dict:
-    store = folder / "router.json"
+    store = f"sqlite:///{folder / 'users.db'}"
     servers = [
         Server(
             "--model_name_or_path",
             checkpoint,
-            "--online_router",
-            str(store),
+            "--user_store",
+            store,
+            "--feature_dir",
+            str(folder / "features"),
             "--allow_feedback",
             log=log,
             threads=threads,
@@ -200,6 +204,7 @@ def measure_feedback(checkpoint: str, folder: Path, threads: int, log: Path, per
             "prompt": prompt,
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": "Boil it. " * (step % 4 + 1)}],
+            "comparison_id": f"{index}-{step}",
         }
 
     def client(index: int) -> None:
@@ -231,10 +236,11 @@ def measure_feedback(checkpoint: str, folder: Path, threads: int, log: Path, per
     finally:
         for server in servers:
             server.stop()
-    stored = OnlineRouter.load(store)
+    stored = UserStore(store)
     return {
         "acknowledged": acknowledged[0],
-        "stored_updates": stored.num_updates("alice"),
+        "stored_updates": stored.num_updates(["alice"])["alice"],
+        "logged": stored.count_comparisons("alice"),
         "retried_requests": retries[0],
         "killed_and_restarted": killed.is_set(),
         "seconds": time.perf_counter() - started,
@@ -279,7 +285,7 @@ def render(command: str, model: str, throughput: dict, feedback: dict) -> str:
             f"{'' if feedback['killed_and_restarted'] else ' (the kill did not happen)'}; failed requests retried "
             f"({feedback['retried_requests']} retries), then one more comparison sent to the restarted server. "
             f"Acknowledged: {feedback['acknowledged']}; updates in the store: "
-            f"{feedback['stored_updates']}; the store loads. {feedback['seconds']:.0f} s.",
+            f"{feedback['stored_updates']}, logged comparisons {feedback['logged']}. {feedback['seconds']:.0f} s.",
             "",
         ]
     )
