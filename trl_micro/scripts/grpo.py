@@ -14,7 +14,8 @@ Without `--prompt_dataset`, the prompts are the synthetic ones with their subpop
 `--probe_prompts N`, the mean reward per context of N held-out prompts, before and after.
 
 Per-user Stage 2 state, e.g. what `trl-micro eval --adaptation_pairs N` saved: `--user_column context_id
---online_router eval/online_router.json --residual_heads eval/residual_heads.json` (either store, or both).
+--online_router eval/online_router.json --residual_heads eval/residual_heads.json` (either store, or both), or
+`--user_store sqlite:///users.db` (the database the server's feedback goes to).
 (TRL's own `trl grpo --reward_model_name_or_path <checkpoint> --trust_remote_code` also takes a MiCRo checkpoint, routed
 on the prompt alone: no context column, no user ids, no per-user stores.)
 """
@@ -48,7 +49,11 @@ class GRPOPersonalizedArguments(PersonalizedRLArguments):
         default=None, metadata={"help": "A MiCRo reward checkpoint (local path or Hub id)."}
     )
     user_column: str | None = field(
-        default=None, metadata={"help": "Column of user / context ids for --online_router and --residual_heads."}
+        default=None, metadata={"help": "Column of user ids for --user_store (or --online_router / --residual_heads)."}
+    )
+    user_store: str | None = field(
+        default=None,
+        metadata={"help": "User store URL (sqlite:///users.db or postgresql://...): per-user routing and residuals."},
     )
     online_router: str | None = field(default=None, metadata={"help": "An OnlineRouter store (JSON), per user id."})
     residual_heads: str | None = field(default=None, metadata={"help": "A ResidualHeads store (JSON), per user id."})
@@ -62,6 +67,7 @@ def main(script_args: GRPOPersonalizedArguments, training_args, model_args: Mode
         resolve_model_path(script_args.reward_model_path, download=True),
         context_column=script_args.context_column,
         user_column=script_args.user_column,
+        user_store=script_args.user_store,
         online_router=script_args.online_router,
         residual_heads=script_args.residual_heads,
     )
