@@ -562,8 +562,9 @@ def test_run_all_refresh_reports_embeds_the_full_plans_reports(tmp_path):
     assert run_all.main(["--refresh_reports", "--output", str(document)]) == 0
     text = document.read_text()
     plan = run_all.full_plan()
-    assert plan.rl_reports
-    for path in (*plan.studies, *plan.rl_reports):
+    assert plan.rl_reports and plan.service_reports
+    assert text.index("## Studies") < text.index("## Policies trained") < text.index("## Serving many users")
+    for path in (*plan.studies, *plan.rl_reports, *plan.service_reports):
         report = run_all.REPO_ROOT / path
         assert report.exists() or f"{report.name}`: not generated yet" in text
         if report.exists():

@@ -1,6 +1,7 @@
 """
-The sections of BENCHMARKS.md that embed reports made by other commands: the studies of benchmarks/studies/ and the
-RL benchmark of benchmarks/rl/, each report as it stands.
+The sections of BENCHMARKS.md that embed reports made by other commands: the studies of benchmarks/studies/, the
+RL benchmark of benchmarks/rl/ and the user store and server figures of benchmarks/performance/, each report as it
+stands.
 
 A study or an RL run answers its own question with its own command (the first lines of its report name it) and is
 rerun on its own schedule; `run_all.py` embeds the reports its plan lists when it writes BENCHMARKS.md, and
@@ -42,6 +43,13 @@ RL = EmbeddedSection(
     "embedded from their reports under `benchmarks/rl/results/`; each report opens with the command that made it. "
     f"After an RL run, `{REFRESH_COMMAND}` embeds its new report here and leaves the rest of this file as it is.",
     readme="benchmarks/rl/README.md",
+)
+SERVICE = EmbeddedSection(
+    heading="## Serving many users: the user store and the server",
+    intro="The per-user store and the reward server at production scale, embedded from their reports under "
+    "`benchmarks/performance/results/`; each report opens with the command that made it. After one reruns, "
+    f"`{REFRESH_COMMAND}` embeds its new report here and leaves the rest of this file as it is.",
+    readme="benchmarks/performance/README.md",
 )
 
 

@@ -30,7 +30,7 @@ from .comparison import (
     SINGLE_RESIDUAL,
     ComparisonResult,
 )
-from .embedded_reports import RL, STUDIES, demote_headings, embedded_section
+from .embedded_reports import RL, SERVICE, STUDIES, demote_headings, embedded_section
 from .metrics import adaptation_curve, gap_closed, plot_adaptation_curves, summarize_methods, write_seeded_report
 
 STAGE2_SHORT_NAMES = {  # the Stage 2 variants, with their column name in the targets table
@@ -604,11 +604,12 @@ def render_document(
     output: Path,
     studies: list[Path] = (),
     rl_reports: list[Path] = (),
+    service_reports: list[Path] = (),
     resumed: dict[str, str] | None = None,
 ) -> str:
     """
-    The text of BENCHMARKS.md; `studies` and `rl_reports`: the reports its Studies and RL sections embed (none: no
-    section);
+    The text of BENCHMARKS.md; `studies`, `rl_reports` and `service_reports`: the reports its Studies, RL and serving
+    sections embed (none: no section);
     `resumed`: `{comparison: when it ran}` for the outcomes `--resume` reused.
     """
     lora_outcomes = list(lora["outcomes"].values()) if lora else []
@@ -684,5 +685,7 @@ def render_document(
         lines += embedded_section(STUDIES, list(studies), output)
     if rl_reports:
         lines += embedded_section(RL, list(rl_reports), output)
+    if service_reports:
+        lines += embedded_section(SERVICE, list(service_reports), output)
     lines += _lora_section(lora, output)
     return "\n".join(lines).rstrip("\n") + "\n"

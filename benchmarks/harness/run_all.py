@@ -51,7 +51,7 @@ from benchmarks.harness.comparison import (  # noqa: E402
     leave_one_context_out,
     split_pool,
 )
-from benchmarks.harness.embedded_reports import RL, STUDIES, refresh_section  # noqa: E402
+from benchmarks.harness.embedded_reports import RL, SERVICE, STUDIES, refresh_section  # noqa: E402
 from benchmarks.harness.lora_backbone import CPU_HOUR_LORA, LoraTuning, default_lora_tuning, tune_backbone_with_lora  # noqa: E402
 from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool  # noqa: E402
 from benchmarks.harness.preference_pools import PoolSpec, load_pool_dataset  # noqa: E402
@@ -104,6 +104,7 @@ class BenchmarkPlan:
     lora_only: bool = False  # run only the LoRA run (its frozen and tuned comparisons), as if `--lora` were given
     studies: tuple[str, ...] = ()  # study reports (paths from the repository root) the Studies section embeds
     rl_reports: tuple[str, ...] = ()  # RL benchmark reports (paths from the repository root) the RL section embeds
+    service_reports: tuple[str, ...] = ()  # user store and server reports the serving section embeds
 
 
 def synthetic_contexts(num_subpopulations: int) -> tuple[str, ...]:
@@ -212,6 +213,7 @@ def full_plan() -> BenchmarkPlan:
         rl_reports=tuple(
             f"benchmarks/rl/results/{name}.md" for name in ("rl_personalization_dsp", "rl_personalization")
         ),
+        service_reports=("benchmarks/performance/results/user_store.md",),
     )
 
 
@@ -656,10 +658,16 @@ def main(argv: list[str] | None = None) -> int:
     plan.seeds = args.seeds or plan.seeds
     studies = [REPO_ROOT / path for path in plan.studies]
     rl_reports = [REPO_ROOT / path for path in plan.rl_reports]
+    service_reports = [REPO_ROOT / path for path in plan.service_reports]
     if args.refresh_reports:
         refresh_section(Path(args.output), STUDIES, studies)
         refresh_section(Path(args.output), RL, rl_reports, after=STUDIES)
-        logger.info("Re-embedded %d study and %d RL reports in %s", len(studies), len(rl_reports), args.output)
+        if service_reports:
+            refresh_section(Path(args.output), SERVICE, service_reports, after=RL)
+        logger.info(
+            "Re-embedded %d study, %d RL and %d serving reports in %s",
+            len(studies), len(rl_reports), len(service_reports), args.output,
+        )  # fmt: skip
         return 0
     if args.only:
         unknown = sorted(set(args.only) - {spec.name for spec in plan.benchmarks})
@@ -726,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         output=output,
         studies=studies,
         rl_reports=rl_reports,
+        service_reports=service_reports,
         resumed=resumed,
     )
     output.write_text(document, encoding="utf-8")

@@ -275,7 +275,9 @@ def staleness(checkpoint: str, url: str, folder: Path, log: Path, trials: int) -
         "--model_name_or_path", checkpoint, "--user_store", url, "--allow_feedback", "--feature_dir",
         str(folder / "features"), log=log,
     ).start()  # fmt: skip
-    reader = Server("--model_name_or_path", checkpoint, "--user_store", url, "--store_staleness_s", "0.5", log=log).start()
+    reader = Server(
+        "--model_name_or_path", checkpoint, "--user_store", url, "--store_staleness_s", "0.5", log=log
+    ).start()
     seconds = []
     try:
         for trial in range(trials):
@@ -352,8 +354,13 @@ def render(command: str, results: dict) -> str:
             "## One feedback's store work (posterior update, log row, durable commit)",
             "",
             *markdown_table(
-                ["backend", f"{work['sqlite']['small']['users']:,} users p50 / p99 ms",
-                 f"{large_users:,} users p50 / p99 ms", "ratio", f"filling {large_users:,} users"],
+                [
+                    "backend",
+                    f"{work['sqlite']['small']['users']:,} users p50 / p99 ms",
+                    f"{large_users:,} users p50 / p99 ms",
+                    "ratio",
+                    f"filling {large_users:,} users",
+                ],
                 rows,
             ),  # fmt: skip
             "",
@@ -364,10 +371,18 @@ def render(command: str, results: dict) -> str:
             *markdown_table(
                 ["", "p50 ms", "p99 ms", "requests"],
                 [
-                    ["`/score` alone", f"{score['alone']['p50_ms']:.1f}", f"{score['alone']['p99_ms']:.1f}",
-                     score["alone"]["n"]],
-                    ["`/score` under feedback", f"{score['under_feedback']['p50_ms']:.1f}",
-                     f"{score['under_feedback']['p99_ms']:.1f}", score["under_feedback"]["n"]],
+                    [
+                        "`/score` alone",
+                        f"{score['alone']['p50_ms']:.1f}",
+                        f"{score['alone']['p99_ms']:.1f}",
+                        score["alone"]["n"],
+                    ],
+                    [
+                        "`/score` under feedback",
+                        f"{score['under_feedback']['p50_ms']:.1f}",
+                        f"{score['under_feedback']['p99_ms']:.1f}",
+                        score["under_feedback"]["n"],
+                    ],
                 ],
             ),  # fmt: skip
             "",
@@ -380,7 +395,11 @@ def render(command: str, results: dict) -> str:
                 ["store", "start-up s", "resident MB"],
                 [
                     ["1 user", f"{boot['small']['seconds']:.1f}", f"{boot['small']['resident_mb']:.0f}"],
-                    [f"{large_users:,} users", f"{boot['large']['seconds']:.1f}", f"{boot['large']['resident_mb']:.0f}"],
+                    [
+                        f"{large_users:,} users",
+                        f"{boot['large']['seconds']:.1f}",
+                        f"{boot['large']['resident_mb']:.0f}",
+                    ],
                 ],
             ),
             "",
@@ -440,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         print("score", results["score"], flush=True)
         one_user = f"sqlite:///{folder / 'one'}.db"
         fill(open_user_store(one_user, num_heads=NUM_HEADS), 1)
-        results["startup"] = {"small": startup(checkpoint, one_user, log), "large": startup(checkpoint, large_sqlite, log)}
+        results["startup"] = {
+            "small": startup(checkpoint, one_user, log),
+            "large": startup(checkpoint, large_sqlite, log),
+        }
         print("startup", results["startup"], flush=True)
         results["replicas"] = replicas_and_a_crash(
             checkpoint, postgres.create_database("replicas"), folder, log, args.per_client

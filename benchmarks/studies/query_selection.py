@@ -44,8 +44,8 @@ from benchmarks.harness.run_all import (  # noqa: E402
 )
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.personalization.adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors  # noqa: E402
 from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy  # noqa: E402
+from trl_micro.personalization.adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors  # noqa: E402
 from trl_micro.personalization.query_selection import (  # noqa: E402
     QUERY_STRATEGIES,
     choose_pairs_to_label,

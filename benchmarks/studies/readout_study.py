@@ -57,8 +57,8 @@ from benchmarks.harness.run_all import (  # noqa: E402
 )
 from trl_micro import MiCRoRewardModel  # noqa: E402
 from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
 from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy  # noqa: E402
+from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks.studies.readout_study")
 

@@ -46,8 +46,8 @@ from benchmarks.harness.run_all import (  # noqa: E402
     write_study_report,
 )
 from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
 from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
+from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 

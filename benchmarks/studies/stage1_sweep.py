@@ -59,9 +59,9 @@ from benchmarks.harness.run_all import (  # noqa: E402
     start_logging,
     write_study_report,
 )
-from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
 from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
 from trl_micro.losses import context_mixture_bt_loss  # noqa: E402
+from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
