@@ -22,7 +22,7 @@ import torch
 from trl_micro import OnlineRouter, open_user_store
 from trl_micro.rewards import MiCRoReward
 from trl_micro.scripts.serve import ServeArguments, build_app
-from trl_micro.serving import DynamicBatcher
+from trl_micro.serving import DynamicBatcher, server_config
 from trl_micro.serving.verl_reward import compute_score, compute_score_batch
 
 from .conftest import CONTEXTS, skip_unless_strict
@@ -49,7 +49,7 @@ def free_port() -> int:
 def running_server(args: ServeArguments):
     """`build_app(args)` served by uvicorn on 127.0.0.1 in a thread; yields its base URL; stopped on exit."""
     args.host, args.port = "127.0.0.1", free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(args), host=args.host, port=args.port, log_level="warning"))
+    server = uvicorn.Server(server_config(build_app(args), host=args.host, port=args.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -145,10 +145,7 @@ def test_native_endpoint_scores_text_and_messages_and_returns_heads(reward_check
     with running_server(ServeArguments(model_name_or_path=reward_checkpoint)) as url:
         status, answer = call(f"{url}/score", {"rows": rows, "return_heads": True})
         health = call(f"{url}/health")
-    assert status == 200 and health == (
-        200,
-        {"status": "ok", "num_heads": 2, "feedback": False, "pid": health[1]["pid"]},
-    )
+    assert status == 200 and health == (200, {"status": "ok", "num_heads": 2, "feedback": False})  # no process id
     expected = in_process.score([r["prompt"] for r in rows], [r["completion"] for r in rows])
     torch.testing.assert_close(torch.tensor(answer["rewards"]), expected["rewards"], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(answer["head_rewards"]), expected["head_rewards"], rtol=0, atol=1e-5)

@@ -18,16 +18,29 @@ correction u_user . h on the backbone's reward features h (`trl_micro.personaliz
 none. A user store is read through a cache (`CachedUserStore`): a user's weights are at most `store_staleness_s` old,
 so comparisons that other processes record reach this reward within that time.
 
+One scoring core. Every row this reward scores, in a trainer, in `trl-micro serve` or in verl's reward function, goes
+through [`MiCRoReward.encode_rows`] (checks, user ids, truncation, tokenization) and [`MiCRoReward.score_encoded`]
+(the model, the user state, the accounting of unknown users); nothing else checks a row again. A row it cannot score
+raises [`InvalidRow`] (a `ValueError`) naming the list, the row and the fix: a prompt, completion or context that is
+not text or a list of chat messages, a message without a text `role` and a text `content`, text that is not valid
+Unicode (a lone UTF-16 surrogate), a text prompt with a messages completion (or the reverse), a chat template that
+cannot render the row.
+
 User ids follow the stores' one rule (`trl_micro.value_checks.normalize_user_id`): a `str`, or an `int` read as its
-decimal string (an integer `context_id` column finds the stores `trl-micro eval` keys by `str(context_id)`); `None`
-is "no user"; any other type is an error. Rows whose user a store does not know are counted and logged
-(`micro/fallback_rows`: routed by the model's router instead of the online router; `micro/rows_without_residual`), and
-the first time it happens a warning names one such user.
+decimal string (an integer `context_id` column finds the stores `trl-micro eval` keys by `str(context_id)`), of at most
+`MAX_USER_ID_CHARS` characters; `None` is "no user"; any other type is an error ([`InvalidUserId`], also a
+`TypeError`). Rows whose user a store does not know are counted and logged (`micro/fallback_rows`: routed by the
+model's router instead of the online router; `micro/rows_without_residual`), and a warning names one such user, its
+id cut to 32 characters, at most once a minute per kind (the rows since the last one counted in it): constant memory
+and log volume, however many distinct unknown users arrive.
 
 Every prompt + completion is tokenized by `encode_prompt_completion`, exactly as in training (EOS or the chat
 template's end of turn appended), and scored in batches of `batch_size`, one backbone pass each. A sequence longer
 than `max_length` keeps its prompt and its ending and loses the tail of the completion; a prompt that does not fit on
-its own loses its beginning (and, with it, a context put in front of it). The trainer logs, next to TRL's metrics:
+its own loses its beginning (and, with it, a context put in front of it). Before tokenizing, texts are cut the same way
+in characters, to `max_chars` (by default `max_length` times the tokenizer's longest token, so the cut never touches a
+text that would keep all its tokens): a 10 MB response costs no more to tokenize than one of `max_chars` characters.
+The trainer logs, next to TRL's metrics:
 `micro/head_reward/k` and `micro/head_weight/k` (which heads drive the reward), `micro/residual_reward` (the mean
 residual-head correction, with `residual_heads`), and `micro/reward/<group>`, the mean reward of each context id
 (`group_column`), user or context, for up to `max_logged_groups` groups.
@@ -38,8 +51,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import PartialState
@@ -58,6 +73,53 @@ from .value_checks import is_integer, normalize_user_id
 logger = logging.getLogger(__name__)
 
 TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments", "completion_ids")
+MAX_USER_ID_CHARS = 256
+LOGGED_ID_CHARS = 32
+WARNING_INTERVAL_S = 60.0
+
+
+class InvalidRow(ValueError):
+    """A row the reward cannot score: `name` (the list: `prompts`, `completions`, `contexts`, `users`, `chosen`, ...),
+    `row` (its index) and `problem` (what is wrong and the fix); the message is `` `name[row]` problem``."""
+
+    def __init__(self, name: str, row: int, problem: str):
+        self.name, self.row, self.problem = name, row, problem
+        super().__init__(f"`{name}[{row}]` {problem}")
+
+
+class InvalidUserId(InvalidRow, TypeError):
+    """A user id of another type than `str` or `int` (a `TypeError` as well, as `normalize_user_id` raises)."""
+
+
+class EncodedRow(NamedTuple):
+    """A row as `MiCRoReward.encode_rows` hands it to `score_encoded`: token ids, prompt length, user id or None."""
+
+    ids: list[int]
+    prompt_length: int
+    user: str | None
+
+
+class RateLimitedWarning:
+    """Logs at most one warning per `interval_s` seconds; the events in between are counted into the next one."""
+
+    def __init__(self, interval_s: float = WARNING_INTERVAL_S):
+        self.interval_s = interval_s
+        self._last: float | None = None
+        self._folded = 0
+        self._lock = threading.Lock()
+
+    def warn(self, count: int, message: Callable[[int], str]) -> None:
+        """Record `count` events; if a warning is due, log `message(events since the last warning)`."""
+        with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last < self.interval_s:
+                self._folded += count
+                return
+            count, self._folded, self._last = count + self._folded, 0, now
+        logger.warning(message(count))
+
+
+_PROMPT_CUTS = RateLimitedWarning()
 
 
 class MiCRoReward:
@@ -89,6 +151,10 @@ class MiCRoReward:
         batch_size (`int`, defaults to 16): sequences per backbone pass.
         max_length (`int`, *optional*): longest scored sequence, in tokens (>= 1); `None`: the backbone's
             `max_position_embeddings`.
+        max_chars (`int`, *optional*): longest text (a prompt with its context, a completion; the contents of a list
+            of messages together) tokenized, in characters (>= 1): a prompt keeps its end, a completion its beginning.
+            `None`: `max_length` times the tokenizer's longest token in characters, which cuts only texts that
+            `max_length` cuts anyway.
         group_column (`str`, defaults to `"context_id"`): column naming the groups whose mean reward is logged; when
             absent from the dataset, the user id or the context text names the group.
         max_logged_groups (`int`, defaults to 16): groups logged at most (the first ones seen).
@@ -107,6 +173,7 @@ class MiCRoReward:
         residual_heads: ResidualHeads | str | os.PathLike | None = None,
         batch_size: int = 16,
         max_length: int | None = None,
+        max_chars: int | None = None,
         group_column: str = "context_id",
         max_logged_groups: int = 16,
         name: str = "micro_reward",
@@ -160,6 +227,8 @@ class MiCRoReward:
                 f"`max_length` must be an integer >= 1 (tokens), or None for the backbone's maximum; got "
                 f"{max_length!r}."
             )
+        if max_chars is not None and (not is_integer(max_chars) or max_chars < 1):
+            raise ValueError(f"`max_chars` must be an integer >= 1 (characters), or None; got {max_chars!r}.")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model.eval()
@@ -173,11 +242,14 @@ class MiCRoReward:
         if max_length is None:
             max_length = getattr(model.config.text_config, "max_position_embeddings", None)
         self.max_length = max_length
+        if max_chars is None and max_length is not None:
+            max_chars = max_length * longest_token_chars(tokenizer)
+        self.max_chars = max_chars
         self.group_column = group_column
         self.max_logged_groups = max_logged_groups
         self.__name__ = name
         self._logged_groups: dict[str, str] = {}
-        self._warned_unknown_users: set[str] = set()
+        self._unknown_user_warnings = {metric: RateLimitedWarning() for metric in UNKNOWN_USER_METRICS}
         self._prepared = False
 
     @classmethod
@@ -258,8 +330,9 @@ class MiCRoReward:
         if log_metric is not None:
             groups = columns.get(self.group_column) or users or contexts
             self._log_metrics(log_metric, scores, groups)
-        if users is not None:
-            self._report_unknown_users(scores, users, log_metric)
+            if users is not None:
+                for metric, (missing, _) in self._unknown_user_rows(scores, users).items():
+                    log_metric(metric, float(len(missing)))
         if log_extra is not None:
             for k in range(scores["head_rewards"].shape[1]):
                 log_extra(f"micro/head_reward/{k}", scores["head_rewards"][:, k].tolist())
@@ -271,53 +344,102 @@ class MiCRoReward:
         prompts: Sequence[str | Messages],
         completions: Sequence[str | Messages],
         contexts: Sequence[str | None] | None = None,
-        users: Sequence[str | None] | None = None,
+        users: Sequence[str | int | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Score completions without a trainer: `rewards` (N,), `head_rewards` (N, K), `mixture_weights` (N, K),
         `residual_rewards` (N,; 0 for users without a residual head), and which rows the stores knew the user of,
         `online_routed` and `has_residual` (N,; bool), on the CPU. `contexts` and `users` are optional per-row lists
-        (see the class docstring). A prompt or completion that is neither text nor a list of messages (e.g. `None`),
-        and an empty call, are errors.
+        (see the class docstring). A row `encode_rows` refuses raises [`InvalidRow`]; an empty call is an error.
+        """
+        return self.score_encoded(self.encode_rows(prompts, completions, contexts=contexts, users=users))
+
+    def encode_rows(
+        self,
+        prompts: Sequence[str | Messages],
+        completions: Sequence[str | Messages],
+        contexts: Sequence[str | None] | None = None,
+        users: Sequence[str | int | None] | None = None,
+        allow_empty: bool = True,
+        completion_name: str = "completions",
+    ) -> list[EncodedRow]:
+        """
+        Every row's checks, user id, context, truncation and token ids, as `score_encoded` takes them (see the module
+        docstring). A row it cannot score raises [`InvalidRow`] naming it (`completion_name` names the completions in
+        the message, e.g. `chosen`); `allow_empty=False` refuses empty texts and messages too (a server that was sent
+        nothing to score). Mismatched lengths and an empty call are `ValueError`s.
         """
         if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} {completion_name}.")
         if len(prompts) == 0:
             raise ValueError("MiCRoReward got no rows: `prompts` and `completions` are empty. Pass one per completion.")
-        for name, values in (("prompts", prompts), ("completions", completions)):
-            for row, value in enumerate(values):
-                if not isinstance(value, (str, list)):
-                    raise ValueError(
-                        f"`{name}[{row}]` is {type(value).__name__} {value!r}: every prompt and completion must be "
-                        "text or a list of chat messages. Drop or fill in that row."
-                    )
-        if users is not None:
-            users = row_user_ids(users, "users")
-        if not self._prepared:
-            self._place_without_accelerator()
+        if contexts is not None and len(contexts) != len(prompts):
+            raise ValueError(f"{len(contexts)} contexts for {len(prompts)} prompts.")
+        user_ids = row_user_ids(users, "users") if users is not None else [None] * len(prompts)
         template = self.config.context_template
         encoded = []
-        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
-            context = contexts[index] if contexts is not None else None
-            encoded.append(self._encode(join_context(prompt, context, template, skip_if_present=True), completion))
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            check_text(prompt, "prompts", row, allow_empty)
+            check_text(completion, completion_name, row, allow_empty)
+            if isinstance(prompt, list) != isinstance(completion, list):
+                kinds = ("a list of messages", "text") if isinstance(prompt, list) else ("text", "a list of messages")
+                raise InvalidRow(
+                    completion_name,
+                    row,
+                    f"is {kinds[1]} and its prompt {kinds[0]}: send both as text or both as lists of chat messages.",
+                )
+            context = contexts[row] if contexts is not None else None
+            if context is not None:
+                check_text(context, "contexts", row, messages=False)
+            joined = join_context(prompt, context, template, skip_if_present=True)
+            try:
+                ids, prompt_length = self._encode(joined, completion)
+            except Exception as error:  # a chat template that cannot render the row, a tokenizer that refuses it
+                raise self._unencodable(joined, row, completion_name, error) from error
+            encoded.append(EncodedRow(ids, prompt_length, user_ids[row]))
+        return encoded
 
-        user_weights, user_residuals = self.user_lookups(users)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding per batch
-        head_rewards, weights = [None] * len(encoded), [None] * len(encoded)
-        residual_rewards = torch.zeros(len(encoded))
+    def _unencodable(self, prompt: str | Messages, row: int, completion_name: str, error: Exception) -> InvalidRow:
+        """The `InvalidRow` of a row whose tokenization raised `error`: the prompt's if it fails alone."""
+        name = completion_name
+        if isinstance(prompt, list):
+            try:
+                self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            except Exception:
+                name = "prompts"
+        detail = str(error).splitlines()[0][:200] if str(error) else ""
+        return InvalidRow(
+            name,
+            row,
+            f"cannot be tokenized ({type(error).__name__}: {detail}); check its messages' roles and contents against "
+            "the model's chat template.",
+        )
+
+    @torch.no_grad()
+    def score_encoded(self, rows: Sequence[EncodedRow]) -> dict[str, torch.Tensor]:
+        """`score` of rows from `encode_rows` (of one call or several: `trl-micro serve` scores requests together)."""
+        if len(rows) == 0:
+            raise ValueError("MiCRoReward got no rows to score.")
+        if not self._prepared:
+            self._place_without_accelerator()
+        users = [row.user for row in rows]
+        has_users = any(user is not None for user in users)
+        user_weights, user_residuals = self.user_lookups(users if has_users else None)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))  # less padding per batch
+        head_rewards, weights = [None] * len(rows), [None] * len(rows)
+        residual_rewards = torch.zeros(len(rows))
         for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            batch_users = [users[i] for i in rows] if users is not None else None
-            output = self._score_batch([encoded[i] for i in rows], batch_users, user_weights)
-            for position, row in enumerate(rows):
+            batch = order[start : start + self.batch_size]
+            batch_users = [users[i] for i in batch] if has_users else None
+            output = self._score_batch([(rows[i].ids, rows[i].prompt_length) for i in batch], batch_users, user_weights)
+            for position, row in enumerate(batch):
                 head_rewards[row] = output.head_rewards[position]
                 weights[row] = output.mixture_weights[position]
             if user_residuals and batch_users is not None:
-                residual_rewards[rows] = residual_corrections(batch_users, user_residuals, output.reward_features)
+                residual_rewards[batch] = residual_corrections(batch_users, user_residuals, output.reward_features)
         head_rewards = torch.stack(head_rewards).float().cpu()
         weights = torch.stack(weights).float().cpu()
-        users = users if users is not None else [None] * len(encoded)
-        return {
+        scores = {
             "rewards": (weights * head_rewards).sum(dim=-1) + residual_rewards,
             "head_rewards": head_rewards,
             "mixture_weights": weights,
@@ -325,6 +447,9 @@ class MiCRoReward:
             "online_routed": torch.tensor([user in user_weights for user in users], dtype=torch.bool),
             "has_residual": torch.tensor([user in user_residuals for user in users], dtype=torch.bool),
         }
+        if has_users:
+            self._warn_unknown_users(scores, users)
+        return scores
 
     @torch.no_grad()
     def comparison_margins(
@@ -333,27 +458,28 @@ class MiCRoReward:
         chosen: Sequence[str | Messages],
         rejected: Sequence[str | Messages],
         contexts: Sequence[str | None] | None = None,
+        allow_empty: bool = True,
     ) -> dict[str, Any]:
         """
         Per-head margins r_k(chosen) - r_k(rejected) of N comparisons, as Stage 2 updates a user with them:
         `head_margins` (N, K) on the CPU; `feature_keys`, the feature-store keys of each comparison's two sequences
         (`trl_micro.feature_cache.sequence_key`); and `readings`, the backbone's readings of the 2N sequences in the
         order of `sequence_keys` (what `FeatureStore.add` keeps, so that a rebuild on the same backbone runs none).
+        Rows are checked and truncated by `encode_rows` (an [`InvalidRow`] names `chosen[i]` or `rejected[i]`).
         """
         if not (len(prompts) == len(chosen) == len(rejected)) or not prompts:
             raise ValueError(
                 f"comparison_margins needs one prompt, chosen and rejected response per comparison, got {len(prompts)} "
                 f"prompts, {len(chosen)} chosen and {len(rejected)} rejected."
             )
+        pairs = [
+            self.encode_rows(prompts, responses, contexts, allow_empty=allow_empty, completion_name=name)
+            for name, responses in (("chosen", chosen), ("rejected", rejected))
+        ]
         if not self._prepared:
             self._place_without_accelerator()
         model = extract_model_from_parallel(self.model)
-        template = self.config.context_template
-        encoded = []
-        for index, prompt in enumerate(prompts):
-            context = contexts[index] if contexts is not None else None
-            joined = join_context(prompt, context, template, skip_if_present=True)
-            encoded += [self._encode(joined, chosen[index]), self._encode(joined, rejected[index])]
+        encoded = [(row.ids, row.prompt_length) for pair in zip(*pairs) for row in pair]
         keys = [sequence_key(ids, prompt_length) for ids, prompt_length in encoded]
         readings = compute_sequence_readings(model, encoded, self.batch_size, self.device, progress=False)
         reward_features, router_features = model.features_from_readings(readings)
@@ -385,14 +511,14 @@ class MiCRoReward:
         self,
         encoded: list[tuple[list[int], int]],
         users: list[str | None] | None,
-        user_weights: dict[str, torch.Tensor],
+        user_weights: dict[str, torch.Tensor] | None = None,
     ):
         device = self.device
         input_ids = pad_right([ids for ids, _ in encoded], self.tokenizer.pad_token_id).to(device)
         attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0).to(device)
         prompt_lengths = torch.tensor([length for _, length in encoded], device=device)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=prompt_lengths)
-        if users is None or not any(user in user_weights for user in users):
+        if users is None or not user_weights or not any(user in user_weights for user in users):
             return output
         weights = output.mixture_weights.clone()
         for row, user in enumerate(users):
@@ -413,6 +539,8 @@ class MiCRoReward:
         )
 
     def _encode(self, prompt: str | Messages, completion: str | Messages) -> tuple[list[int], int]:
+        if self.max_chars is not None:
+            prompt, completion = cut_text(prompt, self.max_chars, keep_end=True), cut_text(completion, self.max_chars)
         ids, prompt_length = encode_prompt_completion(self.tokenizer, prompt, completion)
         if self.max_length is None or len(ids) <= self.max_length:
             return ids, prompt_length
@@ -436,29 +564,37 @@ class MiCRoReward:
         return values
 
     # -------------------------------------------------------------------------------------------------- logging
-    def _report_unknown_users(self, scores: dict[str, torch.Tensor], users: list[str | None], log_metric) -> None:
-        """Log how many rows a store did not know the user of; warn once per store, naming one such user."""
+    def _unknown_user_rows(
+        self, scores: dict[str, torch.Tensor], users: Sequence[str | None]
+    ) -> dict[str, tuple[list[str | None], str]]:
+        """`{metric: (users of the rows a store did not know, what happened to them)}` for each store in use."""
         routing = self.user_store if self.user_store is not None else self.online_router
         residuals = self.residual_heads
         if self.user_store is not None and self.user_store.store.settings.hidden_size is not None:
             residuals = self.user_store  # a store that holds residual heads
-        for found, store, metric, consequence in (
-            ("online_routed", routing, "micro/fallback_rows", "routed by the model's own router"),
-            ("has_residual", residuals, "micro/rows_without_residual", "scored without a residual head"),
-        ):
-            if store is None:
+        found = {}
+        for metric, store in zip(UNKNOWN_USER_METRICS, (routing, residuals)):
+            if store is not None:
+                known = scores[UNKNOWN_USER_METRICS[metric][0]].tolist()
+                missing = [user for user, is_known in zip(users, known) if not is_known]
+                found[metric] = (missing, f"the {type(store).__name__} does not know")
+        return found
+
+    def _warn_unknown_users(self, scores: dict[str, torch.Tensor], users: Sequence[str | None]) -> None:
+        """Warn about rows whose user a store does not know: once a minute at most per metric, ids cut short."""
+        for metric, (missing, unknown) in self._unknown_user_rows(scores, users).items():
+            missing = [user for user in missing if user is not None]
+            if not missing:
                 continue
-            missing = [user for user, known in zip(users, scores[found].tolist()) if not known]
-            if log_metric is not None:
-                log_metric(metric, float(len(missing)))
-            if missing and metric not in self._warned_unknown_users:
-                self._warned_unknown_users.add(metric)
-                example = missing[0] if missing[0] is None else missing[0][:32]
-                logger.warning(
-                    f"MiCRoReward: {len(missing)} of {len(users)} rows have a user that the {type(store).__name__} "
-                    f"does not know (e.g. {example!r}), so they are {consequence}. Counted in `{metric}`; this warning "
-                    "is shown once."
-                )
+            example, consequence = missing[0][:LOGGED_ID_CHARS], UNKNOWN_USER_METRICS[metric][1]
+            self._unknown_user_warnings[metric].warn(
+                len(missing),
+                lambda count, n=len(missing), example=example, unknown=unknown, consequence=consequence, metric=metric: (
+                    f"MiCRoReward: {n} of {len(users)} rows have a user that {unknown} (e.g. {example!r}), so they "
+                    f"are {consequence}. Counted in `{metric}`; {count} such rows since the last warning, which "
+                    f"repeats at most every {WARNING_INTERVAL_S:.0f} s."
+                ),
+            )
 
     def _log_metrics(self, log_metric, scores: dict[str, torch.Tensor], groups: list | None) -> None:
         for k in range(scores["head_rewards"].shape[1]):
@@ -488,9 +624,130 @@ class MiCRoReward:
         return self._logged_groups[key]
 
 
+UNKNOWN_USER_METRICS = {
+    "micro/fallback_rows": ("online_routed", "routed by the model's own router"),
+    "micro/rows_without_residual": ("has_residual", "scored without a residual head"),
+}
+
+
 def row_user_ids(values: Sequence, name: str) -> list[str | None]:
-    """Each row's user id by the stores' rule (`normalize_user_id`); `None` stays "no user"."""
-    return [None if value is None else normalize_user_id(value, f"{name}[{row}]") for row, value in enumerate(values)]
+    """Each row's user id by the stores' rule (`normalize_user_id`), at most `MAX_USER_ID_CHARS` characters of valid
+    Unicode; `None` stays "no user". A refused id raises [`InvalidUserId`] (wrong type) or [`InvalidRow`]."""
+    return [None if value is None else user_id(value, name, row) for row, value in enumerate(values)]
+
+
+def user_id(value: Any, name: str, row: int) -> str:
+    """One row's user id (see `row_user_ids`)."""
+    if is_integer(value) and int(value).bit_length() > 4 * MAX_USER_ID_CHARS:
+        raise InvalidRow(name, row, f"is an integer of over {MAX_USER_ID_CHARS} digits; user ids are shorter.")
+    try:
+        user = normalize_user_id(value, f"{name}[{row}]")
+    except TypeError:
+        raise InvalidUserId(
+            name,
+            row,
+            f"must be a str or an int (a user id; ints are read as their decimal string), got {type(value).__name__} "
+            f"{preview(value)}. Convert the ids first, e.g. a float column with `int(...)`.",
+        ) from None
+    if len(user) > MAX_USER_ID_CHARS:
+        raise InvalidRow(name, row, f"is {len(user)} characters long; a user id has at most {MAX_USER_ID_CHARS}.")
+    check_unicode(user, name, row)
+    return user
+
+
+def preview(value: Any, limit: int = LOGGED_ID_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters (error messages never echo a whole input)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_unicode(text: str, name: str, row: int) -> None:
+    """Refuse text that cannot be written as UTF-8 (a lone UTF-16 surrogate, as JSON's `\\ud800` decodes to)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRow(
+            name,
+            row,
+            f"has a lone surrogate (U+{ord(text[error.start]):04X}) at character {error.start}: not valid Unicode. "
+            "Encode the text as UTF-8 (a JSON string escapes surrogates only in pairs).",
+        ) from None
+
+
+def check_text(value: Any, name: str, row: int, allow_empty: bool = True, messages: bool = True) -> None:
+    """
+    Refuse a value that is not text (or, with `messages`, a list of chat messages: objects with a text `role` and a
+    text `content`), that is not valid Unicode, or (without `allow_empty`) that is empty: an [`InvalidRow`] naming it.
+    """
+    if isinstance(value, str):
+        check_unicode(value, name, row)
+        if not allow_empty and not value.strip():
+            raise InvalidRow(name, row, "is empty: send the text to score.")
+        return
+    if not messages or not isinstance(value, list):
+        rule = (
+            "every prompt and completion must be text or a list of chat messages"
+            if messages
+            else "a context must be text or None"
+        )
+        raise InvalidRow(name, row, f"is {type(value).__name__} {preview(value)}: {rule}. Drop or fill in that row.")
+    if not allow_empty and not value:
+        raise InvalidRow(name, row, "is an empty list of messages.")
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise InvalidRow(
+                name, row, f"message {index} must be an object with `role` and `content`, got {type(message).__name__}."
+            )
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role.strip():
+            raise InvalidRow(
+                name,
+                row,
+                f"message {index} needs a `role` that is text (system, user, assistant), got {preview(role)}.",
+            )
+        if not isinstance(content, str):
+            raise InvalidRow(
+                name,
+                row,
+                f"message {index} needs a `content` that is text, got {type(content).__name__}: only text is scored.",
+            )
+        check_unicode(role, name, row)
+        check_unicode(content, name, row)
+        if not allow_empty and not content.strip():
+            raise InvalidRow(name, row, f"message {index} has empty content: send the text to score.")
+
+
+def cut_text(value: str | Messages, max_chars: int, keep_end: bool = False) -> str | Messages:
+    """
+    `value` in at most `max_chars` characters of content: its beginning (a completion) or, with `keep_end`, its end (a
+    prompt, as `truncate_completion` keeps a prompt's end). A list of messages keeps whole messages from that side and
+    cuts the one that crosses the limit.
+    """
+    if isinstance(value, str):
+        if len(value) <= max_chars:
+            return value
+        return value[len(value) - max_chars :] if keep_end else value[:max_chars]
+    if sum(len(message["content"]) for message in value) <= max_chars:
+        return value
+    kept, room = [], max_chars
+    for message in reversed(value) if keep_end else value:
+        if room <= 0:
+            break
+        content = message["content"]
+        if len(content) > room:
+            content = content[len(content) - room :] if keep_end else content[:room]
+        kept.append({**message, "content": content})
+        room -= len(content)
+    return kept[::-1] if keep_end else kept
+
+
+def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters one token of `tokenizer` stands for (its longest vocabulary entry, added tokens included):
+    a text of n characters has at least n / this many tokens."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max((len(token) for token in tokens if token is not None), default=1)
 
 
 def residual_corrections(
@@ -517,11 +774,14 @@ def truncate_completion(
     if room_for_prompt < 1:
         raise ValueError(f"max_length={max_length} leaves no room for a prompt, a completion and its ending.")
     if prompt_length > room_for_prompt:
-        logger.warning(
-            "A prompt of %d tokens does not fit max_length=%d: its first %d tokens are dropped.",
-            prompt_length,
-            max_length,
-            prompt_length - room_for_prompt,
+        dropped = prompt_length - room_for_prompt
+        _PROMPT_CUTS.warn(
+            1,
+            lambda count: (
+                f"A prompt of {prompt_length} tokens does not fit max_length={max_length}: its first {dropped} "
+                f"tokens are dropped ({count} prompts cut since the last warning, which repeats at most every "
+                f"{WARNING_INTERVAL_S:.0f} s)."
+            ),
         )
         ids, prompt_length = ids[prompt_length - room_for_prompt :], room_for_prompt
     completion = ids[prompt_length : len(ids) - len(ending)]

@@ -12,14 +12,15 @@ Per-user state (routing, residual heads, the feedback log) lives in a user store
 OpenRLHF (0.11): `--reward.remote_url http://127.0.0.1:5000/get_reward`, with `--user_field labels` when the
 dataset's label column carries each prompt's user id. verl: `trl_micro.serving.verl_reward.compute_score` as the custom reward
 function (see its docstring). The server binds 127.0.0.1 unless `--host` says otherwise; on any other address give it
-`--api_key` (or `$TRL_MICRO_API_KEY`), which every request but `/health` must then send as a bearer token.
+`--api_key` (or `$TRL_MICRO_API_KEY`), which every request but `/health` must then send as a bearer token (an empty
+key is refused at start). Every limit below has a flag and a default; docs/serving.md lists them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser
 
@@ -69,14 +70,62 @@ class ServeArguments:
     max_batch_size: int = field(default=32, metadata={"help": "Rows scored together at most (dynamic batching)."})
     max_wait_ms: float = field(default=5.0, metadata={"help": "How long a request waits for others to batch with."})
     max_rows_per_request: int = field(default=1024, metadata={"help": "Rows one request may carry (else 413)."})
-    max_request_bytes: int = field(default=16 * 2**20, metadata={"help": "Largest request body (else 413)."})
+    max_request_bytes: int = field(
+        default=16 * 2**20, metadata={"help": "Largest request body in bytes, counted as it arrives (else 413)."}
+    )
+    max_queued_rows: int = field(
+        default=4096, metadata={"help": "Rows admitted and not yet answered, all requests together (else 503)."}
+    )
+    max_concurrent_requests: int = field(
+        default=64, metadata={"help": "POST requests handled at once; their bodies are in memory (else 503)."}
+    )
+    max_connections: int = field(
+        default=256, metadata={"help": "Open connections and requests at most (uvicorn's limit; else 503)."}
+    )
+    request_timeout_s: float = field(
+        default=60.0, metadata={"help": "Seconds a request may wait for its scores (else 503, its rows dropped)."}
+    )
+    body_timeout_s: float = field(
+        default=30.0, metadata={"help": "Seconds a request body may take to arrive after its headers (else 408)."}
+    )
+    header_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "Seconds a connection may take to send a request's headers (else it is closed)."},
+    )
+    serve_openapi: bool = field(
+        default=False, metadata={"help": "Serve /openapi.json and /docs (behind --api_key like every endpoint)."}
+    )
     max_length: int | None = field(default=None, metadata={"help": "Longest scored sequence in tokens."})
+    max_text_chars: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest text tokenized, in characters (default: --max_length times the tokenizer's longest "
+            "token, which cuts only texts that --max_length cuts anyway)."
+        },
+    )
     batch_size: int = field(default=16, metadata={"help": "Sequences per backbone pass."})
+
+
+def api_key(args: ServeArguments) -> str | None:
+    """The bearer token: `--api_key`, else `$TRL_MICRO_API_KEY`, else none; an empty one is an error."""
+    from ..serving.app import check_api_key
+
+    if args.api_key is not None:
+        check_api_key(args.api_key, "--api_key")
+        return args.api_key
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None:
+        check_api_key(key, f"${API_KEY_ENV}")
+    return key
 
 
 def build_app(args: ServeArguments):
     from ..serving import ServeSettings, create_app
 
+    # Every ServeSettings field is the flag of its name; the settings are checked before the model loads.
+    values = {setting.name: getattr(args, setting.name) for setting in fields(ServeSettings)}
+    settings = ServeSettings(**{**values, "api_key": api_key(args)})
+    settings.check()
     if args.allow_feedback and not args.user_store:
         migrate = (
             f" Import the JSON routing first: `trl-micro users import {args.online_router} --user_store URL`."
@@ -105,17 +154,7 @@ def build_app(args: ServeArguments):
         residual_heads=args.residual_heads,
         batch_size=args.batch_size,
         max_length=args.max_length,
-    )
-    settings = ServeSettings(
-        user_field=args.user_field,
-        allow_feedback=args.allow_feedback,
-        keep_features=args.keep_features,
-        feature_dir=args.feature_dir,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_rows_per_request=args.max_rows_per_request,
-        max_request_bytes=args.max_request_bytes,
+        max_chars=args.max_text_chars,
     )
     if args.host not in LOOPBACK and settings.api_key is None:
         logger.warning(
@@ -127,7 +166,9 @@ def build_app(args: ServeArguments):
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
+    from ..serving import server_config
+
     (args,) = HfArgumentParser(ServeArguments).parse_args_into_dataclasses(args=argv)
     app = build_app(args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(server_config(app, host=args.host, port=args.port)).run()
     return 0

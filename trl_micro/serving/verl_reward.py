@@ -15,13 +15,16 @@ reward:
 `compute_score_batch` is the same for verl's batch reward manager (lists in, a list of floats out). verl gives a
 reward function the decoded response, the ground truth and the row's `extra_info`, not the prompt: put the prompt
 (and the user id) in `extra_info` when preparing the dataset. A row whose `extra_info` has no prompt is an error naming
-the key. With `url`, rows are scored by the server (`POST /score`); with `model_name_or_path`, by a `MiCRoReward`
-loaded once per process (users routed through `online_router` / `residual_heads` stores when given).
+the key. With `url`, rows are scored by the server (`POST /score`; a refusal raises with the server's message); with
+`model_name_or_path`, by a `MiCRoReward` loaded once per process (users routed through `online_router` /
+`residual_heads` stores when given). Either way the rows meet the reward's one scoring core (`MiCRoReward.encode_rows`):
+user ids follow its rule (a str or an int; `17.0` is refused, never read as "17.0"), texts its checks.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from functools import lru_cache
@@ -29,9 +32,12 @@ from typing import Any
 
 
 def _rows(solution_strs: Sequence[str], extra_infos: Sequence[dict | None], user_key: str, prompt_key: str) -> list:
+    from trl_micro.rewards import row_user_ids  # absolute: verl loads this file by path
+
+    extra_infos = [extra or {} for extra in extra_infos]
+    users = row_user_ids([extra.get(user_key) for extra in extra_infos], f"extra_info[{user_key!r}]")
     rows = []
     for index, (solution, extra) in enumerate(zip(solution_strs, extra_infos)):
-        extra = extra or {}
         if extra.get(prompt_key) in (None, "", []):
             raise ValueError(
                 f"Row {index}: extra_info has no {prompt_key!r} (the prompt). verl does not pass prompts to reward "
@@ -39,8 +45,7 @@ def _rows(solution_strs: Sequence[str], extra_infos: Sequence[dict | None], user
             )
         prompt = extra[prompt_key]
         completion = solution if isinstance(prompt, str) else [{"role": "assistant", "content": solution}]
-        user = extra.get(user_key)
-        rows.append({"prompt": prompt, "completion": completion, "user": None if user is None else str(user)})
+        rows.append({"prompt": prompt, "completion": completion, "user": users[index]})
     return rows
 
 
@@ -51,8 +56,12 @@ def _post(url: str, payload: dict, timeout: float, api_key: str | None) -> dict:
     request = urllib.request.Request(
         url.rstrip("/") + "/score", data=json.dumps(payload).encode("utf-8"), headers=headers, method="POST"
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read().decode("utf-8"))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:
+        detail = error.read().decode("utf-8", "replace")[:2000]
+        raise RuntimeError(f"The trl-micro server at {url} answered {error.code}: {detail}") from error
 
 
 @lru_cache(maxsize=4)
