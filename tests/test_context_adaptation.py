@@ -59,8 +59,52 @@ def test_uniform_prior_is_hyre_reweighting():
 
 def test_bad_input_is_refused():
     contexts, scores = _scores()
-    with pytest.raises(ValueError, match="23 context ids for 24 scored pairs"):
+    with pytest.raises(ValueError, match="23 user ids for 24 scored pairs"):
         adapt_to_users(contexts[:-1], scores)
-    with pytest.raises(ValueError, match="at least 2 labelled pairs per context"):
+    with pytest.raises(ValueError, match="at least 2 labelled pairs per user"):
         adapt_to_users(["solo", *contexts[1:]], scores)
     assert isinstance(adapt_to_users(["solo", *contexts[1:]], scores, residual_heads=False), UserAdaptation)
+
+
+def test_routing_rules_fit_mixture_weights_for_mixed_users():
+    """ "mixture" stores each user's EM weights; "auto" picks per user; "posterior" is the online router's."""
+    from trl_micro.personalization.mixture_weights import mixture_weights, user_weights
+
+    contexts, scores = _scores(num_pairs=48)
+    priors = router_priors(contexts, scores.mixture_weights)
+    mixed = adapt_to_users(contexts, scores, routing="mixture", residual_heads=False)
+    auto = adapt_to_users(contexts, scores, routing="auto", residual_heads=False)
+    for user in ("alice", "bob"):
+        rows = [row for row, other in enumerate(contexts) if other == user]
+        expected = mixture_weights(scores.head_margins[rows], priors[user])
+        torch.testing.assert_close(mixed.online_router.weights(user, dtype=torch.float64), expected)
+        assert mixed.routing_rules[user] == "mixture" and mixed.online_router.num_updates(user) == len(rows)
+        assert auto.routing_rules[user] == user_weights(scores.head_margins[rows], "auto", priors[user])[1]
+    assert set(adapt_to_users(contexts, scores, residual_heads=False).routing_rules.values()) == {"posterior"}
+    with pytest.raises(ValueError, match="`routing` must be one of"):
+        adapt_to_users(contexts, scores, routing="vote")
+
+
+def test_old_names_keep_working_with_a_future_warning():
+    contexts, scores = _scores()
+    with pytest.warns(FutureWarning, match="adapt_to_users"):
+        old = __import__("trl_micro").adapt_to_contexts(contexts, scores, residual_heads=False)
+    torch.testing.assert_close(
+        old.online_router.weights("bob"),
+        adapt_to_users(contexts, scores, residual_heads=False).online_router.weights("bob"),
+    )
+    import importlib
+    import sys
+
+    for old_path, new_path in (
+        ("trl_micro.online_router", "trl_micro.personalization.online_router"),
+        ("trl_micro.context_adaptation", "trl_micro.personalization.adaptation"),
+    ):
+        sys.modules.pop(old_path, None)
+        with pytest.warns(FutureWarning, match=new_path):
+            module = importlib.import_module(old_path)
+        assert module is importlib.import_module(new_path)
+    from trl_micro.personalization import online_router
+
+    with pytest.warns(FutureWarning, match="UserState"):
+        assert online_router.ContextState is online_router.UserState

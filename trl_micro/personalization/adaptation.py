@@ -32,7 +32,8 @@ import torch
 
 from ..scoring import PairScores
 from ..value_checks import normalize_user_id
-from .online_router import OnlineRouter
+from .mixture_weights import ROUTING_RULES, user_weights
+from .online_router import OnlineRouter, UserState
 from .query_selection import choose_pairs_to_label
 from .residual_heads import ResidualHeads
 from .stores import UserStore
@@ -48,6 +49,7 @@ class UserAdaptation:
     online_router: OnlineRouter
     residual_heads: ResidualHeads | None = None
     labelled_rows: list[int] | None = None  # with `num_queries`: the pool rows that were asked, in asking order
+    routing_rules: dict[str, str] | None = None  # {user: "posterior" or "mixture"}: how each user's weights were fit
 
     def margins(self, scores: PairScores, user_ids: Sequence[str], with_residuals: bool = True) -> torch.Tensor:
         """(N,) personalized margins of scored pairs of the given users (routed, plus the residual correction)."""
@@ -85,6 +87,8 @@ def adapt_to_users(
     num_queries: int | None = None,
     query_strategy: str = "information",
     query_seed: int = 0,
+    routing: str = "posterior",
+    prior_strength: float = 2.0,
 ) -> UserAdaptation:
     """
     Fit online routing and residual heads per user from a few labelled pairs (see the module docstring).
@@ -102,6 +106,10 @@ def adapt_to_users(
         num_queries (`int`, *optional*): treat the pairs as a pool and learn from this many per user, chosen by
             `query_strategy` (`"information"`, `"disagreement"` or `"random"`, seeded by `query_seed`); the rows
             used are `UserAdaptation.labelled_rows`. Default: learn from every pair given.
+        routing (`str`, defaults to `"posterior"`): how each user's weights over the heads are fitted: the online
+            router's one-head posterior, `"mixture"` weights for users whose pairs come from several heads, or
+            `"auto"`, the better of the two on each user's own pairs (`trl_micro.personalization.mixture_weights`).
+        prior_strength (`float`, defaults to 2.0): the mixture weights' prior, in pseudo-comparisons.
     """
     user_ids = [normalize_user_id(user, f"user_ids[{row}]") for row, user in enumerate(user_ids)]
     if len(user_ids) != scores.head_margins.shape[0]:
@@ -116,7 +124,10 @@ def adapt_to_users(
             user_ids, scores.head_margins, num_queries, query_strategy, priors, eta, query_seed
         )
         user_ids, scores = [user_ids[row] for row in labelled_rows], scores.subset(labelled_rows)
-    router = fit_online_router(user_ids, scores.head_margins, priors, eta, model_fingerprint=model_fingerprint)
+    rules: dict[str, str] = {}
+    router = fit_online_router(
+        user_ids, scores.head_margins, priors, eta, model_fingerprint, routing, prior_strength, rules
+    )
     residuals = None
     if residual_heads:
         fewest = min(user_ids.count(user) for user in set(user_ids))
@@ -128,7 +139,7 @@ def adapt_to_users(
         residuals = fit_residual_heads(
             router, user_ids, scores.head_margins, scores.feature_deltas, cv_folds, model_fingerprint
         )
-    return UserAdaptation(router, residuals, labelled_rows)
+    return UserAdaptation(router, residuals, labelled_rows, rules)
 
 
 # ---------------------------------------------------------------------------------------------------- the pieces
@@ -148,15 +159,33 @@ def fit_online_router(
     priors: dict[str, torch.Tensor] | None = None,
     eta: float = 1.0,
     model_fingerprint: str | None = None,
+    routing: str = "posterior",
+    prior_strength: float = 2.0,
+    rules: dict[str, str] | None = None,
 ) -> OnlineRouter:
     """
     An [`OnlineRouter`] in which every user c has seen the head margins (N, K) of its labelled pairs (the rows whose
     `user_ids` entry is c), starting from `priors[c]` (uniform when `priors` is None: HyRe's reweighting).
+    `routing` (`trl_micro.personalization.mixture_weights`): "posterior", the online router's one-head posterior;
+    "mixture", the user's MAP mixture weights (a Dirichlet prior of `prior_strength` pseudo-comparisons); "auto", the
+    better of the two on the user's own pairs (leave-one-out). The rule used per user goes into `rules` when given.
     """
+    if routing not in ROUTING_RULES:
+        raise ValueError(f"`routing` must be one of {ROUTING_RULES}, got {routing!r}.")
     router = OnlineRouter(num_heads=head_margins.shape[1], eta=eta, model_fingerprint=model_fingerprint)
     for user in sorted(set(user_ids)):
         rows = [row for row, other in enumerate(user_ids) if other == user]
-        router.update(user, head_margins[rows], prior=None if priors is None else priors[user])
+        prior = None if priors is None else priors[user]
+        rule = routing
+        if routing != "posterior":
+            weights, rule = user_weights(head_margins[rows], routing, prior, prior_strength, eta)
+        if rule == "posterior":
+            router.update(user, head_margins[rows], prior=prior)
+        else:  # the mixture weights become the user's state; later comparisons update them as the posterior does
+            log_prior = router._default_log_prior if prior is None else torch.as_tensor(prior).double().log()
+            router._states[user] = UserState(weights.clamp_min(1e-300).log(), log_prior, len(rows))
+        if rules is not None:
+            rules[user] = rule
     return router
 
 
