@@ -2,8 +2,8 @@
 The user store at scale (`trl_micro.personalization.stores`): what one feedback costs in the store at 1,000 and
 1,000,000 users, on SQLite and on PostgreSQL, and what a server on such a store does.
 
-1. Store work: stores filled with N users (K = 4, bulk-written), then `--feedback` single comparisons of random
-   existing users, each a durable transaction (posterior update, log row, commit): p50 / p99 per comparison.
+1. Store work: stores filled with N users (K = 4, bulk-written, then settled: statistics gathered, the write-ahead log
+   checkpointed, PostgreSQL's pages vacuumed), then `--feedback` single comparisons of random existing users, each a durable transaction (posterior update, log row, commit): p50 / p99 per comparison.
 2. `/score` under feedback: `trl-micro serve` (a tiny MiCRo checkpoint, so that the store, not the backbone, is
    measured) on the 1,000,000-user SQLite store; one client scores rows of known users, alone and then while 4 clients
    send feedback without pause: p50 / p99 of `/score` and their ratio.
@@ -92,9 +92,23 @@ def fill(store: UserStore, num_users: int, chunk: int = 20_000) -> float:
     return time.perf_counter() - started
 
 
+def settle(store: UserStore) -> None:
+    """Bring a freshly bulk-loaded store to the state of one long in service: statistics gathered, the write-ahead log
+    checkpointed, and (PostgreSQL) every page vacuumed, so the timed writes do not pay for the bulk load's aftermath."""
+    with store.engine.connect() as connection:
+        if store.backend == "postgresql":
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            connection.exec_driver_sql("VACUUM ANALYZE")
+            connection.exec_driver_sql("CHECKPOINT")
+        else:
+            connection.exec_driver_sql("ANALYZE")
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
 def store_work(url: str, num_users: int, feedback: int) -> dict:
     store = open_user_store(url, num_heads=NUM_HEADS)
     filled = fill(store, num_users)
+    settle(store)
     generator = random.Random(1)
     seconds = []
     for i in range(feedback):
