@@ -21,7 +21,12 @@ cross-validated on the same pairs; from 2 pairs per context); every method is re
 With `--adaptation_pool M` (M > N) M pairs per context are set aside and N of them chosen, one at a time as a user
 would answer them, by `--query_strategy` (`information`: the pair whose label tells most about which head the context
 follows; `disagreement`; `random`; `trl_micro.personalization.query_selection`); the other pairs of the pool are neither used nor
-evaluated.
+evaluated. `--routing` says how each context's weights over the heads are fitted
+(`trl_micro.personalization.mixture_weights`): `posterior` (default), the online router's posterior of "which one head";
+`mixture`, the context's MAP mixture weights over the heads, for users whose comparisons come from several heads; `auto`,
+the better of the two on each context's own pairs (leave-one-out). `--user_store URL` also writes what was adapted into
+a user store (`sqlite:///users.db`, `postgresql://...`; `trl_micro.personalization.stores`), where the server and the RL
+reward read it by user id.
 
 Every row is checked before anything is scored: a malformed one (a missing or non-text prompt or response, a prompt
 and responses in different formats, an empty prompt, a missing context id) stops the run with an error naming the
@@ -38,6 +43,7 @@ per-context table (`trl_micro.model_card.add_evaluation_section`; `--update_mode
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +64,13 @@ from ..evaluation import (
     plot_head_usage_heatmap,
     write_report,
 )
+from ..feature_cache import reward_model_fingerprint
 from ..losses import HEAD_AGREEMENT_WARNING, head_agreement
 from ..model_card import add_evaluation_section, data_name, message_text
 from ..modeling_micro import MiCRoRewardModel
 from ..personalization.adaptation import ONLINE_ROUTER_STORE, RESIDUAL_HEADS_STORE, adapt_to_users
+from ..personalization.mixture_weights import ROUTING_RULES
+from ..personalization.stores import open_user_store
 from ..scoring import score_preference_pairs
 from ..value_checks import normalize_user_id
 
@@ -124,6 +133,21 @@ class EvalArguments:
     adaptation_pool: int | None = field(
         default=None,
         metadata={"help": "Pairs per context to choose the adaptation pairs from (default: --adaptation_pairs)."},
+    )
+    routing: str = field(
+        default="posterior",
+        metadata={
+            "help": "How each context's weights over the heads are fitted from its adaptation pairs: posterior (one "
+            "head), mixture (MAP mixture weights) or auto (the better on the context's own pairs).",
+            "choices": ["posterior", "mixture", "auto"],
+        },
+    )
+    prior_strength: float = field(
+        default=2.0, metadata={"help": "--routing mixture / auto: the mixture weights' prior, in pseudo-comparisons."}
+    )
+    user_store: str | None = field(
+        default=None,
+        metadata={"help": "Also write the adapted users into this user store (sqlite:///users.db, postgresql://...)."},
     )
     batch_size: int = field(default=16, metadata={"help": "Sequences per backbone batch."})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "Cache backbone features in this folder."})
@@ -273,6 +297,10 @@ def run_eval(args: EvalArguments) -> dict:
     """Score, then write the report and the plots; returns the results and the written paths."""
     if args.adaptation_pairs < 0:
         raise ValueError(f"--adaptation_pairs must be >= 0, got {args.adaptation_pairs}.")
+    if args.routing not in ROUTING_RULES:
+        raise ValueError(f"--routing must be one of {', '.join(ROUTING_RULES)}, got {args.routing!r}.")
+    if args.user_store is not None and args.adaptation_pairs <= 0:
+        raise ValueError("--user_store stores what --adaptation_pairs adapts: pass --adaptation_pairs N (N >= 1) too.")
     paths = report_paths(args.output_dir, args.adaptation_pairs)
     for path in paths.values():
         ensure_writable(path)
@@ -304,9 +332,10 @@ def run_eval(args: EvalArguments) -> dict:
         UNIFORM: per_context_accuracy(head_margins.mean(dim=-1), evaluated_labels),
     }
     usage = {ROUTED: head_usage(scores.mixture_weights[evaluated], evaluated_labels)}
-    labelled = 0
+    labelled, routing_rules, stored_users = 0, {}, 0
     if adaptation:
         adaptation_labels = [labels[row] for row in adaptation]
+        fingerprint = None if args.user_store is None else reward_model_fingerprint(model)
         adapted = adapt_to_users(
             adaptation_labels,
             scores.subset(adaptation),
@@ -314,10 +343,14 @@ def run_eval(args: EvalArguments) -> dict:
             num_queries=args.adaptation_pairs if adaptation_pool_size(args) > args.adaptation_pairs else None,
             query_strategy=args.query_strategy,
             query_seed=args.seed,
+            routing=args.routing,
+            prior_strength=args.prior_strength,
+            model_fingerprint=fingerprint,
         )
         labelled = len(adaptation) if adapted.labelled_rows is None else len(adapted.labelled_rows)
         evaluated_scores = scores.subset(evaluated)
         chosen = "" if args.query_strategy == "random" else f", chosen by {args.query_strategy}"
+        chosen += "" if args.routing == "posterior" else f", {args.routing} weights"
         online = f"online routing ({args.adaptation_pairs} pairs per context{chosen})"
         methods[online] = per_context_accuracy(
             adapted.margins(evaluated_scores, evaluated_labels, with_residuals=False), evaluated_labels
@@ -329,6 +362,10 @@ def run_eval(args: EvalArguments) -> dict:
                 per_context_accuracy(adapted.margins(evaluated_scores, evaluated_labels), evaluated_labels)
             )
         adapted.save(args.output_dir)
+        routing_rules = dict(sorted(adapted.routing_rules.items())) if adapted.routing_rules else {}
+        if args.user_store is not None:
+            with closing(open_user_store(args.user_store, model.config.num_heads, fingerprint)) as store:
+                stored_users = adapted.save_to_store(store)
     for k in range(head_margins.shape[1]):
         methods[f"head {k} alone"] = per_context_accuracy(head_margins[:, k], evaluated_labels)
 
@@ -346,6 +383,8 @@ def run_eval(args: EvalArguments) -> dict:
             "adaptation_pool": len(adaptation),
         },
         "skipped_rows": skipped,
+        "routing": {"rule": args.routing, "per_context": routing_rules} if adaptation else None,
+        "user_store": None if args.user_store is None else {"url": args.user_store, "users": stored_users},
         "context_column": text_column,
         "context_label_column": label_column,
         "arguments": vars(args),
@@ -404,6 +443,15 @@ def format_summary(outcome: dict) -> str:
             continue
         per_context = ", ".join(f"{context} {100 * value:.1f}%" for context, value in accuracy["accuracy"].items())
         lines.append(f"{name}: macro {100 * accuracy['macro']:.1f}% ({per_context})")
+    routing = results.get("routing")
+    if routing and routing["rule"] == "auto":
+        chosen = list(routing["per_context"].values())
+        lines.append(
+            f"routing auto: mixture weights for {chosen.count('mixture')} of {len(chosen)} contexts, the one-head "
+            "posterior for the others"
+        )
+    if results.get("user_store"):
+        lines.append(f"user store: {results['user_store']['users']} users written to {results['user_store']['url']}")
     agreement = results["head_agreement"]
     if agreement is not None:
         lines.append(f"head agreement: {agreement:.2f} (share of evaluated pairs two heads rank alike)")
