@@ -46,10 +46,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(args: ServeArguments):
-    """`build_app(args)` served by uvicorn on 127.0.0.1 in a thread; yields its base URL; stopped on exit."""
-    args.host, args.port = "127.0.0.1", free_port()
-    server = uvicorn.Server(server_config(build_app(args), host=args.host, port=args.port, log_level="warning"))
+def serving(app):
+    """`app` served by uvicorn (`server_config`: the header timeout, the connection cap) on a free 127.0.0.1 port in a
+    thread; yields its base URL; stopped on exit."""
+    port = free_port()
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -57,14 +58,21 @@ def running_server(args: ServeArguments):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{args.port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
 
 
-def call(url: str, payload=None, raw: bytes | None = None, headers: dict | None = None, method: str | None = None):
-    """(status, decoded JSON or text) of one request."""
+@contextmanager
+def running_server(args: ServeArguments):
+    """`build_app(args)` served on 127.0.0.1 (see `serving`)."""
+    with serving(build_app(args)) as url:
+        yield url
+
+
+def exchange(url: str, payload=None, raw: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, headers, body text) of one request."""
     data = raw if raw is not None else (None if payload is None else json.dumps(payload).encode())
     request = urllib.request.Request(
         url,
@@ -74,10 +82,14 @@ def call(url: str, payload=None, raw: bytes | None = None, headers: dict | None 
     )
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-            body = response.read().decode()
-            status = response.status
+            return response.status, dict(response.headers), response.read().decode()
     except urllib.error.HTTPError as error:
-        body, status = error.read().decode(), error.code
+        return error.code, dict(error.headers), error.read().decode()
+
+
+def call(url: str, payload=None, raw: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, decoded JSON or text) of one request."""
+    status, _, body = exchange(url, payload, raw, headers, method)
     try:
         return status, json.loads(body)
     except json.JSONDecodeError:
