@@ -16,7 +16,7 @@ from trl_micro.scripts.eval import EvalArguments, context_columns, load_split, s
 from trl_micro.testing_utils import build_tiny_micro_model
 from trl_micro.value_checks import normalize_user_id
 
-from .conftest import make_conflicting_pairs
+from .conftest import make_conflicting_pairs, skip_unless_strict
 
 
 @pytest.fixture()
@@ -96,3 +96,122 @@ def test_eval_user_store_needs_adaptation(checkpoint_and_data, tmp_path):
         cli_main([*argv, "--output_dir", str(tmp_path / "a"), "--user_store", f"sqlite:///{tmp_path}/u.db"])
     with pytest.raises(SystemExit):
         cli_main([*argv, "--output_dir", str(tmp_path / "b"), "--adaptation_pairs", "4", "--routing", "best"])
+
+
+# ------------------------------------------------------------------------------------------ the population benchmark
+def fake_world(num_queries: int = 30, hidden: int = 8, seed: int = 0):
+    """A World without a backbone: random answer features and the domains' rankings built from them."""
+    from benchmarks.studies import population
+
+    generator = torch.Generator().manual_seed(seed)
+    reward = torch.randn(num_queries, 5, hidden, generator=generator, dtype=torch.float64)
+    heads = torch.randn(4, hidden, generator=generator, dtype=torch.float64)
+    judges = population.domain_rank_scores(reward, heads)
+    return population.World(None, list(range(num_queries)), {}, reward, judges, heads, {})
+
+
+def test_a_domain_ranks_its_own_answer_first_and_pure_users_follow_their_domain():
+    import numpy as np
+
+    from benchmarks.studies import population
+
+    world = fake_world()
+    assert bool((world.judges.argmax(-1) == torch.arange(4)).all())  # DSP's label: a domain's own answer wins
+    weights = torch.eye(4, dtype=torch.float64)  # four pure users, one per domain
+    users = population.draw_users(world, list(range(30)), weights, [400] * 4, np.random.default_rng(0), "u")
+    agree = population.judgments(world, users.query, users.winner, users.loser)  # (N, 4): d prefers the winner
+    assert bool((agree[torch.arange(len(users.user)), users.user] == 1).all())
+    # A 50/50 mixture of two domains: where they disagree, each wins about half the time.
+    half = torch.tensor([[0.5, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    mixed = population.draw_users(world, list(range(30)), half, [4000], np.random.default_rng(1), "m")
+    votes = population.judgments(world, mixed.query, mixed.winner, mixed.loser)
+    split = votes[:, 0] != votes[:, 1]
+    share = float(votes[split, 0].mean())
+    assert 0.45 < share < 0.55 and int(split.sum()) > 500
+
+
+def test_expected_accuracy_is_the_label_probability_and_the_oracle_bounds_every_method():
+    from benchmarks.studies import population
+
+    probability = torch.tensor([[0.9, 0.2], [0.3, 0.5]], dtype=torch.float64)  # (pairs, users)
+    margins = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    torch.testing.assert_close(
+        population.expected_accuracy(margins, probability), torch.tensor([(0.9 + 0.7) / 2, (0.2 + 0.5) / 2]).double()
+    )
+    oracle = population.expected_accuracy(probability - 0.5, probability)
+    for trial in range(20):
+        other = torch.randn(2, 2, generator=torch.Generator().manual_seed(trial))
+        assert bool((population.expected_accuracy(other, probability) <= oracle + 1e-12).all())
+
+
+def test_lore_new_user_weights_are_the_map_under_the_population_prior():
+    import numpy as np
+
+    from benchmarks.studies import population
+
+    world = fake_world(hidden=6)
+    generator = torch.Generator().manual_seed(3)
+    lore = population.LoRe(
+        basis=torch.randn(6, 3, generator=generator, dtype=torch.float64),
+        user_weights=torch.randn(50, 3, generator=generator, dtype=torch.float64),
+        scale=torch.ones(6, dtype=torch.float64),
+        l2=0.0,
+    )
+    weights = torch.full((2, 4), 0.25, dtype=torch.float64)
+    users = population.draw_users(world, list(range(30)), weights, [5, 9], np.random.default_rng(2), "n")
+    fitted = population.lore_new_users(lore, world, users)
+    mean, precision = lore.prior()
+    projected = lore.projected(population.reward_deltas(world, users.query, users.winner, users.loser))
+    for user in range(2):
+        rows = users.user == user
+        direct = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [direct], max_iter=1000, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            centered = direct - mean
+            loss = torch.nn.functional.softplus(-projected[rows] @ direct).sum() + 0.5 * centered @ precision @ centered
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        torch.testing.assert_close(fitted[user], direct.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_population_smoke_preset_reports_every_method_and_goal(tmp_path):
+    from trl_micro.bundled.data_dir import resolve_data_dir
+
+    try:
+        data_dir = resolve_data_dir()
+    except FileNotFoundError as error:
+        skip_unless_strict(str(error))
+    from benchmarks.studies import population
+
+    output = tmp_path / "population.md"
+    argv = ["--preset", "smoke", "--data_dir", str(data_dir), "--cache_dir", str(tmp_path / "cache")]
+    assert population.main([*argv, "--output", str(output)]) == 0
+    result = json.loads(output.with_suffix(".json").read_text())
+    preset = population.PRESETS["smoke"]
+    names = population.method_names(preset)
+    assert set(result["runs"]) == {"0.1", "1.0"}
+    for alpha, part in result["summary"].items():
+        assert set(part["seen"]) == set(names)
+        oracle = part["seen"][population.ORACLE][0]
+        assert all(0 <= mean <= oracle + 1e-12 for mean, _ in part["seen"].values())
+        for name in names:
+            assert [int(count) for count in part["unseen"][name]] == list(preset.budgets)
+            assert all(mean <= part["unseen"][population.ORACLE][count][0] + 1e-12
+                       for count, (mean, _) in part["unseen"][name].items())  # fmt: skip
+        run = result["runs"][alpha]["0"]
+        for variant in (population.MICRO_PLAIN, population.MICRO_USERS):
+            # Stage 2 through the store: the posterior recorded comparison by comparison equals adapt_to_users'
+            assert run["diagnostics"][f"{variant}: store posterior vs adapt_to_users, max abs difference"] < 1e-9
+    goals = {goal["goal"] for goal in result["goals"]}
+    assert any("closes >= 0.9" in goal for goal in goals) and any("at least as good" in goal for goal in goals)
+    assert "## Goals of the issue" in output.read_text()
+    assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --resume keeps the runs it finds: the second call trains nothing and writes the same figures.
+    assert population.main([*argv, "--output", str(output), "--resume"]) == 0
+    assert json.loads(output.with_suffix(".json").read_text())["summary"] == result["summary"]

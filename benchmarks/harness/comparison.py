@@ -280,22 +280,28 @@ def train_heads(
     loss_type: str = "mixture",
     with_context: bool = False,
     initial_heads: torch.Tensor | None = None,
+    extra_columns: dict[str, Sequence] | None = None,
+    config_overrides: dict | None = None,
 ) -> MiCRoRewardModel:
     """
     Train K heads (and a router, or StaticMixture's weight vector) on the pool pairs `pairs` (repeats allowed: a
     bootstrap resample) with the Stage 1 trainer; `initial_heads` (K, hidden) replaces the heads' initialization.
+    `extra_columns` are added to the training dataset (one value per pair, e.g. a `latent_group` or a user column),
+    `config_overrides` to the `MiCRoRewardConfig` (e.g. `latent_groups="user"`).
     """
     model = new_reward_model(backbone, seed, num_heads=num_heads, use_router=use_router, **(training.readout or {}))
     if initial_heads is not None:
         model.heads.weight.data.copy_(initial_heads)
         model.heads_untrained = False  # keep them: no EM initialization over them
     dataset = pool.feature_dataset(pairs, with_context)
-    if loss_type == "mixture" and num_heads > 1:
+    for name, values in (extra_columns or {}).items():
+        dataset = dataset.add_column(name, list(values))
+    if loss_type == "mixture" and num_heads > 1 and "latent_group" not in dataset.column_names:
         dataset = dataset.add_column("latent_group", pool.latent_groups(pairs, with_context))
     with tempfile.TemporaryDirectory(prefix="trl-micro-heads-") as output_dir:
         args = MiCRoRewardConfig(
             **_common_training_args(output_dir, seed),
-            **training.config_kwargs(),
+            **{**training.config_kwargs(), **(config_overrides or {})},
             num_heads=num_heads,
             use_router=use_router,
             loss_type=loss_type,
