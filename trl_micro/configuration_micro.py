@@ -250,7 +250,8 @@ def check_checkpoint_matches(path: str, load_kwargs: dict) -> MiCRoConfig:
     if saved.get("model_type") != MiCRoConfig.model_type:
         raise ValueError(
             f"{path} is not a MiCRo checkpoint (model_type={saved.get('model_type')!r}). To start from this backbone, "
-            f"use MiCRoRewardModel.from_backbone({path!r}, num_heads=...)."
+            f"use MiCRoRewardModel.from_backbone({path!r}, num_heads=...). (A LoRA run that MiCRoRewardTrainer trained "
+            "from this backbone loads from the run's own folder: MiCRoRewardModel.from_pretrained(run_folder).)"
         )
     if "AutoModelForSequenceClassification" not in (saved.get("auto_map") or {}):
         warnings.warn(

@@ -12,10 +12,15 @@ the prompt. The prompt is tokenized the way it is tokenized inside the full text
 
 A context (a user description, a criterion, a persona) joins the prompt through `MiCRoConfig.context_template`: in
 front of a standard prompt, or as the system message of a conversational one (merged in front of an existing one).
+
+Conversational rows are rendered as TRL's reward trainer renders them: a row's `tools` (JSON text or a list of tool
+schemas) and `chat_template_kwargs` (a dict) go to `apply_chat_template`. Pre-tokenized rows (`chosen_ids` /
+`rejected_ids`, as TRL takes them) keep their ids; their prompt length is read from the ids (`prompt_length_from_ids`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +38,11 @@ from .value_checks import is_real_number
 Messages = list[dict[str, Any]]
 
 TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_prompt_length", "rejected_prompt_length")
-PAIR_LABEL_COLUMNS = ("margin", "context_index", "latent_group")  # per-pair values the collators pass through
+TRL_TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids")  # what TRL's reward trainer takes as pre-tokenized data
+LEGACY_TOKENIZED_COLUMNS = ("chosen_input_ids", "rejected_input_ids")  # TRL's older names, renamed with a warning
+# Per-pair values the collators pass through: `pair_num_tokens` (tokens of both sequences) rides along with cached
+# features, which carry no attention mask to count them from.
+PAIR_LABEL_COLUMNS = ("margin", "context_index", "latent_group", "pair_num_tokens")
 DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 SPLIT_NAMES = ("train", "adaptation", "test")
 
@@ -81,6 +90,60 @@ def marker_token_ids(tokenizer: PreTrainedTokenizerBase, marker: str | None) -> 
     return tokenizer(marker, add_special_tokens=False)["input_ids"] or None
 
 
+def chat_template_kwargs_of(example: dict[str, Any]) -> dict[str, Any]:
+    """
+    What TRL's reward trainer passes to `apply_chat_template` for a row: its `tools` (JSON text is decoded; `None`
+    when the row has none) and the entries of its `chat_template_kwargs` dict (absent or `None`: none).
+    """
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    extra = example.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(
+            f"`chat_template_kwargs` must be a dict of chat template arguments, got {type(extra).__name__} {extra!r}."
+        )
+    return {"tools": tools, **extra}
+
+
+def find_last(ids: Sequence[int], pattern: Sequence[int], end: int | None = None) -> int | None:
+    """The index just past the last occurrence of `pattern` in `ids[:end]`, or `None`."""
+    end = len(ids) if end is None else end
+    width = len(pattern)
+    for stop in range(end, width - 1, -1):
+        if list(ids[stop - width : stop]) == list(pattern):
+            return stop
+    return None
+
+
+def prompt_length_from_ids(chosen_ids: Sequence[int], rejected_ids: Sequence[int], marker_ids: Sequence[int] | None):
+    """
+    (chosen_prompt_length, rejected_prompt_length) of a pre-tokenized pair: the ids both sequences share, cut after
+    the last `marker_ids` inside them when the marker is there (so a response that starts like the other one does not
+    leak into the prompt), and kept between 1 and each sequence's length minus one (at least one prompt token for the
+    router, at least one response token for the heads).
+    """
+    length = common_prefix_length(list(chosen_ids), list(rejected_ids))
+    if marker_ids:
+        length = find_last(chosen_ids, marker_ids, end=length) or length
+    return tuple(max(1, min(length, len(ids) - 1)) for ids in (chosen_ids, rejected_ids))
+
+
+def completion_end_of_ids(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[int] | None:
+    """
+    The ending `ids` show, among those `completion_end_token_ids` knows (the chat template's end of turn, the EOS):
+    what a pre-tokenized training sequence ends with, so that scoring full texts completes them alike. `None` when
+    it ends with neither.
+    """
+    candidates = []
+    if getattr(tokenizer, "chat_template", None) is not None:
+        candidates.append(completion_end_token_ids(tokenizer, conversational=True))
+    candidates.append(completion_end_token_ids(tokenizer, conversational=False))
+    for ending in candidates:
+        if ending and list(ids[-len(ending) :]) == list(ending):
+            return list(ending)
+    return None
+
+
 def join_context(
     prompt: str | Messages, context: str | None, context_template: str, skip_if_present: bool = False
 ) -> str | Messages:
@@ -103,25 +166,36 @@ def join_context(
 
 
 def _content_is_empty(value: str | Messages) -> bool:
+    """Empty text, or messages none of which has content or tool calls (an assistant turn may be tool calls alone)."""
     if isinstance(value, str):
         return not value.strip()
-    return not value or all(not str(message.get("content") or "").strip() for message in value)
+    return not value or all(
+        not str(message.get("content") or "").strip() and not message.get("tool_calls") for message in value
+    )
 
 
 def encode_prompt_completion(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, completion: str | Messages, add_eos: bool = True
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Messages,
+    completion: str | Messages,
+    add_eos: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[int], int]:
     """
     Token ids of `prompt + completion` and the number of leading ids that belong to the prompt.
 
     Standard text gets the tokenizer's EOS appended (as TRL's reward trainer does) unless it already ends with it;
-    conversational text ends the way the chat template ends a turn.
+    conversational text ends the way the chat template ends a turn, rendered with `chat_template_kwargs` (a row's
+    tools and template arguments, `chat_template_kwargs_of`; ignored for standard text, as in TRL).
     """
     if isinstance(prompt, list) != isinstance(completion, list):
         raise ValueError("prompt and completion must both be text or both be lists of messages.")
     if isinstance(prompt, list):
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
-        full_ids = tokenizer.apply_chat_template(prompt + completion, return_dict=True)["input_ids"]
+        template_kwargs = chat_template_kwargs or {}
+        prompt_ids = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, return_dict=True, **template_kwargs
+        )["input_ids"]
+        full_ids = tokenizer.apply_chat_template(prompt + completion, return_dict=True, **template_kwargs)["input_ids"]
     else:
         text = prompt + completion
         if add_eos and tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
@@ -158,9 +232,10 @@ def tokenize_preference_example(
     prompt_marker: str | None = None,
 ) -> dict[str, Any]:
     """
-    One preference example -> `chosen_ids`, `rejected_ids` and their prompt lengths. Raises, naming the row and the
-    column, on a value that is neither text nor a list of messages, on empty texts, and on an implicit-prompt pair whose
-    two texts are identical (there is no response to split off).
+    One preference example -> `chosen_ids`, `rejected_ids` and their prompt lengths. Conversations are rendered with
+    the row's `tools` and `chat_template_kwargs` (`chat_template_kwargs_of`). Raises, naming the row and the column, on
+    a value that is neither text nor a list of messages, on empty texts, and on an implicit-prompt pair whose two texts
+    are identical (there is no response to split off).
     """
     chosen, rejected = example["chosen"], example["rejected"]
     has_prompt = "prompt" in example and example["prompt"] is not None
@@ -190,8 +265,12 @@ def tokenize_preference_example(
         raise ValueError(f"Row {index}: `prompt` is empty. The router reads the prompt; drop or fix this row.")
     if context_column is not None:
         prompt = join_context(prompt, example.get(context_column), context_template)
-    chosen_ids, chosen_prompt_length = encode_prompt_completion(tokenizer, prompt, chosen)
-    rejected_ids, rejected_prompt_length = encode_prompt_completion(tokenizer, prompt, rejected)
+    try:
+        template_kwargs = chat_template_kwargs_of(example)
+    except (ValueError, json.JSONDecodeError) as error:
+        raise ValueError(f"Row {index}: {error} Fix the `tools` / `chat_template_kwargs` column.") from None
+    chosen_ids, chosen_prompt_length = encode_prompt_completion(tokenizer, prompt, chosen, True, template_kwargs)
+    rejected_ids, rejected_prompt_length = encode_prompt_completion(tokenizer, prompt, rejected, True, template_kwargs)
     return {
         "chosen_ids": chosen_ids,
         "rejected_ids": rejected_ids,
@@ -200,13 +279,19 @@ def tokenize_preference_example(
     }
 
 
+def add_prompt_lengths(example: dict[str, Any], marker_ids: list[int] | None) -> dict[str, Any]:
+    """A pre-tokenized pair's `chosen_prompt_length` and `rejected_prompt_length` (`prompt_length_from_ids`)."""
+    chosen, rejected = prompt_length_from_ids(example["chosen_ids"], example["rejected_ids"], marker_ids)
+    return {"chosen_prompt_length": chosen, "rejected_prompt_length": rejected}
+
+
 def check_preference_columns(column_names: list[str], dataset_name: str = "train") -> None:
     missing = [column for column in ("chosen", "rejected") if column not in column_names]
     if missing:
         raise ValueError(
             f"The {dataset_name} dataset is missing the column(s) {missing}; it has {sorted(column_names)}. "
             "MiCRo trains on preference pairs: `chosen` and `rejected` (with an optional `prompt`), as text or "
-            "as lists of chat messages."
+            "as lists of chat messages, or on pre-tokenized `chosen_ids` and `rejected_ids`."
         )
 
 
@@ -256,13 +341,13 @@ def check_margins(margins: Iterable, source: str = "the train dataset") -> None:
 
 
 def pair_labels(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The per-pair values a batch carries besides the sequences: `margin` (float), `context_index` and `latent_group`
-    (int)."""
+    """The per-pair values a batch carries besides the sequences: `margin` (float), `context_index`, `latent_group`
+    and `pair_num_tokens` (int)."""
     labels = {}
     if "margin" in examples[0]:
         check_margins([example["margin"] for example in examples], "a batch")
         labels["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
-    for column in ("context_index", "latent_group"):
+    for column in ("context_index", "latent_group", "pair_num_tokens"):
         if column in examples[0]:
             labels[column] = torch.tensor([example[column] for example in examples], dtype=torch.long)
     return labels

@@ -23,11 +23,17 @@ by being part of the prompt the router reads.
 Saving copies this file and `configuration_micro.py` beside the weights, with their `auto_map` (see
 `configuration_micro`), so `AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)` loads a
 checkpoint where trl_micro is not installed (TRL's own `trl grpo --reward_model_name_or_path`, other tools). Keep the
-imports of both files to torch, transformers and each other.
+imports of both files to torch, transformers and each other (peft is imported only to load a LoRA run's folder).
+
+A LoRA run's folder (what `MiCRoRewardTrainer` saves with a `peft_config`) holds PEFT's adapter (LoRA weights, heads
+and router) beside this code and `config.json`, and no model weights: `from_pretrained` of that folder loads the base
+model the adapter names (`base_model_name_or_path`: the backbone, or the MiCRo checkpoint the run started from), applies
+the adapter and merges it, so the folder loads like a full checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,9 +41,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from transformers import MODEL_MAPPING, AutoModel, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
-from .configuration_micro import MiCRoConfig, check_checkpoint_matches, check_model_path
+from .configuration_micro import MiCRoConfig, check_checkpoint_matches, check_model_path, checkpoint_model_type
 
 
 @dataclass
@@ -188,6 +195,27 @@ class MiCRoPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.logits)
 
 
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+MODEL_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Loading arguments that name the folder being loaded (or transformers' own adapter loading), not the base model.
+RUN_FOLDER_KWARGS = ("config", "adapter_kwargs", "revision", "subfolder", "_from_auto", "num_labels", "num_heads")
+
+
+def is_lora_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a local LoRA run's folder: PEFT's adapter beside a MiCRo `config.json`, no model weights."""
+    path = os.fspath(path)
+    return (
+        os.path.isfile(os.path.join(path, ADAPTER_CONFIG_NAME))
+        and os.path.isfile(os.path.join(path, "config.json"))
+        and not any(os.path.exists(os.path.join(path, name)) for name in MODEL_WEIGHT_FILES)
+    )
+
+
 def import_backbone_class(config: MiCRoConfig) -> None:
     """
     Import the backbone's modeling module now, before `from_pretrained` may enter DeepSpeed's `zero.Init`.
@@ -233,34 +261,103 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------------- building
     @classmethod
-    def from_backbone(cls, backbone: str | PreTrainedModel, *, dtype: torch.dtype | str | None = None, **config_kwargs):
+    def from_backbone(
+        cls,
+        backbone: str | PreTrainedModel,
+        *,
+        dtype: torch.dtype | str | None = None,
+        backbone_kwargs: dict | None = None,
+        **config_kwargs,
+    ):
         """
         Wrap a pretrained backbone (a path, or a loaded `AutoModel`/`AutoModelFor*` model) with fresh heads and router.
-        `config_kwargs` are [`MiCRoConfig`] fields (`num_heads`, `use_router`, ...). The fresh weights come from torch's
-        global RNG: call `transformers.set_seed` first for a reproducible start (`build_micro_model` does).
+        `config_kwargs` are [`MiCRoConfig`] fields (`num_heads`, `use_router`, ...); `backbone_kwargs` go to
+        `AutoModel.from_pretrained` when `backbone` is a path (`attn_implementation`, `revision`, `device_map`,
+        `quantization_config`, ...). The backbone keeps its attention implementation. The fresh weights come from
+        torch's global RNG: call `transformers.set_seed` first for a reproducible start (`build_micro_model` does).
         """
         if isinstance(backbone, (str, os.PathLike)):
             check_model_path(backbone, "backbone")
-            backbone = AutoModel.from_pretrained(backbone, dtype=dtype or torch.float32)
+            backbone = AutoModel.from_pretrained(backbone, dtype=dtype or torch.float32, **(backbone_kwargs or {}))
         backbone = getattr(backbone, "base_model", backbone)  # a *ForCausalLM / *ForSequenceClassification
+        attn_implementation = backbone.config._attn_implementation
+        if attn_implementation is not None and "attn_implementation" not in config_kwargs:
+            config_kwargs["attn_implementation"] = attn_implementation  # or MiCRoConfig would reset it to its default
         config = MiCRoConfig(text_config=backbone.config, **config_kwargs)
         config._name_or_path = backbone.config._name_or_path
         return cls(config, backbone=backbone)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, checking first that the checkpoint is a MiCRo model of the asked shape."""
+        """
+        `PreTrainedModel.from_pretrained`, checking first that the checkpoint is a MiCRo model of the asked shape. A
+        LoRA run's folder (`is_lora_run`) loads as its base model with the adapter merged (module docstring).
+        """
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             import_backbone_class(check_checkpoint_matches(str(pretrained_model_name_or_path), kwargs))
+            if is_lora_run(pretrained_model_name_or_path):
+                return cls._from_lora_run(os.fspath(pretrained_model_name_or_path), **kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).heads_untrained = False  # tuple: output_loading_info
         return loaded
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModel` (module docstring)."""
+    @classmethod
+    def _from_lora_run(cls, path: str, **kwargs):
+        """
+        The model of a LoRA run's folder: its base (the adapter's `base_model_name_or_path`, a MiCRo checkpoint or a
+        backbone wrapped with this folder's config) with the adapter applied and merged. `kwargs` (`dtype`,
+        `device_map`, `attn_implementation`, ...) load the base.
+        """
+        from peft import PeftModel  # a LoRA run needs peft; full checkpoints load without it
+
+        with open(os.path.join(path, ADAPTER_CONFIG_NAME), encoding="utf-8") as file:
+            base = json.load(file).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(
+                f"The LoRA adapter in {path} names no base model (`base_model_name_or_path` is empty: it was trained "
+                "on a model that was never saved). Load that model yourself and apply the adapter: "
+                f"`PeftModel.from_pretrained(model, {path!r}).merge_and_unload()`."
+            )
+        config = kwargs.get("config")
+        config = config if isinstance(config, MiCRoConfig) else MiCRoConfig.from_pretrained(path)
+        load_kwargs = {key: value for key, value in kwargs.items() if key not in RUN_FOLDER_KWARGS}
+        load_kwargs.pop("output_loading_info", None)
+        if os.path.abspath(os.fspath(base)) == os.path.abspath(path):
+            raise ValueError(f"The LoRA adapter in {path} names its own folder as its base model.")
+        if checkpoint_model_type(base, "the adapter's base_model_name_or_path") == MiCRoConfig.model_type:
+            model = cls.from_pretrained(base, **load_kwargs)
+            for name in ("prompt_marker", "prompt_marker_ids", "completion_end_ids", "context_template"):
+                setattr(model.config, name, getattr(config, name))  # what the run set (architecture cannot change)
+        else:
+            dtype = load_kwargs.pop("dtype", load_kwargs.pop("torch_dtype", None)) or torch.float32
+            backbone = AutoModel.from_pretrained(base, dtype=dtype, **load_kwargs)
+            config._attn_implementation = backbone.config._attn_implementation
+            model = cls(config, backbone=backbone)
+        vocab_size = getattr(config.text_config, "vocab_size", None)
+        if vocab_size and model.get_input_embeddings().weight.shape[0] < vocab_size:
+            model.resize_token_embeddings(vocab_size)  # the run added tokens (a cloned chat template)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        model.heads_untrained = False
+        return model.eval()
+
+    def save_config_and_code(self, save_directory: str | os.PathLike) -> None:
+        """
+        What `save_pretrained` writes besides the weights (`config.json`, this file and `configuration_micro.py`, their
+        `auto_map`): the trainer writes them beside a LoRA adapter, so the run's folder loads like a checkpoint.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        self._add_auto_model_entry()
+        custom_object_save(self, save_directory, config=self.config)
+        self.config.save_pretrained(save_directory)
+
+    def _add_auto_model_entry(self) -> None:
         module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map = getattr(self.config, "auto_map", None) or {}
         self.config.auto_map = {**auto_map, "AutoModel": f"{module}.{type(self).__name__}"}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModel` (module docstring)."""
+        self._add_auto_model_entry()
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self):

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from ..bundled.catalog import load_named_dataset, resolve_model_path
-from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer, build_micro_model
+from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer
 
 
 @dataclass
@@ -38,9 +38,18 @@ class MiCRoScriptArguments(ScriptArguments):
 
 
 def model_init_kwargs(model_args: ModelConfig, training_args) -> dict:
-    """`--dtype` (TRL's ModelConfig) joined to the config's own `model_init_kwargs`."""
-    dtype = {"dtype": model_args.dtype} if model_args.dtype not in (None, "auto") else {}
-    return {**dtype, **(training_args.model_init_kwargs or {})}
+    """
+    What TRL's reward script loads the model with, from TRL's ModelConfig (`--dtype`, `--attn_implementation`,
+    `--model_revision`; `auto` and unset values left out), joined to (and overridden by) the config's own
+    `model_init_kwargs`.
+    """
+    from_model_args = {
+        "dtype": model_args.dtype if model_args.dtype != "auto" else None,
+        "attn_implementation": model_args.attn_implementation,
+        "revision": model_args.model_revision if model_args.model_revision != "main" else None,
+    }
+    given = {key: value for key, value in from_model_args.items() if value is not None}
+    return {**given, **(training_args.model_init_kwargs or {})}
 
 
 def finish(trainer, training_args, dataset_name: str | None, what: str) -> None:
@@ -73,10 +82,11 @@ def main(script_args: MiCRoScriptArguments, training_args: MiCRoRewardConfig, mo
     eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
 
     trainer = MiCRoRewardTrainer(
-        model=build_micro_model(model_path, training_args),
+        model=model_path,  # the trainer loads it with `model_init_kwargs` and `quantization_config`
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

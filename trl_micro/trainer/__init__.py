@@ -1,5 +1,6 @@
 from .adaptation_config import RouterAdaptationConfig
 from .adaptation_trainer import RouterAdaptationTrainer
+from .lora import merge_lora_run, prepare_peft_config
 from .micro_config import MiCRoRewardConfig
 from .micro_trainer import MiCRoRewardTrainer, build_micro_model
 
@@ -9,4 +10,6 @@ __all__ = [
     "RouterAdaptationConfig",
     "RouterAdaptationTrainer",
     "build_micro_model",
+    "merge_lora_run",
+    "prepare_peft_config",
 ]

@@ -21,26 +21,28 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from ..configuration_micro import MiCRoConfig, checkpoint_model_type
-from ..data_utils import TOKENIZED_COLUMNS, context_indices
+from ..data_utils import LEGACY_TOKENIZED_COLUMNS, TOKENIZED_COLUMNS, TRL_TOKENIZED_COLUMNS, context_indices
 from ..losses import context_mixture_bt_loss
 from ..modeling_micro import MiCRoRewardModel
 from .adaptation_config import RouterAdaptationConfig
 from .micro_trainer import MiCRoRewardTrainer, build_micro_model
 
 
-def load_stage1_model(model_id: str, args: RouterAdaptationConfig) -> MiCRoRewardModel:
-    """Load a Stage 1 MiCRo checkpoint; a plain backbone is refused (its heads would be untrained)."""
+def load_stage1_model(model_id: str, args: RouterAdaptationConfig, quantization_config=None) -> MiCRoRewardModel:
+    """Load a Stage 1 MiCRo checkpoint (with `args.model_init_kwargs` and `quantization_config`, as
+    `build_micro_model`); a plain backbone is refused (its heads would be untrained)."""
     model_type = checkpoint_model_type(model_id)
     if model_type != MiCRoConfig.model_type:
         raise ValueError(
             f"{model_id} is not a MiCRo checkpoint (model_type={model_type!r}). Router adaptation starts from a "
             "Stage 1 model: train one first with MiCRoRewardTrainer (recipes/train_micro_rm.py)."
         )
-    return build_micro_model(model_id, args)
+    return build_micro_model(model_id, args, quantization_config)
 
 
 def check_context_column(column_names: list[str], context_column: str, dataset_name: str) -> None:
@@ -117,7 +119,13 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
         if kwargs.pop("peft_config", None) is not None:
             raise ValueError("Router adaptation trains the router's own weights; it takes no `peft_config`.")
         if isinstance(model, str):
-            model = load_stage1_model(model, args)
+            model = load_stage1_model(model, args, kwargs.pop("quantization_config", None))
+            self._model_built_from_path = True  # with `model_init_kwargs`: TRL must not call them ignored
+        if is_peft_model(model):
+            raise ValueError(
+                "Router adaptation trains the router of a plain MiCRo model, not a PeftModel: merge the adapter first "
+                "(`model = model.merge_and_unload()`, or load the LoRA run with MiCRoRewardModel.from_pretrained(run))."
+            )
         if isinstance(model, MiCRoRewardModel):
             if not model.config.use_router:
                 raise ValueError(
@@ -128,6 +136,9 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
             model.router.requires_grad_(True)
             self._stage1_router = {name: p.detach().clone() for name, p in model.router.named_parameters()}
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        if isinstance(model, MiCRoRewardModel):  # TRL's __init__ may have resized the embeddings (chat_template_path)
+            model.requires_grad_(False)
+            model.router.requires_grad_(True)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if isinstance(dataset, IterableDataset):
@@ -136,6 +147,13 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
                 "backbone features are cached); materialize the IterableDataset, e.g. Dataset.from_list(list(data))."
             )
         already_prepared = "pair_index" in dataset.column_names or set(TOKENIZED_COLUMNS) <= set(dataset.column_names)
+        token_columns = [c for c in (*TRL_TOKENIZED_COLUMNS, *LEGACY_TOKENIZED_COLUMNS) if c in dataset.column_names]
+        if not already_prepared and token_columns:
+            raise ValueError(
+                f"The {dataset_name} dataset is pre-tokenized ({token_columns}): router adaptation joins each pair's "
+                "context to its prompt, which token ids cannot take. Pass the text pairs (`prompt`, `chosen`, "
+                f"`rejected`) with the context column {args.context_column!r}."
+            )
         if not already_prepared:
             check_context_column(dataset.column_names, args.context_column, dataset_name)
             contexts = list(dataset[args.context_column])
