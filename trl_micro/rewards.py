@@ -451,6 +451,22 @@ class MiCRoReward:
             self._warn_unknown_users(scores, users)
         return scores
 
+    def rerank(
+        self,
+        prompts: Sequence[str | Messages],
+        candidates: Sequence[Sequence[str | Messages]],
+        users: Sequence[Sequence[str | int | None]] | None = None,
+        contexts: Sequence[str | None] | None = None,
+        feature_store=None,
+    ):
+        """
+        Best of n per prompt and user: the index of each user's best candidate and every candidate's score, each
+        candidate read by the backbone once however many users rank it ([`trl_micro.reranking.rerank`]).
+        """
+        from .reranking import rerank
+
+        return rerank(self, prompts, candidates, users=users, contexts=contexts, feature_store=feature_store)
+
     @torch.no_grad()
     def comparison_margins(
         self,

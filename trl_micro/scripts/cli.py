@@ -1,7 +1,7 @@
 r"""
 The `trl-micro` command, built like TRL's `trl`: `trl-micro train | adapt | grpo | rloo | ppo` run the package's
 scripts (`trl_micro/scripts/<name>.py`, the code of the recipes in `recipes/`) through `accelerate launch`;
-`trl-micro eval | demo | serve | users` run in this process.
+`trl-micro eval | demo | serve | users | rerank` run in this process.
 
     trl-micro train --model_name_or_path embedded --dataset_name trl-micro/synthetic --output_dir outputs/micro-rm
     trl-micro grpo --accelerate_config zero3 --num_processes 8 --reward_model_path outputs/micro-rm ...
@@ -46,6 +46,7 @@ HELP = {
     "demo": "SingleReward vs MiCRo on synthetic subpopulations",
     "serve": "serve a checkpoint's rewards over HTTP (OpenRLHF, verl, feedback)",
     "users": "the user store: import, export, rebuild, delete, info",
+    "rerank": "personalized best-of-n: each user's pick among a prompt's candidates (JSONL)",
 }
 
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": run_eval_command,
         "serve": run_serve_command,
         "users": run_users_command,
+        "rerank": run_rerank_command,
     }
     if not argv or argv[0] not in (*LAUNCHED, *in_process):
         usage = "\n".join(f"  {name:<6} {text}" for name, text in HELP.items())
@@ -145,6 +147,12 @@ def run_users_command(argv: list[str]) -> int:
     from .users import main as users_main
 
     return users_main(argv)
+
+
+def run_rerank_command(argv: list[str]) -> int:
+    from .rerank import main as rerank_main
+
+    return rerank_main(argv)
 
 
 def run_eval_command(argv: list[str]) -> int:
