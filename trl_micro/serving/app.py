@@ -120,8 +120,19 @@ UserId = StrictStr | StrictInt
 STRICT = ConfigDict(strict=True)
 
 
+def examples(*values: dict) -> ConfigDict:
+    """Strict request models, with examples for the schema (and for the fuzzer's explicit phase)."""
+    return ConfigDict(strict=True, json_schema_extra={"examples": list(values)})
+
+
 class OpenRLHFRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")  # OpenRLHF may add fields; the user field is one of them
+    # OpenRLHF may add fields; the user field (`--user_field`) is one of them
+    model_config = ConfigDict(
+        **examples(
+            {"query": ["How do I boil an egg? Simmer it."], "prompts": ["How do I boil an egg?"], "labels": ["alice"]}
+        ),
+        extra="allow",
+    )
     query: list[StrictStr]
     prompts: list[StrictStr] | None = None
     labels: list[Any] | None = None
@@ -136,7 +147,22 @@ class Row(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    model_config = STRICT
+    model_config = examples(
+        {
+            "rows": [{"prompt": "How do I boil an egg?", "completion": " Simmer it.", "user": "alice"}],
+            "return_heads": True,
+        },
+        {
+            "rows": [
+                {
+                    "prompt": [{"role": "user", "content": "How do I boil an egg?"}],
+                    "completion": [{"role": "assistant", "content": "Simmer it for nine minutes."}],
+                    "user": 17,
+                    "context": "Answers short and plain.",
+                }
+            ]
+        },
+    )
     rows: list[Row]
     return_heads: StrictBool = False
 
@@ -152,7 +178,19 @@ class Comparison(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = STRICT
+    model_config = examples(
+        {
+            "comparisons": [
+                {
+                    "user": "alice",
+                    "prompt": "How do I boil an egg?",
+                    "chosen": " Simmer it for nine minutes.",
+                    "rejected": " Boil it.",
+                    "comparison_id": "alice-0001",
+                }
+            ]
+        }
+    )
     comparisons: list[Comparison]
 
 
@@ -196,6 +234,7 @@ class HealthAnswer(BaseModel):
 
 def error_answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
+        400: "The body could not be decoded (not UTF-8 text, or JSON nesting or numbers Python cannot hold).",
         401: "Missing or wrong bearer token (with --api_key).",
         403: "Feedback is off on this server.",
         408: "The body did not arrive within --body_timeout_s.",
@@ -207,7 +246,7 @@ def error_answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorAnswer, "description": descriptions[status]} for status in statuses}
 
 
-POST_ERRORS = (401, 408, 413, 422, 503)
+POST_ERRORS = (400, 401, 408, 413, 422, 503)
 
 # Where each list `MiCRoReward.encode_rows` names sits in each endpoint's request ("{row}" is the row's index).
 SCORE_FIELDS = {
@@ -567,7 +606,12 @@ def create_app(reward: MiCRoReward, settings: ServeSettings | None = None) -> Fa
     @app.get(
         "/metrics",
         response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {}}}, **error_answers(401)},
+        responses={  # FastAPI would document a model in the route's media type (text): the error is JSON
+            401: {
+                "description": error_answers(401)[401]["description"],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorAnswer"}}},
+            }
+        },
     )
     async def metrics():
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
