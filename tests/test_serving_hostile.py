@@ -14,11 +14,11 @@ import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import pytest
 import torch
 
+from benchmarks.performance.serving_soak import connect, head, read_answer
 from trl_micro import OnlineRouter
 from trl_micro.rewards import MiCRoReward
 from trl_micro.scripts.serve import ServeArguments, build_app
@@ -48,46 +48,6 @@ def metric(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def connect(url: str) -> socket.socket:
-    address = urlsplit(url)
-    return socket.create_connection((address.hostname, address.port), timeout=SOCKET_TIMEOUT)
-
-
-def head(path: str, *headers: str, method: str = "POST") -> bytes:
-    return "\r\n".join([f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]).encode()
-
-
-def read_answer(sock: socket.socket, timeout: float) -> tuple[int | None, str]:
-    """(status, body) of the answer on `sock` within `timeout` seconds; (None, ...) if none came."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        headers, _, body = data.partition(b"\r\n\r\n")
-        length = next(
-            (
-                int(line.split(b":")[1])
-                for line in headers.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            ),
-            0,
-        )
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    if not data.startswith(b"HTTP/1.1 "):
-        return None, data.decode(errors="replace")
-    return int(data.split()[1]), body.decode(errors="replace")
 
 
 def closed_within(sock: socket.socket, timeout: float) -> bool:
