@@ -33,7 +33,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
-from .value_checks import is_real_number
+from .value_checks import is_real_number, normalize_user_id
 
 Messages = list[dict[str, Any]]
 
@@ -360,6 +360,24 @@ def latent_groups(keys: Sequence) -> list[int]:
     """
     ids: dict = {}
     return [ids.setdefault(tuple(key) if isinstance(key, list) else key, len(ids)) for key in keys]
+
+
+def user_latent_groups(user_ids: Sequence, fallback_keys: Sequence, column: str = "user_id") -> list[int]:
+    """
+    The `latent_group` column of `latent_groups="user"`: pairs with the same user id share a group (one user's
+    comparisons follow one latent head); a pair without an id (`None` or empty text) falls back to grouping by its
+    `fallback_keys` entry (the tokenized chosen sequence, as `latent_groups` does). Numbered in order of first
+    appearance. Ids are text or integers (`17` and `"17"` are one user); another type is a `TypeError` naming the row.
+    """
+    if len(user_ids) != len(fallback_keys):
+        raise ValueError(f"{len(user_ids)} user ids for {len(fallback_keys)} pairs.")
+    keys = []
+    for row, (user, fallback) in enumerate(zip(user_ids, fallback_keys)):
+        if user is None or (isinstance(user, str) and not user.strip()):
+            keys.append(("pair", tuple(fallback) if isinstance(fallback, list) else fallback))
+        else:
+            keys.append(("user", normalize_user_id(user, f"{column}[{row}]")))
+    return latent_groups(keys)
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler):

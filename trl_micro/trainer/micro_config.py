@@ -39,7 +39,11 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
             `trl_micro.losses.context_mixture_bt_loss`. A dataset of one pair per prompt has one pair per group, and
             the loss is then the per-pair mixture loss. `"pair"`: every pair its own latent head (the MiCRo paper's
             Stage 1 objective). On data where raters reverse each other's pairs, per-pair latents settle on heads that
-            split each pair between the two labels instead of heads that each follow one rater.
+            split each pair between the two labels instead of heads that each follow one rater. `"user"`: all pairs
+            with the same id in `user_column` share one latent head (one user's comparisons, whatever their prompts),
+            in the loss, the batches and the EM start; pairs without an id (`None` or empty) fall back to
+            `"prompt_chosen"`. Use it when the data names its raters.
+        user_column: the column of user ids that `latent_groups="user"` groups by (text or integer ids).
         head_init: `"em"` (default) or `"random"`. With `"em"`, fresh heads (a model built from a backbone, not a
             loaded checkpoint) trained on cached features (`freeze_backbone`) with the mixture loss start from the best
             of `head_init_restarts` expectation-maximization fits of the mixture on the training features
@@ -74,9 +78,15 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
     loss_type: Literal["mixture", "ensemble"] = field(
         default="mixture", metadata={"help": "'mixture' (MiCRo) or 'ensemble' (independent heads)."}
     )
-    latent_groups: Literal["prompt_chosen", "pair"] = field(
+    latent_groups: Literal["prompt_chosen", "pair", "user"] = field(
         default="prompt_chosen",
-        metadata={"help": "'prompt_chosen': pairs sharing a prompt and a chosen response share a latent head; 'pair'."},
+        metadata={
+            "help": "'prompt_chosen': pairs sharing a prompt and a chosen response share a latent head; 'pair'; "
+            "'user': all pairs of one user (`user_column`) share one, pairs without an id fall back to prompt_chosen."
+        },
+    )
+    user_column: str = field(
+        default="user_id", metadata={"help": "Column of user ids that latent_groups='user' groups pairs by."}
     )
     head_init: Literal["em", "random"] = field(
         default="em", metadata={"help": "'em': fresh heads on cached features start from an EM fit; 'random'."}
@@ -117,8 +127,13 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         self.check_architecture()
         if self.loss_type not in ("mixture", "ensemble"):
             raise ValueError(f"`loss_type` must be 'mixture' or 'ensemble', got {self.loss_type!r}.")
-        if self.latent_groups not in ("prompt_chosen", "pair"):
-            raise ValueError(f"`latent_groups` must be 'prompt_chosen' or 'pair', got {self.latent_groups!r}.")
+        if self.latent_groups not in ("prompt_chosen", "pair", "user"):
+            raise ValueError(f"`latent_groups` must be 'prompt_chosen', 'pair' or 'user', got {self.latent_groups!r}.")
+        if self.latent_groups == "user" and (not isinstance(self.user_column, str) or not self.user_column):
+            raise ValueError(
+                f"`user_column` must name the column of user ids that latent_groups='user' groups by, got "
+                f"{self.user_column!r}."
+            )
         if self.head_init not in ("em", "random"):
             raise ValueError(f"`head_init` must be 'em' or 'random', got {self.head_init!r}.")
         if not is_integer(self.head_init_restarts) or self.head_init_restarts < 1:

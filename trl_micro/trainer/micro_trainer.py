@@ -32,6 +32,7 @@ from ..data_utils import (
     latent_groups,
     marker_token_ids,
     tokenize_preference_example,
+    user_latent_groups,
 )
 from ..feature_cache import CachedFeatureCollator, pair_features
 from ..losses import (
@@ -304,8 +305,16 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         return CachedFeatureCollator()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if isinstance(dataset, Dataset) and "pair_index" in dataset.column_names:
-            return dataset  # already turned into cached features
+        if isinstance(dataset, Dataset) and "pair_index" in dataset.column_names:  # already cached features
+            if (
+                self._groups_latents(args)
+                and args.latent_groups == "user"
+                and "latent_group" not in dataset.column_names
+            ):
+                # no tokens to group by: a pair without a user id is a group of its own (or of its repeats)
+                users = self._user_ids(dataset, args, dataset_name)
+                dataset = dataset.add_column("latent_group", user_latent_groups(users, dataset["pair_index"]))
+            return dataset
         column_names = get_dataset_column_names(dataset)
         if "margin" in column_names and isinstance(dataset, Dataset):
             check_margins(dataset["margin"], f"the {dataset_name} dataset")
@@ -368,7 +377,11 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
                 )
         dataset = self._drop_overlong(dataset, args.max_length, dataset_name)
         if self._groups_latents(args) and isinstance(dataset, Dataset) and "latent_group" not in dataset.column_names:
-            dataset = dataset.add_column("latent_group", latent_groups(dataset["chosen_ids"]))
+            if args.latent_groups == "user":
+                users = self._user_ids(dataset, args, dataset_name)
+                dataset = dataset.add_column("latent_group", user_latent_groups(users, dataset["chosen_ids"]))
+            else:
+                dataset = dataset.add_column("latent_group", latent_groups(dataset["chosen_ids"]))
         if self._feature_bank is not None and isinstance(dataset, Dataset):
             dataset = self._cache_features(dataset, args, dataset_name)
         return dataset
@@ -448,7 +461,18 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
 
     @staticmethod
     def _groups_latents(args) -> bool:
-        return args.loss_type == "mixture" and args.latent_groups == "prompt_chosen"
+        return args.loss_type == "mixture" and args.latent_groups in ("prompt_chosen", "user")
+
+    @staticmethod
+    def _user_ids(dataset: Dataset, args, dataset_name: str) -> list:
+        """The `user_column` of a dataset trained with `latent_groups="user"`; a clear error when it is missing."""
+        if args.user_column not in dataset.column_names:
+            raise ValueError(
+                f"latent_groups='user' groups pairs by the user column {args.user_column!r}, which the {dataset_name} "
+                f"dataset does not have (columns: {sorted(dataset.column_names)}). Set `user_column` (--user_column) "
+                "to the column of user ids, or use latent_groups='prompt_chosen'."
+            )
+        return dataset[args.user_column]
 
     def get_train_dataloader(self):
         """TRL's loader, except that pairs of one latent group (see `latent_groups`) always share a batch."""
