@@ -296,7 +296,13 @@ def train_heads(
     dataset = pool.feature_dataset(pairs, with_context)
     for name, values in (extra_columns or {}).items():
         dataset = dataset.add_column(name, list(values))
-    if loss_type == "mixture" and num_heads > 1 and "latent_group" not in dataset.column_names:
+    grouping = (config_overrides or {}).get("latent_groups", "prompt_chosen")
+    if (
+        loss_type == "mixture"
+        and num_heads > 1
+        and grouping == "prompt_chosen"
+        and "latent_group" not in dataset.column_names
+    ):
         dataset = dataset.add_column("latent_group", pool.latent_groups(pairs, with_context))
     with tempfile.TemporaryDirectory(prefix="trl-micro-heads-") as output_dir:
         args = MiCRoRewardConfig(

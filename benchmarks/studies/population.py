@@ -714,8 +714,8 @@ def run_seed(world: World, model, tokenizer, preset: Preset, alpha: float, seed:
 
 
 def user_grouping(users: Users) -> tuple[dict, dict]:
-    """Training columns and config of MiCRo with user ids: one latent head per user."""
-    return {"latent_group": users.user.tolist()}, {}
+    """Training column and config of MiCRo with user ids: `latent_groups="user"`, one latent head per user."""
+    return {"user_id": users.comparison_user_ids()}, {"latent_groups": "user", "user_column": "user_id"}
 
 
 def best_heads_per_domain(head_margins: torch.Tensor, tests: TestPairs) -> dict[str, float]:
