@@ -135,3 +135,25 @@ def test_trl_micro_train_takes_the_user_column(tokenizer, tmp_path):
     assert (training_args.latent_groups, training_args.user_column) == ("user", "rater")
     main(script_args, training_args, model_args)
     assert (tmp_path / "rm" / "config.json").exists()
+
+
+def test_cached_pair_index_data_groups_by_user_and_trains_without_token_counts(tokenizer, tmp_path):
+    """The benchmarks' path: a `pair_index` dataset over a feature bank, with a user column and no token counts."""
+    from trl_micro.feature_cache import CachedFeatureCollator
+
+    generator = torch.Generator().manual_seed(0)
+    bank = CachedFeatureCollator()
+    config = build_tiny_micro_model(tokenizer, num_heads=2).config
+    sizes = {"chosen_reward": config.reward_feature_size, "rejected_reward": config.reward_feature_size}
+    sizes["router"] = config.text_config.hidden_size
+    bank.add({name: torch.randn(12, size, generator=generator) for name, size in sizes.items()})
+    users = ["a", "b", "a", None, "c", "b", "a", "c", None, "b", "c", "a"]
+    data = Dataset.from_dict({"pair_index": list(range(12)), "user_id": users})
+    model = build_tiny_micro_model(tokenizer, num_heads=2)
+    args = make_args(tmp_path, latent_groups="user", freeze_backbone=True, head_init="random", max_steps=3)
+    trainer = MiCRoRewardTrainer(
+        model=model, args=args, train_dataset=data, data_collator=bank, processing_class=tokenizer
+    )
+    assert trainer.train_dataset["latent_group"] == [0, 1, 0, 2, 3, 1, 0, 3, 4, 1, 3, 0]  # no id: a pair of its own
+    trainer.train()
+    assert trainer.state.global_step == 3

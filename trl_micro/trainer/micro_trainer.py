@@ -592,7 +592,10 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         context_index = inputs.pop("context_index", None)
         latent_group = inputs.pop("latent_group", None)
         pair_num_tokens = inputs.pop("pair_num_tokens", None)
-        num_tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else pair_num_tokens.sum()
+        if "attention_mask" in inputs:
+            num_tokens = inputs["attention_mask"].sum()
+        else:  # cached features: the token counts ride along, unless the pairs were cached without them
+            num_tokens = None if pair_num_tokens is None else pair_num_tokens.sum()
         outputs = model(**inputs)
         chosen_rewards, rejected_rewards = outputs.head_rewards.chunk(2)
         head_margins = chosen_rewards - rejected_rewards
@@ -615,7 +618,8 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             routed_chosen, routed_rejected = routed.chunk(2)
             loss = loss + args.center_rewards_coefficient * torch.mean((routed_chosen + routed_rejected) ** 2)
 
-        self._count_tokens(mode, num_tokens)
+        if num_tokens is not None:
+            self._count_tokens(mode, num_tokens)
         self._record_metrics(mode, routed, head_margins, mixture_weights, nll)
         return (loss, outputs) if return_outputs else loss
 
