@@ -101,9 +101,14 @@ def test_each_candidate_goes_through_the_backbone_once_however_many_users_rank_i
         before = counted["rows"]
         again = reward.rerank(PROMPTS, CANDIDATES, users=[["a", "b"]] * 2, feature_store=store)
         assert counted["rows"] == before and store.num_reused == num_candidates  # read back, no backbone pass
+        reward.rerank(PROMPTS, CANDIDATES, users=[["b"]] * 2, feature_store=tmp_path / "features")  # a root folder
+        assert counted["rows"] == before
     finally:
         handle.remove()
     assert first.best == again.best
+    other = FeatureStore(build_tiny_micro_model(reward.tokenizer, num_heads=3, seed=2), tmp_path / "features")
+    with pytest.raises(ValueError, match="another model's readouts"):
+        reward.rerank(PROMPTS, CANDIDATES, feature_store=other)
     for stored, computed in zip(again.scores, reward.rerank(PROMPTS, CANDIDATES, users=[["a", "b"]] * 2).scores):
         torch.testing.assert_close(stored, computed, rtol=1e-4, atol=1e-5)
 

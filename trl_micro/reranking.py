@@ -24,6 +24,7 @@ backbone at all.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,10 +33,9 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from .data_utils import Messages
-from .feature_cache import compute_sequence_readings
+from .feature_cache import FeatureStore, compute_sequence_readings
 
 if TYPE_CHECKING:
-    from .feature_cache import FeatureStore
     from .rewards import MiCRoReward
 
 
@@ -138,7 +138,7 @@ def rerank(
     candidates: Sequence[Sequence[str | Messages]],
     users: Sequence[Sequence[str | int | None]] | None = None,
     contexts: Sequence[str | None] | None = None,
-    feature_store: FeatureStore | None = None,
+    feature_store: FeatureStore | str | os.PathLike | None = None,
 ) -> Reranking:
     """
     The best of each prompt's candidates for each of its users (see the module docstring).
@@ -152,8 +152,9 @@ def rerank(
         users: P lists of user ids (str or int, or None for "no user": routed by the model's router), the users who
             rank each prompt's candidates. Default: one ranking per prompt by the model's router.
         contexts: P contexts (text or None) joined to the prompts as in training.
-        feature_store ([`FeatureStore`], *optional*): reuse and keep the backbone's readings of the candidates (for a
-            frozen backbone; `FeatureStore(reward.model, root)`).
+        feature_store ([`FeatureStore`] or folder, *optional*): reuse and keep the backbone's readings of the
+            candidates (for a frozen backbone): `FeatureStore(reward.model, root)`, or `root` (rewards that share a
+            backbone share the readings stored under one root).
 
     Returns: a [`Reranking`].
     """
@@ -177,6 +178,13 @@ def rerank(
     model = extract_model_from_parallel(reward.model)
     sequences = [(row.ids, row.prompt_length) for row in rows]
     if feature_store is not None:
+        if not isinstance(feature_store, FeatureStore):
+            feature_store = FeatureStore(model, feature_store)
+        elif feature_store.model is not model:
+            raise ValueError(
+                "`feature_store` reads another model's readouts: pass `FeatureStore(reward.model, root)`, or the "
+                "store's root folder."
+            )
         reward_features, router_features = feature_store.features(sequences, reward.batch_size, reward.device)
     else:  # one backbone pass per candidate, batched by length
         readings = compute_sequence_readings(model, sequences, reward.batch_size, reward.device, progress=False)
