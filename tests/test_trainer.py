@@ -305,3 +305,46 @@ def test_fresh_heads_and_router_are_drawn_from_the_seed(tokenizer, tmp_path):
     for name in first:
         torch.testing.assert_close(first[name], again[name], rtol=0, atol=0)
     assert not torch.equal(first["heads.weight"], other["heads.weight"])
+
+
+def test_lora_run_resumes_from_a_checkpoint(tokenizer, tmp_path):
+    """A LoRA run's checkpoints carry the MiCRo config and code beside the adapter (so that they load as models); the
+    run still resumes from one, to the same end as an uninterrupted run."""
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+
+    def run(max_steps, resume=None):
+        args = make_args(
+            tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=1, per_device_train_batch_size=4
+        )
+        trainer = MiCRoRewardTrainer(
+            model=backbone,
+            args=args,
+            train_dataset=make_conflicting_pairs(16),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trained_parameters(trainer)
+
+    uninterrupted = run(3)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert {"adapter_config.json", "config.json", "modeling_micro.py"} <= {path.name for path in checkpoint.iterdir()}
+    assert isinstance(MiCRoRewardModel.from_pretrained(checkpoint), MiCRoRewardModel)
+    resumed = run(3, resume=str(checkpoint))
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value)
+
+
+def test_lora_on_a_frozen_backbone_trains_the_adapter(tokenizer, tmp_path):
+    """`freeze_backbone=True` with a `peft_config`: the backbone's own weights stay, the adapter, heads and router
+    train."""
+    trainer = MiCRoRewardTrainer(
+        model=build_tiny_micro_model(tokenizer, num_heads=2),
+        args=make_args(tmp_path, freeze_backbone=True, max_steps=2),
+        train_dataset=make_conflicting_pairs(16),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    )
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in name for name in trainable) and any("heads" in name for name in trainable)
+    assert not any("base_layer" in name for name in trainable)

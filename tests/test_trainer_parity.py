@@ -86,11 +86,13 @@ def rows_of(num_pairs: int = 8, conversational: bool = False, implicit: bool = F
     return rows
 
 
-def tool_rows(tools_as_json: bool) -> list[dict]:
+def tool_rows(tools_as_json: bool, calls_only: bool = False) -> list[dict]:
+    """Conversations whose chosen turn calls a tool (with text, or `calls_only`), and a `tools` column."""
     rows = []
     for i, row in enumerate(rows_of(8, conversational=True)):
         call = {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": f"c{i}"})}}
-        row["chosen"] = [{"role": "assistant", "content": None, "tool_calls": [call]}]
+        content = None if calls_only else "Let me check."
+        row["chosen"] = [{"role": "assistant", "content": content, "tool_calls": [call]}]
         row["tools"] = json.dumps([WEATHER_TOOL]) if tools_as_json else [WEATHER_TOOL]
         rows.append(row)
     return rows
@@ -240,6 +242,7 @@ DATA_CASES = {
     ),
     "tools column (JSON text)": DataCase(lambda tok: tool_rows(True), template=TOOLS_TEMPLATE, finding=6),
     "tools column (list)": DataCase(lambda tok: tool_rows(False), template=TOOLS_TEMPLATE, finding=6),
+    "tool calls without text": DataCase(lambda tok: tool_rows(True, calls_only=True), template=TOOLS_TEMPLATE),
     "eos_token": DataCase(lambda tok: rows_of(8), config={"eos_token": "<|endoftext|>"}, finding=11),
     "eos_token, conversational": DataCase(lambda tok: rows_of(8, True), config={"eos_token": "<|endoftext|>"}),
     "chat_template_path (.jinja file)": DataCase(
@@ -576,6 +579,8 @@ def test_peft_model_as_model_trains_like_trl(tokenizer, backbone, stage1, tmp_pa
         micro_trainer("micro_frozen", peft_model, stage1, fresh(tokenizer), rows_of(8), tmp_path)
     with pytest.raises(ValueError, match="prompt-learning"):
         prepare_peft_config(PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"), micro)
+    with pytest.raises(TypeError, match="`peft_config` must be a `peft.PeftConfig`"):
+        micro_trainer("micro", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, peft_config={"r": 4})
     with pytest.raises(ValueError, match="not a PeftModel: merge the adapter first"):
         micro_trainer("stage2", backbone, peft_model, fresh(tokenizer), rows_of(8), tmp_path)
     with pytest.raises(ValueError, match="takes no `peft_config`"):
@@ -608,7 +613,7 @@ def test_lora_run_reloads_from_its_folder(tokenizer, backbone, stage1, tmp_path,
         rows_of(8),
         tmp_path,
         {"model_card_pairs": 2},
-        peft_config=LoraConfig(modules_to_save=["score"]),
+        peft_config=LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["score"]),
     )
     trainer.train()
     run = tmp_path / "micro_run"
@@ -658,7 +663,7 @@ import json, sys
 import torch
 from transformers import AutoModelForSequenceClassification
 path, ids, mask = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), torch.tensor(json.loads(sys.argv[3]))
-model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, trust_remote_code=True)  # as TRL's GRPO
 with torch.no_grad():
     logits = model(input_ids=ids, attention_mask=mask).logits
 print("RESULT", json.dumps({"logits": logits.tolist(),

@@ -50,6 +50,12 @@ def prepare_peft_config(peft_config, model: MiCRoRewardModel):
     Prompt-learning methods (prefix tuning, prompt tuning, ...) are refused: they prepend virtual tokens, which moves
     the prompt boundary the router reads.
     """
+    from peft import PeftConfig
+
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(
+            f"`peft_config` must be a `peft.PeftConfig` instance (e.g. `peft.LoraConfig`), got {type(peft_config).__name__}."
+        )
     if getattr(peft_config, "is_prompt_learning", False):
         raise ValueError(
             f"`peft_config` is a prompt-learning method ({peft_config.peft_type}), which MiCRoRewardTrainer does not "

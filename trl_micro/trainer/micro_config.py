@@ -68,8 +68,9 @@ class MiCRoRewardConfig(RewardConfig, MiCRoArchitecture):
         context_column: dataset column whose text (a user, a criterion, a persona) joins each prompt through the
             model's `context_template`; ignored when absent from the dataset.
         prompt_marker: text that ends every prompt in standard (non-chat) data, e.g. `"\n\nAssistant:"`. It splits
-            implicit prompts and lets the saved model find the prompt boundary in full texts. For conversational
-            data the chat template's assistant header is used.
+            implicit prompts (and the shared ids of pre-tokenized `chosen_ids` / `rejected_ids` pairs) and lets the
+            saved model find the prompt boundary in full texts. For conversational data the chat template's assistant
+            header is used.
         model_card_pairs: pairs (a seeded sample of the evaluation set when there is one, else of the training set)
             scored at every save to measure each head for the model card (`trl_micro.model_card`); 0: no measuring.
     """

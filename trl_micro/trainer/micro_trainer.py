@@ -216,7 +216,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             )
         # After TRL's __init__, which set the tokenizer's `eos_token`, chat template (`chat_template_path`) and pad token
         self._set_prompt_marker(micro_model, self.processing_class, first_example, args)
-        if args.freeze_backbone:
+        if args.freeze_backbone and not is_peft_model(self.model):
             micro_model.freeze_backbone()  # again: a cloned chat template may have resized the embeddings
         if data_collator is None:
             pad_to_multiple_of = args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None
