@@ -30,12 +30,13 @@ $(VENV_PPO)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/python recipes/demo.py
 
-# CI's command: lint and format check, the docs built strictly, then both test suites.
+# CI's command: lint, format and layer checks, the docs built strictly, then both test suites.
 test: quality docs test-main test-ppo
 
 quality: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Apply the formatter and the lint fixes (what `make quality` checks).
 style: $(VENV)/.installed
