@@ -146,17 +146,15 @@ def parse_args(argv=None):
     parser.add_argument("--adaptation_queries", type=int, help="DSP: queries the Stage 2 pairs are drawn from.")
     parser.add_argument("--gold_queries", type=int, help="DSP: queries of each domain's gold pairs.")
     parser.add_argument("--test_queries", type=int, help="DSP: queries of the held-out prompts.")
+    # Parts of the pools (the split, and so the held-out prompts and the other pools, unchanged): for a machine too
+    # busy to read every pair of the RL benchmark's pools in time.
+    parser.add_argument("--stage1_used", type=int, help="Synthetic: Stage 1 on the first this many pairs per taste.")
     parser.add_argument(
-        "--stage1_used",
-        type=int,
-        default=None,
-        help="DSP: train Stage 1 on the pairs of the first this many of the split's Stage 1 queries (default all).",
+        "--gold_used", type=int, help="Synthetic: the gold heads on the first this many pairs per taste."
     )
+    parser.add_argument("--stage1_queries_used", type=int, help="DSP: Stage 1 on the first this many Stage 1 queries.")
     parser.add_argument(
-        "--gold_used",
-        type=int,
-        default=None,
-        help="DSP: train the gold heads on the pairs of the first this many of the split's gold queries (default all).",
+        "--gold_queries_used", type=int, help="DSP: the gold heads on the first this many gold queries."
     )
     parser.add_argument("--timing_candidates", type=int, help="Candidates reranked in the 1-user / 4-user timing.")
     parser.add_argument("--timing_repeats", type=int, help="Repeats of each timing (the median is reported).")
@@ -367,9 +365,11 @@ def rewards_dir(args, scenario: str) -> Path:
     }
     if args.head_init is not None:
         settings["head_init"] = args.head_init
+    if scenario == "synthetic":
+        settings.update({name: value for name, value in used_parts(args, scenario).items() if value is not None})
     if scenario == "dsp":
-        names = ("stage1_queries", "adaptation_queries", "gold_queries", "test_queries", "stage1_used", "gold_used")
-        settings.update({name: getattr(args, name) for name in names})
+        names = ("stage1_queries", "adaptation_queries", "gold_queries", "test_queries")
+        settings.update({name: getattr(args, name) for name in names}, **used_parts(args, scenario))
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return Path(args.cache_dir) / "rewards" / f"{scenario}-{args.models}-{digest}"
 
@@ -433,6 +433,27 @@ def cached_adaptation(model, tokenizer, adaptation, args, folder: Path, routing:
     return router, residuals
 
 
+def used_parts(args, scenario: str) -> dict:
+    """How much of the Stage 1 and gold pools trains the rewards: `{stage1_used, gold_used}` (None: all)."""
+    if scenario == "dsp":
+        return {"stage1_used": args.stage1_queries_used, "gold_used": args.gold_queries_used}
+    return {"stage1_used": args.stage1_used, "gold_used": args.gold_used}
+
+
+def first_part(pairs, used: int, key: str):
+    """DSP (`key="query_id"`): the pairs of the first `used` queries; synthetic (`"context_id"`): the first `used`
+    pairs of each context."""
+    if key == "query_id":
+        kept = set(list(dict.fromkeys(pairs["query_id"]))[:used])
+        return pairs.filter(lambda row: row["query_id"] in kept)
+    seen, rows = {}, []
+    for index, context in enumerate(pairs["context_id"]):
+        seen[context] = seen.get(context, 0) + 1
+        if seen[context] <= used:
+            rows.append(index)
+    return pairs.select(rows)
+
+
 def build_rewards(args, scenario: str, backbone, tokenizer, readers: dict[str, str]) -> dict:
     """
     `{"gold": {reader: MiCRoReward}, seed: {method: MiCRoReward}}` of one scenario, trained or read from the cache.
@@ -445,11 +466,13 @@ def build_rewards(args, scenario: str, backbone, tokenizer, readers: dict[str, s
     def pool(name):
         if not pools:
             pools.update(draw_dsp_pools(split, args.data_dir) if scenario == "dsp" else draw_pools(split))
-            if scenario == "dsp":  # a subset of the split's queries (the split, and so the held-out prompts, unchanged)
-                for part, used in (("stage1", args.stage1_used), ("gold", args.gold_used)):
-                    if used is not None:
-                        kept = set(list(dict.fromkeys(pools[part]["query_id"]))[:used])
-                        pools[part] = pools[part].filter(lambda row, kept=kept: row["query_id"] in kept)
+            # A part of the pools, the split (and so the held-out prompts and the other pools) unchanged: on DSP the
+            # pairs of the first `used` queries, on the synthetic scenario the first `used` pairs of each taste.
+            used = used_parts(args, scenario)
+            for part in ("stage1", "gold"):
+                if used[f"{part}_used"] is not None:
+                    key = "query_id" if scenario == "dsp" else "context_id"
+                    pools[part] = first_part(pools[part], used[f"{part}_used"], key)
         return pools[name]
 
     folder = rewards_dir(args, scenario)
@@ -687,7 +710,9 @@ def main(argv=None):
     results = {
         "title": "Personalized best-of-n: each reward's pick among shared candidates, judged by each reader's gold",
         "command": command,
-        "settings": {key: value for key, value in vars(args).items() if key not in ("output_dir",)},
+        "settings": {  # the folders are in the command, as typed
+            key: value for key, value in vars(args).items() if key not in ("output_dir", "cache_dir", "data_dir")
+        },
         "partial": args.partial,
         "scenarios": scenarios,
         "timing": timing,
