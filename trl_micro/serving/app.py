@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +50,7 @@ from .batcher import DynamicBatcher
 from .feedback import FeedbackRecorder
 from .guards import BearerAuth, BodyLimits, ConcurrencyLimit, RequestMetrics, header_timeout_protocol
 from .metrics import ServeMetrics
+from .model_worker import ModelWorker
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class RewardService:
     def __init__(self, reward: MiCRoReward, settings: ServeSettings):
         self.reward, self.settings = reward, settings
         self.metrics = ServeMetrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-micro-serve")
+        self.executor = ModelWorker("trl-micro-serve")  # scoring before feedback's scoring
         self.batcher = DynamicBatcher(
             self.score_rows, self.executor, settings.max_batch_size, settings.max_wait_ms, self.metrics.observe_batch
         )
@@ -414,6 +414,10 @@ class RewardService:
     async def on_model_thread(self, function: Callable, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(function, *args, **kwargs))
 
+    async def in_model_background(self, function: Callable, *args, **kwargs):
+        """`function` on the model's thread once no scoring call waits (`ModelWorker.submit_background`)."""
+        return await asyncio.wrap_future(self.executor.submit_background(function, *args, **kwargs))
+
     async def score(self, request: Request, prompts, completions, contexts, users, fields: dict[str, str]) -> list:
         """Rows checked and encoded by the scoring core on the model's thread, then scored in a dynamic batch."""
 
@@ -446,7 +450,7 @@ class RewardService:
             request,
             2 * len(comparisons),
             partial(
-                self.on_model_thread,
+                self.in_model_background,
                 self.reward.comparison_margins,
                 [c.prompt for c in comparisons],
                 [c.chosen for c in comparisons],
