@@ -271,7 +271,7 @@ def test_non_micro_checkpoints_are_refused(tokenizer, tmp_path):
         MiCRoReward.from_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(TypeError, match="needs a MiCRoRewardModel"):
         MiCRoReward(torch.nn.Linear(2, 2), tokenizer)
-    with pytest.raises(ValueError, match="pass one of them too"):
+    with pytest.raises(ValueError, match="names users for `user_store`.*pass one of them"):
         MiCRoReward(build_tiny_micro_model(tokenizer), tokenizer, user_column="user")
 
 

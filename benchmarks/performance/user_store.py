@@ -95,14 +95,18 @@ def fill(store: UserStore, num_users: int, chunk: int = 20_000) -> float:
 def settle(store: UserStore) -> None:
     """Bring a freshly bulk-loaded store to the state of one long in service: statistics gathered, the write-ahead log
     checkpointed, and (PostgreSQL) every page vacuumed, so the timed writes do not pay for the bulk load's aftermath."""
-    with store.engine.connect() as connection:
-        if store.backend == "postgresql":
+    if store.backend == "postgresql":
+        with store.engine.connect() as connection:
             connection = connection.execution_options(isolation_level="AUTOCOMMIT")
             connection.exec_driver_sql("VACUUM ANALYZE")
             connection.exec_driver_sql("CHECKPOINT")
-        else:
-            connection.exec_driver_sql("ANALYZE")
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return
+    raw = store.engine.raw_connection()  # the store's SQLite connections run outside transactions until BEGIN
+    try:
+        raw.driver_connection.execute("ANALYZE")
+        raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        raw.close()
 
 
 def store_work(url: str, num_users: int, feedback: int) -> dict:
