@@ -509,6 +509,71 @@ def test_model_init_kwargs_are_all_honoured(tokenizer, backbone, stage1, tmp_pat
     assert "`model_init_kwargs` will be ignored" in caplog.text
 
 
+REMOTE_CONFIG_CODE = """
+from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tiny_remote"
+"""
+REMOTE_MODEL_CODE = """
+import torch
+from transformers import LlamaForSequenceClassification, LlamaModel, LlamaPreTrainedModel
+
+from .configuration_tiny_remote import TinyRemoteConfig
+
+
+class TinyRemoteModel(LlamaModel):
+    config_class = TinyRemoteConfig
+
+
+class TinyRemoteForSequenceClassification(LlamaForSequenceClassification):
+    config_class = TinyRemoteConfig
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = TinyRemoteModel(config)
+        self.score = torch.nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+"""
+
+
+def save_remote_code_backbone(path, tokenizer) -> str:
+    """A tiny backbone whose model type only its own code (in the folder, `auto_map`) defines."""
+    source = save_tiny_backbone(str(path), tokenizer)
+    (path / "configuration_tiny_remote.py").write_text(REMOTE_CONFIG_CODE)
+    (path / "modeling_tiny_remote.py").write_text(REMOTE_MODEL_CODE)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "tiny_remote"
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+        "AutoModel": "modeling_tiny_remote.TinyRemoteModel",
+        "AutoModelForSequenceClassification": "modeling_tiny_remote.TinyRemoteForSequenceClassification",
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return source
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_trust_remote_code_loads_a_backbone_as_trl_does(trusted, tokenizer, stage1, tmp_path):
+    """`trust_remote_code` decides, as in TRL, whether a backbone that ships its own code loads."""
+    backbone = save_remote_code_backbone(tmp_path / "remote_backbone", tokenizer)
+    config = {"trust_remote_code": trusted}
+    builders = (
+        lambda: trl_trainer(backbone, fresh(tokenizer), rows_of(8), tmp_path, config),
+        lambda: micro_trainer("micro", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, config),
+    )
+    for build in builders:
+        if trusted:
+            trainer = build()
+            model = trainer.model.backbone if isinstance(trainer.model, MiCRoRewardModel) else trainer.model
+            assert type(model).__name__.startswith("TinyRemote")
+        else:
+            with pytest.raises(ValueError, match="trust_remote_code=True"):
+                build()
+
+
 def test_quantization_config_is_passed_or_refused_like_trl(tokenizer, backbone, stage1, tmp_path):
     """`quantization_config` (the trainer argument) joins `model_init_kwargs` for a path, and setting it in both is
     TRL's error. (Quantized loading itself needs bitsandbytes and a GPU.)"""
@@ -558,8 +623,7 @@ def test_lora_defaults_train_like_trl(peft_case, tokenizer, backbone, stage1, tm
 
 
 def test_peft_model_as_model_trains_like_trl(tokenizer, backbone, stage1, tmp_path):
-    """A `PeftModel` passed as `model` trains its adapter, as in TRL (finding 2); one without the heads and router in
-    `modules_to_save` is refused, saying how to build one; so are a prompt-learning adapter and Stage 2."""
+    """A `PeftModel` passed as `model` trains its adapter, as in TRL (finding 2). (What is refused: `REFUSALS`.)"""
     control_base = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
     control = trl_trainer(get_peft_model(control_base, LoraConfig()), fresh(tokenizer), rows_of(8), tmp_path)
     micro = build_tiny_micro_model(tokenizer, num_heads=2)
@@ -569,22 +633,6 @@ def test_peft_model_as_model_trains_like_trl(tokenizer, backbone, stage1, tmp_pa
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert {name for name in changed(before, trainer.model) if "lora_B" in name}
-
-    bare = get_peft_model(build_tiny_micro_model(tokenizer), LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"does not train and save \['heads', 'router'\].*prepare_peft_config"):
-        micro_trainer("micro", bare, stage1, fresh(tokenizer), rows_of(8), tmp_path)
-    with pytest.raises(ValueError, match="together with a `peft_config`"):
-        micro_trainer("micro", peft_model, stage1, fresh(tokenizer), rows_of(8), tmp_path, peft_config=LoraConfig())
-    with pytest.raises(ValueError, match="freeze_backbone=True` with a PeftModel"):
-        micro_trainer("micro_frozen", peft_model, stage1, fresh(tokenizer), rows_of(8), tmp_path)
-    with pytest.raises(ValueError, match="prompt-learning"):
-        prepare_peft_config(PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"), micro)
-    with pytest.raises(TypeError, match="`peft_config` must be a `peft.PeftConfig`"):
-        micro_trainer("micro", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, peft_config={"r": 4})
-    with pytest.raises(ValueError, match="not a PeftModel: merge the adapter first"):
-        micro_trainer("stage2", backbone, peft_model, fresh(tokenizer), rows_of(8), tmp_path)
-    with pytest.raises(ValueError, match="takes no `peft_config`"):
-        micro_trainer("stage2", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, peft_config=LoraConfig())
 
 
 def scored(model, batch) -> torch.Tensor:
@@ -703,6 +751,115 @@ def test_trls_documented_lora_example_runs_as_written(tokenizer, backbone, tmp_p
     assert isinstance(MiCRoRewardModel.from_pretrained(tmp_path / "micro-reward"), MiCRoRewardModel)
 
 
+# ------------------------------------------------------------------------------------------------------ refusals
+@dataclass
+class Setup:
+    """What a refusal needs to build a trainer."""
+
+    tokenizer: object
+    backbone: str
+    stage1: str
+    tmp_path: object
+
+    def micro(self, variant="micro", model=None, rows=None, config=None, **kwargs):
+        model = model if model is not None else (self.stage1 if variant == "stage2" else self.backbone)
+        rows = rows if rows is not None else rows_of(8)
+        return micro_trainer(variant, model, model, fresh(self.tokenizer), rows, self.tmp_path, config, **kwargs)
+
+    def peft_model(self, **lora):
+        micro = build_tiny_micro_model(self.tokenizer, num_heads=2)
+        return get_peft_model(micro, prepare_peft_config(LoraConfig(**lora), micro))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A setting MiCRo refuses at init: the error's type, and a quote that is in both its message and the docs'
+    table (so the table shows the message users get)."""
+
+    build: object  # (Setup) -> trainer; must raise
+    error: type
+    quote: str
+
+
+REFUSALS = {
+    "args: a plain RewardConfig": Refusal(
+        lambda s: MiCRoRewardTrainer(
+            s.backbone, args=RewardConfig(**common_args(s.tmp_path)), train_dataset=Dataset.from_list(rows_of(8))
+        ),
+        TypeError,
+        "`args` must be a MiCRoRewardConfig",
+    ),
+    "model: another model class": Refusal(
+        lambda s: s.micro(model=AutoModelForSequenceClassification.from_pretrained(s.backbone, num_labels=1)),
+        TypeError,
+        "`model` must be a MiCRoRewardModel, a PeftModel over one, or a path",
+    ),
+    "model: a PeftModel that does not save the heads and router": Refusal(
+        lambda s: s.micro(
+            model=get_peft_model(build_tiny_micro_model(s.tokenizer), LoraConfig(target_modules=["q_proj"]))
+        ),
+        ValueError,
+        "does not train and save ['heads', 'router']",
+    ),
+    "model: a PeftModel with a peft_config": Refusal(
+        lambda s: s.micro(model=s.peft_model(), peft_config=LoraConfig()),
+        ValueError,
+        "You passed a `PeftModel` together with a `peft_config`",
+    ),
+    "model: a PeftModel with freeze_backbone": Refusal(
+        lambda s: s.micro("micro_frozen", model=s.peft_model()), ValueError, "its adapter lives in the backbone"
+    ),
+    "peft_config: prompt learning": Refusal(
+        lambda s: s.micro(peft_config=PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS")),
+        ValueError,
+        "its virtual tokens move the prompt boundary the router reads",
+    ),
+    "peft_config: target_modules=['score'] alone": Refusal(
+        lambda s: s.micro(peft_config=LoraConfig(target_modules=["score"])), ValueError, "names only the reward head"
+    ),
+    "peft_config: not a PeftConfig": Refusal(
+        lambda s: s.micro(peft_config={"r": 4}), TypeError, "`peft_config` must be a `peft.PeftConfig` instance"
+    ),
+    "model_init_kwargs: num_labels=2": Refusal(
+        lambda s: s.micro(config={"model_init_kwargs": {"num_labels": 2}}),
+        ValueError,
+        "`model_init_kwargs['num_labels']` must be 1",
+    ),
+    "chosen_ids with a context column": Refusal(
+        lambda s: s.micro(rows=[{**row, "context": "x"} for row in pretokenized_rows(s.tokenizer)]),
+        ValueError,
+        "cannot be joined to token ids",
+    ),
+    "Stage 2: a backbone": Refusal(
+        lambda s: s.micro("stage2", model=s.backbone), ValueError, "Router adaptation starts from a Stage 1 model"
+    ),
+    "Stage 2: a PeftModel": Refusal(
+        lambda s: s.micro("stage2", model=s.peft_model()), ValueError, "merge the adapter first"
+    ),
+    "Stage 2: a peft_config": Refusal(
+        lambda s: s.micro("stage2", peft_config=LoraConfig()), ValueError, "takes no `peft_config`"
+    ),
+    "Stage 2: a streaming dataset": Refusal(
+        lambda s: s.micro("stage2", rows=Dataset.from_list(rows_of(8)).to_iterable_dataset()),
+        TypeError,
+        "materialize the IterableDataset",
+    ),
+    "Stage 2: pre-tokenized data": Refusal(
+        lambda s: s.micro("stage2", rows=pretokenized_rows(s.tokenizer)), ValueError, "which token ids cannot take"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_refusals_name_the_setting_and_the_fix(name, tokenizer, backbone, stage1, tmp_path):
+    """What MiCRo cannot do as TRL does is refused at init, with the message docs/trainer_parity.md quotes."""
+    refusal = REFUSALS[name]
+    with pytest.raises(refusal.error) as raised:
+        refusal.build(Setup(tokenizer, backbone, stage1, tmp_path))
+    assert refusal.quote in str(raised.value)
+    assert refusal.quote in (REPO_ROOT / "docs" / "trainer_parity.md").read_text(), "the docs table lacks the message"
+
+
 # ----------------------------------------------------------------------------------------------------- inventory
 @dataclass(frozen=True)
 class Feature:
@@ -732,7 +889,7 @@ FEATURES = {
     "peft_config": Feature("same", ("test_lora_defaults_train_like_trl", "test_lora_run_reloads_from_its_folder")),
     # RewardConfig's own fields
     "model_init_kwargs": Feature("same", ("test_model_init_kwargs_are_all_honoured",)),
-    "trust_remote_code": Feature("same", ("test_model_init_kwargs_are_all_honoured",)),
+    "trust_remote_code": Feature("same", ("test_trust_remote_code_loads_a_backbone_as_trl_does",)),
     "chat_template_path": Feature("same", ("test_token_ids_match_trl",)),
     "disable_dropout": Feature("same", ("test_passthrough_arguments_work",)),
     "dataset_num_proc": Feature("same", ("test_passthrough_arguments_work",)),

@@ -62,6 +62,11 @@ def prepare_peft_config(peft_config, model: MiCRoRewardModel):
             "support: its virtual tokens move the prompt boundary the router reads. Use LoRA (peft.LoraConfig) or "
             "another method that wraps layers."
         )
+    if not hasattr(peft_config, "modules_to_save"):
+        raise ValueError(
+            f"`peft_config` ({peft_config.peft_type}) has no `modules_to_save`, so the heads and router could not train "
+            "and be saved beside the adapter. Use LoRA (peft.LoraConfig) or another method with `modules_to_save`."
+        )
     config = copy.deepcopy(peft_config)
     modules_to_save = [name for name in _names(config.modules_to_save) if name not in TRL_HEAD_NAMES]
     config.modules_to_save = sorted(set(modules_to_save) | set(TRAINED_MODULES))
@@ -70,6 +75,12 @@ def prepare_peft_config(peft_config, model: MiCRoRewardModel):
     targets = config.target_modules if hasattr(config, "target_modules") else None
     if isinstance(targets, (list, set, tuple)):
         dropped = [name for name in targets if name in TRL_HEAD_NAMES]
+        if dropped and len(dropped) == len(targets):
+            raise ValueError(
+                f"`peft_config.target_modules` names only the reward head ({dropped}), which MiCRo trains in full "
+                "(heads and router). To train them alone, pass no `peft_config` and set `freeze_backbone=True`; to "
+                "adapt the backbone too, name its modules (or leave `target_modules` unset)."
+            )
         if dropped:
             logger.info(f"`peft_config.target_modules`: {dropped} is the reward head, which MiCRo trains in full.")
             config.target_modules = [name for name in targets if name not in TRL_HEAD_NAMES]
