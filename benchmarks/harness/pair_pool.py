@@ -163,7 +163,9 @@ def build_pair_pool(
     bank = CachedFeatureCollator()
     evaluation = dataset.select(range(num_with_context))
     forms = [(None, dataset)] + [(context_column, evaluation)] * bool(num_with_context)
-    has_unseen_wordings = bool(num_with_context) and with_unseen_wordings and UNSEEN_CONTEXT_COLUMN in dataset.column_names
+    has_unseen_wordings = (
+        bool(num_with_context) and with_unseen_wordings and UNSEEN_CONTEXT_COLUMN in dataset.column_names
+    )
     if has_unseen_wordings:
         forms.append((UNSEEN_CONTEXT_COLUMN, evaluation))
     for form_context_column, pairs in forms:
