@@ -84,3 +84,19 @@ def test_serving_benchmark_measures_throughput_and_keeps_feedback_across_a_kill(
     # every acknowledged comparison is in the store once: a retry of one whose answer the kill cut off has its id
     assert feedback["acknowledged"] == feedback["stored_updates"] == feedback["logged"]
     assert "## Feedback under load" in output.read_text()
+
+
+@pytest.mark.slow
+def test_user_store_benchmark_runs_every_scenario_at_a_tiny_shape(tmp_path):
+    """SQLite and a private PostgreSQL, servers on 127.0.0.1 (one SIGKILLed): every acknowledged comparison logged once."""
+    from benchmarks.performance import user_store
+
+    output = tmp_path / "user_store.md"
+    argv = ["--users", "300", "--small_users", "30", "--feedback", "10", "--score_requests", "10", "--per_client", "3"]
+    argv += ["--staleness_trials", "2", "--rebuild_comparisons", "200", "--output", str(output)]
+    assert user_store.main(argv) == 0
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert report["replicas"]["acknowledged_logged_once"] and report["replicas"]["updates_equal_log_rows"]
+    assert report["replicas"]["acknowledged"] == 12 and report["replicas"]["killed_and_restarted"]
+    assert report["rebuild"]["sequences_computed"] == 0 and report["rebuild"]["comparisons"] == 200
+    assert report["staleness"]["p99_ms"] < 5_000 and "## Staleness between replicas" in output.read_text()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import random
 import shlex
 import sys
@@ -367,7 +368,13 @@ def render(command: str, results: dict) -> str:
             "",
             f"Generated {time.strftime('%Y-%m-%d')} by `{command}` on this machine (2 cores), K = {NUM_HEADS}, a tiny "
             "MiCRo checkpoint for the servers. SQLite in a temporary folder, PostgreSQL 15 a private server on "
-            "127.0.0.1.",
+            "127.0.0.1."
+            + (
+                f" Load average (1 min) at start {results['load_average'][0]:.1f}, at end {results['load_average'][1]:.1f}: "
+                "other jobs shared the machine, and every latency includes waiting for a core."
+                if "load_average" in results
+                else ""
+            ),
             "",
             "## One feedback's store work (posterior update, log row, durable commit)",
             "",
@@ -461,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = ensure_writable(args.output)
     results: dict = {"store_work": {}}
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="trl-micro-user-store-") as scratch, LocalPostgres() as postgres:
         folder = Path(scratch)
         log = folder / "servers.log"
@@ -492,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print("staleness", results["staleness"], flush=True)
         results["rebuild"] = rebuild(folder, args.rebuild_comparisons)
         print("rebuild", results["rebuild"], flush=True)
+    results["load_average"] = (load_at_start, os.getloadavg()[0])
     command = " ".join(["python benchmarks/performance/user_store.py", *map(shlex.quote, argv)])
     output.write_text(render(command, results), encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps({"command": command, **results}, indent=1), encoding="utf-8")
