@@ -117,6 +117,45 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def caveat_lines(results: dict) -> list[str]:
+    """What the figures do not cover: the gold's reading, the parts of the pools used, the spread shown."""
+    settings = results["settings"]
+    lines = [
+        "What the figures are. The gold heads are the RL benchmark's recipe (one Bradley-Terry head per reader on that "
+        "reader's own pairs, queries no other reward saw) but read the bare prompt, as the candidates were sampled and "
+        "as the rewards read them, not the reader's message. The ± is the spread over the rewards' training seeds "
+        "only: every seed ranks the same few prompts' candidates, so the spread over prompts, which dominates with "
+        "this few, is not in it.",
+        "",
+    ]
+    used = []
+    if settings.get("stage1_used"):
+        used.append(f"synthetic Stage 1 on {settings['stage1_used']} pairs per taste (of {settings['stage1_pairs']})")
+    if settings.get("gold_used"):
+        used.append(f"synthetic gold on {settings['gold_used']} pairs per taste (of {settings['gold_pairs']})")
+    if settings.get("stage1_queries_used"):
+        used.append(f"DSP Stage 1 on {settings['stage1_queries_used']} queries (of {settings['stage1_queries']})")
+    if settings.get("gold_queries_used"):
+        used.append(f"DSP gold on {settings['gold_queries_used']} queries (of {settings['gold_queries']})")
+    if used:
+        lines += [
+            "**Reduced reward pools**: " + "; ".join(used) + ". The split, and so the held-out prompts and the 32 "
+            "Stage 2 pairs per reader, are the RL benchmark's.",
+            "",
+        ]
+    return lines
+
+
+def rewrite(json_path: str | Path) -> Path:
+    """Write the report and plot again from a `best_of_n.json` (no model is loaded)."""
+    import json
+
+    path = Path(json_path)
+    results = json.loads(path.read_text())
+    results.pop("checks", None)
+    return write_report(results, path.parent, path.stem)
+
+
 def report_lines(results: dict, plot_name: str) -> list[str]:
     settings = results["settings"]
     ns = settings["ns"]
@@ -138,6 +177,7 @@ def report_lines(results: dict, plot_name: str) -> list[str]:
         "",
         f"![win rate against n per reader]({plot_name})",
         "",
+        *caveat_lines(results),
         "## Candidates",
         "",
     ]
@@ -240,3 +280,9 @@ def write_report(results: dict, output_dir: Path, name: str = "best_of_n") -> Pa
     results = {**results, "checks": checks(results["scenarios"], max(results["settings"]["ns"]))}
     _, markdown = write_files(results, output_dir / name, report_lines(results, f"{name}.png"))
     return markdown
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(rewrite(sys.argv[1]).read_text())
