@@ -211,7 +211,7 @@ def full_plan() -> BenchmarkPlan:
             )
         ),
         rl_reports=tuple(
-            f"benchmarks/rl/results/{name}.md" for name in ("rl_personalization_dsp", "rl_personalization")
+            f"benchmarks/rl/results/{name}.md" for name in ("rl_personalization_dsp", "rl_personalization", "best_of_n")
         ),
         service_reports=("benchmarks/performance/results/user_store.md",),
     )
