@@ -213,7 +213,10 @@ def full_plan() -> BenchmarkPlan:
         rl_reports=tuple(
             f"benchmarks/rl/results/{name}.md" for name in ("rl_personalization_dsp", "rl_personalization", "best_of_n")
         ),
-        service_reports=("benchmarks/performance/results/user_store.md",),
+        service_reports=(
+            "benchmarks/performance/results/user_store.md",
+            "benchmarks/performance/results/serving_soak.md",
+        ),
     )
 
 
