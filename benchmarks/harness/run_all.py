@@ -208,6 +208,7 @@ def full_plan() -> BenchmarkPlan:
                 "latent_recovery_dsp",
                 "query_selection",
                 "query_selection_dsp",
+                "population",
             )
         ),
         rl_reports=tuple(
