@@ -5,9 +5,9 @@ import torch
 from datasets import Dataset
 
 from trl_micro import MiCRoRewardTrainer
-from trl_micro.data_utils import GroupedBatchSampler, latent_groups
 from trl_micro.losses import context_mixture_bt_loss, head_agreement, mixture_bt_loss
 from trl_micro.testing_utils import build_tiny_micro_model
+from trl_micro.trainer.data_collator import GroupedBatchSampler, latent_groups
 
 from .test_trainer import make_args
 

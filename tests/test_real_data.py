@@ -22,7 +22,7 @@ from trl_micro.bundled.hh import (
     load_hh_rlhf,
     split_transcripts,
 )
-from trl_micro.data_utils import split_by_context, take_per_context
+from trl_micro.splits import split_by_context, take_per_context
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STANDARD_COLUMNS = {"prompt", "chosen", "rejected", "context_id", "context"}

@@ -9,9 +9,10 @@ from transformers import AutoModelForSequenceClassification
 import trl_micro  # noqa: F401  (registers the MiCRo model with the Auto classes)
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
-from trl_micro.data_utils import encode_prompt_completion, join_context, take_per_context
+from trl_micro.data_utils import encode_prompt_completion, join_context
 from trl_micro.evaluation import per_context_accuracy
 from trl_micro.scoring import score_preference_pairs
+from trl_micro.splits import take_per_context
 from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer, save_tiny_backbone
 from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
 

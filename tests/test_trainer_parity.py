@@ -374,7 +374,8 @@ def micro_compute_loss(trainer, batch):
 
 def sequence_batch(trainer, tokenizer, rows):
     """The token batch of `rows` (tokenized as the trainer tokenizes, with MiCRo's collator)."""
-    from trl_micro.data_utils import MiCRoPreferenceCollator, tokenize_pairs
+    from trl_micro.data_utils import tokenize_pairs
+    from trl_micro.trainer.data_collator import MiCRoPreferenceCollator
 
     tokenized = tokenize_pairs(Dataset.from_list(rows), tokenizer, CONTEXT_TEMPLATE, "context")
     if "margin" in rows[0]:

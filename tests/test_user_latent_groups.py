@@ -5,8 +5,8 @@ import torch
 from datasets import Dataset
 
 from trl_micro import MiCRoRewardTrainer
-from trl_micro.data_utils import user_latent_groups
 from trl_micro.testing_utils import build_tiny_micro_model
+from trl_micro.trainer.data_collator import user_latent_groups
 from trl_micro.trainer.head_initialization import em_initial_heads
 
 from .test_trainer import make_args

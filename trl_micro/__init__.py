@@ -1,9 +1,10 @@
 """
 trl-micro: MiCRo personalized reward models (mixture of Bradley-Terry heads + context-aware routing) for TRL.
 
-`import trl_micro` registers the "micro" model type with transformers' Auto classes and imports nothing else: each
-public name below is imported from its module the first time it is used (as transformers and TRL do), so a process
-that only scores or serves never loads the trainers.
+`import trl_micro` registers the "micro" model type with transformers' Auto classes and imports nothing else but the
+config: the model classes register when the first MiCRo config is built (an Auto load builds the config before it
+looks up the model class), and each public name below is imported from its module the first time it is used (as
+transformers and TRL do), so a process that only scores or serves never loads the trainers.
 """
 
 from typing import TYPE_CHECKING
@@ -11,15 +12,23 @@ from typing import TYPE_CHECKING
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .configuration_micro import MiCRoConfig
-from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
 
 __version__ = "0.1.0"
 
+
+def _register_model_classes() -> None:
+    from .modeling_micro import MiCRoRewardModel
+
+    AutoModel.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
+    AutoModelForSequenceClassification.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
+
+
 AutoConfig.register(MiCRoConfig.model_type, MiCRoConfig, exist_ok=True)
-AutoModel.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
-AutoModelForSequenceClassification.register(MiCRoConfig, MiCRoRewardModel, exist_ok=True)
+MiCRoConfig.on_first_build.append(_register_model_classes)
 
 _LAZY = {
+    "MiCRoRewardModel": ".modeling_micro",
+    "MiCRoRewardOutput": ".modeling_micro",
     "MiCRoReward": ".rewards",
     "MiCRoRewardForPPO": ".ppo_reward",
     "PairScores": ".scoring",
@@ -54,6 +63,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # what static tools and IDEs see
+    from .modeling_micro import MiCRoRewardModel, MiCRoRewardOutput
     from .personalization import (
         OnlineRouter,
         ResidualHeads,

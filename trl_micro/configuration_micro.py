@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import ClassVar, Literal
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -166,7 +166,14 @@ class MiCRoConfig(PreTrainedConfig, MiCRoArchitecture):
     backbone_is_causal: bool | None = None
     initializer_range: float = 0.02
 
+    # Callables run once, when the first config is built: `import trl_micro` registers the model classes with
+    # transformers' Auto classes there (every Auto load builds its config first), so importing the package does not
+    # load the modeling stack. Empty in a checkpoint's copy of this file.
+    on_first_build: ClassVar[list] = []
+
     def __post_init__(self, **kwargs):
+        while MiCRoConfig.on_first_build:
+            MiCRoConfig.on_first_build.pop()()
         kwargs["num_labels"] = 1
         super().__post_init__(**kwargs)
         if self.num_labels != 1:

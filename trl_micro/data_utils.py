@@ -1,6 +1,7 @@
 """
-Preference data for MiCRo: context joining, tokenization that keeps the prompt boundary, the collator, and seeded
-splits stratified by context.
+Preference data for MiCRo: context joining and tokenization that keeps the prompt boundary, and the per-pair columns
+a batch carries. The trainer's collator and sampler are in `trl_micro.trainer.data_collator`, the per-context splits
+in `trl_micro.splits`.
 
 Every sequence the model scores is `prompt (+ context) + completion (+ EOS)`; the router reads the hidden state at the
 last prompt token, so each tokenized sequence carries `prompt_length`, the number of its leading tokens that belong to
@@ -22,18 +23,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import is_conversational
-from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
-from .value_checks import is_real_number, normalize_user_id
+from .deprecation import moved_names
+from .value_checks import is_real_number
 
 Messages = list[dict[str, Any]]
 
@@ -43,8 +43,6 @@ LEGACY_TOKENIZED_COLUMNS = ("chosen_input_ids", "rejected_input_ids")  # TRL's o
 # Per-pair values the collators pass through: `pair_num_tokens` (tokens of both sequences) rides along with cached
 # features, which carry no attention mask to count them from.
 PAIR_LABEL_COLUMNS = ("margin", "context_index", "latent_group", "pair_num_tokens")
-DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-SPLIT_NAMES = ("train", "adaptation", "test")
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
@@ -353,183 +351,16 @@ def pair_labels(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return labels
 
 
-def latent_groups(keys: Sequence) -> list[int]:
-    """
-    The `latent_group` column: pairs with equal keys (the tokenized chosen sequence, i.e. the same prompt with its
-    context and the same chosen response) get the same group id, numbered in order of first appearance.
-    """
-    ids: dict = {}
-    return [ids.setdefault(tuple(key) if isinstance(key, list) else key, len(ids)) for key in keys]
-
-
-def user_latent_groups(user_ids: Sequence, fallback_keys: Sequence, column: str = "user_id") -> list[int]:
-    """
-    The `latent_group` column of `latent_groups="user"`: pairs with the same user id share a group (one user's
-    comparisons follow one latent head); a pair without an id (`None` or empty text) falls back to grouping by its
-    `fallback_keys` entry (the tokenized chosen sequence, as `latent_groups` does). Numbered in order of first
-    appearance. Ids are text or integers (`17` and `"17"` are one user); another type is a `TypeError` naming the row.
-    """
-    if len(user_ids) != len(fallback_keys):
-        raise ValueError(f"{len(user_ids)} user ids for {len(fallback_keys)} pairs.")
-    keys = []
-    for row, (user, fallback) in enumerate(zip(user_ids, fallback_keys)):
-        if user is None or (isinstance(user, str) and not user.strip()):
-            keys.append(("pair", tuple(fallback) if isinstance(fallback, list) else fallback))
-        else:
-            keys.append(("user", normalize_user_id(user, f"{column}[{row}]")))
-    return latent_groups(keys)
-
-
-class GroupedBatchSampler(torch.utils.data.Sampler):
-    """
-    Batches of whole latent groups: every epoch shuffles the groups (seeded by `seed` and the epoch) and puts
-    `groups_per_batch` of them in each batch, chosen so batches hold about `batch_size` pairs on average. A group's
-    pairs are never split across batches, so a per-group likelihood sees all of them at once.
-    """
-
-    def __init__(self, groups: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True):
-        self.members: dict[int, list[int]] = {}
-        for row, group in enumerate(groups):
-            self.members.setdefault(int(group), []).append(row)
-        self.order = list(self.members)
-        self.groups_per_batch = max(1, round(batch_size * len(self.order) / max(1, len(groups))))
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.groups_per_batch)
-
-    def __iter__(self):
-        order = list(self.order)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
-        self.epoch += 1
-        for start in range(0, len(order), self.groups_per_batch):
-            yield [row for group in order[start : start + self.groups_per_batch] for row in self.members[group]]
-
-
-@dataclass
-class MiCRoPreferenceCollator(DataCollatorForPreference):
-    """
-    TRL's preference collator (rows 0..B-1 the chosen sequences, rows B..2B-1 the rejected ones, right-padded, with
-    `margin` when the data has it) plus `prompt_lengths` for every row and `context_index` when the data has it.
-    """
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = super().torch_call(examples)
-        prompt_lengths = [example["chosen_prompt_length"] for example in examples] + [
-            example["rejected_prompt_length"] for example in examples
-        ]
-        batch["prompt_lengths"] = torch.tensor(prompt_lengths, dtype=torch.long)
-        batch.update(pair_labels(examples))
-        return batch
-
-
-# ------------------------------------------------------------------------------------------------------ splits
-def _context_values(dataset: Dataset, context_column: str) -> list:
-    if context_column not in dataset.column_names:
-        raise ValueError(
-            f"Context column {context_column!r} is not in the dataset; columns present: {dataset.column_names}."
-        )
-    return list(dataset[context_column])
-
-
-def _indices_per_context(contexts: Iterable) -> dict:
-    groups: dict = {}
-    for index, context in enumerate(contexts):
-        groups.setdefault(context, []).append(index)
-    return {context: groups[context] for context in sorted(groups, key=str)}
-
-
-def _per_context_sizes(count: int, fractions: Sequence[float]) -> list[int]:
-    """Sizes of the later parts rounded to the nearest pair; the first part takes the rest (each within 1 pair)."""
-    later = [int(round(count * fraction)) for fraction in fractions[1:]]
-    return [count - sum(later), *later]
-
-
-def split_by_context(
-    dataset: Dataset,
-    context_column: str = "context_id",
-    fractions: Sequence[float] | None = DEFAULT_SPLIT_FRACTIONS,
-    sizes_per_context: Sequence[int] | None = None,
-    seed: int = 0,
-) -> DatasetDict:
-    """
-    Seeded split into `train`, `adaptation` and `test`, stratified by `context_column`.
-
-    Give either `fractions` (three non-negative numbers summing to 1, applied within every context; each context's
-    adaptation and test parts are its share rounded to the nearest pair and train takes the rest, so every part is
-    within one pair of the requested share) or `sizes_per_context` (three pair counts taken from every context; the
-    rest of each context is left out). Rows keep their order in `dataset` within each part.
-
-    Raises `ValueError` when the context column is missing, the fractions are invalid, or a context has fewer pairs
-    than `sizes_per_context` asks for.
-    """
-    contexts = _context_values(dataset, context_column)
-    if sizes_per_context is not None:
-        sizes_per_context = [int(size) for size in sizes_per_context]
-        if len(sizes_per_context) != 3 or min(sizes_per_context) < 0:
-            raise ValueError(f"sizes_per_context must be three counts >= 0, got {sizes_per_context}.")
-    else:
-        if fractions is None or len(fractions) != 3 or min(fractions) < 0:
-            raise ValueError(f"fractions must be three numbers >= 0 (train, adaptation, test), got {fractions}.")
-        if abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"fractions must sum to 1, got {list(fractions)} (sum {sum(fractions)}).")
-    rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[], [], []]
-    for context, indices in _indices_per_context(contexts).items():
-        if sizes_per_context is not None:
-            if sum(sizes_per_context) > len(indices):
-                raise ValueError(
-                    f"Context {context!r} has {len(indices)} pairs but sizes_per_context asks for "
-                    f"{sum(sizes_per_context)} ({sizes_per_context})."
-                )
-            sizes = sizes_per_context
-        else:
-            sizes = _per_context_sizes(len(indices), fractions)
-        shuffled = np.asarray(indices)[rng.permutation(len(indices))]
-        start = 0
-        for part, size in zip(parts, sizes):
-            part.extend(shuffled[start : start + size].tolist())
-            start += size
-    return DatasetDict({name: dataset.select(sorted(part)) for name, part in zip(SPLIT_NAMES, parts)})
-
-
-def take_per_context(dataset: Dataset, n: int, context_column: str = "context_id", seed: int = 0) -> Dataset:
-    """
-    `n` pairs from every context, drawn without replacement (seeded), in the dataset's order.
-
-    For one seed the draws are nested: the pairs taken with a smaller `n` are among those taken with a larger one,
-    so adaptation curves (8, 32, 128 pairs) grow one subset. Raises `ValueError` when the context column is missing or
-    a context has fewer than `n` pairs.
-    """
-    if not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be an integer >= 0, got {n!r}.")
-    contexts = _context_values(dataset, context_column)
-    rng = np.random.default_rng(seed)
-    taken = []
-    for context, indices in _indices_per_context(contexts).items():
-        if len(indices) < n:
-            raise ValueError(
-                f"Context {context!r} has only {len(indices)} pairs in column {context_column!r}, "
-                f"but {n} pairs per context were asked for."
-            )
-        taken.extend(np.asarray(indices)[rng.permutation(len(indices))[:n]].tolist())
-    return dataset.select(sorted(taken))
-
-
-def hold_out_per_context(dataset: Dataset, num_per_context: int, group_column: str) -> tuple[Dataset, Dataset | None]:
-    """(train, held_out): the last `num_per_context` rows of every group are held out; `(dataset, None)` for 0."""
-    if num_per_context <= 0:
-        return dataset, None
-    groups = dataset[group_column]
-    held_out, counts = set(), {}
-    for index in reversed(range(len(dataset))):
-        if counts.get(groups[index], 0) < num_per_context:
-            held_out.add(index)
-            counts[groups[index]] = counts.get(groups[index], 0) + 1
-    train = dataset.select([index for index in range(len(dataset)) if index not in held_out])
-    return train, dataset.select(sorted(held_out))
+__getattr__ = moved_names(
+    __name__,
+    {
+        **dict.fromkeys(
+            ("latent_groups", "user_latent_groups", "GroupedBatchSampler", "MiCRoPreferenceCollator"),
+            "trl_micro.trainer.data_collator",
+        ),
+        **dict.fromkeys(
+            ("split_by_context", "take_per_context", "hold_out_per_context", "DEFAULT_SPLIT_FRACTIONS", "SPLIT_NAMES"),
+            "trl_micro.splits",
+        ),
+    },
+)

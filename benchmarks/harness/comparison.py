@@ -62,7 +62,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from trl_micro.data_utils import context_indices, split_by_context, take_per_context
+from trl_micro.data_utils import context_indices
 from trl_micro.evaluation import head_accuracy, head_usage, per_context_accuracy
 from trl_micro.losses import head_agreement
 from trl_micro.modeling_micro import MiCRoRewardModel
@@ -70,6 +70,7 @@ from trl_micro.personalization.adaptation import fit_online_router, fit_residual
 from trl_micro.personalization.online_router import OnlineRouter
 from trl_micro.personalization.residual_heads import ResidualHeads
 from trl_micro.scoring import PairScores, score_pair_features
+from trl_micro.splits import split_by_context, take_per_context
 from trl_micro.trainer import MiCRoRewardConfig, MiCRoRewardTrainer, RouterAdaptationConfig, RouterAdaptationTrainer
 
 from .metrics import best_head_accuracy

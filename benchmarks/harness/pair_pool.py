@@ -30,9 +30,10 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from trl_micro.data_utils import latent_groups, tokenize_pairs
+from trl_micro.data_utils import tokenize_pairs
 from trl_micro.feature_cache import FEATURE_NAMES, CachedFeatureCollator, pair_features
 from trl_micro.modeling_micro import MiCRoRewardModel
+from trl_micro.trainer.data_collator import latent_groups
 
 UNSEEN_CONTEXT_COLUMN = "unseen_context"
 

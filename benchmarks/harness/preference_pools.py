@@ -34,7 +34,8 @@ from transformers import PreTrainedTokenizerBase
 from trl_micro.bundled.dsp import HELD_OUT_WORDINGS, dsp_pairs, load_dsp_queries
 from trl_micro.bundled.hh import load_hh_relabeled, load_hh_rlhf
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
-from trl_micro.data_utils import split_by_context, take_per_context, tokenize_pairs
+from trl_micro.data_utils import tokenize_pairs
+from trl_micro.splits import split_by_context, take_per_context
 
 from .pair_pool import UNSEEN_CONTEXT_COLUMN, longest_sequence_lengths
 

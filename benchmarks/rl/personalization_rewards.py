@@ -32,10 +32,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer, adapt_to_users
 from trl_micro.bundled.dsp import DOMAINS, SEEN_WORDINGS, dsp_pairs, load_dsp_queries
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences, rated_by_topic_owner
-from trl_micro.data_utils import split_by_context, take_per_context
 from trl_micro.evaluation import per_context_accuracy
 from trl_micro.rewards import MiCRoReward
 from trl_micro.scoring import score_preference_pairs
+from trl_micro.splits import split_by_context, take_per_context
 
 STAGE1_SEED, EVALUATION_SEED = 1, 2  # generator seeds of the Stage 1 draw and of the adaptation / gold / test draw
 CPU_RUN = dict(report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False)

@@ -42,29 +42,27 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from transformers import AutoTokenizer, set_seed
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer, set_seed  # noqa: E402
-
-from benchmarks import default_data_dir  # noqa: E402
-from benchmarks.harness.metrics import adaptation_curve, best_head_accuracy, write_seeded_report  # noqa: E402
-from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer  # noqa: E402
-from trl_micro.bundled.hh import load_hh_relabeled  # noqa: E402
-from trl_micro.bundled.synthetic import (  # noqa: E402
+from benchmarks import default_data_dir
+from benchmarks.harness.metrics import adaptation_curve, best_head_accuracy, write_seeded_report
+from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
+from trl_micro.bundled.hh import load_hh_relabeled
+from trl_micro.bundled.synthetic import (
     AXES,
     SyntheticPreferenceConfig,
     generate_synthetic_preferences,
     rated_by_topic_owner,
     subpopulation_paraphrases,
 )
-from trl_micro.data_utils import split_by_context, take_per_context  # noqa: E402
-from trl_micro.evaluation import head_usage, per_context_accuracy  # noqa: E402
-from trl_micro.scoring import score_preference_pairs  # noqa: E402
-from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer  # noqa: E402
-from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer  # noqa: E402
+from trl_micro.evaluation import head_usage, per_context_accuracy
+from trl_micro.scoring import score_preference_pairs
+from trl_micro.splits import split_by_context, take_per_context
+from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer
+from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stage2_adaptation"
 

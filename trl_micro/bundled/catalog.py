@@ -103,7 +103,7 @@ def load_named_dataset(name: str, config: str | None = None, data_dir: str | Non
 
 
 def _split(data: Dataset, seed: int) -> DatasetDict:
-    from ..data_utils import split_by_context
+    from ..splits import split_by_context
 
     return split_by_context(data, context_column="context_id", seed=seed)
 

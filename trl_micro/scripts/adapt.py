@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..bundled.catalog import load_named_dataset
-from ..data_utils import take_per_context
+from ..splits import take_per_context
 from ..trainer import RouterAdaptationConfig, RouterAdaptationTrainer
 from .train import finish, model_init_kwargs, required_model
 

@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 
 from ..bundled.catalog import resolve_model_path
 from ..bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
-from ..data_utils import split_by_context
 from ..scoring import score_preference_pairs
+from ..splits import split_by_context
 from ..trainer import MiCRoRewardConfig, MiCRoRewardTrainer
 
 

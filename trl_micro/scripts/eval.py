@@ -53,7 +53,6 @@ from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
 from ..bundled.catalog import load_named_dataset, resolve_model_path
-from ..data_utils import take_per_context
 from ..evaluation import (
     accuracy_lines,
     ensure_writable,
@@ -72,6 +71,7 @@ from ..personalization.adaptation import ONLINE_ROUTER_STORE, RESIDUAL_HEADS_STO
 from ..personalization.mixture_weights import ROUTING_RULES
 from ..personalization.stores import open_user_store
 from ..scoring import score_preference_pairs
+from ..splits import take_per_context
 from ..value_checks import normalize_user_id
 
 REPORT_NAME = "eval_report"

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, RLOOConfig, RLOOTrainer, TrlParser, get_peft_config
 
 from ..bundled.catalog import EMBEDDED_MODEL, resolve_model_path
-from ..data_utils import hold_out_per_context
 from ..rewards import MiCRoReward
+from ..splits import hold_out_per_context
 from .rl_utils import (
     PersonalizedRLArguments,
     default_to_lora,

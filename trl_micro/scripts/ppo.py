@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from ..bundled.catalog import EMBEDDED_MODEL, resolve_model_path
-from ..data_utils import hold_out_per_context
 from ..ppo_reward import MiCRoRewardForPPO
 from ..rewards import MiCRoReward
+from ..splits import hold_out_per_context
 from .rl_utils import PersonalizedRLArguments, default_to_lora, load_prompt_dataset, reward_per_context, save_run_log
 
 PPO_INSTALL_HINT = (

@@ -20,8 +20,6 @@ from ..data_utils import (
     PAIR_LABEL_COLUMNS,
     TOKENIZED_COLUMNS,
     TRL_TOKENIZED_COLUMNS,
-    GroupedBatchSampler,
-    MiCRoPreferenceCollator,
     add_prompt_lengths,
     assistant_header,
     check_margins,
@@ -29,10 +27,8 @@ from ..data_utils import (
     completion_end_of_ids,
     completion_end_token_ids,
     find_last,
-    latent_groups,
     marker_token_ids,
     tokenize_preference_example,
-    user_latent_groups,
 )
 from ..feature_cache import CachedFeatureCollator, pair_features
 from ..losses import (
@@ -47,6 +43,7 @@ from ..losses import (
 )
 from ..model_card import MiCRoModelCardMixin
 from ..modeling_micro import MiCRoRewardModel
+from .data_collator import GroupedBatchSampler, MiCRoPreferenceCollator, latent_groups, user_latent_groups
 from .head_initialization import em_initial_heads
 from .lora import check_peft_model, prepare_peft_config
 from .micro_config import MiCRoRewardConfig
