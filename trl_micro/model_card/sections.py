@@ -11,7 +11,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 from trl.trainer.utils import generate_model_card
 
-from ..evaluation import markdown_table
+from ..evaluation_reports import markdown_table
 from .head_measurements import HeadCard, preference_summary
 from .hub_names import CARD_FILE, card_base_model, data_name, polish_trl_card
 

@@ -11,7 +11,7 @@ from datasets import Dataset
 from huggingface_hub import ModelCard
 
 from ..bundled.catalog import is_hub_dataset_name
-from ..evaluation import plot_head_usage_heatmap
+from ..evaluation_reports import plot_head_usage_heatmap
 from ..scoring import score_preference_pairs
 from .head_measurements import measure_heads
 from .hub_names import CARD_FILE, card_base_model, data_name, polish_trl_card

@@ -124,7 +124,7 @@ def launch_script(command: str, argv: list[str]) -> None:
 
 
 def run_demo_command(argv: list[str]) -> int:
-    from ..evaluation import ensure_writable
+    from ..evaluation_reports import ensure_writable
     from .demo import DemoArguments, format_results, run_demo
 
     (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)

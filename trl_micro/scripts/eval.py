@@ -32,7 +32,7 @@ Every row is checked before anything is scored: a malformed one (a missing or no
 and responses in different formats, an empty prompt, a missing context id) stops the run with an error naming the
 row and the field; `--skip_malformed_rows` scores the other rows and reports how many were skipped.
 
-Writes `<output_dir>/eval_report.json` and `.md` (`trl_micro.evaluation.write_report`; the online router's weights are
+Writes `<output_dir>/eval_report.json` and `.md` (`trl_micro.evaluation_reports.write_report`; the online router's weights are
 in the report too), and the plots `accuracy_per_context.png` and `head_usage.png` (the checkpoint router's mean weight
 per head and context). With adaptation it also saves what was adapted, keyed by context id, ready for the reward in
 RL (`MiCRoReward.from_pretrained(checkpoint, user_column=<context id column>, online_router=<output_dir>/
@@ -53,12 +53,10 @@ from datasets import Dataset
 from transformers import AutoTokenizer, HfArgumentParser
 
 from ..bundled.catalog import load_named_dataset, resolve_model_path
-from ..evaluation import (
+from ..evaluation import head_accuracy, head_usage, per_context_accuracy
+from ..evaluation_reports import (
     accuracy_lines,
     ensure_writable,
-    head_accuracy,
-    head_usage,
-    per_context_accuracy,
     plot_accuracy_per_context,
     plot_head_usage_heatmap,
     write_report,
