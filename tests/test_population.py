@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from trl_micro.checkpoint_evaluation import EvalArguments, context_columns, load_split, split_adaptation
 from trl_micro.modeling_micro import MiCRoRewardModel
 from trl_micro.personalization.mixture_weights import mixture_weights, posterior_weights
 from trl_micro.personalization.online_router import OnlineRouter
 from trl_micro.personalization.stores import open_user_store
 from trl_micro.scoring import score_preference_pairs
 from trl_micro.scripts.cli import main as cli_main
-from trl_micro.scripts.eval import EvalArguments, context_columns, load_split, split_adaptation
 from trl_micro.testing_utils import build_tiny_micro_model
 from trl_micro.value_checks import normalize_user_id
 
