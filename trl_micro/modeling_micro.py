@@ -14,7 +14,7 @@ for h(x); then
 
     r_k(x, y) = u_k . h(x, y)                      (K heads, kept in float32; so is the router)
     w(x)      = softmax(router(n(h(x))))           (router: linear or MLP; or one global vector, StaticMixture)
-    r(x, y)   = sum_k w_k(x) r_k(x, y)             (the routed reward, `logits`)
+    r(x, y)   = sum_k w_k(x) r_k(x, y)             (the routed reward, `logits`: `routed_reward`)
 
 where n standardizes the prompt feature over its hidden dimensions, n(h) = (h - mean(h)) / std(h)
 (`config.router_input_norm`; the identity when off). A context (user, criterion, persona) personalizes the reward
@@ -53,7 +53,7 @@ class MiCRoRewardOutput(ModelOutput):
     Output of [`MiCRoRewardModel`].
 
     Args:
-        logits (`(batch, 1)`): the routed reward sum_k w_k r_k; what TRL reads as the reward.
+        logits (`(batch, 1)`): the routed reward (`routed_reward`); what TRL reads as the reward.
         head_rewards (`(batch, K)`): r_k for every head.
         router_logits (`(batch, K)`): the router's logits; `mixture_weights` is their softmax unless overridden.
         mixture_weights (`(batch, K)`): the weights that made `logits`.
@@ -79,6 +79,15 @@ class StaticMixtureRouter(nn.Module):
 
     def forward(self, router_features: torch.Tensor) -> torch.Tensor:
         return self.logits.expand(router_features.shape[0], -1)
+
+
+def routed_reward(head_rewards: torch.Tensor, mixture_weights: torch.Tensor) -> torch.Tensor:
+    """
+    The routed reward sum_k w_k r_k over the last dimension (K): head rewards (..., K) weighted by mixture weights
+    (..., K), or head margins into the routed margin. Every routed reward of the library (the model's `logits`, the
+    RL rewards, scoring, Stage 2, reranking) is this function; a context or user personalizes it through the weights.
+    """
+    return (mixture_weights * head_rewards).sum(dim=-1)
 
 
 def build_router(config: MiCRoConfig) -> nn.Module:
@@ -464,7 +473,7 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
             mixture_weights = torch.softmax(router_logits, dim=-1)
         else:
             mixture_weights = self._check_mixture_weights(mixture_weights, head_rewards)
-        logits = (mixture_weights * head_rewards).sum(dim=-1, keepdim=True)
+        logits = routed_reward(head_rewards, mixture_weights).unsqueeze(-1)
         return MiCRoRewardOutput(
             logits=logits,
             head_rewards=head_rewards,

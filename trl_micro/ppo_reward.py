@@ -8,7 +8,7 @@ non-padding token. A MiCRo reward is not a per-token linear read-out (the router
 [`MiCRoRewardForPPO`] runs the whole MiCRo forward in its "backbone" and hands back the routed reward r(x, y | c) of
 each row repeated at every position; `score` is the identity. PPO therefore gets exactly
 
-    r(x, y | c) = sum_k w_k(x, c) r_k(x, c, y)          (the routed reward of `trl_micro.modeling_micro`)
+    r(x, y | c)                                     (the routed reward, `trl_micro.modeling_micro.routed_reward`)
 
 where the prompt x (the query, carrying the context c, e.g. as its system message) ends at the last
 `config.prompt_marker_ids` in the row (the chat template's assistant header for chat data). Rollouts that stop at the

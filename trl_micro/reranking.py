@@ -4,9 +4,9 @@ Personalized best-of-n: pick, for each prompt and each user, the best of n candi
 
 A user's reward of a candidate y to a prompt x is the reward's routed reward,
 
-    r(x, y | user) = sum_k w_k(user) r_k(x, y)  (+ u_user . h(x, y) for a user with a residual head),
+    r(x, y | user) = r_w(user)(x, y)  (+ u_user . h(x, y) for a user with a residual head),
 
-with w(user) the user's Stage 2 weights over the heads when the reward's user state (`user_store`, `online_router`)
+the routed reward (`trl_micro.modeling_micro.routed_reward`) under w(user), the user's Stage 2 weights over the heads when the reward's user state (`user_store`, `online_router`)
 knows the user, else the model's router reading the prompt (as `MiCRoReward.score` routes a row). Only the weights
 and the residual head depend on the user: the backbone's features h(x, y), the head rewards r_k(x, y) and the router's
 weights are computed once per candidate, however many users rank it, and every user's scores are then a (users, K) x
@@ -34,6 +34,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from .data_utils import Messages
 from .feature_cache import FeatureStore, compute_sequence_readings
+from .modeling_micro import routed_reward
 
 if TYPE_CHECKING:
     from .rewards import MiCRoReward
@@ -206,7 +207,7 @@ def rerank(
         weights = torch.stack(
             [user_weights[user].float().cpu().expand(n, -1) if user in user_weights else own_router for user in group]
         )
-        own_scores = (weights * own_heads.unsqueeze(0)).sum(dim=-1)
+        own_scores = routed_reward(own_heads.unsqueeze(0), weights)
         if user_residuals:
             features = reward_features[start : start + n]
             for position, user in enumerate(group):

@@ -4,9 +4,10 @@ A MiCRo reward model as a reward function of TRL's online trainers (GRPOTrainer,
 For a prompt x, a completion y and the example's context c (a user description, a criterion, a persona), the reward is
 the personalized reward the model was trained to give,
 
-    r(x, y | c) = sum_k w_k r_k(x, c, y)  (+ u_user . h(x, c, y) for a user with a residual head),
+    r(x, y | c) = r_w(x, c, y)  (+ u_user . h(x, c, y) for a user with a residual head),
 
-with the weights w chosen per completion by, in order of precedence:
+with r_w the routed reward under weights w (`trl_micro.modeling_micro.routed_reward`), chosen per completion by, in
+order of precedence:
 
 1. the user id in `user_column`, when the user store (`user_store`, `trl_micro.personalization.stores`) or an
    in-memory [`OnlineRouter`] has a posterior for that user (Stage 2 online routing);
@@ -64,7 +65,7 @@ from trl.models import prepare_deepspeed
 
 from .data_utils import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
 from .feature_cache import compute_sequence_readings, reward_model_fingerprint, sequence_key
-from .modeling_micro import MiCRoRewardModel
+from .modeling_micro import MiCRoRewardModel, routed_reward
 from .personalization.online_router import OnlineRouter
 from .personalization.residual_heads import ResidualHeads
 from .personalization.stores import CachedUserStore, UserStore, open_user_store
@@ -440,7 +441,7 @@ class MiCRoReward:
         head_rewards = torch.stack(head_rewards).float().cpu()
         weights = torch.stack(weights).float().cpu()
         scores = {
-            "rewards": (weights * head_rewards).sum(dim=-1) + residual_rewards,
+            "rewards": routed_reward(head_rewards, weights) + residual_rewards,
             "head_rewards": head_rewards,
             "mixture_weights": weights,
             "residual_rewards": residual_rewards,

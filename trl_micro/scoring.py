@@ -5,7 +5,7 @@ For a pair (x, c, y_w, y_l), with the context c joined to the prompt x as in tra
 
     head_margins[k]  = r_k(x, c, y_w) - r_k(x, c, y_l)
     mixture_weights  = w(x, c)                           (the router reads the prompt once; both responses share it)
-    margins          = sum_k mixture_weights[k] head_margins[k] = r(x, y_w | c) - r(x, y_l | c)
+    margins          = r(x, y_w | c) - r(x, y_l | c)      (the routed reward's margin, `routed_reward`)
 
 so a pair is ranked correctly by the routed reward when its margin is positive. The backbone runs once per distinct
 sequence (its features can be kept in the trainers' feature store, `trl_micro.feature_cache`); any other weights, e.g. an online router's, can be
@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .data_utils import check_preference_columns, tokenize_pairs
 from .feature_cache import pair_features
-from .modeling_micro import MiCRoRewardModel
+from .modeling_micro import MiCRoRewardModel, routed_reward
 
 
 @dataclass
@@ -51,7 +51,7 @@ class PairScores:
     @property
     def margins(self) -> torch.Tensor:
         """(N,) routed reward margins, r(x, y_w | c) - r(x, y_l | c)."""
-        return (self.mixture_weights * self.head_margins).sum(dim=-1)
+        return routed_reward(self.head_margins, self.mixture_weights)
 
 
 @torch.no_grad()

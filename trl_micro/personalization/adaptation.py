@@ -6,7 +6,7 @@ feature differences d_i), [`adapt_to_users`] fits, per user c (a user, rater or 
 
 1. an [`OnlineRouter`] posterior over the K heads (`trl_micro.personalization.online_router`), starting from a prior: by default the
    model's own router weights averaged over c's pairs (each prompt read with its context text), then updated with c's head margins;
-2. a [`ResidualHeads`] residual u_c (`trl_micro.personalization.residual_heads`) on top of the routed margins sum_k w_k(c) delta_ik,
+2. a [`ResidualHeads`] residual u_c (`trl_micro.personalization.residual_heads`) on top of the routed margins (`routed_reward` of delta_i under w(c)),
    its L2 weight cross-validated on c's pairs (needs 2 pairs per user or more).
 
 With `num_queries`, the pairs given are a pool to ask from: [`choose_pairs_to_label`] picks `num_queries` per user
@@ -15,7 +15,7 @@ chosen pairs see the pairs on which the heads disagree most, not a random sample
 weight is cross-validated on that sample: where an unbiased residual matters more than the routing, label random
 pairs (`query_strategy="random"`).
 
-The personalized margin of a pair of user c is then sum_k w_k(c) delta_k + u_c . d; what was fitted saves as the two
+The personalized margin of a pair of user c is then its routed margin under w(c) plus u_c . d; what was fitted saves as the two
 JSON files that [`MiCRoReward`] reads by user id (`user_column`), for RL, or goes into a user store
 (`UserAdaptation.save_to_store`, `trl_micro.personalization.stores`).
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..modeling_micro import routed_reward
 from ..scoring import PairScores
 from ..value_checks import normalize_user_id
 from .mixture_weights import ROUTING_RULES, user_weights
@@ -192,7 +193,7 @@ def fit_online_router(
 def routed_margins(router: OnlineRouter, user_ids: Sequence[str], head_margins: torch.Tensor) -> torch.Tensor:
     """Margins (N,) of pairs with head margins (N, K), weighted by `router`'s weights for each row's user."""
     weights = torch.stack([router.weights(user) for user in user_ids]).to(head_margins.dtype)
-    return (weights * head_margins).sum(dim=-1)
+    return routed_reward(head_margins, weights)
 
 
 def fit_residual_heads(

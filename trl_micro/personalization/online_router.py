@@ -19,7 +19,8 @@ one user are applied in one step, from the unrolled recursion (constants vanish 
 
     log w_N  =  gamma^N log w_0 + (1 - gamma^N) log p + eta * sum_i gamma^(N-i) logsigmoid(delta_i)   (+ const)
 
-The routed reward of user c is then r(x, y | c) = sum_k w_k(c) r_k(x, y) (see `MiCRoRewardModel(mixture_weights=)`).
+The routed reward of user c is then the model's routed reward under w(c) (`trl_micro.modeling_micro.routed_reward`;
+`MiCRoRewardModel(mixture_weights=)`).
 [`OnlineRouter.save`] / [`OnlineRouter.load`] keep the weights between sessions in one JSON file, written atomically.
 
 Several writers. Because of the unrolled recursion, the comparisons one writer applied to a user since it last synced

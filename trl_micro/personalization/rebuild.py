@@ -31,6 +31,7 @@ from ..feature_cache import (
     compute_sequence_readings,
     reward_model_fingerprint,
 )
+from ..modeling_micro import routed_reward
 from .online_router import OnlineRouter
 from .stores import UserStore
 
@@ -124,7 +125,9 @@ def rebuild_user_store(
             rows = [i for i, other in enumerate(user_ids) if other == user]
             if len(rows) < 2 or user not in router:
                 continue
-            user_margins = (torch.stack([margins[i] for i in rows]) * router.weights(user, dtype=torch.float64)).sum(-1)
+            user_margins = routed_reward(
+                torch.stack([margins[i] for i in rows]), router.weights(user, dtype=torch.float64)
+            )
             template.cv_folds = max(2, min(settings.residual_cv_folds, len(rows)))
             template.fit(user, user_margins, torch.stack(feature_deltas[user]))
         residuals = template._user_entries()

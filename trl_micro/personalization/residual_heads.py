@@ -6,9 +6,10 @@ Routing, by the Stage-1 router, `RouterAdaptationTrainer` or an [`OnlineRouter`]
 whose taste no mixture of them matches keeps the gap. A residual head adds a linear correction on the backbone's reward
 features h(x, y) (the same features the heads read):
 
-    r(x, y | c)  =  sum_k w_k(c) r_k(x, y)  +  u_c . h(x, y)
+    r(x, y | c)  =  r_w(c)(x, y)  +  u_c . h(x, y)
 
-For the N labelled pairs i of user c, with routed margin m_i = sum_k w_k(c) (r_k(x_i, y_i^+) - r_k(x_i, y_i^-)) and
+with r_w(c) the routed reward under c's weights w(c) (`trl_micro.modeling_micro.routed_reward`). For the N labelled
+pairs i of user c, with routed margin m_i = r_w(c)(x_i, y_i^+) - r_w(c)(x_i, y_i^-) and
 feature difference d_i = h(x_i, y_i^+) - h(x_i, y_i^-), u_c is the maximum a posteriori estimate under the
 Bradley-Terry likelihood and a Gaussian prior centred on no correction:
 
@@ -65,9 +66,11 @@ class ResidualHeads(SyncedStore):
     Example:
 
     ```python
+    from trl_micro.modeling_micro import routed_reward
+
     out_chosen, out_rejected = model(**chosen_batch), model(**rejected_batch)     # N labelled pairs of "alice"
     weights = online_router.weights("alice")
-    margins = ((out_chosen.head_rewards - out_rejected.head_rewards) * weights).sum(-1)
+    margins = routed_reward(out_chosen.head_rewards - out_rejected.head_rewards, weights)
     residuals = ResidualHeads(hidden_size=model.config.reward_feature_size)
     residuals.fit("alice", margins, out_chosen.reward_features - out_rejected.reward_features)
     reward = model(**batch, mixture_weights=weights).logits.squeeze(-1) + residuals.rewards(["alice"] * n, features)
