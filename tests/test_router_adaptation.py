@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 
 import pytest
@@ -157,10 +158,12 @@ def test_bad_input_gives_clear_errors(tokenizer, tmp_path):
     save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     with pytest.raises(ValueError, match="is not a MiCRo checkpoint .* Stage 1 model"):
         RouterAdaptationTrainer(model=str(tmp_path / "backbone"), args=args, train_dataset=make_conflicting_pairs(4))
-    with pytest.raises(ValueError, match="freeze_backbone must be True"):
-        make_args(tmp_path, freeze_backbone=False)
-    with pytest.raises(ValueError, match="loss_type must be 'mixture'"):
-        make_args(tmp_path, loss_type="ensemble")
+    for stage1_field in ({"freeze_backbone": False}, {"loss_type": "ensemble"}, {"num_heads": 3}):
+        with pytest.raises(TypeError, match=f"no field '{next(iter(stage1_field))}'.*MiCRoRewardConfig"):
+            make_args(tmp_path, **stage1_field)
+    assert {"loss_type", "latent_groups", "freeze_backbone", "num_heads"}.isdisjoint(
+        field.name for field in dataclasses.fields(RouterAdaptationConfig)
+    )
     with pytest.raises(TypeError, match="RouterAdaptationConfig"):
         RouterAdaptationTrainer(
             model=model, args=MiCRoRewardConfig(str(tmp_path)), train_dataset=make_conflicting_pairs(4)

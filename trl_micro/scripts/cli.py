@@ -26,7 +26,7 @@ from transformers import HfArgumentParser
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
 from trl.cli.commands.training import _subtract_subsequence
 
-from ..trainer.micro_config import require_deepspeed
+from ..trainer.base_config import require_deepspeed
 
 # command: (module in trl_micro.scripts, arguments put in front of the user's, keyword arguments of make_parser)
 LAUNCHED = {

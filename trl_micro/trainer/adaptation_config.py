@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from .micro_config import MiCRoRewardConfig
+from .base_config import MiCRoBaseConfig
 
 ADAPTATION_LIKELIHOODS = ("pair", "context")
+# Stage 1's own fields: a checkpoint keeps its architecture, and Stage 2 fixes how it trains (`RouterAdaptationConfig`).
+STAGE1_FIELDS = (
+    "num_heads",
+    "use_router",
+    "router_type",
+    "router_hidden_size",
+    "router_input_norm",
+    "reward_readout",
+    "reward_layer",
+    "router_readout",
+    "loss_type",
+    "latent_groups",
+    "user_column",
+    "head_init",
+    "head_init_restarts",
+    "head_init_l2",
+    "head_init_holdout",
+    "freeze_backbone",
+)
 
 
 @dataclass
-class RouterAdaptationConfig(MiCRoRewardConfig):
+class RouterAdaptationConfig(MiCRoBaseConfig):
     r"""
-    [`MiCRoRewardConfig`] for Stage 2: fit the router of a Stage 1 checkpoint on a few context-labelled pairs.
+    Stage 2: [`MiCRoBaseConfig`] (TRL's [`RewardConfig`] plus what both stages share) and the fields of fitting the
+    router of a Stage 1 checkpoint on a few context-labelled pairs.
 
     Only the router trains; the backbone and the K heads stay as Stage 1 left them, so the objective is the mixture
     BT loss with fixed heads (see `trl_micro.trainer.adaptation_trainer`). The defaults suit a few dozen to a few
@@ -25,8 +47,9 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
     directions the pairs do not pin down; too large a value holds the router back. How the defaults compare on the
     project's data is in README.md and BENCHMARKS.md.
 
-    The model fields of Stage 1 (`num_heads`, `use_router`, `router_type`, `router_hidden_size`, `router_input_norm`)
-    are ignored: the checkpoint keeps its own. `freeze_backbone` must stay `True` and `loss_type` `"mixture"`.
+    Stage 1's fields are not settings here (passing one is an error naming the Stage 1 config): the checkpoint keeps
+    its architecture, and Stage 2 always trains the router alone (a frozen backbone) on the mixture loss with a latent
+    head per pair or per context (`adaptation_likelihood`).
 
     Fields of its own:
         router_anchor_coef: weight of the L2 pull `||theta - theta_stage1||^2` of the router's parameters toward their
@@ -50,10 +73,6 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
         default="no", metadata={"help": "Checkpoints during training; the script saves at the end."}
     )
     router_balance_coef: float = field(default=0.0, metadata={"help": "Head-usage balance penalty (off in Stage 2)."})
-    latent_groups: str = field(
-        default="pair", metadata={"help": "Stage 2 groups pairs by `adaptation_likelihood` instead; keep 'pair'."}
-    )
-    freeze_backbone: bool = field(default=True, metadata={"help": "Always True: only the router trains."})
     router_anchor_coef: float = field(
         default=1e-2, metadata={"help": "L2 pull of the router's parameters toward their Stage 1 values."}
     )
@@ -65,28 +84,41 @@ class RouterAdaptationConfig(MiCRoRewardConfig):
         default=256, metadata={"help": "Most tokens a context may have; longer ones are an error. None: no limit."}
     )
 
+    # How Stage 2 trains, read by the trainer it shares with Stage 1; fixed, not fields.
+    loss_type: ClassVar[str] = "mixture"
+    latent_groups: ClassVar[str] = "pair"
+    freeze_backbone: ClassVar[bool] = True
+    head_init: ClassVar[str] = "random"
+
     def __post_init__(self):
-        if not self.freeze_backbone:
-            raise ValueError(
-                "RouterAdaptationConfig.freeze_backbone must be True: router adaptation trains the router only. "
-                "To fine-tune the backbone or the heads, use MiCRoRewardConfig and MiCRoRewardTrainer (Stage 1)."
-            )
-        if self.loss_type != "mixture":
-            raise ValueError(
-                f"RouterAdaptationConfig.loss_type must be 'mixture', got {self.loss_type!r}: the ensemble loss does "
-                "not involve the router."
-            )
+        self.gradient_checkpointing = False  # the backbone is frozen: nothing to recompute
         super().__post_init__()
         if self.router_anchor_coef < 0:
             raise ValueError(f"`router_anchor_coef` must be >= 0, got {self.router_anchor_coef}.")
-        if self.latent_groups != "pair":
-            raise ValueError(
-                f"RouterAdaptationConfig.latent_groups must be 'pair', got {self.latent_groups!r}: Stage 2 groups the "
-                "pairs of a context with adaptation_likelihood='context'."
-            )
         if self.adaptation_likelihood not in ADAPTATION_LIKELIHOODS:
             raise ValueError(
                 f"`adaptation_likelihood` must be one of {ADAPTATION_LIKELIHOODS}, got {self.adaptation_likelihood!r}."
             )
         if self.max_context_length is not None and self.max_context_length < 1:
             raise ValueError(f"`max_context_length` must be >= 1 or None, got {self.max_context_length}.")
+
+
+def _refusing_stage1_fields(init):
+    """The dataclass `__init__`, after an error that names any Stage 1 field passed and where it belongs."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        stage1 = [name for name in STAGE1_FIELDS if name in kwargs]
+        if stage1:
+            raise TypeError(
+                f"RouterAdaptationConfig has no field {', '.join(map(repr, stage1))}: a Stage 1 checkpoint keeps its "
+                "architecture, and router adaptation trains the router alone, on the mixture loss, with a frozen "
+                "backbone. Remove it; to train heads or the backbone, use MiCRoRewardConfig and MiCRoRewardTrainer "
+                "(Stage 1)."
+            )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+RouterAdaptationConfig.__init__ = _refusing_stage1_fields(RouterAdaptationConfig.__init__)

@@ -100,6 +100,8 @@ class RouterAdaptationTrainer(MiCRoRewardTrainer):
     any MiCRo checkpoint; its `logits` are the reward routed for the context in the prompt.
     """
 
+    config_class = RouterAdaptationConfig
+
     _tag_names = [*MiCRoRewardTrainer._tag_names, "router-adaptation"]
     _name = "MiCRo Router Adaptation"
 

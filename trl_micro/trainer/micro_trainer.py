@@ -43,6 +43,7 @@ from ..losses import (
 )
 from ..model_card import MiCRoModelCardMixin
 from ..modeling_micro import MiCRoRewardModel
+from .base_config import MiCRoBaseConfig
 from .data_collator import GroupedBatchSampler, MiCRoPreferenceCollator, latent_groups, user_latent_groups
 from .head_initialization import em_initial_heads
 from .lora import check_peft_model, prepare_peft_config
@@ -51,7 +52,7 @@ from .micro_config import MiCRoRewardConfig
 logger = logging.getLogger(__name__)
 
 
-def model_loading_kwargs(args: MiCRoRewardConfig, quantization_config=None) -> dict:
+def model_loading_kwargs(args: MiCRoBaseConfig, quantization_config=None) -> dict:
     """
     `args.model_init_kwargs` as TRL's reward trainer completes them before loading a model by path: the trainer's
     `quantization_config` (refused when `model_init_kwargs` has one too), `device_map=None` under distributed training,
@@ -75,7 +76,7 @@ def model_loading_kwargs(args: MiCRoRewardConfig, quantization_config=None) -> d
     return init_kwargs
 
 
-def build_micro_model(model_id: str, args: MiCRoRewardConfig, quantization_config=None) -> MiCRoRewardModel:
+def build_micro_model(model_id: str, args: MiCRoBaseConfig, quantization_config=None) -> MiCRoRewardModel:
     """
     Load a MiCRo checkpoint, or wrap a backbone checkpoint with fresh heads and router built from `args`, drawn after
     `set_seed(args.seed)` so that one seed gives one start (the Trainer seeds only after its model exists). Every
@@ -96,7 +97,7 @@ def build_micro_model(model_id: str, args: MiCRoRewardConfig, quantization_confi
 
 
 @contextmanager
-def model_init_kwargs_consumed(args: MiCRoRewardConfig, consumed: bool):
+def model_init_kwargs_consumed(args: MiCRoBaseConfig, consumed: bool):
     """
     Hide `args.model_init_kwargs` from TRL's `__init__` while it runs when the trainer built the model from a path
     with them: TRL would warn that they are ignored, seeing an instantiated model.
@@ -155,6 +156,8 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
     head (`trl_micro.model_card`).
     """
 
+    config_class = MiCRoRewardConfig  # what `args` must be (Stage 2's trainer takes its own)
+
     _tag_names = ["trl", "reward-trainer", "trl-micro"]
     _name = "MiCRo Reward"
 
@@ -170,9 +173,9 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
         quantization_config=None,
         **kwargs,
     ):
-        args = args if args is not None else MiCRoRewardConfig("micro-reward")
-        if not isinstance(args, MiCRoRewardConfig):
-            raise TypeError(f"`args` must be a MiCRoRewardConfig, got {type(args).__name__}.")
+        args = args if args is not None else self.config_class("micro-reward")
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"`args` must be a {self.config_class.__name__}, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
         first_example = next(iter(train_dataset), None)
