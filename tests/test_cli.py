@@ -44,10 +44,10 @@ def test_arguments_are_split_between_the_script_and_accelerate_like_trl():
 
 def test_a_deepspeed_setting_without_deepspeed_names_the_extra(monkeypatch, tmp_path):
     """DeepSpeed is an extra: a ZeRO accelerate config or `--deepspeed` is refused early, naming what to install."""
-    from trl_micro.trainer import micro_config
+    from trl_micro.trainer import base_config
     from trl_micro.trainer.micro_config import MiCRoRewardConfig
 
-    monkeypatch.setattr(micro_config, "is_deepspeed_available", lambda: False)
+    monkeypatch.setattr(base_config, "is_deepspeed_available", lambda: False)
     script = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), "--use_cpu"]
     with pytest.raises(
         ImportError, match=r"zero3.yaml \(distributed_type: DEEPSPEED\) needs DeepSpeed.*trl-micro\[deepspeed\]"
@@ -167,3 +167,14 @@ def test_an_installed_wheel_runs_its_commands_outside_the_repository(tokenizer, 
     assert set(json.loads((elsewhere / "eval" / "eval_report.json").read_text())["head_usage"]) == {
         "routed (checkpoint router)"
     }
+
+
+def test_script_arguments_are_the_command_line_without_accelerates():
+    from trl_micro.scripts.cli import without_subsequence
+
+    argv = ["--output_dir", "out", "--num_processes", "2", "--num_heads", "2", "--mixed_precision", "no"]
+    accelerate = ["--num_processes", "2", "--mixed_precision", "no"]
+    assert without_subsequence(argv, accelerate) == ["--output_dir", "out", "--num_heads", "2"]
+    assert without_subsequence(["2", "--x", "2"], ["2"]) == ["--x", "2"]
+    with pytest.raises(ValueError, match="not a subsequence"):
+        without_subsequence(["--a", "1"], ["--b"])

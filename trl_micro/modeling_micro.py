@@ -379,9 +379,6 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    def router_parameters(self):
-        return self.router.parameters()
-
     def freeze_backbone(self):
         self.backbone.requires_grad_(False)
         return self
@@ -503,7 +500,6 @@ class MiCRoRewardModel(MiCRoPreTrainedModel):
         reward_features: torch.Tensor | None = None,
         router_features: torch.Tensor | None = None,
         mixture_weights: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MiCRoRewardOutput:
         """

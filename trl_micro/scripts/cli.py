@@ -24,7 +24,6 @@ import yaml
 from accelerate.commands.launch import launch_command, launch_command_parser
 from transformers import HfArgumentParser
 from trl.cli.accelerate_config import resolve_accelerate_config_argument
-from trl.cli.commands.training import _subtract_subsequence
 
 from ..trainer.base_config import require_deepspeed
 
@@ -104,8 +103,21 @@ def launch_arguments(command: str, argv: list[str]) -> list[str]:
     )
     launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
     check_launch_config(launch_args)
-    script_args = [*leading_args, *_subtract_subsequence(argv, cli_remaining)]
+    script_args = [*leading_args, *without_subsequence(argv, cli_remaining)]
     return [*launch_args, "--module", f"trl_micro.scripts.{module_name}", *script_args]
+
+
+def without_subsequence(argv: list[str], subsequence: list[str]) -> list[str]:
+    """`argv` without the elements of `subsequence` (which occur in `argv` in that order), the others in order."""
+    kept, position = [], 0
+    for argument in argv:
+        if position < len(subsequence) and argument == subsequence[position]:
+            position += 1
+        else:
+            kept.append(argument)
+    if position < len(subsequence):
+        raise ValueError(f"{subsequence} is not a subsequence of {argv}.")
+    return kept
 
 
 def check_launch_config(launch_args: list[str]) -> None:

@@ -64,7 +64,7 @@ def _post(url: str, payload: dict, timeout: float, api_key: str | None) -> dict:
         raise RuntimeError(f"The trl-micro server at {url} answered {error.code}: {detail}") from error
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)  # a worker scores with one reward: a new one replaces it rather than joining it in memory
 def _local_reward(model_name_or_path: str, online_router: str | None, residual_heads: str | None):
     from ..bundled.catalog import resolve_model_path
     from ..rewards import MiCRoReward
