@@ -1,13 +1,15 @@
 """Shared fixtures: a tokenizer trained in memory and small preference datasets; no downloads."""
 
+import json
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from datasets import Dataset
 
-from trl_micro.testing_utils import build_tiny_tokenizer
+from trl_micro.testing_utils import build_tiny_micro_model, build_tiny_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -70,6 +72,33 @@ def tokenizer_corpus() -> list[str]:
     corpus += [f"Question number {i}: how do I cook rice fix a bike learn chess?" for i in range(50)]
     corpus += ["\n\nHuman: hello\n\nAssistant: hi there", "user assistant system"]
     return corpus * 4
+
+
+def save_tiny_checkpoint(tokenizer, folder: Path, num_heads: int = 3) -> str:
+    """A tiny MiCRo model with `num_heads` untrained heads and `tokenizer`, saved to `folder`; returns its path."""
+    build_tiny_micro_model(tokenizer, num_heads=num_heads).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
+    """`rows` one JSON object a line, as they are (malformed ones included: `Dataset.to_json` would fix their types)."""
+    with open(path, "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def eval_command(checkpoint, dataset, *flags: str) -> list[str]:
+    """`trl-micro eval` on `checkpoint` and the pairs file `dataset`, with `flags`, as the CLI's `main` takes it."""
+    return ["eval", "--model_name_or_path", str(checkpoint), "--dataset_name", str(dataset), *flags]
+
+
+def run_eval(checkpoint, dataset, output_dir: Path, *flags: str) -> dict:
+    """Run `trl-micro eval` (it must exit 0) writing to `output_dir`; returns its eval_report.json."""
+    from trl_micro.scripts.cli import main
+
+    assert main(eval_command(checkpoint, dataset, *flags, "--output_dir", str(output_dir))) == 0
+    return json.loads((Path(output_dir) / "eval_report.json").read_text())
 
 
 @pytest.fixture(scope="session")

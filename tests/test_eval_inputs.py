@@ -12,17 +12,13 @@ from datasets import Dataset
 from trl_micro import MiCRoRewardModel, score_preference_pairs
 from trl_micro.evaluation import per_context_accuracy
 from trl_micro.scripts.cli import main as cli_main
-from trl_micro.testing_utils import build_tiny_micro_model
 
-from .conftest import make_conflicting_pairs
+from .conftest import eval_command, make_conflicting_pairs, run_eval, save_tiny_checkpoint, write_jsonl
 
 
 @pytest.fixture()
 def checkpoint(tokenizer, tmp_path):
-    model = build_tiny_micro_model(tokenizer, num_heads=3)
-    model.save_pretrained(tmp_path / "ckpt")
-    tokenizer.save_pretrained(tmp_path / "ckpt")
-    return str(tmp_path / "ckpt")
+    return save_tiny_checkpoint(tokenizer, tmp_path / "ckpt")
 
 
 def user_pairs(num_pairs: int) -> Dataset:
@@ -35,25 +31,9 @@ def test_user_ids_without_context_text_are_enough(checkpoint, tokenizer, tmp_pat
     data = user_pairs(24)
     data.to_json(tmp_path / "pairs.jsonl")
     out = tmp_path / "eval"
-    assert (
-        cli_main(
-            [
-                "eval",
-                "--model_name_or_path",
-                checkpoint,
-                "--dataset_name",
-                str(tmp_path / "pairs.jsonl"),
-                "--context_id_column",
-                "user",
-                "--adaptation_pairs",
-                "4",
-                "--output_dir",
-                str(out),
-            ]
-        )
-        == 0
+    report = run_eval(
+        checkpoint, tmp_path / "pairs.jsonl", out, "--context_id_column", "user", "--adaptation_pairs", "4"
     )
-    report = json.loads((out / "eval_report.json").read_text())
     assert report["context_column"] is None and report["context_label_column"] == "user"
     assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8, "adaptation_pool": 8}
     online = report["methods"]["online routing + residual heads (4 pairs per context)"]["accuracy"]
@@ -62,47 +42,18 @@ def test_user_ids_without_context_text_are_enough(checkpoint, tokenizer, tmp_pat
     # Without context text, the router reads the prompt as it is: the same as scoring with no context column.
     scores = score_preference_pairs(MiCRoRewardModel.from_pretrained(checkpoint), data, tokenizer, context_column=None)
     everything = per_context_accuracy(scores.margins, data["user"])
-    assert (
-        cli_main(
-            [
-                "eval",
-                "--model_name_or_path",
-                checkpoint,
-                "--dataset_name",
-                str(tmp_path / "pairs.jsonl"),
-                "--context_id_column",
-                "user",
-                "--output_dir",
-                str(tmp_path / "all"),
-            ]
-        )
-        == 0
-    )
-    routed = json.loads((tmp_path / "all" / "eval_report.json").read_text())["methods"]["routed (checkpoint router)"]
+    all_pairs = run_eval(checkpoint, tmp_path / "pairs.jsonl", tmp_path / "all", "--context_id_column", "user")
+    routed = all_pairs["methods"]["routed (checkpoint router)"]
     assert routed["accuracy"] == pytest.approx(everything["accuracy"])
 
 
 def test_eval_chooses_the_adaptation_pairs_from_a_pool(checkpoint, tmp_path):
     """--query_strategy picks --adaptation_pairs of --adaptation_pool per context; the pool's rest is not evaluated."""
     user_pairs(40).to_json(tmp_path / "pairs.jsonl")
-    base = [
-        "eval",
-        "--model_name_or_path",
-        checkpoint,
-        "--dataset_name",
-        str(tmp_path / "pairs.jsonl"),
-        "--context_id_column",
-        "user",
-        "--adaptation_pairs",
-        "3",
-    ]
-    assert (
-        cli_main(
-            [*base, "--adaptation_pool", "8", "--query_strategy", "information", "--output_dir", str(tmp_path / "eval")]
-        )
-        == 0
-    )
-    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    flags = ["--context_id_column", "user", "--adaptation_pairs", "3"]
+    base = eval_command(checkpoint, tmp_path / "pairs.jsonl", *flags)
+    chosen = ["--adaptation_pool", "8", "--query_strategy", "information"]
+    report = run_eval(checkpoint, tmp_path / "pairs.jsonl", tmp_path / "eval", *flags, *chosen)
     assert report["num_pairs"] == {"scored": 40, "evaluated": 24, "adaptation": 6, "adaptation_pool": 16}
     assert "online routing (3 pairs per context, chosen by information)" in report["methods"]
     stored = json.loads((tmp_path / "eval" / "online_router.json").read_text())["users"]
@@ -120,17 +71,7 @@ def test_no_id_and_no_context_column_names_both_flags(checkpoint, tmp_path):
         match="no context id column 'context_id' and no context column 'context'.*"
         "--context_id_column.*--context_column",
     ):
-        cli_main(
-            [
-                "eval",
-                "--model_name_or_path",
-                checkpoint,
-                "--dataset_name",
-                str(tmp_path / "pairs.jsonl"),
-                "--output_dir",
-                str(tmp_path / "eval"),
-            ]
-        )
+        cli_main(eval_command(checkpoint, tmp_path / "pairs.jsonl", "--output_dir", str(tmp_path / "eval")))
 
 
 @pytest.mark.parametrize(
@@ -146,20 +87,8 @@ def test_one_malformed_row_among_thousands_is_named(checkpoint, tmp_path, conver
     data = make_conflicting_pairs(2000, conversational=conversational)
     rows = data.add_column("user", data["taste"]).to_list()
     rows[1234].update(row)
-    path = tmp_path / "pairs.jsonl"
-    with open(path, "w") as file:
-        file.writelines(json.dumps(r) + "\n" for r in rows)
-    argv = [
-        "eval",
-        "--model_name_or_path",
-        checkpoint,
-        "--dataset_name",
-        str(path),
-        "--context_id_column",
-        "user",
-        "--output_dir",
-        str(tmp_path / "eval"),
-    ]
+    path = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    argv = eval_command(checkpoint, path, "--context_id_column", "user", "--output_dir", str(tmp_path / "eval"))
     message = rf"Row 1234 of .*: `{field}` {problem}.*1 of 2000 rows.*--skip_malformed_rows"
     with pytest.raises(ValueError, match=message):
         cli_main(argv)
@@ -169,28 +98,8 @@ def test_one_malformed_row_among_thousands_is_named(checkpoint, tmp_path, conver
 def test_skip_malformed_rows_scores_the_others_and_reports_how_many(checkpoint, tmp_path, capsys):
     rows = user_pairs(40).to_list()
     rows[7]["chosen"], rows[30]["user"] = None, ""
-    path = tmp_path / "pairs.jsonl"
-    with open(path, "w") as file:
-        file.writelines(json.dumps(r) + "\n" for r in rows)
-    out = tmp_path / "eval"
-    assert (
-        cli_main(
-            [
-                "eval",
-                "--model_name_or_path",
-                checkpoint,
-                "--dataset_name",
-                str(path),
-                "--context_id_column",
-                "user",
-                "--skip_malformed_rows",
-                "--output_dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    report = json.loads((out / "eval_report.json").read_text())
+    path = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    report = run_eval(checkpoint, path, tmp_path / "eval", "--context_id_column", "user", "--skip_malformed_rows")
     assert report["skipped_rows"] == 2 and report["num_pairs"]["scored"] == 38
     assert "skipped 2 malformed rows" in capsys.readouterr().out
 
@@ -225,9 +134,8 @@ def test_hub_names_without_network_are_clear_errors(checkpoint, tmp_path):
 def test_eval_says_when_the_heads_have_not_separated(checkpoint, tokenizer, tmp_path, capsys):
     data = user_pairs(24)
     data.to_json(tmp_path / "pairs.jsonl")
-    args = ["eval", "--dataset_name", str(tmp_path / "pairs.jsonl"), "--context_id_column", "user"]
-    assert cli_main([*args, "--model_name_or_path", checkpoint, "--output_dir", str(tmp_path / "random")]) == 0
-    random_heads = json.loads((tmp_path / "random" / "eval_report.json").read_text())["head_agreement"]
+    flags = ["--context_id_column", "user"]
+    random_heads = run_eval(checkpoint, tmp_path / "pairs.jsonl", tmp_path / "random", *flags)["head_agreement"]
     assert 0 <= random_heads < 0.95 and "have not separated" not in capsys.readouterr().out
 
     model = MiCRoRewardModel.from_pretrained(checkpoint)
@@ -235,9 +143,6 @@ def test_eval_says_when_the_heads_have_not_separated(checkpoint, tokenizer, tmp_
         model.heads.weight.copy_(model.heads.weight[:1].expand_as(model.heads.weight))
     model.save_pretrained(tmp_path / "same-heads")
     tokenizer.save_pretrained(tmp_path / "same-heads")
-    assert (
-        cli_main([*args, "--model_name_or_path", str(tmp_path / "same-heads"), "--output_dir", str(tmp_path / "same")])
-        == 0
-    )
-    assert json.loads((tmp_path / "same" / "eval_report.json").read_text())["head_agreement"] == pytest.approx(1.0)
+    same = run_eval(tmp_path / "same-heads", tmp_path / "pairs.jsonl", tmp_path / "same", *flags)
+    assert same["head_agreement"] == pytest.approx(1.0)
     assert "the heads have not separated" in capsys.readouterr().out

@@ -29,6 +29,10 @@ from .rl_fixtures import reward_checkpoint  # noqa: F401 (fixture)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+# A short training run on CPU: batches of 8, no reporting, no checkpoints.
+QUICK_CPU_RUN = ["--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no", "--use_cpu"]
+
+
 def test_measure_heads_reads_routing_accuracy_length_and_examples():
     """Head 0 rewards length, head 1 brevity; the router sends context a to head 0, b to head 1."""
     responses = ["a", "bbbb", "cccccccc", "dd", "eeeeee", "ffffffffff"]  # chosen, rejected of pairs 0, 1, 2
@@ -155,13 +159,7 @@ def test_what_push_to_hub_would_push(tokenizer, tmp_path, monkeypatch):
         str(output_dir),
         "--num_train_epochs",
         "1",
-        "--per_device_train_batch_size",
-        "8",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--use_cpu",
+        *QUICK_CPU_RUN,
         "--hub_model_id",
         "someone/micro-rm",
     ]
@@ -212,13 +210,7 @@ def test_the_card_of_a_model_trained_on_the_embedded_model_from_a_local_file(tmp
         str(tmp_path / "micro-rm"),
         "--max_steps",
         "2",
-        "--per_device_train_batch_size",
-        "8",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--use_cpu",
+        *QUICK_CPU_RUN,
         "--freeze_backbone",
         "true",
         "--feature_cache_dir",

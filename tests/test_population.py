@@ -13,20 +13,15 @@ from trl_micro.personalization.online_router import OnlineRouter
 from trl_micro.personalization.stores import open_user_store
 from trl_micro.scoring import score_preference_pairs
 from trl_micro.scripts.cli import main as cli_main
-from trl_micro.testing_utils import build_tiny_micro_model
 from trl_micro.value_checks import normalize_user_id
 
-from .conftest import make_conflicting_pairs, skip_unless_strict
+from .conftest import make_conflicting_pairs, save_tiny_checkpoint, skip_unless_strict
 
 
 @pytest.fixture()
 def checkpoint_and_data(tokenizer, tmp_path):
-    model = build_tiny_micro_model(tokenizer, num_heads=3)
-    model.save_pretrained(tmp_path / "ckpt")
-    tokenizer.save_pretrained(tmp_path / "ckpt")
-    data_file = tmp_path / "pairs.jsonl"
-    make_conflicting_pairs(40).to_json(data_file)
-    return str(tmp_path / "ckpt"), str(data_file)
+    make_conflicting_pairs(40).to_json(tmp_path / "pairs.jsonl")
+    return save_tiny_checkpoint(tokenizer, tmp_path / "ckpt"), str(tmp_path / "pairs.jsonl")
 
 
 def adaptation_scores(checkpoint: str, data_file: str, pairs: int):

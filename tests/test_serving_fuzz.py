@@ -10,10 +10,11 @@ import importlib.util
 
 import pytest
 
-from trl_micro.scripts.serve import ServeArguments, build_app
+from trl_micro.scripts.serve import build_app
 
 from .conftest import skip_unless_strict
 from .rl_fixtures import reward_checkpoint  # noqa: F401 (fixture)
+from .serving_fixtures import guarded_server_arguments
 from .test_serving import serving
 
 TOKEN = "fuzz-token"
@@ -26,18 +27,8 @@ def fuzzed(reward_checkpoint, tmp_path_factory):  # noqa: F811
     if importlib.util.find_spec("schemathesis") is None:
         skip_unless_strict("schemathesis is not installed (the dev extra has it)")
     folder = tmp_path_factory.mktemp("fuzzed")
-    args = ServeArguments(
-        model_name_or_path=reward_checkpoint,
-        user_store=f"sqlite:///{folder / 'users.db'}",
-        feature_dir=str(folder / "features"),
-        allow_feedback=True,
-        user_field="labels",
-        api_key=TOKEN,
-        max_rows_per_request=16,
-        max_request_bytes=2**18,
-        max_wait_ms=0,
-    )
-    app = build_app(args)
+    limits = dict(max_rows_per_request=16, max_request_bytes=2**18, max_wait_ms=0)
+    app = build_app(guarded_server_arguments(reward_checkpoint, folder, TOKEN, **limits))
     with serving(app) as url:
         yield app, url
 

@@ -25,6 +25,7 @@ from trl_micro.scripts.serve import ServeArguments, build_app
 from trl_micro.serving import DynamicBatcher, ServeSettings, create_app
 
 from .rl_fixtures import reward_checkpoint  # noqa: F401 (fixture)
+from .serving_fixtures import guarded_server_arguments
 from .test_serving import COMPLETIONS, PROMPTS, call, exchange, running_server, serving
 
 TOKEN = "s3cret-token"
@@ -70,19 +71,8 @@ def guarded(reward_checkpoint, tmp_path_factory):  # noqa: F811
     """A server with a token, a user store, feedback, users in `labels`, a 1 MiB body limit, 1 s body and header
     timeouts, and batches that wait 300 ms for company; plus a `/boom` route that fails (a 500 answered in JSON)."""
     folder = tmp_path_factory.mktemp("guarded")
-    args = ServeArguments(
-        model_name_or_path=reward_checkpoint,
-        user_store=f"sqlite:///{folder / 'users.db'}",
-        feature_dir=str(folder / "features"),
-        allow_feedback=True,
-        user_field="labels",
-        api_key=TOKEN,
-        max_request_bytes=2**20,
-        body_timeout_s=1.0,
-        header_timeout_s=1.0,
-        max_wait_ms=300,
-    )
-    app = build_app(args)
+    limits = dict(max_request_bytes=2**20, body_timeout_s=1.0, header_timeout_s=1.0, max_wait_ms=300)
+    app = build_app(guarded_server_arguments(reward_checkpoint, folder, TOKEN, **limits))
 
     @app.get("/boom")
     async def boom():

@@ -871,53 +871,60 @@ class Feature:
     tests: tuple[str, ...] = ()
 
 
+def same_as_trl(test: str, *names: str) -> dict[str, Feature]:
+    """Rows for `names`, each handled as TRL handles it and checked by `test`."""
+    return {name: Feature("same", (test,)) for name in names}
+
+
 FEATURES = {
-    # RewardTrainer.__init__ arguments
     "model": Feature("same", ("test_model_init_kwargs_are_all_honoured", "test_peft_model_as_model_trains_like_trl")),
-    "args": Feature("same", ("test_logged_names_include_trls",)),
-    "data_collator": Feature("same", ("test_a_custom_collator_is_used",)),
-    "train_dataset": Feature("same", ("test_token_ids_match_trl",)),
     "eval_dataset": Feature(
         "same", ("test_logged_names_include_trls", "test_evaluate_streaming_datasets_after_training")
     ),
-    "processing_class": Feature("same", ("test_token_ids_match_trl",)),
-    "compute_metrics": Feature("same", ("test_compute_metrics_gets_trls_predictions",)),
-    "callbacks": Feature("same", ("test_passthrough_arguments_work",)),
-    "optimizers": Feature("same", ("test_passthrough_arguments_work",)),
-    "optimizer_cls_and_kwargs": Feature("same", ("test_passthrough_arguments_work",)),
-    "preprocess_logits_for_metrics": Feature("same", ("test_passthrough_arguments_work",)),
-    "quantization_config": Feature("same", ("test_quantization_config_is_passed_or_refused_like_trl",)),
     "peft_config": Feature("same", ("test_lora_defaults_train_like_trl", "test_lora_run_reloads_from_its_folder")),
-    # RewardConfig's own fields
-    "model_init_kwargs": Feature("same", ("test_model_init_kwargs_are_all_honoured",)),
-    "trust_remote_code": Feature("same", ("test_trust_remote_code_loads_a_backbone_as_trl_does",)),
-    "chat_template_path": Feature("same", ("test_token_ids_match_trl",)),
-    "disable_dropout": Feature("same", ("test_passthrough_arguments_work",)),
-    "dataset_num_proc": Feature("same", ("test_passthrough_arguments_work",)),
     "eos_token": Feature("same", ("test_token_ids_match_trl", "test_eos_token_scoring_from_ids_matches_training")),
-    "max_length": Feature("same", ("test_passthrough_arguments_work",)),
-    "pad_to_multiple_of": Feature("same", ("test_passthrough_arguments_work",)),
-    "center_rewards_coefficient": Feature("same", ("test_loss_terms_and_metrics_match_trl",)),
-    "activation_offloading": Feature("same", ("test_passthrough_arguments_work",)),
-    "pad_token": Feature("same", ("test_passthrough_arguments_work",)),
-    # defaults RewardConfig overrides in TrainingArguments (MiCRo's own where it differs)
     "default:learning_rate": Feature("own"),
     "default:logging_steps": Feature("same"),
     "default:gradient_checkpointing": Feature("same"),
     "default:bf16": Feature("own"),
-    # dataset columns TRL's preprocessing reads
-    "column:prompt": Feature("same", ("test_token_ids_match_trl",)),
-    "column:chosen": Feature("same", ("test_token_ids_match_trl",)),
-    "column:rejected": Feature("same", ("test_token_ids_match_trl",)),
     "column:margin": Feature("same", ("test_token_ids_match_trl", "test_loss_terms_and_metrics_match_trl")),
     "column:chosen_ids": Feature(
         "same", ("test_token_ids_match_trl", "test_pretokenized_prompt_lengths_and_legacy_warning")
     ),
-    "column:rejected_ids": Feature("same", ("test_token_ids_match_trl",)),
-    "column:chosen_input_ids": Feature("same", ("test_pretokenized_prompt_lengths_and_legacy_warning",)),
-    "column:rejected_input_ids": Feature("same", ("test_token_ids_match_trl",)),
-    "column:chat_template_kwargs": Feature("same", ("test_token_ids_match_trl",)),
-    "column:tools": Feature("same", ("test_token_ids_match_trl",)),
+    **same_as_trl("test_logged_names_include_trls", "args"),
+    **same_as_trl("test_a_custom_collator_is_used", "data_collator"),
+    **same_as_trl(
+        "test_token_ids_match_trl",
+        "train_dataset",
+        "processing_class",
+        "chat_template_path",
+        "column:prompt",
+        "column:chosen",
+        "column:rejected",
+        "column:rejected_ids",
+        "column:rejected_input_ids",
+        "column:chat_template_kwargs",
+        "column:tools",
+    ),
+    **same_as_trl("test_compute_metrics_gets_trls_predictions", "compute_metrics"),
+    **same_as_trl(
+        "test_passthrough_arguments_work",
+        "callbacks",
+        "optimizers",
+        "optimizer_cls_and_kwargs",
+        "preprocess_logits_for_metrics",
+        "disable_dropout",
+        "dataset_num_proc",
+        "max_length",
+        "pad_to_multiple_of",
+        "activation_offloading",
+        "pad_token",
+    ),
+    **same_as_trl("test_quantization_config_is_passed_or_refused_like_trl", "quantization_config"),
+    **same_as_trl("test_model_init_kwargs_are_all_honoured", "model_init_kwargs"),
+    **same_as_trl("test_trust_remote_code_loads_a_backbone_as_trl_does", "trust_remote_code"),
+    **same_as_trl("test_loss_terms_and_metrics_match_trl", "center_rewards_coefficient"),
+    **same_as_trl("test_pretokenized_prompt_lengths_and_legacy_warning", "column:chosen_input_ids"),
 }
 
 
