@@ -53,7 +53,7 @@ test-ppo: $(VENV_PPO)/.installed
 	$(VENV_PPO)/bin/python -m pytest -m ppo $(PYTEST_ARGS)
 
 benchmark: $(VENV)/.installed
-	$(VENV)/bin/python benchmarks/harness/run_all.py
+	$(VENV)/bin/python -m benchmarks.harness.run_all
 
 clean:
 	rm -rf $(VENV) $(VENV_PPO) .pytest_cache

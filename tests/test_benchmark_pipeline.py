@@ -1,12 +1,14 @@
 """The benchmark pipeline (benchmarks/harness/run_all.py) and `trl-micro eval`, end to end on tiny models and a few pairs."""
 
 import dataclasses
+import importlib
 import json
 import re
 
 import pytest
 import torch
 
+from benchmarks.harness import plan as plans
 from benchmarks.harness import run_all
 from benchmarks.harness.comparison import DIAGNOSTICS, METHODS
 from benchmarks.harness.pair_pool import build_pair_pool
@@ -16,9 +18,24 @@ from trl_micro.rewards import MiCRoReward
 from trl_micro.scripts.cli import main as cli_main
 from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
-from .conftest import make_conflicting_pairs, skip_unless_strict
+from .conftest import eval_command, make_conflicting_pairs, run_eval, save_tiny_checkpoint, skip_unless_strict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_study(name: str, tokenizer, tmp_path, *arguments: str, data_dir=None, output: str | None = None):
+    """Run the study benchmarks/studies/<name>.py on the smoke plan with a tiny backbone (`arguments` after
+    `--preset smoke`); it must exit 0 and its report must quote the command that reruns it. Returns the study's module,
+    its JSON result and its Markdown report."""
+    study = importlib.import_module(f"benchmarks.studies.{name}")
+    report = tmp_path / (output or f"{name}.md")
+    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
+    argv = ["--preset", "smoke", *arguments, "--model", backbone, "--output", str(report)]
+    argv += ["--cache_dir", str(tmp_path / "cache"), *(["--data_dir", str(data_dir)] if data_dir else [])]
+    assert study.main(argv) == 0
+    document = report.read_text()
+    assert f"python -m benchmarks.studies.{name} {' '.join(argv)}" in document
+    return study, json.loads(report.with_suffix(".json").read_text()), document
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +69,7 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
     assert run_all.main(argv) == 0
 
     document = output.read_text()
-    assert f"python benchmarks/harness/run_all.py {' '.join(argv)}" in document
+    assert f"python -m benchmarks.harness.run_all {' '.join(argv)}" in document
     for heading in (
         "## How this was run",
         "## Setup",
@@ -95,7 +112,7 @@ def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_
     assert again[again.index("## Results") : again.index("## Performance")] == document[section]
     assert "features of pool" not in again and "comparison `hh_relabeled`" not in again
     assert "(`--resume`), so not in the wall times below: `hh_relabeled` (run " in again
-    plan = run_all.smoke_plan()
+    plan = plans.smoke_plan()
     plan.model = backbone
     spec = plan.benchmarks[0]
     assert run_all.resumed_outcome(spec, plan, results) is not None
@@ -129,32 +146,14 @@ def test_pool_without_context_features_refuses_context_rows(tokenizer, tmp_path)
 # ------------------------------------------------------------------------------------------------------- trl-micro eval
 @pytest.fixture()
 def checkpoint_and_data(tokenizer, tmp_path):
-    model = build_tiny_micro_model(tokenizer, num_heads=3)
-    model.save_pretrained(tmp_path / "ckpt")
-    tokenizer.save_pretrained(tmp_path / "ckpt")
-    data_file = tmp_path / "pairs.jsonl"
-    make_conflicting_pairs(24).to_json(data_file)
-    return str(tmp_path / "ckpt"), str(data_file)
+    make_conflicting_pairs(24).to_json(tmp_path / "pairs.jsonl")
+    return save_tiny_checkpoint(tokenizer, tmp_path / "ckpt"), str(tmp_path / "pairs.jsonl")
 
 
 def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, capsys):
     checkpoint, data_file = checkpoint_and_data
     out = tmp_path / "eval"
-    argv = [
-        "eval",
-        "--model_name_or_path",
-        checkpoint,
-        "--dataset_name",
-        data_file,
-        "--output_dir",
-        str(out),
-        "--context_id_column",
-        "taste",
-        "--adaptation_pairs",
-        "4",
-    ]
-    assert cli_main(argv) == 0
-    report = json.loads((out / "eval_report.json").read_text())
+    report = run_eval(checkpoint, data_file, out, "--context_id_column", "taste", "--adaptation_pairs", "4")
     assert report["num_pairs"] == {"scored": 24, "evaluated": 16, "adaptation": 8, "adaptation_pool": 8}
     assert set(report["methods"]) >= {
         "routed (checkpoint router)",
@@ -189,7 +188,7 @@ def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, cap
 
 def test_eval_command_bad_input(checkpoint_and_data, tmp_path):
     checkpoint, data_file = checkpoint_and_data
-    base = ["eval", "--model_name_or_path", checkpoint, "--dataset_name", data_file]
+    base = eval_command(checkpoint, data_file)
     with pytest.raises(ValueError, match="no context column 'persona'.*--context_column"):
         cli_main([*base, "--output_dir", str(tmp_path / "a"), "--context_column", "persona"])
     with pytest.raises(ValueError, match="--adaptation_pairs 12 needs more than that many pairs"):
@@ -217,9 +216,6 @@ def test_a_wrapped_backbone_stays_causal(tokenizer, tmp_path):
 
 
 def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_path):
-    from benchmarks.studies import stage1_sweep
-
-    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     variants = tmp_path / "variants.json"
     variants.write_text(
         json.dumps(
@@ -230,26 +226,8 @@ def test_stage1_sweep_reports_ceiling_online_routing_and_picks(tokenizer, tmp_pa
             ]
         )
     )
-    output = tmp_path / "sweep" / "stage1_sweep.md"
-    argv = [
-        "--preset",
-        "smoke",
-        "--benchmark",
-        "synthetic_m2",
-        "--model",
-        backbone,
-        "--variants",
-        str(variants),
-        "--output",
-        str(output),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-    ]
-    assert stage1_sweep.main(argv) == 0
-
-    document = output.read_text()
-    assert f"python benchmarks/studies/stage1_sweep.py {' '.join(argv)}" in document
-    result = json.loads(output.with_suffix(".json").read_text())
+    arguments = ["--benchmark", "synthetic_m2", "--variants", str(variants)]
+    _, result, document = run_study("stage1_sweep", tokenizer, tmp_path, *arguments, output="sweep/stage1_sweep.md")
     assert result["contexts"] == ["subpop-0", "subpop-1"] and result["seeds"] == [0, 1]
     first, second, from_oracle = result["variants"]
     assert (first["num_heads"], second["num_heads"]) == (2, 2)
@@ -286,27 +264,9 @@ def test_stage1_sweep_rejects_bad_variants_and_benchmarks(tmp_path):
 
 
 def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(tokenizer, tmp_path):
-    from benchmarks.studies import router_objective
-
-    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
-    output = tmp_path / "objective.md"
-    argv = [
-        "--preset",
-        "smoke",
-        "--benchmark",
-        "synthetic_m2",
-        "--model",
-        backbone,
-        "--output",
-        str(output),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-    ]
-    assert router_objective.main(argv) == 0
-
-    document = output.read_text()
-    assert f"python benchmarks/studies/router_objective.py {' '.join(argv)}" in document
-    result = json.loads(output.with_suffix(".json").read_text())
+    router_objective, result, document = run_study(
+        "router_objective", tokenizer, tmp_path, "--benchmark", "synthetic_m2"
+    )
     assert result["contexts"] == ["subpop-0", "subpop-1"] and result["seeds"] == [0, 1]
     assert 0 <= min(result["context_probe_accuracy"]) <= max(result["context_probe_accuracy"]) <= 1
     assert "Context probe" in document
@@ -320,18 +280,18 @@ def test_router_objective_compares_both_likelihoods_with_the_benchmark_rows(toke
 
 def test_lora_only_plan_runs_just_the_lora_run(tokenizer, tmp_path, real_data_dir, monkeypatch):
     """The `hh_lora` preset's shape (LoRA run alone, no main comparisons, no performance figures) at smoke size."""
-    hh_lora = run_all.hh_lora_plan()
+    hh_lora = plans.hh_lora_plan()
     assert hh_lora.lora_only and hh_lora.lora_tuning.train_pairs_per_context is None  # all training pairs
     assert [spec.name for spec in hh_lora.benchmarks] == [hh_lora.lora_benchmark]
 
     def smoke_lora_only():
-        plan = run_all.smoke_plan()
+        plan = plans.smoke_plan()
         plan.benchmarks = [spec for spec in plan.benchmarks if spec.name == plan.lora_benchmark]
         plan.pools = {name: pool for name, pool in plan.pools.items() if name == "hh_relabeled"}
         plan.lora_only = True
         return plan
 
-    monkeypatch.setitem(run_all.PRESETS, "smoke", smoke_lora_only)
+    monkeypatch.setitem(plans.PRESETS, "smoke", smoke_lora_only)
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
     output, results = tmp_path / "REPORT.md", tmp_path / "results"
     argv = [
@@ -362,40 +322,19 @@ def test_lora_only_plan_runs_just_the_lora_run(tokenizer, tmp_path, real_data_di
 @pytest.mark.parametrize("script", ["stage1_sweep", "router_objective", "latent_recovery"])
 def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_data_dir):
     """DSP splits evaluation pairs by query (`adaptation_share`): the studies split as run_all does."""
-    import importlib
-
-    study = importlib.import_module(f"benchmarks.studies.{script}")
-    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
-    output = tmp_path / f"{script}.md"
-    argv = [
-        "--preset",
-        "smoke",
-        "--benchmark",
-        "dsp",
-        "--model",
-        backbone,
-        "--output",
-        str(output),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--data_dir",
-        str(real_data_dir),
-        "--seeds",
-        "0",
-    ]
+    arguments = ["--benchmark", "dsp", "--seeds", "0"]
     if script == "stage1_sweep":
         variants = tmp_path / "variants.json"
         variants.write_text(json.dumps([{"name": "as benchmarked"}]))
-        argv += ["--variants", str(variants)]
+        arguments += ["--variants", str(variants)]
     if script == "latent_recovery":
-        argv += ["--restarts", "2", "--l2", "0.05"]
-    assert study.main(argv) == 0
-    result = json.loads(output.with_suffix(".json").read_text())
-    assert result["contexts"] == list(run_all.DSP_CONTEXTS)
+        arguments += ["--restarts", "2", "--l2", "0.05"]
+    _, result, document = run_study(script, tokenizer, tmp_path, *arguments, data_dir=real_data_dir)
+    assert result["contexts"] == list(plans.DSP_CONTEXTS)
     if script == "stage1_sweep":
         # the benchmark's own settings: its reported adaptation size (2 of the smoke sizes 2, 4) and head training
         assert result["adaptation_per_context"] == 2
-        assert result["benchmark_heads"] == dataclasses.asdict(run_all.smoke_plan().comparison.heads)
+        assert result["benchmark_heads"] == dataclasses.asdict(plans.smoke_plan().comparison.heads)
     if script == "latent_recovery":
         # every DSP prompt's domain answers reverse each other between contexts
         assert result["data"]["0"]["prompts_with_reversals"] > 0
@@ -403,43 +342,16 @@ def test_single_comparison_studies_run_on_dsp(script, tokenizer, tmp_path, real_
         assert len(result["fits"]) == 2 * 3  # without and with cannot-links, from the truth and two random starts
         for row in result["summary"]:
             assert 0 < row["truth_purity"] <= 1 and row["truth_log_likelihood"] < 0
-            assert f"| 0.05 | {'yes' if row['cannot_link'] else 'no'} | 0 |" in output.read_text()
+            assert f"| 0.05 | {'yes' if row['cannot_link'] else 'no'} | 0 |" in document
 
 
 def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_data_dir):
     """Every readout is measured on the comparisons asked for; the backbone runs once per pool for all of them."""
-    from benchmarks.studies import readout_study
-
-    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
-    output = tmp_path / "readouts.md"
-    argv = [
-        "--preset",
-        "smoke",
-        "--benchmarks",
-        "synthetic_m2",
-        "dsp",
-        "--model",
-        backbone,
-        "--output",
-        str(output),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--data_dir",
-        str(real_data_dir),
-        "--seeds",
-        "0",
-        "1",
-        "--reward_readouts",
-        "last",
-        "mean",
-        "--router_readouts",
-        "last",
-        "mean",
-    ]
-    assert readout_study.main(argv) == 0
-    result = json.loads(output.with_suffix(".json").read_text())
-    document = output.read_text()
-    assert f"python benchmarks/studies/readout_study.py {' '.join(argv)}" in document
+    readouts = ["--reward_readouts", "last", "mean", "--router_readouts", "last", "mean"]
+    arguments = ["--benchmarks", "synthetic_m2", "dsp", "--seeds", "0", "1", *readouts]
+    readout_study, result, document = run_study(
+        "readout_study", tokenizer, tmp_path, *arguments, data_dir=real_data_dir
+    )
     assert list(result["benchmarks"]) == ["synthetic_m2", "dsp"]
     for entry in result["benchmarks"].values():
         assert list(entry["readouts"]) == [
@@ -459,38 +371,12 @@ def test_readout_study_compares_readouts_on_one_pool(tokenizer, tmp_path, real_d
 
 def test_query_selection_study_reports_curves_per_strategy(tokenizer, tmp_path, real_data_dir):
     """Every strategy at every budget the pool allows, on synthetic and DSP, with the plot and the command."""
-    from benchmarks.studies import query_selection
-
-    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
-    output = tmp_path / "queries.md"
-    argv = [
-        "--preset",
-        "smoke",
-        "--benchmarks",
-        "synthetic_m2",
-        "dsp",
-        "--model",
-        backbone,
-        "--output",
-        str(output),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--data_dir",
-        str(real_data_dir),
-        "--seeds",
-        "0",
-        "1",
-        "--budgets",
-        "1",
-        "2",
-        "--ranking_candidates",
-        "300",
-    ]
-    assert query_selection.main(argv) == 0
-    result = json.loads(output.with_suffix(".json").read_text())
-    document = output.read_text()
-    assert f"python benchmarks/studies/query_selection.py {' '.join(argv)}" in document
-    assert output.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
+    arguments = ["--benchmarks", "synthetic_m2", "dsp", "--seeds", "0", "1", "--budgets", "1", "2"]
+    arguments += ["--ranking_candidates", "300"]
+    query_selection, result, document = run_study(
+        "query_selection", tokenizer, tmp_path, *arguments, data_dir=real_data_dir
+    )
+    assert (tmp_path / "query_selection.png").read_bytes()[:8] == PNG_SIGNATURE
     for name in ("synthetic_m2", "dsp"):
         summary = result["benchmarks"][name]["summary"]
         assert set(summary) == {"random", "information", "disagreement"}
@@ -552,7 +438,7 @@ def test_embedded_sections_embed_reports_and_refresh_replaces_only_theirs(tmp_pa
         refresh_section(bare, STUDIES, [report])
     with pytest.raises(ValueError, match="no '## Policies trained"):
         refresh_section(bare, RL, [rl_report], after=STUDIES)
-    with pytest.raises(FileNotFoundError, match="run_all.py"):
+    with pytest.raises(FileNotFoundError, match="python -m benchmarks.harness.run_all"):
         refresh_section(tmp_path / "absent.md", STUDIES, [report])
 
 
@@ -561,11 +447,11 @@ def test_run_all_refresh_reports_embeds_the_full_plans_reports(tmp_path):
     document.write_text("# Benchmarks\n\n## Studies\n\n## LoRA-tuned backbone\n")
     assert run_all.main(["--refresh_reports", "--output", str(document)]) == 0
     text = document.read_text()
-    plan = run_all.full_plan()
+    plan = plans.full_plan()
     assert plan.rl_reports and plan.service_reports
     assert text.index("## Studies") < text.index("## Policies trained") < text.index("## Serving many users")
     for path in (*plan.studies, *plan.rl_reports, *plan.service_reports):
-        report = run_all.REPO_ROOT / path
+        report = plans.REPO_ROOT / path
         assert report.exists() or f"{report.name}`: not generated yet" in text
         if report.exists():
             assert "### " + report.read_text().splitlines()[0].removeprefix("# ") in text

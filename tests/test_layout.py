@@ -55,11 +55,22 @@ def test_every_benchmark_folder_says_what_it_holds_and_how_to_regenerate_it():
         readme = folder / "README.md"
         assert readme.is_file(), f"{folder.name}/ has no README.md"
         text = readme.read_text(encoding="utf-8")
-        assert f"python benchmarks/{folder.name}/" in text, f"{folder.name}/README.md names no command"
+        assert f"python -m benchmarks.{folder.name}." in text, f"{folder.name}/README.md names no command"
         for script in folder.glob("*.py"):
             assert script.name == "__init__.py" or f"`{script.name}`" in text, (
                 f"{folder.name}/README.md omits {script.name}"
             )
+
+
+def test_benchmarks_run_as_modules():
+    """`python -m benchmarks.<folder>.<script>` from the repository root: no script edits `sys.path` to import the
+    package, and no document or report names a benchmark script by path as the command to run it."""
+    scripts = [path for path in BENCHMARKS.rglob("*.py") if "sys.path" in path.read_text(encoding="utf-8")]
+    assert scripts == []
+    by_path = re.compile(r"\bpython3? benchmarks/")
+    documents = [PACKAGE.parent / "README.md", PACKAGE.parent / "Makefile", *(PACKAGE.parent / "docs").glob("*.md")]
+    documents += [*BENCHMARKS.rglob("*.md"), *BENCHMARKS.rglob("*.py")]
+    assert [str(path) for path in documents if by_path.search(path.read_text(encoding="utf-8"))] == []
 
 
 def test_reports_name_no_local_folder():
@@ -98,7 +109,7 @@ def test_report_commands_write_the_home_folder_as_tilde():
     from benchmarks import command_line
 
     home = str(Path.home())
-    command = command_line("benchmarks/rl/x.py", ["--cache_dir", f"{home}/.cache/a b", "--name", "it's", home])
-    assert command == "python benchmarks/rl/x.py --cache_dir ~/'.cache/a b' --name 'it'\"'\"'s' ~"
+    command = command_line("benchmarks.rl.x", ["--cache_dir", f"{home}/.cache/a b", "--name", "it's", home])
+    assert command == "python -m benchmarks.rl.x --cache_dir ~/'.cache/a b' --name 'it'\"'\"'s' ~"
     assert not LOCAL_PATH.findall(command.replace("~/", ""))
-    assert command_line("s.py", [f"{home}x/y"]) == f"python s.py {home}x/y"  # a sibling folder is not the home
+    assert command_line("s", [f"{home}x/y"]) == f"python -m s {home}x/y"  # a sibling folder is not the home

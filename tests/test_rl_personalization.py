@@ -102,7 +102,7 @@ def test_smoke_preset_writes_table_plots_and_runs(tmp_path, capsys):
     markdown = (tmp_path / "rl_personalization.md").read_text()
     main_table = markdown[: markdown.index("## Completions cut")]
     table_rows = [line for line in main_table.splitlines() if line.startswith("| subpop-")]
-    assert len(table_rows) == 6 and "python benchmarks/rl/rl_personalization.py --preset smoke" in markdown
+    assert len(table_rows) == 6 and "python -m benchmarks.rl.rl_personalization --preset smoke" in markdown
     assert (tmp_path / "kl.png").exists() and len(list((tmp_path / "runs").glob("*.json"))) == 6
     for run in results["runs"]:
         for point in run["points"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^(#+) ")
-REFRESH_COMMAND = "python benchmarks/harness/run_all.py --refresh_reports"
+REFRESH_COMMAND = "python -m benchmarks.harness.run_all --refresh_reports"
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,9 @@ def refresh_section(
     it gets it right after the section `after`, when given and present.
     """
     if not document.exists():
-        raise FileNotFoundError(f"{document} does not exist: run benchmarks/harness/run_all.py to write it first.")
+        raise FileNotFoundError(
+            f"{document} does not exist: run `python -m benchmarks.harness.run_all` to write it first."
+        )
     lines = document.read_text(encoding="utf-8").splitlines()
     fresh = embedded_section(section, reports, document)
     if section.heading in lines:
@@ -124,6 +126,6 @@ def refresh_section(
     else:
         raise ValueError(
             f"{document} has no '{section.heading}' section: it predates this section; regenerate it with "
-            "benchmarks/harness/run_all.py."
+            "`python -m benchmarks.harness.run_all`."
         )
     document.write_text("\n".join([*lines[:start], *fresh, *lines[end:]]).rstrip("\n") + "\n", encoding="utf-8")

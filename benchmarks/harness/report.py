@@ -574,7 +574,7 @@ def _lora_section(lora: dict | None, document: Path) -> list[str]:
     lines = ["## LoRA-tuned backbone", ""]
     if lora is None:
         return lines + [
-            "Not run in this report. `python benchmarks/harness/run_all.py --lora` adds it: MiCRo Stage 1 with a LoRA adapter "
+            "Not run in this report. `python -m benchmarks.harness.run_all --lora` adds it: MiCRo Stage 1 with a LoRA adapter "
             "on the backbone (`peft_config`), trained on the hh_relabeled training pairs without context, merged; "
             "then the same comparison on features of the tuned backbone, next to the frozen backbone on the same "
             "training pairs. It uses the single-GPU configuration when a GPU is present and a small CPU configuration "

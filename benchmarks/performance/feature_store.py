@@ -11,32 +11,29 @@ sixteen pairs) and for synthetic pairs:
   runs the new sequences only;
 - the largest difference between the two paths' features (the same features, batched differently).
 
-    python benchmarks/performance/feature_store.py [--dsp_queries 20] [--synthetic_pairs 200]
+    python -m benchmarks.performance.feature_store [--dsp_queries 20] [--synthetic_pairs 200]
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks import command_line, default_data_dir
+from trl_micro import MiCRoRewardModel
+from trl_micro.bundled.catalog import resolve_model_path
+from trl_micro.bundled.dsp import dsp_pairs, load_dsp_queries
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.data_utils import tokenize_pairs
+from trl_micro.feature_cache import FeatureStore, compute_sequence_features, pair_sequences
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from benchmarks import default_data_dir  # noqa: E402
-from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.bundled.dsp import dsp_pairs, load_dsp_queries  # noqa: E402
-from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences  # noqa: E402
-from trl_micro.data_utils import tokenize_pairs  # noqa: E402
-from trl_micro.feature_cache import FeatureStore, compute_sequence_features, pair_sequences  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "feature_store.md"
 
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             name: measure(model, base, grown, args.batch_size)
             for name, (base, grown) in datasets_to_measure(args, tokenizer, model.config.context_template).items()
         }
-    command = " ".join(["python benchmarks/performance/feature_store.py", *map(shlex.quote, argv)])
+    command = command_line("benchmarks.performance.feature_store", argv)
     text = render(rows, command, "SmolLM2-135M-Instruct" if args.model == "embedded" else args.model)
     Path(args.output).write_text(text, encoding="utf-8")
     print(text)

@@ -84,7 +84,7 @@ def run_script(name: str, output: Path, *arguments: str) -> str:
     output = Path(output).resolve()
     shown = output.relative_to(root) if output.is_relative_to(root) else output
     subprocess.run(
-        [sys.executable, f"benchmarks/performance/{name}.py", *arguments, "--output", str(shown)],
+        [sys.executable, "-m", f"benchmarks.performance.{name}", *arguments, "--output", str(shown)],
         check=True,
         stdout=subprocess.DEVNULL,
         cwd=root,

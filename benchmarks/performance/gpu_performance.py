@@ -2,8 +2,8 @@
 What MiCRo costs at GPU scale, each figure a ratio measured in the same run: backbones of Llama-3.2-1B and -3B shape
 built from configs with random weights (no Hub access is needed), bf16, SDPA attention.
 
-    python benchmarks/performance/gpu_performance.py                    # on a GPU: 1B and 3B shapes (a few minutes)
-    python benchmarks/performance/gpu_performance.py --preset tiny      # on a CPU: a tiny shape, to check the script (CI)
+    python -m benchmarks.performance.gpu_performance                    # on a GPU: 1B and 3B shapes (a few minutes)
+    python -m benchmarks.performance.gpu_performance --preset tiny      # on a CPU: a tiny shape, to check the script (CI)
 
 Measured, per shape:
 - scoring: the routed MiCRo reward (K = 4 and 10) against `AutoModelForSequenceClassification` (one label) on the
@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+from benchmarks import command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "gpu_performance.md"
@@ -237,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     settings = PRESETS[preset]
     report = {
-        "command": " ".join(
-            ["python", "benchmarks/performance/gpu_performance.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line("benchmarks.performance.gpu_performance", argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

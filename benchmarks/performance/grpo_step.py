@@ -3,7 +3,7 @@ The whole GRPO step a user feels: TRL's GRPOTrainer with `MiCRoReward` against t
 single-head reward model (`AutoModelForSequenceClassification`, one label) on the same backbone: same policy, prompts,
 seed and settings, so the same completions; the two trainers alternate, a few steps each, in one process.
 
-    python benchmarks/performance/grpo_step.py [--steps 3] [--rounds 2]
+    python -m benchmarks.performance.grpo_step [--steps 3] [--rounds 2]
 
 The policy and both rewards' backbone are the embedded SmolLM2-135M-Instruct (or `--model`); the prompts are the
 synthetic prompt set with each context as the system message, the MiCRo reward routed by that context.
@@ -12,25 +12,23 @@ synthetic prompt set with each context as the system message, the MiCRo reward r
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from benchmarks import command_line
+from trl_micro import MiCRoReward, MiCRoRewardModel
+from trl_micro.bundled.catalog import resolve_model_path
+from trl_micro.bundled.prompts import synthetic_prompt_dataset
+from trl_micro.scripts.rl_utils import show_context_to_policy
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-
-from trl_micro import MiCRoReward, MiCRoRewardModel  # noqa: E402
-from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.bundled.prompts import synthetic_prompt_dataset  # noqa: E402
-from trl_micro.scripts.rl_utils import show_context_to_policy  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "grpo_step.md"
 
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name] += grpo_steps(model_path, reward, prompts, args.steps, args)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     micro_name, plain_name = list(rewards)
-    command = " ".join(["python benchmarks/performance/grpo_step.py", *map(shlex.quote, argv)])
+    command = command_line("benchmarks.performance.grpo_step", argv)
     lines = [
         "# One GRPO step with MiCRoReward against a plain reward model",
         "",

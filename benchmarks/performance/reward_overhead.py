@@ -11,14 +11,13 @@ run, repetitions interleaved (A B, B A, ...) so that load on the machine hits bo
 
 The backbone is the embedded SmolLM2-135M-Instruct when it is available, else a random Llama of similar size.
 
-    python benchmarks/performance/reward_overhead.py [--completions 32] [--repetitions 15] [--output benchmarks/performance/results/reward_overhead.md]
+    python -m benchmarks.performance.reward_overhead [--completions 32] [--repetitions 15] [--output benchmarks/performance/results/reward_overhead.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl.data_utils import apply_chat_template
 
+from benchmarks import command_line
 from trl_micro import MiCRoRewardModel
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 from trl_micro.data_utils import assistant_header, completion_end_token_ids, marker_token_ids
@@ -118,7 +118,7 @@ def main():
     tokens = [
         len(tokenizer.apply_chat_template(p + c, return_dict=True)["input_ids"]) for p, c in zip(shown, completions)
     ]
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line("benchmarks.performance.reward_overhead", sys.argv[1:])
     report = f"""# Reward overhead: MiCRoReward vs a plain single-head reward model
 
 Command: `{command}`

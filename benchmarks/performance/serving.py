@@ -13,7 +13,7 @@ Both use an untrained MiCRo head set over the backbone (`--model`, default the e
 cost is the backbone's, the numbers of the heads do not matter here. Traffic goes to 127.0.0.1 only, bounded in count
 and time.
 
-    python benchmarks/performance/serving.py [--rounds 8] [--output benchmarks/performance/results/serving.md]
+    python -m benchmarks.performance.serving [--rounds 8] [--output benchmarks/performance/results/serving.md]
 """
 
 from __future__ import annotations
@@ -34,19 +34,18 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks import command_line
+from trl_micro import MiCRoRewardModel
+from trl_micro.bundled.catalog import resolve_model_path
+from trl_micro.evaluation import ensure_writable, markdown_table
+from trl_micro.personalization.stores import UserStore
+from trl_micro.rewards import MiCRoReward
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.evaluation import ensure_writable, markdown_table  # noqa: E402
-from trl_micro.personalization.stores import UserStore  # noqa: E402
-from trl_micro.rewards import MiCRoReward  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "serving.md"
 CLIENTS, ROWS_PER_CLIENT = 8, 4
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         log = folder / "servers.log"
         throughput = measure_throughput(checkpoint, args.rounds, args.threads, log)
         feedback = measure_feedback(checkpoint, folder, args.threads, log, args.feedback_per_client)
-    command = " ".join(["python benchmarks/performance/serving.py", *map(shlex.quote, argv)])
+    command = command_line("benchmarks.performance.serving", argv)
     output.write_text(render(command, args.model, throughput, feedback), encoding="utf-8")
     output.with_suffix(".json").write_text(
         json.dumps({"command": command, "throughput": throughput, "feedback": feedback}, indent=1), encoding="utf-8"

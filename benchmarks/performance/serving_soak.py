@@ -22,7 +22,7 @@ acknowledged comparison is missing from the store.
 The model is a tiny random MiCRo checkpoint built here (the server's machinery is what is soaked), or `--model` (a
 MiCRo checkpoint, or a backbone given 4 untrained heads). Traffic goes to 127.0.0.1 only, bounded in time.
 
-    python benchmarks/performance/serving_soak.py [--duration 180] [--clients 16] \\
+    python -m benchmarks.performance.serving_soak [--duration 180] [--clients 16] \\
         [--output benchmarks/performance/results/serving_soak.md]
 """
 
@@ -33,7 +33,6 @@ import json
 import os
 import random
 import secrets
-import shlex
 import socket
 import sys
 import tempfile
@@ -42,17 +41,16 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+import psutil
+import requests
+
+from benchmarks import command_line
+from benchmarks.performance.serving import Server, save_untrained_checkpoint
+from trl_micro.evaluation import ensure_writable, markdown_table
+from trl_micro.scripts.serve import API_KEY_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import requests  # noqa: E402
-
-from benchmarks.performance.serving import Server, save_untrained_checkpoint  # noqa: E402
-from trl_micro.evaluation import ensure_writable, markdown_table  # noqa: E402
-from trl_micro.scripts.serve import API_KEY_ENV  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "serving_soak.md"
 KINDS = {  # kind: share of the requests
@@ -491,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     output = ensure_writable(args.output)
     with tempfile.TemporaryDirectory(prefix="trl-micro-soak-") as scratch:
         report = soak(args, Path(scratch))
-    command = " ".join(["python benchmarks/performance/serving_soak.py", *map(shlex.quote, argv)])
+    command = command_line("benchmarks.performance.serving_soak", argv)
     output.write_text(render(command, report), encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps({"command": command, **report}, indent=1), encoding="utf-8")
     print(output.read_text(encoding="utf-8"))

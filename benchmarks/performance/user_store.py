@@ -21,7 +21,7 @@ The user store at scale (`trl_micro.personalization.stores`): what one feedback 
 Traffic goes to 127.0.0.1 only, bounded in count and time; the PostgreSQL server is a private one in a temporary
 folder (`LocalPostgres`), stopped at the end.
 
-    python benchmarks/performance/user_store.py [--users 1000000] [--output benchmarks/performance/results/user_store.md]
+    python -m benchmarks.performance.user_store [--users 1000000] [--output benchmarks/performance/results/user_store.md]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import random
-import shlex
 import sys
 import tempfile
 import threading
@@ -40,22 +39,21 @@ import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import torch
+from sqlalchemy import insert
+
+from benchmarks import command_line
+from benchmarks.performance.serving import Server, post
+from trl_micro.evaluation import ensure_writable, markdown_table
+from trl_micro.feature_cache import FeatureStore, backbone_fingerprint, reward_model_fingerprint
+from trl_micro.personalization.rebuild import rebuild_user_store
+from trl_micro.personalization.stores import Comparison, UserStore, open_user_store
+from trl_micro.personalization.stores.schema import user_heads_table, users_table
+from trl_micro.rewards import MiCRoReward
+from trl_micro.testing_utils import LocalPostgres, build_tiny_micro_model, build_tiny_tokenizer
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sqlalchemy import insert  # noqa: E402
-
-from benchmarks.performance.serving import Server, post  # noqa: E402
-from trl_micro.evaluation import ensure_writable, markdown_table  # noqa: E402
-from trl_micro.feature_cache import FeatureStore, backbone_fingerprint, reward_model_fingerprint  # noqa: E402
-from trl_micro.personalization.rebuild import rebuild_user_store  # noqa: E402
-from trl_micro.personalization.stores import Comparison, UserStore, open_user_store  # noqa: E402
-from trl_micro.personalization.stores.schema import user_heads_table, users_table  # noqa: E402
-from trl_micro.rewards import MiCRoReward  # noqa: E402
-from trl_micro.testing_utils import LocalPostgres, build_tiny_micro_model, build_tiny_tokenizer  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "user_store.md"
 NUM_HEADS = 4
@@ -501,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         results["rebuild"] = rebuild(folder, args.rebuild_comparisons)
         print("rebuild", results["rebuild"], flush=True)
     results["load_average"] = (load_at_start, os.getloadavg()[0])
-    command = " ".join(["python benchmarks/performance/user_store.py", *map(shlex.quote, argv)])
+    command = command_line("benchmarks.performance.user_store", argv)
     output.write_text(render(command, results), encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps({"command": command, **results}, indent=1), encoding="utf-8")
     print(output.read_text(encoding="utf-8"))

@@ -24,8 +24,8 @@ Best of n for n < pool size is averaged exactly over every n-subset of the pool 
 rate over a random candidate counts ties as half. MiCRo and SingleReward train with 3 seeds (`--seeds`: heads'
 initialization, training and the adaptation draw); the gold heads and the candidates are drawn once.
 
-    python benchmarks/rl/best_of_n.py --preset smoke --cache_dir /tmp/bon-smoke   # tiny random models, seconds
-    python benchmarks/rl/best_of_n.py --threads 1 --cache_dir ~/.cache/trl_micro/best-of-n \
+    python -m benchmarks.rl.best_of_n --preset smoke --cache_dir /tmp/bon-smoke   # tiny random models, seconds
+    python -m benchmarks.rl.best_of_n --threads 1 --cache_dir ~/.cache/trl_micro/best-of-n \
         --data_dir ../shared/data                                                  # results/best_of_n.md
 
 Everything slow is cached under `--cache_dir` and reused by the next run (the command is resumable): the candidates
@@ -47,32 +47,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from benchmarks import command_line, default_data_dir  # noqa: E402
-from benchmarks.rl.best_of_n_report import write_report  # noqa: E402
-from benchmarks.rl.personalization_rewards import (  # noqa: E402
+from benchmarks import command_line, default_data_dir
+from benchmarks.rl.best_of_n_report import write_report
+from benchmarks.rl.personalization_rewards import (
     DSPRewardSetup,
     RewardSetup,
     draw_dsp_pools,
     draw_pools,
     train_heads,
 )
-from benchmarks.rl.rl_personalization import first_queries, load_models, prompt_splits, show_contexts  # noqa: E402
-from trl_micro import MiCRoRewardModel, adapt_to_users  # noqa: E402
-from trl_micro.bundled.dsp import DOMAINS  # noqa: E402
-from trl_micro.data_utils import completion_end_token_ids  # noqa: E402
-from trl_micro.personalization.online_router import OnlineRouter  # noqa: E402
-from trl_micro.personalization.residual_heads import ResidualHeads  # noqa: E402
-from trl_micro.rewards import MiCRoReward  # noqa: E402
-from trl_micro.scoring import score_preference_pairs  # noqa: E402
-from trl_micro.scripts.rl_utils import sample_completions  # noqa: E402
+from benchmarks.rl.rl_personalization import first_queries, load_models, prompt_splits, show_contexts
+from trl_micro import MiCRoRewardModel, adapt_to_users
+from trl_micro.bundled.dsp import DOMAINS
+from trl_micro.data_utils import completion_end_token_ids
+from trl_micro.personalization.online_router import OnlineRouter
+from trl_micro.personalization.residual_heads import ResidualHeads
+from trl_micro.rewards import MiCRoReward
+from trl_micro.scoring import score_preference_pairs
+from trl_micro.scripts.rl_utils import sample_completions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("synthetic", "dsp")
@@ -671,7 +667,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    command = command_line("benchmarks/rl/best_of_n.py", argv if argv is not None else sys.argv[1:]).strip()
+    command = command_line("benchmarks.rl.best_of_n", argv if argv is not None else sys.argv[1:])
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     policy_path, tokenizer, backbone, reward_tokenizer = load_models(args, args.cache_dir)
     prompts, readers = {}, {}

@@ -26,12 +26,12 @@ context's gold reward: the gold mean, the win rate over the initial policy's sam
 completion budget, and the cross-context matrix (`benchmarks/rl/gold_evaluation.py`), with the KL to the initial
 policy that TRL logs (`--beta` > 0).
 
-    python benchmarks/rl/rl_personalization.py --scenario synthetic --threads 2 --resume \
+    python -m benchmarks.rl.rl_personalization --scenario synthetic --threads 2 --resume \
         --cache_dir ~/.cache/trl_micro/rl-personalization-synthetic
-    python benchmarks/rl/rl_personalization.py --scenario dsp --threads 2 --resume \
+    python -m benchmarks.rl.rl_personalization --scenario dsp --threads 2 --resume \
         --cache_dir ~/.cache/trl_micro/rl-personalization --data_dir ../shared/data
                                     # the real runs: 3 methods x 2 seeds, 25-40 min each on 2 CPU cores
-    python benchmarks/rl/rl_personalization.py --preset smoke [--scenario dsp]   # tiny random models, seconds
+    python -m benchmarks.rl.rl_personalization --preset smoke [--scenario dsp]   # tiny random models, seconds
 
 Writes under `--output_dir` (default benchmarks/rl/results/): rl_personalization.md and .json (rl_personalization_dsp.*
 for DSP: the table, curves, matrix, reward accuracies, settings and the command), one PNG of curves per context, kl.png,
@@ -50,31 +50,27 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import GRPOConfig, GRPOTrainer
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-
-from benchmarks import command_line, default_data_dir  # noqa: E402
-from benchmarks.rl.gold_evaluation import GoldEvaluation, add_logged_kl  # noqa: E402
-from benchmarks.rl.personalization_rewards import (  # noqa: E402
+from benchmarks import command_line, default_data_dir
+from benchmarks.rl.gold_evaluation import GoldEvaluation, add_logged_kl
+from benchmarks.rl.personalization_rewards import (
     CPU_RUN,
     DSPRewardSetup,
     RewardSetup,
     build_rewards,
     draw_dsp_pools,
 )
-from benchmarks.rl.rl_personalization_report import write_outputs  # noqa: E402
-from trl_micro.bundled.prompts import synthetic_prompt_dataset  # noqa: E402
-from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences  # noqa: E402
-from trl_micro.evaluation import markdown_table, to_jsonable, write_report  # noqa: E402
-from trl_micro.scripts.rl_utils import sample_completions, show_context_to_policy  # noqa: E402
-from trl_micro.testing_utils import build_tiny_backbone, build_tiny_tokenizer, tiny_backbone_config  # noqa: E402
+from benchmarks.rl.rl_personalization_report import write_outputs
+from trl_micro.bundled.prompts import synthetic_prompt_dataset
+from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
+from trl_micro.evaluation import markdown_table, to_jsonable, write_report
+from trl_micro.scripts.rl_utils import sample_completions, show_context_to_policy
+from trl_micro.testing_utils import build_tiny_backbone, build_tiny_tokenizer, tiny_backbone_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("micro", "single", "gold")
@@ -459,7 +455,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = command_line("benchmarks/rl/rl_personalization.py", argv or sys.argv[1:])
+    command = command_line("benchmarks.rl.rl_personalization", argv or sys.argv[1:])
     output_dir = Path(args.output_dir)
     (output_dir / "runs").mkdir(parents=True, exist_ok=True)
     scratch = args.cache_dir or tempfile.mkdtemp(prefix="rl-personalization-")

@@ -21,7 +21,7 @@ How much of the contexts the features hold at all, labels given: `separability` 
 multinomial logistic regression that predicts a group's context from its mean pair difference (trained on the groups
 of a seeded 70% of the prompts, tested on the others). Near the majority share, no fit without labels can find them.
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/studies/latent_recovery.py --benchmark dsp --data_dir ../shared/data \\
+    OMP_NUM_THREADS=2 nice -n 10 python -m benchmarks.studies.latent_recovery --benchmark dsp --data_dir ../shared/data \\
         --output benchmarks/studies/results/latent_recovery_dsp.md
 """
 
@@ -35,25 +35,19 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks.harness.pair_pool import CachedPairPool  # noqa: E402
-from benchmarks.harness.run_all import (  # noqa: E402
+from benchmarks import start_logging, write_study_report
+from benchmarks.harness.pair_pool import CachedPairPool
+from benchmarks.harness.plan import (
     add_comparison_arguments,
     load_comparison,
     split_for,
-    start_logging,
-    write_study_report,
 )
-from trl_micro.evaluation import ensure_writable  # noqa: E402
-from trl_micro.trainer.head_initialization import (  # noqa: E402
+from trl_micro.evaluation import ensure_writable
+from trl_micro.trainer.head_initialization import (
     fit_mixture_em,
     posterior,
     random_responsibilities,
@@ -329,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "fits": rows,
         "summary": summarize(rows),
     }
-    write_study_report(output, "benchmarks/studies/latent_recovery.py", argv, result, render)
+    write_study_report(output, "benchmarks.studies.latent_recovery", argv, result, render)
     return 0
 
 

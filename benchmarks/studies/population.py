@@ -42,8 +42,8 @@ MiCRo's Stage 2 runs through the user store (`open_user_store("sqlite:///...")`)
 diagnostic row, "domain heads, true weights", scores sum_d w_ud sigmoid(oracle head d margin): what K = 4 linear heads
 could reach if Stage 1 found the domains' heads and Stage 2 knew the user's weights.
 
-    OMP_NUM_THREADS=1 nohup python benchmarks/studies/population.py --data_dir ../shared/data > population.log 2>&1 &
-    python benchmarks/studies/population.py --preset smoke --output /tmp/population_smoke.md   # seconds, tiny model
+    OMP_NUM_THREADS=1 nohup python -m benchmarks.studies.population --data_dir ../shared/data > population.log 2>&1 &
+    python -m benchmarks.studies.population --preset smoke --output /tmp/population_smoke.md   # seconds, tiny model
 
 Writes `benchmarks/studies/results/population.md`, `.json` and `.png` (accuracy against comparisons per unseen user,
 one panel per alpha). What it shows is how the methods behave on simulated labels over real text; the users are not
@@ -64,19 +64,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+from datasets import Dataset
+
+from benchmarks import command_line, default_data_dir
+from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool, longest_sequence_lengths
+from trl_micro.bundled.dsp import DOMAINS, STYLES, load_dsp_queries
+from trl_micro.data_utils import tokenize_pairs
+from trl_micro.modeling_micro import MiCRoRewardModel
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-
-from benchmarks import command_line, default_data_dir  # noqa: E402
-from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool, longest_sequence_lengths  # noqa: E402
-from trl_micro.bundled.dsp import DOMAINS, STYLES, load_dsp_queries  # noqa: E402
-from trl_micro.data_utils import tokenize_pairs  # noqa: E402
-from trl_micro.modeling_micro import MiCRoRewardModel  # noqa: E402
 
 logger = logging.getLogger("benchmarks.studies.population")
 
@@ -1053,7 +1051,7 @@ def main(argv=None):
         return 0
     result = {
         "title": "Many users, few comparisons each",
-        "command": command_line("benchmarks/studies/population.py", argv),
+        "command": command_line("benchmarks.studies.population", argv),
         "preset": {**vars(preset)},
         "judges": judges,
         "merged_from": sorted(set(merged_commands)),

@@ -11,7 +11,7 @@ labels revealed only once asked; one pass of the backbone over the pool, as in u
 report and a plot of macro accuracy against questions asked, and for each comparison's K the time to rank a pool of
 `--ranking_candidates` (10,000) candidates from stored margins, and to choose a batch of 8 of them at once.
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/studies/query_selection.py --data_dir ../shared/data \\
+    OMP_NUM_THREADS=2 nice -n 10 python -m benchmarks.studies.query_selection --data_dir ../shared/data \\
         --benchmarks synthetic_m2 synthetic_m4 synthetic_m8 dsp --output benchmarks/studies/results/query_selection.md
 """
 
@@ -24,35 +24,32 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+from transformers import AutoTokenizer
 
-import numpy as np  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from benchmarks.harness.comparison import score, train_heads  # noqa: E402
-from benchmarks.harness.metrics import plot_adaptation_curves  # noqa: E402
-from benchmarks.harness.run_all import (  # noqa: E402
+from benchmarks import start_logging, write_study_report
+from benchmarks.harness.comparison import score, train_heads
+from benchmarks.harness.metrics import plot_adaptation_curves
+from benchmarks.harness.plan import (
     add_plan_arguments,
     benchmark_settings,
     build_pool,
     selected_comparisons,
     split_for,
-    start_logging,
-    write_study_report,
 )
-from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy  # noqa: E402
-from trl_micro.personalization.adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors  # noqa: E402
-from trl_micro.personalization.query_selection import (  # noqa: E402
+from trl_micro import MiCRoRewardModel
+from trl_micro.bundled.catalog import resolve_model_path
+from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy
+from trl_micro.personalization.adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
+from trl_micro.personalization.query_selection import (
     QUERY_STRATEGIES,
     choose_pairs_to_label,
     expected_information,
     head_disagreement,
     select_queries,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 logger = logging.getLogger("benchmarks.studies.query_selection")
 
@@ -272,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, figure)
         write_study_report(
             output,
-            "benchmarks/studies/query_selection.py",
+            "benchmarks.studies.query_selection",
             argv,
             result,
             lambda r, command: render(r, command, figure.name),

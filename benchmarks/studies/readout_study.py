@@ -14,7 +14,7 @@ measures the methods that tell whether a label-free Stage 1 finds the contexts:
 Every readout of one layer reads the same stored backbone readings (`trl_micro.feature_cache`), so the backbone runs
 once per pool whatever the number of readouts compared.
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/studies/readout_study.py --data_dir ../shared/data \\
+    OMP_NUM_THREADS=2 nice -n 10 python -m benchmarks.studies.readout_study --data_dir ../shared/data \\
         --output benchmarks/studies/results/readout_study.md
 """
 
@@ -29,14 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+from transformers import AutoTokenizer
 
-import numpy as np  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from benchmarks.harness.comparison import (  # noqa: E402
+from benchmarks import start_logging, write_study_report
+from benchmarks.harness.comparison import (
     adaptation_subset,
     fit_pool_residual_heads,
     micro_online_routing,
@@ -45,20 +42,20 @@ from benchmarks.harness.comparison import (  # noqa: E402
     single_residual_margins,
     train_heads,
 )
-from benchmarks.harness.metrics import best_head_accuracy, gap_closed  # noqa: E402
-from benchmarks.harness.run_all import (  # noqa: E402
+from benchmarks.harness.metrics import best_head_accuracy, gap_closed
+from benchmarks.harness.plan import (
     add_plan_arguments,
     benchmark_settings,
     build_pool,
     selected_comparisons,
     split_for,
-    start_logging,
-    write_study_report,
 )
-from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.bundled.catalog import resolve_model_path  # noqa: E402
-from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy  # noqa: E402
-from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
+from trl_micro import MiCRoRewardModel
+from trl_micro.bundled.catalog import resolve_model_path
+from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy
+from trl_micro.personalization.adaptation import routed_margins
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 logger = logging.getLogger("benchmarks.studies.readout_study")
 
@@ -215,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     output = ensure_writable(args.output)
 
     def save(result):
-        write_study_report(output, "benchmarks/studies/readout_study.py", argv, result, render)
+        write_study_report(output, "benchmarks.studies.readout_study", argv, result, render)
 
     run_study(args, plan, specs, on_readout=save)
     return 0

@@ -9,8 +9,8 @@ latent of the context, the model online routing assumes. This script adapts the 
 benchmark's router adaptation (context in the prompt), next to online routing, SingleReward and the oracle, and
 probes how well the router's input names the context at all.
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/studies/router_objective.py       # synthetic M=8 of BENCHMARKS.md
-    python benchmarks/studies/router_objective.py --benchmark synthetic_m4 --router_batch_size 32
+    OMP_NUM_THREADS=2 nice -n 10 python -m benchmarks.studies.router_objective       # synthetic M=8 of BENCHMARKS.md
+    python -m benchmarks.studies.router_objective --benchmark synthetic_m4 --router_batch_size 32
 """
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ import datetime
 import logging
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.harness.comparison import (  # noqa: E402
+from benchmarks import start_logging, write_study_report
+from benchmarks.harness.comparison import (
     adapt_router,
     adaptation_subset,
     micro_online_routing,
@@ -37,17 +33,15 @@ from benchmarks.harness.comparison import (  # noqa: E402
     score,
     train_heads,
 )
-from benchmarks.harness.metrics import gap_closed  # noqa: E402
-from benchmarks.harness.run_all import (  # noqa: E402
+from benchmarks.harness.metrics import gap_closed
+from benchmarks.harness.plan import (
     add_comparison_arguments,
     load_comparison,
     split_for,
-    start_logging,
-    write_study_report,
 )
-from trl_micro import MiCRoRewardModel  # noqa: E402
-from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
-from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
+from trl_micro import MiCRoRewardModel
+from trl_micro.evaluation import ensure_writable, per_context_accuracy
+from trl_micro.personalization.adaptation import routed_margins
 
 logger = logging.getLogger("benchmarks")
 
@@ -202,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded.plan,
         args.seeds or loaded.plan.seeds,
     )
-    write_study_report(output, "benchmarks/studies/router_objective.py", argv, result, render)
+    write_study_report(output, "benchmarks.studies.router_objective", argv, result, render)
     return 0
 
 

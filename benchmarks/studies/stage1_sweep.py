@@ -18,8 +18,8 @@ Accuracies as the gap closed between SingleReward and the per-context oracle, th
 two references are trained with the variant's head training, as the benchmark trains every method with the same.
 Writes `benchmarks/studies/results/stage1_sweep.{md,json}`.
 
-    OMP_NUM_THREADS=2 nice -n 10 python benchmarks/studies/stage1_sweep.py                  # synthetic M=8, default variants
-    python benchmarks/studies/stage1_sweep.py --benchmark synthetic_m4 --variants my.json   # [{"name": .., "num_heads": ..,
+    OMP_NUM_THREADS=2 nice -n 10 python -m benchmarks.studies.stage1_sweep                  # synthetic M=8, default variants
+    python -m benchmarks.studies.stage1_sweep --benchmark synthetic_m4 --variants my.json   # [{"name": .., "num_heads": ..,
                                                                                     #   "heads": {..}, "eta": ..}]
 """
 
@@ -34,14 +34,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.harness.comparison import (  # noqa: E402
+from benchmarks import start_logging, write_study_report
+from benchmarks.harness.comparison import (
     HeadTraining,
     adaptation_subset,
     micro_online_routing,
@@ -50,18 +47,16 @@ from benchmarks.harness.comparison import (  # noqa: E402
     score,
     train_heads,
 )
-from benchmarks.harness.metrics import best_head_accuracy, best_heads, gap_closed  # noqa: E402
-from benchmarks.harness.run_all import (  # noqa: E402
+from benchmarks.harness.metrics import best_head_accuracy, best_heads, gap_closed
+from benchmarks.harness.plan import (
     add_comparison_arguments,
     benchmark_settings,
     load_comparison,
     split_for,
-    start_logging,
-    write_study_report,
 )
-from trl_micro.evaluation import ensure_writable, per_context_accuracy  # noqa: E402
-from trl_micro.losses import context_mixture_bt_loss  # noqa: E402
-from trl_micro.personalization.adaptation import routed_margins  # noqa: E402
+from trl_micro.evaluation import ensure_writable, per_context_accuracy
+from trl_micro.losses import context_mixture_bt_loss
+from trl_micro.personalization.adaptation import routed_margins
 
 logger = logging.getLogger("benchmarks")
 
@@ -293,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         variants,
         args.seeds or loaded.plan.seeds,
     )
-    write_study_report(output, "benchmarks/studies/stage1_sweep.py", argv, result, render)
+    write_study_report(output, "benchmarks.studies.stage1_sweep", argv, result, render)
     return 0
 
 

@@ -26,8 +26,8 @@ Datasets:
 
 Router adaptation uses RouterAdaptationConfig's defaults on the tiny backbone and `EMBEDDED_ADAPTATION` on SmolLM2.
 
-    python benchmarks/studies/stage2_adaptation.py                         # every dataset (~15 min on 2 CPU cores)
-    python benchmarks/studies/stage2_adaptation.py --datasets synthetic    # under a minute
+    python -m benchmarks.studies.stage2_adaptation                         # every dataset (~15 min on 2 CPU cores)
+    python -m benchmarks.studies.stage2_adaptation --datasets synthetic    # under a minute
 
 Writes benchmarks/studies/results/stage2_adaptation.md and .json (with the command, settings and timings).
 """
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, set_seed
 
-from benchmarks import default_data_dir
+from benchmarks import command_line, default_data_dir
 from benchmarks.harness.metrics import adaptation_curve, best_head_accuracy, write_seeded_report
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
 from trl_micro.bundled.hh import load_hh_relabeled
@@ -107,7 +106,7 @@ def parse_args(argv=None):
 # Router adaptation on SmolLM2 features: a lower learning rate than the config's default, and a fixed number of steps,
 # so that 8 pairs per context get as many updates as 128 (see RouterAdaptationConfig's docstring). Picked on
 # synthetic-smollm2 among lr 5e-4 to 1e-2, 30 epochs or 300 steps, when the router read raw hidden states; with the
-# standardized router input, 1e-2 and 3e-2 were no better on the synthetic M=4 benchmark. benchmarks/harness/run_all.py uses it.
+# standardized router input, 1e-2 and 3e-2 were no better on the synthetic M=4 benchmark. benchmarks/harness/plan.py uses it.
 EMBEDDED_ADAPTATION = dict(learning_rate=2e-3, max_steps=300)
 
 
@@ -266,13 +265,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python benchmarks/studies/stage2_adaptation.py " + " ".join(
-        shlex.quote(a) for a in (argv or sys.argv[1:])
-    )
+    command = command_line("benchmarks.studies.stage2_adaptation", argv or sys.argv[1:])
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="stage2-benchmark-")
     results = {
         "title": "Stage 2: router adaptation vs Stage 1 routing",
-        "command": command.strip(),
+        "command": command,
         "methods": {},
         "adaptation_curves": [],
         "head_usage": {},

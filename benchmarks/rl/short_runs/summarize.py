@@ -2,7 +2,7 @@
 Markdown tables of the RL runs' `personalized_rewards.json` (written by the recipes): the logged reward per step (per
 context where the trainer logs it) and the held-out probe before and after training.
 
-    python benchmarks/rl/short_runs/summarize.py outputs/grpo outputs/rloo outputs/ppo
+    python -m benchmarks.rl.short_runs.summarize outputs/grpo outputs/rloo outputs/ppo
 """
 
 import json

@@ -2,7 +2,7 @@
 The MiCRo reward model of the RL runs in benchmarks/rl/results/short_runs.md: the embedded SmolLM2-135M-Instruct, frozen, with K heads and
 a router trained on conversational synthetic preferences (each context as the system message).
 
-    python benchmarks/rl/short_runs/train_reward_model.py outputs/micro-rm-smollm2 [PAIRS_PER_SUBPOPULATION]
+    python -m benchmarks.rl.short_runs.train_reward_model outputs/micro-rm-smollm2 [PAIRS_PER_SUBPOPULATION]
 """
 
 import sys
