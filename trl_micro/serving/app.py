@@ -34,12 +34,10 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +49,20 @@ from .feedback import FeedbackRecorder
 from .guards import BearerAuth, BodyLimits, ConcurrencyLimit, RequestMetrics, header_timeout_protocol
 from .metrics import ServeMetrics
 from .model_worker import ModelWorker
+from .schemas import (
+    FEEDBACK_FIELDS,
+    POST_ERRORS,
+    SCORE_FIELDS,
+    Comparison,
+    FeedbackAnswer,
+    FeedbackRequest,
+    GetRewardAnswer,
+    HealthAnswer,
+    OpenRLHFRequest,
+    ScoreAnswer,
+    ScoreRequest,
+    error_answers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,157 +126,6 @@ def check_api_key(api_key: str, source: str) -> None:
         raise ValueError(f"{source} must be visible ASCII characters without spaces (it travels in an HTTP header).")
 
 
-# ------------------------------------------------------------------------------------------------------ requests
-Text = StrictStr | list[dict[str, Any]]
-UserId = StrictStr | StrictInt
-STRICT = ConfigDict(strict=True)
-
-
-def examples(*values: dict) -> ConfigDict:
-    """Strict request models, with examples for the schema (and for the fuzzer's explicit phase)."""
-    return ConfigDict(strict=True, json_schema_extra={"examples": list(values)})
-
-
-class OpenRLHFRequest(BaseModel):
-    # OpenRLHF may add fields; the user field (`--user_field`) is one of them
-    model_config = ConfigDict(
-        **examples(
-            {"query": ["How do I boil an egg? Simmer it."], "prompts": ["How do I boil an egg?"], "labels": ["alice"]}
-        ),
-        extra="allow",
-    )
-    query: list[StrictStr]
-    prompts: list[StrictStr] | None = None
-    labels: list[Any] | None = None
-
-
-class Row(BaseModel):
-    model_config = STRICT
-    prompt: Text
-    completion: Text
-    user: UserId | None = None
-    context: StrictStr | None = None
-
-
-class ScoreRequest(BaseModel):
-    model_config = examples(
-        {
-            "rows": [{"prompt": "How do I boil an egg?", "completion": " Simmer it.", "user": "alice"}],
-            "return_heads": True,
-        },
-        {
-            "rows": [
-                {
-                    "prompt": [{"role": "user", "content": "How do I boil an egg?"}],
-                    "completion": [{"role": "assistant", "content": "Simmer it for nine minutes."}],
-                    "user": 17,
-                    "context": "Answers short and plain.",
-                }
-            ]
-        },
-    )
-    rows: list[Row]
-    return_heads: StrictBool = False
-
-
-class Comparison(BaseModel):
-    model_config = STRICT
-    user: UserId
-    prompt: Text
-    chosen: Text
-    rejected: Text
-    context: StrictStr | None = None
-    comparison_id: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
-
-
-class FeedbackRequest(BaseModel):
-    model_config = examples(
-        {
-            "comparisons": [
-                {
-                    "user": "alice",
-                    "prompt": "How do I boil an egg?",
-                    "chosen": " Simmer it for nine minutes.",
-                    "rejected": " Boil it.",
-                    "comparison_id": "alice-0001",
-                }
-            ]
-        }
-    )
-    comparisons: list[Comparison]
-
-
-# ----------------------------------------------------------------------------------------------------- answers
-class ErrorItem(BaseModel):
-    loc: list[str | int]
-    msg: str
-    type: str
-
-
-class ErrorAnswer(BaseModel):
-    detail: str | list[ErrorItem]
-
-
-class GetRewardAnswer(BaseModel):
-    rewards: list[float]
-    scores: list[float]
-    extra_logs: dict[str, list[float]]
-
-
-class ScoreAnswer(BaseModel):
-    rewards: list[float]
-    online_routed: list[bool]
-    head_rewards: list[list[float]] | None = None
-    mixture_weights: list[list[float]] | None = None
-
-
-class FeedbackAnswer(BaseModel):
-    updated: list[str]
-    comparisons: int
-    duplicates: int
-    num_updates: dict[str, int]
-
-
-class HealthAnswer(BaseModel):
-    status: str
-    num_heads: int
-    feedback: bool
-    reason: str | None = None
-
-
-def error_answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        400: "The body could not be decoded (not UTF-8 text, or JSON nesting or numbers Python cannot hold).",
-        401: "Missing or wrong bearer token (with --api_key).",
-        403: "Feedback is off on this server.",
-        408: "The body did not arrive within --body_timeout_s.",
-        413: "Over --max_request_bytes or --max_rows_per_request.",
-        422: "A malformed body or a row the reward refuses, named in `detail`.",
-        503: "Overloaded (--max_queued_rows, --max_concurrent_requests), past --request_timeout_s, or the user store "
-        "unavailable: retry after `Retry-After` seconds.",
-    }
-    return {status: {"model": ErrorAnswer, "description": descriptions[status]} for status in statuses}
-
-
-POST_ERRORS = (400, 401, 408, 413, 422, 503)
-
-# Where each list `MiCRoReward.encode_rows` names sits in each endpoint's request ("{row}" is the row's index).
-SCORE_FIELDS = {
-    "prompts": "rows[{row}].prompt",
-    "completions": "rows[{row}].completion",
-    "contexts": "rows[{row}].context",
-    "users": "rows[{row}].user",
-}
-FEEDBACK_FIELDS = {
-    "prompts": "comparisons[{row}].prompt",
-    "chosen": "comparisons[{row}].chosen",
-    "rejected": "comparisons[{row}].rejected",
-    "contexts": "comparisons[{row}].context",
-    "users": "comparisons[{row}].user",
-    "comparison_ids": "comparisons[{row}].comparison_id",
-}
-
-
 def openrlhf_fields(user_field: str | None) -> dict[str, str]:
     return {
         "prompts": "prompts[{row}]",
@@ -275,6 +136,15 @@ def openrlhf_fields(user_field: str | None) -> dict[str, str]:
 
 def unprocessable(message: str) -> HTTPException:
     return HTTPException(status_code=422, detail=message)
+
+
+def store_unavailable(what_happened: str) -> HTTPException:
+    """The 503 of a user store that failed (`"The user store <what_happened>. Retry the request."`)."""
+    return HTTPException(
+        status_code=503,
+        detail=f"The user store {what_happened}. Retry the request.",
+        headers={"Retry-After": "1"},
+    )
 
 
 def invalid_row(error: InvalidRow, fields: dict[str, str]) -> HTTPException:
@@ -395,11 +265,7 @@ class RewardService:
                     raise invalid_row(error, fields) from None
                 except (OSError, SQLAlchemyError) as error:
                     logger.error("The user store could not be read: %s", error)
-                    raise HTTPException(
-                        status_code=503,
-                        detail="The user store could not be read; nothing was scored. Retry the request.",
-                        headers={"Retry-After": "1"},
-                    ) from error
+                    raise store_unavailable("could not be read; nothing was scored") from error
         reason = "client_gone" if gone in done else "timed_out"
         self.metrics.dropped_rows.labels(reason=reason).inc(num_rows)
         if gone in done:
@@ -469,11 +335,7 @@ class RewardService:
             results = await loop.run_in_executor(self.recorder.executor, self.recorder.record, stored, scored)
         except (OSError, RuntimeError, SQLAlchemyError) as error:
             logger.error("Feedback not recorded: %s", error)
-            raise HTTPException(
-                status_code=503,
-                detail="The user store could not record the feedback; nothing was applied. Retry the request.",
-                headers={"Retry-After": "1"},
-            ) from error
+            raise store_unavailable("could not record the feedback; nothing was applied") from error
         num_updates = {result.user_id: result.num_updates for result in results}
         self.metrics.feedback.inc(sum(not result.duplicate for result in results))
         return {

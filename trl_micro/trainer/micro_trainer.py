@@ -329,13 +329,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
                 dataset = dataset.rename_column(legacy, name)
             column_names = get_dataset_column_names(dataset)
         if set(TRL_TOKENIZED_COLUMNS) <= set(column_names) and not set(TOKENIZED_COLUMNS) <= set(column_names):
-            dataset = self._drop_pairs(
-                dataset,
-                lambda example: example["chosen_ids"] != example["rejected_ids"],
-                dataset_name,
-                "identical (`chosen_ids` == `rejected_ids`)",
-                "such a pair carries no preference; fix or drop it",
-            )
+            dataset = self._drop_identical_pairs(dataset, dataset_name, "chosen_ids", "rejected_ids")
             if args.context_column in column_names:
                 raise ValueError(
                     f"The {dataset_name} dataset is pre-tokenized (`chosen_ids`, `rejected_ids`) and has a context "
@@ -352,13 +346,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             column_names = get_dataset_column_names(dataset)
         if not all(column in column_names for column in TOKENIZED_COLUMNS):
             check_preference_columns(column_names, dataset_name)
-            dataset = self._drop_pairs(
-                dataset,
-                lambda example: example["chosen"] != example["rejected"],
-                dataset_name,
-                "identical (`chosen` == `rejected`)",
-                "such a pair carries no preference; fix or drop it",
-            )
+            dataset = self._drop_identical_pairs(dataset, dataset_name, "chosen", "rejected")
             context_column = args.context_column if args.context_column in column_names else None
             map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
             if isinstance(dataset, Dataset):
@@ -503,6 +491,16 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             dataset_name,
             f"longer than max_length={max_length} tokens",
             "raise `max_length` or shorten the texts",
+        )
+
+    def _drop_identical_pairs(self, dataset, dataset_name: str, chosen: str, rejected: str):
+        """`_drop_pairs` of the pairs whose `chosen` and `rejected` columns are equal: they carry no preference."""
+        return self._drop_pairs(
+            dataset,
+            lambda example: example[chosen] != example[rejected],
+            dataset_name,
+            f"identical (`{chosen}` == `{rejected}`)",
+            "such a pair carries no preference; fix or drop it",
         )
 
     @staticmethod

@@ -356,28 +356,22 @@ class UserStore:
 
     def num_updates(self, user_ids: Sequence[str]) -> dict[str, int]:
         """`{user: informative comparisons applied}` of the known users in `user_ids`."""
-        wanted = sorted(set(user_ids))
-        found = {}
-        with self._read() as connection:
-            for start in range(0, len(wanted), 500):
-                query = select(users_table.c.user_id, users_table.c.num_updates).where(
-                    users_table.c.user_id.in_(wanted[start : start + 500])
-                )
-                found.update(dict(connection.execute(query).all()))
-        return found
+        return dict(self._rows_of_users(users_table.c.user_id, users_table.c.num_updates, user_ids))
 
     def residuals(self, user_ids: Sequence[str]) -> dict[str, torch.Tensor]:
         """`{user: u_c (hidden_size,) float64}` of the users in `user_ids` with a residual head (one query)."""
+        rows = self._rows_of_users(residuals_table.c.user_id, residuals_table.c.residual, user_ids)
+        return {user: torch.from_numpy(np.frombuffer(data, dtype=np.float64).copy()) for user, data in rows}
+
+    def _rows_of_users(self, user_column, value_column, user_ids: Sequence[str]) -> list[tuple]:
+        """(user, value) rows of the users in `user_ids`, read in chunks of 500 ids per query."""
         wanted = sorted(set(user_ids))
-        found = {}
+        rows = []
         with self._read() as connection:
             for start in range(0, len(wanted), 500):
-                query = select(residuals_table.c.user_id, residuals_table.c.residual).where(
-                    residuals_table.c.user_id.in_(wanted[start : start + 500])
-                )
-                for user, data in connection.execute(query):
-                    found[user] = torch.from_numpy(np.frombuffer(data, dtype=np.float64).copy())
-        return found
+                query = select(user_column, value_column).where(user_column.in_(wanted[start : start + 500]))
+                rows.extend(connection.execute(query).all())
+        return rows
 
     def has_residuals(self) -> bool:
         with self._read() as connection:
@@ -864,14 +858,3 @@ def _logged(row) -> LoggedComparison:
         rejected_key=row["rejected_key"],
         feature_backbone=row["feature_backbone"],
     )
-
-
-__all__ = [
-    "Comparison",
-    "LoggedComparison",
-    "RecordedComparison",
-    "StoreSettings",
-    "UserStore",
-    "database_url",
-    "open_user_store",
-]
