@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from trl_micro.evaluation import (
-    head_accuracy,
-    head_usage,
-    pairwise_accuracy,
-    per_context_accuracy,
-    plot_accuracy_per_context,
-    plot_head_usage_heatmap,
-    to_jsonable,
-    write_report,
-)
+from trl_micro.evaluation import head_accuracy, head_usage, pairwise_accuracy, per_context_accuracy
+from trl_micro.evaluation_reports import plot_accuracy_per_context, plot_head_usage_heatmap, to_jsonable, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -17,14 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from trl_micro.evaluation import (
-    SUMMARY_COLUMNS,
+from trl_micro.evaluation import SUMMARY_COLUMNS, head_accuracy, per_context_accuracy
+from trl_micro.evaluation_reports import (
     ensure_writable,
-    head_accuracy,
     head_usage_lines,
     markdown_table,
     new_figure,
-    per_context_accuracy,
     save_figure,
     write_report,
 )
@@ -192,7 +190,7 @@ def adaptation_section(rows: Sequence[Mapping]) -> list[str]:
 
 def write_seeded_report(results: Mapping[str, Any], path_prefix: str | os.PathLike) -> tuple[Path, Path]:
     """
-    `trl_micro.evaluation.write_report` for results over several seeds: `methods` maps each method to a
+    `trl_micro.evaluation_reports.write_report` for results over several seeds: `methods` maps each method to a
     per_context_accuracy dict or a list of them (one per seed); `reference_methods` `{"single": name, "oracle": name}`
     adds a gap-closed column, `adaptation_curves` (rows of [`adaptation_curve`]) and `head_usage` their sections.
     """

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trl_micro.evaluation import markdown_table, plot_accuracy_per_context, plot_head_usage_heatmap, to_jsonable
+from trl_micro.evaluation_reports import markdown_table, plot_accuracy_per_context, plot_head_usage_heatmap, to_jsonable
 
 from .comparison import (
     DIAGNOSTICS,
@@ -184,7 +184,7 @@ def write_outcome_files(
     outcome: BenchmarkOutcome, results_dir: Path, setup: dict, settings: dict | None = None, generated: str = ""
 ) -> dict:
     """
-    `<name>.json` / `<name>.md` (evaluation.write_report) and the PNG plots of one benchmark; returns the paths. The
+    `<name>.json` / `<name>.md` (evaluation_reports.write_report) and the PNG plots of one benchmark; returns the paths. The
     JSON also records the outcome itself with `settings` (what it depends on) and `generated`, for `--resume`.
     """
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ from benchmarks.harness.report import (
 from benchmarks.performance.figures import run_reward_overhead, run_script, time_stage1_epoch
 from trl_micro import MiCRoRewardModel
 from trl_micro.bundled.catalog import resolve_model_path
-from trl_micro.evaluation import to_jsonable
+from trl_micro.evaluation_reports import to_jsonable
 
 logger = logging.getLogger("benchmarks")
 
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.benchmarks = [spec for spec in plan.benchmarks if spec.name in args.only]
         plan.pools = {name: pool for name, pool in plan.pools.items() if any(s.pool == name for s in plan.benchmarks)}
     output, results_dir = Path(args.output), Path(args.results_dir)
-    from trl_micro.evaluation import ensure_writable
+    from trl_micro.evaluation_reports import ensure_writable
 
     ensure_writable(output)
     ensure_writable(results_dir / "probe.json")

@@ -41,7 +41,7 @@ from transformers import AutoTokenizer
 from benchmarks import command_line
 from trl_micro import MiCRoRewardModel
 from trl_micro.bundled.catalog import resolve_model_path
-from trl_micro.evaluation import ensure_writable, markdown_table
+from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.personalization.stores import UserStore
 from trl_micro.rewards import MiCRoReward
 

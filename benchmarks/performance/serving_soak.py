@@ -47,7 +47,7 @@ import requests
 
 from benchmarks import command_line
 from benchmarks.performance.serving import Server, save_untrained_checkpoint
-from trl_micro.evaluation import ensure_writable, markdown_table
+from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.scripts.serve import API_KEY_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -45,7 +45,7 @@ from sqlalchemy import insert
 
 from benchmarks import command_line
 from benchmarks.performance.serving import Server, post
-from trl_micro.evaluation import ensure_writable, markdown_table
+from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.feature_cache import FeatureStore, backbone_fingerprint, reward_model_fingerprint
 from trl_micro.personalization.rebuild import rebuild_user_store
 from trl_micro.personalization.stores import Comparison, UserStore, open_user_store

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trl_micro.evaluation import markdown_table
-from trl_micro.evaluation import write_report as write_files
+from trl_micro.evaluation_reports import markdown_table
+from trl_micro.evaluation_reports import write_report as write_files
 
 METHOD_NAMES = {
     "micro": "MiCRo (Stage 2 routing)",

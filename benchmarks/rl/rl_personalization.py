@@ -68,7 +68,7 @@ from benchmarks.rl.personalization_rewards import (
 from benchmarks.rl.rl_personalization_report import write_outputs
 from trl_micro.bundled.prompts import synthetic_prompt_dataset
 from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
-from trl_micro.evaluation import markdown_table, to_jsonable, write_report
+from trl_micro.evaluation_reports import markdown_table, to_jsonable, write_report
 from trl_micro.scripts.rl_utils import sample_completions, show_context_to_policy
 from trl_micro.testing_utils import build_tiny_backbone, build_tiny_tokenizer, tiny_backbone_config
 

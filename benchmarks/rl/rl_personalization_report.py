@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trl_micro.evaluation import markdown_table, new_figure, save_figure, write_report
+from trl_micro.evaluation_reports import markdown_table, new_figure, save_figure, write_report
 
 METHOD_LABELS = {"micro": "MiCRo (Stage 2 routing)", "single": "SingleReward", "gold": "gold (ceiling)"}
 CEILING_GAP = 0.05  # how far below the gold-trained policy's win rate the MiCRo-trained one may stay

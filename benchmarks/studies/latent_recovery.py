@@ -46,7 +46,7 @@ from benchmarks.harness.plan import (
     load_comparison,
     split_for,
 )
-from trl_micro.evaluation import ensure_writable
+from trl_micro.evaluation_reports import ensure_writable
 from trl_micro.trainer.head_initialization import (
     fit_mixture_em,
     posterior,

@@ -959,7 +959,7 @@ WHAT_IT_SHOWS = [
 
 
 def markdown_lines(header, rows) -> list[str]:
-    from trl_micro.evaluation import markdown_table
+    from trl_micro.evaluation_reports import markdown_table
 
     return markdown_table(header, rows)
 

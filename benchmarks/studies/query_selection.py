@@ -39,7 +39,8 @@ from benchmarks.harness.plan import (
 )
 from trl_micro import MiCRoRewardModel
 from trl_micro.bundled.catalog import resolve_model_path
-from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy
+from trl_micro.evaluation import per_context_accuracy
+from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.personalization.adaptation import fit_online_router, fit_residual_heads, routed_margins, router_priors
 from trl_micro.personalization.query_selection import (
     QUERY_STRATEGIES,

@@ -52,7 +52,8 @@ from benchmarks.harness.plan import (
 )
 from trl_micro import MiCRoRewardModel
 from trl_micro.bundled.catalog import resolve_model_path
-from trl_micro.evaluation import ensure_writable, markdown_table, per_context_accuracy
+from trl_micro.evaluation import per_context_accuracy
+from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.personalization.adaptation import routed_margins
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

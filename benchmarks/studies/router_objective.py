@@ -40,7 +40,8 @@ from benchmarks.harness.plan import (
     split_for,
 )
 from trl_micro import MiCRoRewardModel
-from trl_micro.evaluation import ensure_writable, per_context_accuracy
+from trl_micro.evaluation import per_context_accuracy
+from trl_micro.evaluation_reports import ensure_writable
 from trl_micro.personalization.adaptation import routed_margins
 
 logger = logging.getLogger("benchmarks")

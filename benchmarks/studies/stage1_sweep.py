@@ -54,7 +54,8 @@ from benchmarks.harness.plan import (
     load_comparison,
     split_for,
 )
-from trl_micro.evaluation import ensure_writable, per_context_accuracy
+from trl_micro.evaluation import per_context_accuracy
+from trl_micro.evaluation_reports import ensure_writable
 from trl_micro.losses import context_mixture_bt_loss
 from trl_micro.personalization.adaptation import routed_margins
 
