@@ -40,34 +40,22 @@ from benchmarks import command_line
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "gpu_performance.md"
 
-SHAPES = {  # Llama-3.2 shapes (config.json of meta-llama/Llama-3.2-1B and -3B)
-    "Llama-3.2-1B": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-    ),
-    "Llama-3.2-3B": dict(
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=512,
-    ),
+SHAPE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+SHAPES = {
+    name: dict(zip(SHAPE_FIELDS, values))
+    for name, values in {  # Llama-3.2 shapes (config.json of meta-llama/Llama-3.2-1B and -3B)
+        "Llama-3.2-1B": (2048, 8192, 16, 32, 8, 64, 128256),
+        "Llama-3.2-3B": (3072, 8192, 28, 24, 8, 128, 128256),
+        "tiny": (64, 128, 2, 4, 2, 16, 512),
+    }.items()
 }
 PRESETS = {
     "gpu": dict(shapes=["Llama-3.2-1B", "Llama-3.2-3B"], batch=16, length=512, prompt=128, repeats=10),

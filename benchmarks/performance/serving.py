@@ -19,12 +19,6 @@ and time.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,14 +26,14 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
-from benchmarks import command_line
-from trl_micro import MiCRoRewardModel
+from benchmarks import write_study_report
+from benchmarks.performance.server_process import STARTUP_SECONDS, Server, post, save_untrained_checkpoint
 from trl_micro.bundled.catalog import resolve_model_path
 from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.personalization.stores import UserStore
@@ -50,70 +44,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = REPO_ROOT / "benchmarks" / "performance" / "results" / "serving.md"
 CLIENTS, ROWS_PER_CLIENT = 8, 4
 FEEDBACK_CLIENTS, FEEDBACK_PER_CLIENT = 4, 100
-STARTUP_SECONDS, REQUEST_SECONDS = 300, 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=REQUEST_SECONDS) as response:
-        return json.loads(response.read().decode())
-
-
-class Server:
-    """`trl-micro serve` in a subprocess on 127.0.0.1 (stopped by `stop`, killed by `kill`)."""
-
-    def __init__(self, *arguments: str, port: int | None = None, log: Path | None = None, threads: int = 1):
-        self.port = port or free_port()
-        self.arguments, self.log, self.threads = arguments, log, threads
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        command = [sys.executable, "-m", "trl_micro.scripts.cli", "serve", *self.arguments, "--port", str(self.port)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
-        output = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"trl-micro serve exited with {self.process.returncode}: {shlex.join(command)}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"trl-micro serve did not answer /health within {STARTUP_SECONDS} s")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def save_untrained_checkpoint(model_path: str, folder: Path) -> str:
-    model = MiCRoRewardModel.from_backbone(model_path, num_heads=4)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(folder)
-    return str(folder)
 
 
 def completions(rounds: int) -> list[dict]:
@@ -247,7 +177,8 @@ def measure_feedback(checkpoint: str, folder: Path, threads: int, log: Path, per
     }
 
 
-def render(command: str, model: str, throughput: dict, feedback: dict) -> str:
+def render(result: dict, command: str, model: str) -> str:
+    throughput, feedback = result["throughput"], result["feedback"]
     return "\n".join(
         [
             "# Serving: `trl-micro serve` against in-process scoring",
@@ -306,11 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         log = folder / "servers.log"
         throughput = measure_throughput(checkpoint, args.rounds, args.threads, log)
         feedback = measure_feedback(checkpoint, folder, args.threads, log, args.feedback_per_client)
-    command = command_line("benchmarks.performance.serving", argv)
-    output.write_text(render(command, args.model, throughput, feedback), encoding="utf-8")
-    output.with_suffix(".json").write_text(
-        json.dumps({"command": command, "throughput": throughput, "feedback": feedback}, indent=1), encoding="utf-8"
-    )
+    result = {"throughput": throughput, "feedback": feedback}
+    write_study_report(output, "benchmarks.performance.serving", argv, result, partial(render, model=args.model))
     print(output.read_text(encoding="utf-8"))
     return 0
 

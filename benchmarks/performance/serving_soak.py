@@ -45,8 +45,8 @@ import numpy as np
 import psutil
 import requests
 
-from benchmarks import command_line
-from benchmarks.performance.serving import Server, save_untrained_checkpoint
+from benchmarks import write_study_report
+from benchmarks.performance.server_process import Server, save_untrained_checkpoint
 from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.scripts.serve import API_KEY_ENV
 
@@ -422,7 +422,7 @@ def soak(args: argparse.Namespace, folder: Path) -> dict:
     }
 
 
-def render(command: str, report: dict) -> str:
+def render(report: dict, command: str) -> str:
     rows = [
         [
             kind,
@@ -489,9 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     output = ensure_writable(args.output)
     with tempfile.TemporaryDirectory(prefix="trl-micro-soak-") as scratch:
         report = soak(args, Path(scratch))
-    command = command_line("benchmarks.performance.serving_soak", argv)
-    output.write_text(render(command, report), encoding="utf-8")
-    output.with_suffix(".json").write_text(json.dumps({"command": command, **report}, indent=1), encoding="utf-8")
+    write_study_report(output, "benchmarks.performance.serving_soak", argv, report, render)
     print(output.read_text(encoding="utf-8"))
     return 1 if report["good_5xx"] or report["feedback"]["lost"] else 0
 

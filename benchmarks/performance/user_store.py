@@ -27,7 +27,6 @@ folder (`LocalPostgres`), stopped at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import random
@@ -43,8 +42,8 @@ import numpy as np
 import torch
 from sqlalchemy import insert
 
-from benchmarks import command_line
-from benchmarks.performance.serving import Server, post
+from benchmarks import write_study_report
+from benchmarks.performance.server_process import Server, post
 from trl_micro.evaluation_reports import ensure_writable, markdown_table
 from trl_micro.feature_cache import FeatureStore, backbone_fingerprint, reward_model_fingerprint
 from trl_micro.personalization.rebuild import rebuild_user_store
@@ -348,7 +347,7 @@ def rebuild(folder: Path, num_comparisons: int) -> dict:
     }
 
 
-def render(command: str, results: dict) -> str:
+def render(results: dict, command: str) -> str:
     work = results["store_work"]
     rows = []
     for backend in ("sqlite", "postgresql"):
@@ -499,9 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         results["rebuild"] = rebuild(folder, args.rebuild_comparisons)
         print("rebuild", results["rebuild"], flush=True)
     results["load_average"] = (load_at_start, os.getloadavg()[0])
-    command = command_line("benchmarks.performance.user_store", argv)
-    output.write_text(render(command, results), encoding="utf-8")
-    output.with_suffix(".json").write_text(json.dumps({"command": command, **results}, indent=1), encoding="utf-8")
+    write_study_report(output, "benchmarks.performance.user_store", argv, results, render)
     print(output.read_text(encoding="utf-8"))
     return 0
 
