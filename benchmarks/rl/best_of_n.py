@@ -60,7 +60,7 @@ from benchmarks.rl.personalization_rewards import (
     draw_pools,
     train_heads,
 )
-from benchmarks.rl.rl_personalization import first_queries, load_models, prompt_splits, show_contexts
+from benchmarks.rl.policy_inputs import dsp_prompts, load_models, prompt_splits
 from trl_micro import MiCRoRewardModel, adapt_to_users
 from trl_micro.bundled.dsp import DOMAINS
 from trl_micro.data_utils import completion_end_token_ids
@@ -187,23 +187,13 @@ def parse_args(argv=None):
 # -------------------------------------------------------------------------------------------------- prompts
 def dsp_setup(args, seed: int = 0) -> DSPRewardSetup:
     """The RL benchmark's DSP sizes over all four domains; `seed` 0 is its query split (and the held-out prompts)."""
-    return DSPRewardSetup(
-        domains=DOMAINS,
-        stage1_queries=args.stage1_queries,
-        adaptation_queries=args.adaptation_queries,
-        adaptation_pairs=args.adaptation_pairs,
-        gold_queries=args.gold_queries,
-        test_queries=args.test_queries,
-        seed=seed,
-    )
+    return DSPRewardSetup.from_args(args, DOMAINS, seed)
 
 
 def held_out_prompts(args, scenario: str) -> tuple[list, dict[str, str]]:
     """(the held-out queries, bare conversational prompts, in order; {reader id: the reader's message})."""
     if scenario == "dsp":
-        pools = draw_dsp_pools(dsp_setup(args), args.data_dir)
-        _, evaluation = show_contexts(pools["train_prompts"], pools["eval_prompts"])
-        evaluation = first_queries(evaluation, args.eval_prompts)
+        _, evaluation = dsp_prompts(draw_dsp_pools(dsp_setup(args), args.data_dir), args.eval_prompts)
     else:
         _, evaluation = prompt_splits(args.num_contexts, args.eval_prompts)
     queries = list({json.dumps(query): query for query in evaluation["query"]}.values())
@@ -329,22 +319,8 @@ def reward_setup(args, scenario: str, seed: int) -> RewardSetup | DSPRewardSetup
     if scenario == "dsp":
         setup = dsp_setup(args, seed)
         return setup if args.head_init is None else DSPHeadInitSetup(**vars(setup), head_init=args.head_init)
-    if args.head_init is not None:
-        return HeadInitSetup(**vars(reward_setup_plain(args, seed)), head_init=args.head_init)
-    return reward_setup_plain(args, seed)
-
-
-def reward_setup_plain(args, seed: int) -> RewardSetup:
-    return RewardSetup(
-        num_contexts=args.num_contexts,
-        num_heads=args.num_contexts,
-        stage1_pairs=args.stage1_pairs,
-        adaptation_pairs=args.adaptation_pairs,
-        gold_pairs=args.gold_pairs,
-        test_pairs=args.test_pairs,
-        epochs=args.reward_epochs,
-        seed=seed,
-    )
+    setup = RewardSetup.from_args(args, seed)
+    return setup if args.head_init is None else HeadInitSetup(**vars(setup), head_init=args.head_init)
 
 
 def rewards_dir(args, scenario: str) -> Path:

@@ -42,6 +42,11 @@ CPU_RUN = dict(report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=
 """Training arguments of every run of the benchmark (reward heads and GRPO): on the CPU, nothing saved or reported."""
 
 
+def arguments(args, *names: str) -> dict:
+    """{name: args.name} of the parsed arguments `names`."""
+    return {name: getattr(args, name) for name in names}
+
+
 @dataclass(frozen=True)
 class RewardSetup:
     """
@@ -68,6 +73,12 @@ class RewardSetup:
     epochs: int = 30
     learning_rate: float = 5e-3
     seed: int = 0
+
+    @classmethod
+    def from_args(cls, args, seed: int = 0) -> RewardSetup:
+        """The sizes a benchmark's arguments name (`--stage1_pairs` ...), K = M heads trained `--reward_epochs`."""
+        sizes = arguments(args, "num_contexts", "stage1_pairs", "adaptation_pairs", "gold_pairs", "test_pairs")
+        return cls(**sizes, num_heads=args.num_contexts, epochs=args.reward_epochs, seed=seed)
 
     def training(self) -> dict:
         """The `MiCRoRewardConfig` fields every head of this setup trains with (beyond the frozen-backbone run)."""
@@ -99,6 +110,12 @@ class DSPRewardSetup:
     gold_queries: int = 200
     test_queries: int = 100
     seed: int = 0
+
+    @classmethod
+    def from_args(cls, args, domains, seed: int = 0) -> DSPRewardSetup:
+        """The sizes a benchmark's arguments name (`--stage1_queries` ...) for the readers of `domains`."""
+        names = ("stage1_queries", "adaptation_queries", "adaptation_pairs", "gold_queries", "test_queries")
+        return cls(domains=tuple(domains), **arguments(args, *names), seed=seed)
 
     @property
     def num_contexts(self) -> int:

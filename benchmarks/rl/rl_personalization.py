@@ -51,9 +51,8 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from peft import LoraConfig
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from benchmarks import command_line, default_data_dir
@@ -65,73 +64,51 @@ from benchmarks.rl.personalization_rewards import (
     build_rewards,
     draw_dsp_pools,
 )
+from benchmarks.rl.policy_inputs import CONTEXT_TEMPLATE, dsp_prompts, load_models, prompt_splits
 from benchmarks.rl.rl_personalization_report import write_outputs
-from trl_micro.bundled.prompts import synthetic_prompt_dataset
-from trl_micro.bundled.synthetic import SyntheticPreferenceConfig, generate_synthetic_preferences
 from trl_micro.evaluation_reports import markdown_table, to_jsonable, write_report
-from trl_micro.scripts.rl_utils import sample_completions, show_context_to_policy
-from trl_micro.testing_utils import build_tiny_backbone, build_tiny_tokenizer, tiny_backbone_config
+from trl_micro.scripts.rl_utils import sample_completions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("micro", "single", "gold")
-CONTEXT_TEMPLATE = "{context}\n\n"  # MiCRoConfig's default: the context as the system message of a conversation
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
+# Each setting's default under the two presets (smoke, full):
+# - smoke: tiny random policy and reward backbone, a test of the pipeline, not a result.
+# - full: the embedded SmolLM2-135M-Instruct as policy and reward backbone. The budget of 128 tokens leaves each taste
+#   room: the synthetic long style runs to 61 tokens on average (100 at most), DSP's styled answers to a median of
+#   137-160 tokens whose style shows in their first sentences, while the initial policy, let run, writes about 200
+#   (results/initial_lengths*.md); 48 tokens cut 90% of its answers and every long-style one. Steps: at 48 tokens a
+#   step of 16 completions took about 29 s on the shared 2-core machine (one thread) and an evaluation sample 0.5 s;
+#   at 128 tokens 31-40 s with two threads (DSP's longer prompts 42-55), so 32 steps and three evaluations make a
+#   run of 22-28 min (DSP 30-39; results/rl_personalization*.md, "Runs"). At learning rate
+#   1e-3 the KL to the initial policy was still about 0.06 after 30 steps (no collapse), and 5e-4 barely moved it
+#   in 20. The reward pools' backbone features take 10-20 min (synthetic) or about 30 (DSP) once per --cache_dir.
+PRESET_SETTINGS = {
+    "models": ("tiny", "embedded"),
+    "seeds": ([0, 1], [0, 1]),
+    "max_steps": (4, 32),
+    "eval_every": (2, 16),
+    "prompts_per_step": (2, 4),
+    "num_generations": (2, 4),
+    "max_completion_length": (8, 128),
+    "learning_rate": (1e-3, 1e-3),
+    "beta": (0.04, 0.04),
+    "temperature": (1.0, 1.0),
+    "lora_r": (4, 16),
+    "lora_alpha": (8, 32),
+    "eval_prompts": (2, 16),
+    "eval_samples": (2, 4),
+    "reference_samples": (2, 4),
+    "stage1_pairs": (24, 200),
+    "adaptation_pairs": (4, 32),
+    "gold_pairs": (24, 400),
+    "test_pairs": (8, 100),
+    "reward_epochs": (3, 30),
+}
 PRESETS = {
-    # Tiny random policy and reward backbone: a test of the pipeline, not a result.
-    "smoke": dict(
-        models="tiny",
-        seeds=[0, 1],
-        max_steps=4,
-        eval_every=2,
-        prompts_per_step=2,
-        num_generations=2,
-        max_completion_length=8,
-        learning_rate=1e-3,
-        beta=0.04,
-        temperature=1.0,
-        lora_r=4,
-        lora_alpha=8,
-        eval_prompts=2,
-        eval_samples=2,
-        reference_samples=2,
-        stage1_pairs=24,
-        adaptation_pairs=4,
-        gold_pairs=24,
-        test_pairs=8,
-        reward_epochs=3,
-    ),
-    # The embedded SmolLM2-135M-Instruct as policy and reward backbone. The budget of 128 tokens leaves each taste
-    # room: the synthetic long style runs to 61 tokens on average (100 at most), DSP's styled answers to a median of
-    # 137-160 tokens whose style shows in their first sentences, while the initial policy, let run, writes about 200
-    # (results/initial_lengths*.md); 48 tokens cut 90% of its answers and every long-style one. Steps: at 48 tokens a
-    # step of 16 completions took about 29 s on the shared 2-core machine (one thread) and an evaluation sample 0.5 s;
-    # at 128 tokens 31-40 s with two threads (DSP's longer prompts 42-55), so 32 steps and three evaluations make a
-    # run of 22-28 min (DSP 30-39; results/rl_personalization*.md, "Runs"). At learning rate
-    # 1e-3 the KL to the initial policy was still about 0.06 after 30 steps (no collapse), and 5e-4 barely moved it
-    # in 20. The reward pools' backbone features take 10-20 min (synthetic) or about 30 (DSP) once per --cache_dir.
-    "full": dict(
-        models="embedded",
-        seeds=[0, 1],
-        max_steps=32,
-        eval_every=16,
-        prompts_per_step=4,
-        num_generations=4,
-        max_completion_length=128,
-        learning_rate=1e-3,
-        beta=0.04,
-        temperature=1.0,
-        lora_r=16,
-        lora_alpha=32,
-        eval_prompts=16,
-        eval_samples=4,
-        reference_samples=4,
-        stage1_pairs=200,
-        adaptation_pairs=32,
-        gold_pairs=400,
-        test_pairs=100,
-        reward_epochs=30,
-    ),
+    preset: {name: values[column] for name, values in PRESET_SETTINGS.items()}
+    for column, preset in enumerate(("smoke", "full"))
 }
 # The DSP scenario's sizes, over the preset's GRPO settings: Stage 1 reads 300 queries' pairs (4800, every domain),
 # the gold 200 queries' pairs per domain (800), the test pairs and held-out prompts come from 100 other queries.
@@ -244,57 +221,6 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------------------------------------- models
-def load_models(args, scratch: str):
-    """(policy path, policy tokenizer, reward backbone, reward tokenizer) for `--models`."""
-    if args.models == "embedded":
-        from trl_micro.bundled.embedded import embedded_model_path
-
-        path = embedded_model_path()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return path, tokenizer, AutoModel.from_pretrained(path, dtype=torch.float32), tokenizer
-    data = generate_synthetic_preferences(
-        SyntheticPreferenceConfig(num_subpopulations=args.num_contexts, num_pairs_per_subpopulation=50)
-    )
-    texts = [row[column] for row in data for column in ("prompt", "chosen", "rejected")]
-    tokenizer = build_tiny_tokenizer(texts + sorted(set(data["context"])) + ["system user assistant"], vocab_size=800)
-    torch.manual_seed(0)
-    policy = AutoModelForCausalLM.from_config(tiny_backbone_config(tokenizer))
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy.generation_config.eos_token_id = tokenizer.eos_token_id
-    path = os.path.join(scratch, "tiny-policy")
-    policy.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path, tokenizer, build_tiny_backbone(tokenizer, seed=1), tokenizer
-
-
-def show_contexts(train: Dataset, evaluation: Dataset) -> tuple[Dataset, Dataset]:
-    """Both prompt sets with the context joined to `prompt` as the system message; `query` keeps the bare prompt."""
-    parts = []
-    for part in (train, evaluation):
-        if "query" not in part.column_names:
-            part = part.add_column("query", part["prompt"])
-        parts.append(show_context_to_policy(part, "context", CONTEXT_TEMPLATE))
-    return tuple(parts)
-
-
-def prompt_splits(num_contexts: int, eval_prompts: int) -> tuple[Dataset, Dataset]:
-    """(train, held-out) synthetic prompts, every prompt under every context, held out whole."""
-    dataset = synthetic_prompt_dataset(num_contexts, conversational=True, seed=0)
-    keys = [json.dumps(prompt) for prompt in dataset["prompt"]]
-    held_out = set(list(dict.fromkeys(keys))[-eval_prompts:])
-    train = dataset.select([index for index, key in enumerate(keys) if key not in held_out])
-    evaluation = dataset.select([index for index, key in enumerate(keys) if key in held_out])
-    return show_contexts(train, evaluation)
-
-
-def first_queries(prompts: Dataset, num_queries: int) -> Dataset:
-    """The rows of the first `num_queries` distinct queries (each under every context)."""
-    keys = [json.dumps(query) for query in prompts["query"]]
-    kept = set(list(dict.fromkeys(keys))[:num_queries])
-    return prompts.select([index for index, key in enumerate(keys) if key in kept])
-
-
 # ------------------------------------------------------------------------------------------------------- runs
 def grpo_config(args, seed: int, output_dir: str, reward_weights: list[float]) -> GRPOConfig:
     return GRPOConfig(
@@ -356,27 +282,11 @@ def train_policy(method, reward, seed, args, policy_path, train_prompts, evaluat
 def scenario_inputs(args):
     """(reward setup, reward pools or None for the synthetic draw, training prompts, held-out prompts) of `--scenario`."""
     if args.scenario == "dsp":
-        setup = DSPRewardSetup(
-            domains=tuple(args.domains),
-            stage1_queries=args.stage1_queries,
-            adaptation_queries=args.adaptation_queries,
-            adaptation_pairs=args.adaptation_pairs,
-            gold_queries=args.gold_queries,
-            test_queries=args.test_queries,
-        )
+        setup = DSPRewardSetup.from_args(args, args.domains)
         pools = draw_dsp_pools(setup, args.data_dir)
-        train_prompts, eval_prompts = show_contexts(pools["train_prompts"], pools["eval_prompts"])
-        eval_prompts = first_queries(eval_prompts, args.eval_prompts)
+        train_prompts, eval_prompts = dsp_prompts(pools, args.eval_prompts)
     else:
-        setup = RewardSetup(
-            num_contexts=args.num_contexts,
-            num_heads=args.num_contexts,
-            stage1_pairs=args.stage1_pairs,
-            adaptation_pairs=args.adaptation_pairs,
-            gold_pairs=args.gold_pairs,
-            test_pairs=args.test_pairs,
-            epochs=args.reward_epochs,
-        )
+        setup = RewardSetup.from_args(args)
         pools = None
         train_prompts, eval_prompts = prompt_splits(args.num_contexts, args.eval_prompts)
     return setup, pools, train_prompts, eval_prompts
