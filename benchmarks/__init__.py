@@ -5,15 +5,17 @@ Benchmarks of trl-micro, by role (each folder's README says what it holds and ho
 costs). Every script runs from the repository root as a module, `python -m benchmarks.<folder>.<script>`. The library
 never imports this package.
 
-What every script shares lives here: the real-data folder, the command line a report quotes, the logging set-up and
-the writing of a study's report.
+What every script shares lives here: the real-data folder, the command line a report quotes, the logging set-up, the
+stopwatch of a run's stages and the writing of a report.
 """
 
 import json
 import logging
 import os
 import shlex
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 CHECKOUT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -40,6 +42,16 @@ def command_line(module: str, argv: Sequence[str]) -> str:
         return shlex.quote(argument)
 
     return " ".join(["python", "-m", module, *map(quoted, argv)])
+
+
+@contextmanager
+def stopwatch(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the wall time of the `with` block to `seconds[name]` (0 before the first), an exception or not."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def start_logging() -> None:

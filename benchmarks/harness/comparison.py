@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,6 +61,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from benchmarks import stopwatch
 from trl_micro.data_utils import context_indices
 from trl_micro.evaluation import head_accuracy, head_usage, per_context_accuracy
 from trl_micro.losses import head_agreement
@@ -263,10 +263,27 @@ def _common_training_args(output_dir: str, seed: int) -> dict:
     )
 
 
-def _train_quietly(trainer) -> None:
-    """Train without printing the final metrics dictionary (a comparison runs dozens of short trainings)."""
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
+_TRAINERS = {
+    "heads": (MiCRoRewardTrainer, MiCRoRewardConfig),
+    "router": (RouterAdaptationTrainer, RouterAdaptationConfig),
+}
+
+
+def _train_on_pool(stage: str, model, dataset: Dataset, pool, tokenizer, seed: int, config: dict) -> MiCRoRewardModel:
+    """
+    Train `model` on `dataset` (rows of pool pairs, their features from `pool`) with the trainer of `stage` ("heads":
+    Stage 1, "router": Stage 2), configured by `config` over the common arguments in a scratch folder, without
+    printing the final metrics dictionary (a comparison runs dozens of short trainings); returns the model in eval mode.
+    """
+    trainer_class, config_class = _TRAINERS[stage]
+    with tempfile.TemporaryDirectory(prefix=f"trl-micro-{stage}-") as output_dir:
+        args = config_class(**_common_training_args(output_dir, seed), **config)
+        trainer = trainer_class(
+            model=model, args=args, train_dataset=dataset, data_collator=pool.features, processing_class=tokenizer
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    return model.eval()
 
 
 def train_heads(
@@ -305,24 +322,14 @@ def train_heads(
         and "latent_group" not in dataset.column_names
     ):
         dataset = dataset.add_column("latent_group", pool.latent_groups(pairs, with_context))
-    with tempfile.TemporaryDirectory(prefix="trl-micro-heads-") as output_dir:
-        args = MiCRoRewardConfig(
-            **_common_training_args(output_dir, seed),
-            **{**training.config_kwargs(), **(config_overrides or {})},
-            num_heads=num_heads,
-            use_router=use_router,
-            loss_type=loss_type,
-            freeze_backbone=True,
-        )
-        trainer = MiCRoRewardTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=pool.features,
-            processing_class=tokenizer,
-        )
-        _train_quietly(trainer)
-    return model.eval()
+    config = dict(
+        **{**training.config_kwargs(), **(config_overrides or {})},
+        num_heads=num_heads,
+        use_router=use_router,
+        loss_type=loss_type,
+        freeze_backbone=True,
+    )
+    return _train_on_pool("heads", model, dataset, pool, tokenizer, seed, config)
 
 
 def train_diverse_ensemble(
@@ -381,30 +388,20 @@ def adapt_router(
 ) -> MiCRoRewardModel:
     """Stage 2 router adaptation of a copy of `stage1` on the pool pairs `pairs`, scored with their context."""
     model = copy_heads_and_router(stage1)
-    with tempfile.TemporaryDirectory(prefix="trl-micro-router-") as output_dir:
-        args = RouterAdaptationConfig(
-            **_common_training_args(output_dir, seed),
-            num_train_epochs=training.num_train_epochs,
-            learning_rate=training.learning_rate,
-            per_device_train_batch_size=training.batch_size,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.05,
-            router_anchor_coef=training.router_anchor_coef,
-            max_steps=training.max_steps,
-            adaptation_likelihood=training.adaptation_likelihood,
-        )
-        dataset = pool.feature_dataset(pairs, with_context=True)
-        if training.adaptation_likelihood == "context":
-            dataset = dataset.add_column("context_index", context_indices([pool.context_ids[pair] for pair in pairs]))
-        trainer = RouterAdaptationTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=pool.features,
-            processing_class=tokenizer,
-        )
-        _train_quietly(trainer)
-    return model.eval()
+    dataset = pool.feature_dataset(pairs, with_context=True)
+    if training.adaptation_likelihood == "context":
+        dataset = dataset.add_column("context_index", context_indices([pool.context_ids[pair] for pair in pairs]))
+    config = dict(
+        num_train_epochs=training.num_train_epochs,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=training.batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        router_anchor_coef=training.router_anchor_coef,
+        max_steps=training.max_steps,
+        adaptation_likelihood=training.adaptation_likelihood,
+    )
+    return _train_on_pool("router", model, dataset, pool, tokenizer, seed, config)
 
 
 def score(model: MiCRoRewardModel, pool: CachedPairPool, pairs: Sequence[int], with_context: bool) -> PairScores:
@@ -538,17 +535,6 @@ class ComparisonResult:
     seconds: dict = field(default_factory=dict)
 
 
-class _Stopwatch:
-    def __init__(self, seconds: dict, name: str):
-        self.seconds, self.name = seconds, name
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - self.started
-
-
 SUBSET_COLUMNS = ("agreed",)  # boolean pool columns whose test pairs are also reported on their own
 
 
@@ -573,7 +559,7 @@ def compare_methods(
         result.accuracy[name] = per_context_accuracy(margins, test_contexts)
 
     def timed(name):
-        return _Stopwatch(result.seconds, name)
+        return stopwatch(result.seconds, name)
 
     with timed(SINGLE):
         single = train_heads(backbone, tokenizer, pool, split.stage1_train, heads, seed, num_heads=1)

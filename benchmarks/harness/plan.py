@@ -262,6 +262,35 @@ def build_pool(
     )
 
 
+def study_pool(pools: dict[str, CachedPairPool], plan, spec, model, tokenizer, args) -> CachedPairPool:
+    """The pool of a study's comparison `spec` (without the unseen wordings' features), built from `plan` with the
+    study's `--cache_dir` and `--data_dir` the first time and kept in `pools` (by name) for the comparisons after."""
+    if spec.pool not in pools:
+        pools[spec.pool] = build_pool(
+            spec.pool,
+            plan.pools[spec.pool],
+            model,
+            tokenizer,
+            args.cache_dir,
+            args.data_dir,
+            with_unseen_wordings=False,
+        )
+    return pools[spec.pool]
+
+
+def comparison_summary(spec, contexts, seeds, adaptation_per_context: int) -> dict:
+    """What a single-comparison study's result starts with: the comparison `spec` (name, title, target), its
+    contexts, the seeds and the largest adaptation budget per context."""
+    return {
+        "benchmark": spec.name,
+        "title": spec.title,
+        "contexts": list(contexts),
+        "seeds": list(seeds),
+        "adaptation_per_context": adaptation_per_context,
+        "target": spec.target,
+    }
+
+
 @dataclass
 class LoadedComparison:
     """One comparison of a plan with its backbone and pool, for the scripts that study a single comparison."""

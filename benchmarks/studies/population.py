@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from benchmarks import command_line, default_data_dir
+from benchmarks import command_line, default_data_dir, stopwatch
 from benchmarks.harness.pair_pool import CachedPairPool, build_pair_pool, longest_sequence_lengths
 from trl_micro.bundled.dsp import DOMAINS, STYLES, load_dsp_queries
 from trl_micro.data_utils import tokenize_pairs
@@ -642,7 +642,7 @@ def run_seed(world: World, model, tokenizer, preset: Preset, alpha: float, seed:
         result["unseen"].setdefault(name, {})[count] = float(expected_accuracy(margins, unseen_probability).mean())
 
     def timed(name):
-        return _Timer(result["seconds"], name)
+        return stopwatch(result["seconds"], name)
 
     training = HeadTraining()
     overrides = dict(preset.head_training)
@@ -742,17 +742,6 @@ def best_heads_per_domain(head_margins: torch.Tensor, tests: TestPairs) -> dict[
     """Per domain, the accuracy of the head that best follows that domain's judgments on the test pairs."""
     agree = ((head_margins[:, :, None] > 0).double() == tests.judgments[:, None, :]).double().mean(0)  # (K, 4)
     return {domain: float(agree[:, d].max()) for d, domain in enumerate(DOMAINS)}
-
-
-class _Timer:
-    def __init__(self, seconds: dict, name: str):
-        self.seconds, self.name = seconds, name
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - self.started
 
 
 # ----------------------------------------------------------------------------------------------------------- report

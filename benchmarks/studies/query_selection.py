@@ -30,13 +30,7 @@ from transformers import AutoTokenizer
 from benchmarks import start_logging, write_study_report
 from benchmarks.harness.comparison import score, train_heads
 from benchmarks.harness.metrics import plot_adaptation_curves
-from benchmarks.harness.plan import (
-    add_plan_arguments,
-    benchmark_settings,
-    build_pool,
-    selected_comparisons,
-    split_for,
-)
+from benchmarks.harness.plan import add_plan_arguments, benchmark_settings, selected_comparisons, split_for, study_pool
 from trl_micro import MiCRoRewardModel
 from trl_micro.bundled.catalog import resolve_model_path
 from trl_micro.evaluation import per_context_accuracy
@@ -146,22 +140,11 @@ def run_study(args, plan, specs, on_benchmark=None) -> dict:
     }
     pools = {}
     for spec in specs:
-        if spec.pool not in pools:
-            pools[spec.pool] = build_pool(
-                spec.pool,
-                plan.pools[spec.pool],
-                feature_model,
-                tokenizer,
-                args.cache_dir,
-                args.data_dir,
-                with_unseen_wordings=False,
-            )
+        pool = study_pool(pools, plan, spec, feature_model, tokenizer, args)
         settings = benchmark_settings(plan, spec)
         started = time.perf_counter()
         runs = [
-            measure(
-                feature_model.backbone, tokenizer, pools[spec.pool], spec, settings, seed, args.budgets, args.strategies
-            )
+            measure(feature_model.backbone, tokenizer, pool, spec, settings, seed, args.budgets, args.strategies)
             for seed in seeds
         ]
         result["benchmarks"][spec.name] = {

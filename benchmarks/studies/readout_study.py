@@ -43,13 +43,7 @@ from benchmarks.harness.comparison import (
     train_heads,
 )
 from benchmarks.harness.metrics import best_head_accuracy, gap_closed
-from benchmarks.harness.plan import (
-    add_plan_arguments,
-    benchmark_settings,
-    build_pool,
-    selected_comparisons,
-    split_for,
-)
+from benchmarks.harness.plan import add_plan_arguments, benchmark_settings, selected_comparisons, split_for, study_pool
 from trl_micro import MiCRoRewardModel
 from trl_micro.bundled.catalog import resolve_model_path
 from trl_micro.evaluation import per_context_accuracy
@@ -127,22 +121,12 @@ def run_study(args, plan, specs, on_readout=None) -> dict:
             feature_model = MiCRoRewardModel.from_backbone(model_path, num_heads=1, **readout).eval()
             pools = {}
             for spec in specs:
-                if spec.pool not in pools:
-                    pools[spec.pool] = build_pool(
-                        spec.pool,
-                        plan.pools[spec.pool],
-                        feature_model,
-                        tokenizer,
-                        args.cache_dir,
-                        args.data_dir,
-                        with_unseen_wordings=False,
-                    )
+                pool = study_pool(pools, plan, spec, feature_model, tokenizer, args)
                 gc.freeze()  # see run_all.run_benchmark
                 settings = benchmark_settings(plan, spec)
                 started = time.perf_counter()
                 runs = [
-                    measure(feature_model.backbone, tokenizer, pools[spec.pool], spec, settings, readout, seed)
-                    for seed in seeds
+                    measure(feature_model.backbone, tokenizer, pool, spec, settings, readout, seed) for seed in seeds
                 ]
                 entry = result["benchmarks"].setdefault(
                     spec.name, {"title": spec.title, "heads": settings.heads.describe(), "readouts": {}}

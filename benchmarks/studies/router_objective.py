@@ -36,6 +36,7 @@ from benchmarks.harness.comparison import (
 from benchmarks.harness.metrics import gap_closed
 from benchmarks.harness.plan import (
     add_comparison_arguments,
+    comparison_summary,
     load_comparison,
     split_for,
 )
@@ -119,12 +120,7 @@ def compare_objectives(pool, backbone, tokenizer, spec, plan, seeds) -> dict:
         for method in METHODS
     }
     return {
-        "benchmark": spec.name,
-        "title": spec.title,
-        "contexts": list(contexts),
-        "seeds": list(seeds),
-        "adaptation_per_context": largest,
-        "target": spec.target,
+        **comparison_summary(spec, contexts, seeds, largest),
         "router_training": {key: value for key, value in asdict(router).items() if key != "adaptation_likelihood"},
         "context_probe_accuracy": probe,
         "mean": mean,

@@ -51,6 +51,7 @@ from benchmarks.harness.metrics import best_head_accuracy, best_heads, gap_close
 from benchmarks.harness.plan import (
     add_comparison_arguments,
     benchmark_settings,
+    comparison_summary,
     load_comparison,
     split_for,
 )
@@ -197,12 +198,7 @@ def sweep(pool, backbone, tokenizer, spec, plan, variants, seeds) -> dict:
             row["seconds"],
         )
     return {
-        "benchmark": spec.name,
-        "title": spec.title,
-        "contexts": list(contexts),
-        "seeds": list(seeds),
-        "adaptation_per_context": largest,
-        "target": spec.target,
+        **comparison_summary(spec, contexts, seeds, largest),
         "benchmark_heads": asdict(heads),
         "variants": rows,
     }
