@@ -7,13 +7,18 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from trl_micro import MiCRoRewardConfig, MiCRoRewardTrainer
+from trl_micro import MiCRoReward, MiCRoRewardConfig, MiCRoRewardTrainer
 from trl_micro.data_utils import assistant_header, completion_end_token_ids, marker_token_ids
 from trl_micro.testing_utils import build_tiny_micro_model, tiny_backbone_config
 
 from .conftest import CONTEXTS, make_conflicting_pairs
 
 CONTEXT_IDS = {"short": "short-reader", "long": "long-reader"}
+# Command-line flags of a short RL run on the CPU (nothing saved or reported, every step logged), and the sizes of a
+# tiny GRPO / RLOO run (two steps of one group of four completions of at most eight tokens).
+CPU_FLAGS = ["--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
+TINY_GRPO_FLAGS = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8"]
+TINY_GRPO_FLAGS += ["--max_steps", "2"]
 
 
 def train_reward_checkpoint(tokenizer, path, conversational: bool = True, num_heads: int = 2) -> str:
@@ -38,6 +43,18 @@ def train_reward_checkpoint(tokenizer, path, conversational: bool = True, num_he
     trainer.train()
     trainer.save_model(str(path))
     return str(path)
+
+
+def reward_with_eval_stores(checkpoint, folder, user_column: str) -> MiCRoReward:
+    """The reward of `checkpoint` (no context column) routed per user of `user_column` by the stores `trl-micro eval`
+    saves in `folder` (online_router.json and residual_heads.json)."""
+    return MiCRoReward.from_pretrained(
+        checkpoint,
+        context_column=None,
+        user_column=user_column,
+        online_router=folder / "online_router.json",
+        residual_heads=folder / "residual_heads.json",
+    )
 
 
 def save_tiny_policy(tokenizer, path, seed: int = 0) -> str:

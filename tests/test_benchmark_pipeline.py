@@ -19,6 +19,7 @@ from trl_micro.scripts.cli import main as cli_main
 from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
 from .conftest import eval_command, make_conflicting_pairs, run_eval, save_tiny_checkpoint, skip_unless_strict
+from .rl_fixtures import reward_with_eval_stores
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -46,30 +47,24 @@ def real_data_dir():
         skip_unless_strict(str(error))
 
 
-def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_data_dir):
+def run_pipeline(tokenizer, tmp_path, data_dir, output, *arguments: str) -> tuple[str, list[str], str]:
+    """Run benchmarks/harness/run_all.py on the smoke plan with a tiny backbone and the real data (`arguments` after
+    the report `output`, the results in tmp_path/results and the cache); it must exit 0 and its report must quote the
+    command that reruns it. Returns the backbone's folder, the arguments and the report."""
     backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
-    output, results, performance = tmp_path / "BENCHMARKS.md", tmp_path / "results", tmp_path / "performance"
-    argv = [
-        "--preset",
-        "smoke",
-        "--model",
-        backbone,
-        "--output",
-        str(output),
-        "--results_dir",
-        str(results),
-        "--performance_dir",
-        str(performance),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--data_dir",
-        str(real_data_dir),
-        "--lora",
-    ]
+    argv = ["--preset", "smoke", "--model", backbone, "--output", str(output), "--cache_dir", str(tmp_path / "cache")]
+    argv += ["--results_dir", str(tmp_path / "results"), "--data_dir", str(data_dir), *arguments]
     assert run_all.main(argv) == 0
-
     document = output.read_text()
     assert f"python -m benchmarks.harness.run_all {' '.join(argv)}" in document
+    return backbone, argv, document
+
+
+def test_run_all_smoke_writes_report_tables_and_plots(tokenizer, tmp_path, real_data_dir):
+    output, results, performance = tmp_path / "BENCHMARKS.md", tmp_path / "results", tmp_path / "performance"
+    backbone, argv, document = run_pipeline(
+        tokenizer, tmp_path, real_data_dir, output, "--performance_dir", str(performance), "--lora"
+    )
     for heading in (
         "## How this was run",
         "## Setup",
@@ -172,13 +167,7 @@ def test_eval_command_writes_report_and_plots(checkpoint_and_data, tmp_path, cap
     readout = MiCRoReward.from_pretrained(checkpoint).model.config.readout_name
     assert report["model"] == {"num_heads": 3, "readout": readout} and f"readout {readout}" in printed
     # What was adapted is saved per context id and drops into the RL reward.
-    reward = MiCRoReward.from_pretrained(
-        checkpoint,
-        context_column=None,
-        user_column="taste",
-        online_router=out / "online_router.json",
-        residual_heads=out / "residual_heads.json",
-    )
+    reward = reward_with_eval_stores(checkpoint, out, "taste")
     assert set(reward.online_router.users()) == set(reward.residual_heads.users()) == {"short", "long"}
     row = make_conflicting_pairs(1)[0]
     scores = reward.score([row["prompt"]] * 3, [row["chosen"]] * 3, users=["short", "long", "nobody"])
@@ -292,25 +281,10 @@ def test_lora_only_plan_runs_just_the_lora_run(tokenizer, tmp_path, real_data_di
         return plan
 
     monkeypatch.setitem(plans.PRESETS, "smoke", smoke_lora_only)
-    backbone = save_tiny_backbone(str(tmp_path / "backbone"), tokenizer)
-    output, results = tmp_path / "REPORT.md", tmp_path / "results"
-    argv = [
-        "--preset",
-        "smoke",
-        "--model",
-        backbone,
-        "--output",
-        str(output),
-        "--results_dir",
-        str(results),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--data_dir",
-        str(real_data_dir),
-    ]  # no --lora: the plan asks
-    assert run_all.main(argv) == 0
-
-    document = output.read_text()
+    results = tmp_path / "results"
+    _, _, document = run_pipeline(
+        tokenizer, tmp_path, real_data_dir, tmp_path / "REPORT.md"
+    )  # no --lora: the plan asks
     assert document.startswith("# trl-micro benchmarks: the LoRA run")
     assert "Regenerate with the same command" in document
     assert "## LoRA-tuned backbone" in document and "### hh_relabeled, LoRA-tuned backbone (LoRA run)" in document

@@ -17,7 +17,7 @@ import trl_micro
 from trl_micro import MiCRoRewardModel
 
 from .conftest import CONTEXTS
-from .rl_fixtures import policy_path, prompt_dataset, reward_checkpoint  # noqa: F401 (fixtures)
+from .rl_fixtures import CPU_FLAGS, TINY_GRPO_FLAGS, policy_path, prompt_dataset, reward_checkpoint  # noqa: F401
 
 TRL = str(Path(sys.executable).parent / "trl")
 CODE_FILES = ("configuration_micro.py", "modeling_micro.py")
@@ -217,23 +217,8 @@ def trl_command(trainer, policy, reward, prompts, output_dir, *extra):
         prompts,
         "--output_dir",
         str(output_dir),
-        "--per_device_train_batch_size",
-        "4",
-        "--num_generations",
-        "4",
-        "--max_completion_length",
-        "8",
-        "--max_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--use_cpu",
-        "--bf16",
-        "false",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
+        *TINY_GRPO_FLAGS,
+        *CPU_FLAGS,
         *extra,
     ]
 

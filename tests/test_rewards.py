@@ -17,7 +17,14 @@ from trl_micro.scripts.rl_utils import show_context_to_policy
 from trl_micro.testing_utils import build_tiny_micro_model, save_tiny_backbone
 
 from .conftest import CONTEXTS, STYLES
-from .rl_fixtures import CONTEXT_IDS, policy_path, prompt_dataset, reward_checkpoint, save_untrained_micro  # noqa: F401
+from .rl_fixtures import (  # noqa: F401
+    CONTEXT_IDS,
+    policy_path,
+    prompt_dataset,
+    reward_checkpoint,
+    reward_with_eval_stores,
+    save_untrained_micro,
+)
 
 SHORT, LONG = STYLES["short"][0], STYLES["long"][0]
 
@@ -121,13 +128,7 @@ def test_integer_user_ids_find_the_stores_eval_writes(reward_checkpoint, tmp_pat
     residuals = ResidualHeads(hidden, l2=0.1)
     residuals.fit("17", torch.zeros(8), torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)))
     residuals.save(tmp_path / "residual_heads.json")
-    reward = MiCRoReward.from_pretrained(
-        reward_checkpoint,
-        context_column=None,
-        user_column="context_id",
-        online_router=tmp_path / "online_router.json",
-        residual_heads=tmp_path / "residual_heads.json",
-    )
+    reward = reward_with_eval_stores(reward_checkpoint, tmp_path, "context_id")
     prompt, completion = chat("user", "Question number 2: how do I fix a bike?"), chat("assistant", SHORT)
     logged = {}
     with caplog.at_level(logging.WARNING, logger="trl_micro"):

@@ -11,26 +11,13 @@ import torch
 from trl_micro import MiCRoReward, OnlineRouter, ResidualHeads
 
 from .conftest import REPO_ROOT
-from .rl_fixtures import policy_path, prompt_dataset, save_untrained_micro  # noqa: F401 (fixtures)
+from .rl_fixtures import CPU_FLAGS, TINY_GRPO_FLAGS, policy_path, prompt_dataset, save_untrained_micro  # noqa: F401
 
 GRPO_RECIPE = str(REPO_ROOT / "recipes" / "grpo_personalized.py")
 PPO_RECIPE = str(REPO_ROOT / "recipes" / "ppo_personalized.py")
 ACCELERATE_CONFIGS = REPO_ROOT / "recipes" / "accelerate_configs"
-CPU_FLAGS = ["--use_cpu", "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
-GRPO_FLAGS = [
-    "--per_device_train_batch_size",
-    "4",
-    "--num_generations",
-    "4",
-    "--max_completion_length",
-    "8",
-    "--max_steps",
-    "2",
-    "--lora_r",
-    "4",
-    "--lora_alpha",
-    "8",
-]
+GRPO_FLAGS = [*TINY_GRPO_FLAGS, "--lora_r", "4", "--lora_alpha", "8"]
+PROBE_FLAGS = ["--probe_prompts", "1", "--probe_max_new_tokens", "6"]
 PPO_FLAGS = [
     "--per_device_train_batch_size",
     "2",
@@ -77,6 +64,18 @@ def run(command, output_dir):
     return json.loads((output_dir / "personalized_rewards.json").read_text())
 
 
+def run_recipe(launcher: list[str], recipe: str, output_dir, *flags: str) -> dict:
+    """Run `recipe` with `flags` and `--output_dir`, launched by `launcher` (this interpreter, or `two_cpu_processes`);
+    it must exit 0. Returns the rewards it logged."""
+    return run([*launcher, recipe, *flags, "--output_dir", str(output_dir)], output_dir)
+
+
+def run_under_zero3(recipe: str, flags: list[str], run_inputs: list[str], output_dir) -> dict:
+    """`recipe` on the tiny run's inputs in two CPU processes under DeepSpeed ZeRO-3 (gloo)."""
+    zero3 = two_cpu_processes("zero3.yaml")
+    return run_recipe(zero3, recipe, output_dir, *run_inputs, *CPU_FLAGS, *flags, "--ddp_backend", "gloo")
+
+
 def two_cpu_processes(zero_config):
     return [
         sys.executable,
@@ -95,24 +94,8 @@ def two_cpu_processes(zero_config):
 
 def test_rloo_recipe_logs_reward_per_context_and_probes(run_inputs, tmp_path):
     output_dir = tmp_path / "rloo"
-    logged = run(
-        [
-            sys.executable,
-            GRPO_RECIPE,
-            "--trainer",
-            "rloo",
-            *run_inputs,
-            *CPU_FLAGS,
-            *GRPO_FLAGS,
-            "--probe_prompts",
-            "1",
-            "--probe_max_new_tokens",
-            "6",
-            "--output_dir",
-            str(output_dir),
-        ],
-        output_dir,
-    )
+    flags = ["--trainer", "rloo", *run_inputs, *CPU_FLAGS, *GRPO_FLAGS, *PROBE_FLAGS]
+    logged = run_recipe([sys.executable], GRPO_RECIPE, output_dir, *flags)
     steps = [entry for entry in logged["log_history"] if "rewards/micro_reward/mean" in entry]
     assert len(steps) == 2 and any(key.startswith("micro/reward/") for key in steps[0])
     assert set(logged["probe"]["after"]) == {"short-reader", "long-reader"}
@@ -130,18 +113,8 @@ def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
         residuals.fit(user, torch.zeros(4), 10 * torch.randn(4, hidden, generator=generator))
     router.save(tmp_path / "router.json")
     residuals.save(tmp_path / "residuals.json")
-    flags = [
-        *run_inputs,
-        *CPU_FLAGS,
-        *GRPO_FLAGS,
-        "--max_steps",
-        "1",
-        "--probe_prompts",
-        "1",
-        "--probe_max_new_tokens",
-        "6",
-    ]
-    plain = run([sys.executable, GRPO_RECIPE, *flags, "--output_dir", str(tmp_path / "plain")], tmp_path / "plain")
+    flags = [*run_inputs, *CPU_FLAGS, *GRPO_FLAGS, "--max_steps", "1", *PROBE_FLAGS]
+    plain = run_recipe([sys.executable], GRPO_RECIPE, tmp_path / "plain", *flags)
     stores = [
         "--user_column",
         "context_id",
@@ -150,10 +123,7 @@ def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
         "--residual_heads",
         str(tmp_path / "residuals.json"),
     ]
-    personal = run(
-        [sys.executable, GRPO_RECIPE, *flags, *stores, "--output_dir", str(tmp_path / "personal")],
-        tmp_path / "personal",
-    )
+    personal = run_recipe([sys.executable], GRPO_RECIPE, tmp_path / "personal", *flags, *stores)
     before = {"plain": plain["probe"]["before"], "personal": personal["probe"]["before"]}
     assert set(before["plain"]) == set(before["personal"]) == {"short-reader", "long-reader"}
     assert all(abs(before["personal"][user] - before["plain"][user]) > 1e-3 for user in before["plain"])
@@ -164,21 +134,7 @@ def test_grpo_recipe_reads_per_user_stores(run_inputs, tmp_path):
 
 @pytest.mark.slow
 def test_grpo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
-    output_dir = tmp_path / "grpo-zero3"
-    logged = run(
-        [
-            *two_cpu_processes("zero3.yaml"),
-            GRPO_RECIPE,
-            *run_inputs,
-            *CPU_FLAGS,
-            *GRPO_FLAGS,
-            "--ddp_backend",
-            "gloo",
-            "--output_dir",
-            str(output_dir),
-        ],
-        output_dir,
-    )
+    logged = run_under_zero3(GRPO_RECIPE, GRPO_FLAGS, run_inputs, tmp_path / "grpo-zero3")
     steps = [entry for entry in logged["log_history"] if "rewards/micro_reward/mean" in entry]
     assert len(steps) == 2
     groups = {key for entry in steps for key in entry if key.startswith("micro/reward/")}
@@ -188,22 +144,7 @@ def test_grpo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
 @pytest.mark.ppo
 def test_ppo_recipe_trains_a_lora_policy_and_probes(run_inputs, tmp_path):
     output_dir = tmp_path / "ppo"
-    logged = run(
-        [
-            sys.executable,
-            PPO_RECIPE,
-            *run_inputs,
-            *CPU_FLAGS,
-            *PPO_FLAGS,
-            "--probe_prompts",
-            "1",
-            "--probe_max_new_tokens",
-            "6",
-            "--output_dir",
-            str(output_dir),
-        ],
-        output_dir,
-    )
+    logged = run_recipe([sys.executable], PPO_RECIPE, output_dir, *run_inputs, *CPU_FLAGS, *PPO_FLAGS, *PROBE_FLAGS)
     steps = [entry for entry in logged["log_history"] if "objective/scores" in entry]
     assert len(steps) == 4 and all(isinstance(entry["objective/scores"], float) for entry in steps)  # 8 episodes / 2
     assert set(logged["probe"]["before"]) == {"short-reader", "long-reader"}
@@ -214,19 +155,6 @@ def test_ppo_recipe_trains_a_lora_policy_and_probes(run_inputs, tmp_path):
 @pytest.mark.ppo
 def test_ppo_recipe_under_zero3_on_two_cpu_processes(run_inputs, tmp_path):
     output_dir = tmp_path / "ppo-zero3"
-    logged = run(
-        [
-            *two_cpu_processes("zero3.yaml"),
-            PPO_RECIPE,
-            *run_inputs,
-            *CPU_FLAGS,
-            *PPO_FLAGS,
-            "--ddp_backend",
-            "gloo",
-            "--output_dir",
-            str(output_dir),
-        ],
-        output_dir,
-    )
+    logged = run_under_zero3(PPO_RECIPE, PPO_FLAGS, run_inputs, output_dir)
     assert len([entry for entry in logged["log_history"] if "objective/scores" in entry]) == 2
     assert (output_dir / "adapter_model.safetensors").exists()

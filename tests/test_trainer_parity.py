@@ -176,6 +176,12 @@ def trl_trainer(backbone, tokenizer, rows, tmp_path, config=None, **kwargs) -> R
     return RewardTrainer(model=backbone, args=args, train_dataset=data, processing_class=tokenizer, **kwargs)
 
 
+def trl_trainer_evaluating(backbone, tokenizer, rows, evaluation, tmp_path, config, **kwargs) -> RewardTrainer:
+    """TRL's trainer on `rows` with a copy of `tokenizer`, evaluated on `evaluation` (both in TRL's view)."""
+    evaluation = Dataset.from_list(trl_view(evaluation))
+    return trl_trainer(backbone, fresh(tokenizer), trl_view(rows), tmp_path, config, eval_dataset=evaluation, **kwargs)
+
+
 def micro_trainer(variant, backbone, stage1, tokenizer, rows, tmp_path, config=None, **kwargs):
     """The MiCRo trainer of `variant` on `rows` (a list, or a dataset passed as it is)."""
     config = {**variant_config(variant, tmp_path), **(config or {})}
@@ -215,6 +221,11 @@ def stage1(tmp_path_factory, tokenizer):
 
 def fresh(tokenizer):
     return copy.deepcopy(tokenizer)  # the trainers set the pad / EOS token and chat template on the tokenizer
+
+
+def stage1_trainer(model, stage1, tokenizer, tmp_path, config=None, **kwargs):
+    """The Stage 1 ("micro") trainer of `model` on 8 rows with a copy of `tokenizer` (`micro_trainer`)."""
+    return micro_trainer("micro", model, stage1, fresh(tokenizer), rows_of(8), tmp_path, config, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ token ids
@@ -333,7 +344,7 @@ def test_eos_token_scoring_from_ids_matches_training(tokenizer, backbone, stage1
     """With `eos_token`, a training sequence scored from its ids alone (as GRPO scores) gets no stale EOS appended:
     its head rewards equal those of training, which scores it with its prompt length (finding 11)."""
     config = {"eos_token": "<|endoftext|>", "reward_readout": "last"}
-    trainer = micro_trainer("micro", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, config)
+    trainer = stage1_trainer(backbone, stage1, tokenizer, tmp_path, config)
     rows = [trainer.train_dataset[i] for i in range(4)]
     batch = trainer.data_collator(rows)
     model = trainer.model.eval()
@@ -435,14 +446,7 @@ def test_logged_names_include_trls(variant, tokenizer, backbone, stage1, tmp_pat
     their `eval_` forms; finding 7), plus MiCRo's own."""
     rows, evaluation = rows_of(8), rows_of(4)
     config = {"eval_strategy": "steps", "eval_steps": 2}
-    control = trl_trainer(
-        backbone,
-        fresh(tokenizer),
-        trl_view(rows),
-        tmp_path,
-        config,
-        eval_dataset=Dataset.from_list(trl_view(evaluation)),
-    )
+    control = trl_trainer_evaluating(backbone, tokenizer, rows, evaluation, tmp_path, config)
     control.train()
     trainer = micro_trainer(
         variant, backbone, stage1, fresh(tokenizer), rows, tmp_path, config, eval_dataset=Dataset.from_list(evaluation)
@@ -496,7 +500,7 @@ def test_model_init_kwargs_are_all_honoured(tokenizer, backbone, stage1, tmp_pat
     config = {"model_init_kwargs": {"dtype": "bfloat16", "attn_implementation": "eager"}}
     with caplog.at_level(logging.WARNING):
         control = trl_trainer(backbone, fresh(tokenizer), rows_of(8), tmp_path, config)
-        trainer = micro_trainer("micro", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, config)
+        trainer = stage1_trainer(backbone, stage1, tokenizer, tmp_path, config)
         adapted = micro_trainer("stage2", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, config)
     assert "will be ignored" not in caplog.text
     for built in (control, trainer, adapted):
@@ -506,7 +510,7 @@ def test_model_init_kwargs_are_all_honoured(tokenizer, backbone, stage1, tmp_pat
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         model = build_tiny_micro_model(tokenizer, num_heads=2)
-        micro_trainer("micro", model, stage1, fresh(tokenizer), rows_of(8), tmp_path, config)
+        stage1_trainer(model, stage1, tokenizer, tmp_path, config)
     assert "`model_init_kwargs` will be ignored" in caplog.text
 
 
@@ -563,7 +567,7 @@ def test_trust_remote_code_loads_a_backbone_as_trl_does(trusted, tokenizer, stag
     config = {"trust_remote_code": trusted}
     builders = (
         lambda: trl_trainer(backbone, fresh(tokenizer), rows_of(8), tmp_path, config),
-        lambda: micro_trainer("micro", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, config),
+        lambda: stage1_trainer(backbone, stage1, tokenizer, tmp_path, config),
     )
     for build in builders:
         if trusted:
@@ -612,7 +616,7 @@ def test_lora_defaults_train_like_trl(peft_case, tokenizer, backbone, stage1, tm
     heads and router train in full beside it (finding 1)."""
     control = trl_trainer(backbone, fresh(tokenizer), rows_of(8), tmp_path, peft_config=PEFT_CONFIGS[peft_case]())
     given = PEFT_CONFIGS[peft_case]()
-    trainer = micro_trainer("micro", backbone, stage1, fresh(tokenizer), rows_of(8), tmp_path, peft_config=given)
+    trainer = stage1_trainer(backbone, stage1, tokenizer, tmp_path, peft_config=given)
     assert given.target_modules is None  # the caller's config is left as it was
     assert lora_targets(trainer.model) == lora_targets(control.model) == {"q_proj", "v_proj"}
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
@@ -629,7 +633,7 @@ def test_peft_model_as_model_trains_like_trl(tokenizer, backbone, stage1, tmp_pa
     control = trl_trainer(get_peft_model(control_base, LoraConfig()), fresh(tokenizer), rows_of(8), tmp_path)
     micro = build_tiny_micro_model(tokenizer, num_heads=2)
     peft_model = get_peft_model(micro, prepare_peft_config(LoraConfig(), micro))
-    trainer = micro_trainer("micro", peft_model, stage1, fresh(tokenizer), rows_of(8), tmp_path)
+    trainer = stage1_trainer(peft_model, stage1, tokenizer, tmp_path)
     assert lora_targets(trainer.model) == lora_targets(control.model)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -654,12 +658,10 @@ def test_lora_run_reloads_from_its_folder(tokenizer, backbone, stage1, tmp_path,
     )
     control.train()
     control.save_model(str(tmp_path / "trl_run"))
-    trainer = micro_trainer(
-        "micro",
+    trainer = stage1_trainer(
         backbone,
         stage1,
-        fresh(tokenizer),
-        rows_of(8),
+        tokenizer,
         tmp_path,
         {"model_card_pairs": 2},
         peft_config=LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["score"]),
@@ -1000,12 +1002,10 @@ def test_passthrough_arguments_work(tokenizer, backbone, stage1, tmp_path):
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        trainer = micro_trainer(
-            "micro",
+        trainer = stage1_trainer(
             backbone,
             stage1,
-            fresh(tokenizer),
-            rows_of(8),
+            tokenizer,
             tmp_path,
             {**config, "pad_token": "<pad>"},
             eval_dataset=Dataset.from_list(rows_of(4)),
@@ -1024,7 +1024,7 @@ def test_passthrough_arguments_work(tokenizer, backbone, stage1, tmp_path):
     assert any("eval_my_metric" in entry for entry in trainer.state.log_history) and seen
     model = build_tiny_micro_model(tokenizer, num_heads=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    micro_trainer("micro", model, stage1, fresh(tokenizer), rows_of(8), tmp_path, optimizers=(optimizer, None)).train()
+    stage1_trainer(model, stage1, tokenizer, tmp_path, optimizers=(optimizer, None)).train()
 
 
 def test_compute_metrics_gets_trls_predictions(tokenizer, backbone, stage1, tmp_path):
@@ -1037,14 +1037,8 @@ def test_compute_metrics_gets_trls_predictions(tokenizer, backbone, stage1, tmp_
 
     rows, evaluation = rows_of(8), rows_of(6)
     config = {"eval_strategy": "steps", "eval_steps": 2}
-    trl_trainer(
-        backbone,
-        fresh(tokenizer),
-        trl_view(rows),
-        tmp_path,
-        config,
-        eval_dataset=Dataset.from_list(trl_view(evaluation)),
-        compute_metrics=lambda prediction: compute_metrics(prediction, "trl"),
+    trl_trainer_evaluating(
+        backbone, tokenizer, rows, evaluation, tmp_path, config, compute_metrics=lambda p: compute_metrics(p, "trl")
     ).train()
     for variant in VARIANTS:
         trainer = micro_trainer(
