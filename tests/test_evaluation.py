@@ -17,6 +17,16 @@ DELTAS = [1.0, 2.0, -1.0, 0.5, -0.5, -2.0, -0.1, 0.0]
 CONTEXTS = ["a", "a", "a", "b", "b", "b", "b", "b"]
 
 
+def toy_accuracy(shift: float = 0.0) -> dict:
+    """Per-context accuracy of the toy margins `DELTAS` moved up by `shift` (contexts `CONTEXTS`)."""
+    return per_context_accuracy(torch.tensor(DELTAS) + shift, CONTEXTS)
+
+
+def toy_head_usage() -> dict:
+    """Head usage of two contexts that each lean on their own head (0.9 / 0.1, 0.2 / 0.8)."""
+    return head_usage(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+
+
 def assert_png(path):
     data = path.read_bytes()
     assert data[:8] == PNG_SIGNATURE
@@ -78,11 +88,8 @@ def test_write_report_writes_json_and_markdown(tmp_path):
     deltas = torch.tensor(DELTAS)
     results = {
         "title": "Toy evaluation",
-        "methods": {
-            "SingleReward": per_context_accuracy(deltas, CONTEXTS),
-            "MiCRo": per_context_accuracy(deltas + 0.7, CONTEXTS),
-        },
-        "head_usage": {"router": head_usage(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])},
+        "methods": {"SingleReward": toy_accuracy(), "MiCRo": toy_accuracy(0.7)},
+        "head_usage": {"router": toy_head_usage()},
         "head_deltas": deltas.reshape(4, 2),
         "gap": float("nan"),
     }

@@ -14,9 +14,8 @@ from benchmarks.harness.metrics import (
     summarize_methods,
     write_seeded_report,
 )
-from trl_micro.evaluation import head_usage, per_context_accuracy
 
-from .test_evaluation import CONTEXTS, DELTAS, assert_png
+from .test_evaluation import assert_png, toy_accuracy, toy_head_usage
 
 
 def test_gap_closed():
@@ -60,17 +59,16 @@ def test_summarize_methods_and_missing_per_context_results():
 
 
 def test_seeded_report_has_spreads_gap_curves_and_usage(tmp_path):
-    deltas = torch.tensor(DELTAS)
     results = {
         "title": "Toy benchmark",
         "methods": {
-            "SingleReward": per_context_accuracy(deltas, CONTEXTS),
-            "MiCRo": [per_context_accuracy(deltas + 0.2, CONTEXTS), per_context_accuracy(deltas + 0.7, CONTEXTS)],
-            "Oracle": per_context_accuracy(deltas + 1.5, CONTEXTS),
+            "SingleReward": toy_accuracy(),
+            "MiCRo": [toy_accuracy(0.2), toy_accuracy(0.7)],
+            "Oracle": toy_accuracy(1.5),
         },
         "reference_methods": {"single": "SingleReward", "oracle": "Oracle"},
         "adaptation_curves": adaptation_curve({8: _result(0.5, 0.7), 32: _result(0.6, 0.8)}, method="MiCRo"),
-        "head_usage": head_usage(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"]),
+        "head_usage": toy_head_usage(),
     }
     json_path, markdown_path = write_seeded_report(results, tmp_path / "toy")
     assert json.loads(json_path.read_text())["summary"]["num_seeds"]["MiCRo"] == 2
