@@ -370,3 +370,41 @@ def test_verl_loads_the_recipe_and_its_reward_manager_gets_the_routed_rewards(re
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
     assert (served[[0, 2]] - unrouted[[0, 2]]).abs().min() > 1e-3  # long-reader was routed by its user id
     torch.testing.assert_close(served[[1, 3]], unrouted[[1, 3]], rtol=0, atol=1e-5)  # no user, unknown user
+
+
+def test_rerank_endpoint_picks_as_the_reward_does_and_locates_bad_candidates(reward_checkpoint, tmp_path):  # noqa: F811
+    """/rerank answers each line's pick per user as `MiCRoReward.rerank` in process; a refused candidate is a 422
+    naming `lines[i].candidates[j]`; a user the store does not know is routed by the router."""
+    router = OnlineRouter(num_heads=2)
+    router.update("long-reader", torch.tensor([[-6.0, 6.0]] * 3))
+    router.save(tmp_path / "router.json")
+
+    def said(*texts):
+        return [[{"role": "assistant", "content": text}] for text in texts]
+
+    lines = [
+        {"prompt": PROMPTS[0], "candidates": said(*COMPLETIONS), "users": ["long-reader", "nobody", None]},
+        {"prompt": PROMPTS[1], "candidates": said(COMPLETIONS[1], COMPLETIONS[0], COMPLETIONS[1] + " More.")},
+    ]
+    args = ServeArguments(model_name_or_path=reward_checkpoint, online_router=str(tmp_path / "router.json"))
+    with running_server(args) as url:
+        status, answer = call(f"{url}/rerank", {"lines": lines})
+        bad = call(
+            f"{url}/rerank", {"lines": [lines[0], {"prompt": PROMPTS[1], "candidates": [*said("fine"), "plain text"]}]}
+        )
+        empty = call(f"{url}/rerank", {"lines": [{"prompt": PROMPTS[0], "candidates": []}]})
+    assert status == 200, answer
+    local = MiCRoReward.from_pretrained(
+        reward_checkpoint, context_column=None, user_column="user", online_router=str(tmp_path / "router.json")
+    )
+    expected = local.rerank(
+        [line["prompt"] for line in lines], [line["candidates"] for line in lines], users=[lines[0]["users"], [None]]
+    ).to_records()
+    assert [(p["line"], p["user"], p["best"], p["online_routed"]) for p in answer["picks"]] == [
+        (r["prompt_index"], r["user"], r["best"], r["online_routed"]) for r in expected
+    ]
+    assert [p["online_routed"] for p in answer["picks"]] == [True, False, False, False]
+    for pick, record in zip(answer["picks"], expected):
+        torch.testing.assert_close(torch.tensor(pick["scores"]), torch.tensor(record["scores"]), rtol=0, atol=1e-5)
+    assert bad[0] == 422 and bad[1]["detail"].startswith("lines[1].candidates[1] ")
+    assert empty[0] == 422 and "candidates" in json.dumps(empty[1])

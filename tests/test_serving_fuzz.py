@@ -68,7 +68,14 @@ def test_fuzzed_requests_get_no_5xx_and_the_answers_the_schema_documents(fuzzed)
     app, url = fuzzed
     schema = schemathesis.openapi.from_dict(app.openapi())
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {operation.path for operation in operations} == {"/get_reward", "/score", "/feedback", "/health", "/metrics"}
+    assert {operation.path for operation in operations} == {
+        "/get_reward",
+        "/score",
+        "/rerank",
+        "/feedback",
+        "/health",
+        "/metrics",
+    }
     statuses = set()
     for operation in operations:
         for mode, with_token, examples in RUNS:

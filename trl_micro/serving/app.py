@@ -7,6 +7,9 @@ The reward service: a FastAPI app over one [`MiCRoReward`], its endpoints, its l
   `labels`, when the dataset's label column carries a user id); without one, rows are routed by the prompt.
 - `POST /score`: rows of `prompt`, `completion` (text or messages), optional `user` and `context`; answered with the
   routed rewards and, with `"return_heads": true`, the per-head rewards and mixture weights.
+- `POST /rerank`: lines of `prompt`, `candidates` and optional `users` and `context`; answered with each user's pick
+  among the line's candidates and every candidate's score for that user (`MiCRoReward.rerank`: each candidate read by
+  the backbone once, however many users rank it), scored on the model's thread in one call of its own.
 - `POST /feedback` (only with `allow_feedback`): comparisons `(user, prompt, chosen, rejected[, context,
   comparison_id])` update that user's online routing in the user store (`trl_micro.personalization.stores`) and are
   logged there, in one transaction committed before the answer, on a thread of its own (`serving.feedback`): scoring
@@ -43,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..feature_cache import FeatureStore
 from ..personalization.stores import Comparison as StoredComparison
+from ..reranking import check_rerank_inputs
 from ..rewards import EncodedRow, InvalidRow, MiCRoReward, check_unicode, row_user_ids
 from .batcher import DynamicBatcher
 from .feedback import FeedbackRecorder
@@ -59,9 +63,13 @@ from .schemas import (
     GetRewardAnswer,
     HealthAnswer,
     OpenRLHFRequest,
+    RerankAnswer,
+    RerankLine,
+    RerankRequest,
     ScoreAnswer,
     ScoreRequest,
     error_answers,
+    rerank_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -295,6 +303,27 @@ class RewardService:
 
         return await self.answer(request, len(prompts), work, fields)
 
+    async def rerank(self, request: Request, lines: list[RerankLine]) -> dict:
+        """Each line's best candidate for each of its users (`MiCRoReward.rerank`, one backbone pass per candidate),
+        on the model's thread at scoring's priority, within the limits a request of that many candidates has."""
+        num_candidates = sum(len(line.candidates) for line in lines)
+        self.check_size(num_candidates)
+        self.check_size(sum(len(line.users or [None]) for line in lines))
+        prompts, candidates = [line.prompt for line in lines], [line.candidates for line in lines]
+        users = [line.users or [None] for line in lines]
+        contexts = [line.context for line in lines]
+        try:
+            check_rerank_inputs(prompts, candidates, users, contexts)
+        except InvalidRow as error:
+            raise invalid_row(error, rerank_fields(len(lines))) from None
+        except (TypeError, ValueError) as error:
+            raise unprocessable(str(error)) from None
+        work = partial(self.on_model_thread, self.reward.rerank, prompts, candidates, users=users, contexts=contexts)
+        reranking = await self.answer(request, num_candidates, work, rerank_fields(len(lines)))
+        self.metrics.rows.inc(num_candidates)
+        picks = [{**record, "line": record.pop("prompt_index")} for record in reranking.to_records()]
+        return {"picks": picks}
+
     async def feedback(self, request: Request, comparisons: list[Comparison]) -> dict:
         """Score comparisons (within the request's limits), then record them in the user store (to the end: a
         comparison handed to the store is committed or refused whatever the client does)."""
@@ -446,6 +475,10 @@ def create_app(reward: MiCRoReward, settings: ServeSettings | None = None) -> Fa
             answer["head_rewards"] = [r["head_rewards"] for r in results]
             answer["mixture_weights"] = [r["mixture_weights"] for r in results]
         return answer
+
+    @app.post("/rerank", response_model=RerankAnswer, responses=error_answers(*POST_ERRORS))
+    async def rerank(body: RerankRequest, request: Request):
+        return await service.rerank(request, body.lines)
 
     @app.post("/feedback", response_model=FeedbackAnswer, responses=error_answers(403, *POST_ERRORS))
     async def feedback(body: FeedbackRequest, request: Request):

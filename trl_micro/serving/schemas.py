@@ -89,6 +89,29 @@ class FeedbackRequest(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------------------- answers
+class RerankLine(BaseModel):
+    model_config = STRICT
+    prompt: Text
+    candidates: Annotated[list[Text], Field(min_length=1)]
+    users: Annotated[list[UserId | None], Field(min_length=1)] | None = None
+    context: StrictStr | None = None
+
+
+class RerankRequest(BaseModel):
+    model_config = examples(
+        {
+            "lines": [
+                {
+                    "prompt": "How do I boil an egg?",
+                    "candidates": [" Simmer it for nine minutes.", " Put it in water, heat it and wait."],
+                    "users": ["alice", "bob", None],
+                }
+            ]
+        }
+    )
+    lines: list[RerankLine]
+
+
 class ErrorItem(BaseModel):
     loc: list[str | int]
     msg: str
@@ -110,6 +133,18 @@ class ScoreAnswer(BaseModel):
     online_routed: list[bool]
     head_rewards: list[list[float]] | None = None
     mixture_weights: list[list[float]] | None = None
+
+
+class RerankPick(BaseModel):
+    line: int
+    user: str | None
+    best: int
+    scores: list[float]
+    online_routed: bool
+
+
+class RerankAnswer(BaseModel):
+    picks: list[RerankPick]
 
 
 class FeedbackAnswer(BaseModel):
@@ -157,3 +192,13 @@ FEEDBACK_FIELDS = {
     "users": "comparisons[{row}].user",
     "comparison_ids": "comparisons[{row}].comparison_id",
 }
+RERANK_FIELDS = {"prompts": "lines[{row}].prompt", "contexts": "lines[{row}].context"}
+
+
+def rerank_fields(num_lines: int) -> dict[str, str]:
+    """`RERANK_FIELDS` plus where each line's candidates and users sit (`MiCRoReward.rerank` names them by line)."""
+    fields = dict(RERANK_FIELDS)
+    for line in range(num_lines):
+        fields[f"candidates[{line}]"] = f"lines[{line}].candidates[{{row}}]"
+        fields[f"users[{line}]"] = f"lines[{line}].users[{{row}}]"
+    return fields
