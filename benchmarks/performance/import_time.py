@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -25,10 +26,9 @@ from benchmarks import command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
-# Run with the package's folder first on the path (the installed trl_micro would otherwise win for the baseline).
+# Run with the package's folder first on PYTHONPATH (the installed trl_micro would otherwise win for the baseline).
 PROBE = """
 import json, sys, time
-sys.path.insert(0, sys.argv[1])
 start = time.perf_counter()
 import trl_micro
 seconds = time.perf_counter() - start
@@ -50,12 +50,13 @@ def parse_args(argv=None):
 
 
 def import_once(root: Path) -> dict:
+    environment = {**os.environ, "PYTHONPATH": str(root)}
     output = subprocess.run(
-        [sys.executable, "-c", PROBE, str(root)], check=True, capture_output=True, text=True, cwd=root
+        [sys.executable, "-c", PROBE], check=True, capture_output=True, text=True, cwd=root, env=environment
     ).stdout
     measured = json.loads(output.strip().splitlines()[-1])
-    if not measured["file"].startswith(str(root)):
-        raise RuntimeError(f"Imported {measured['file']}, not the package under {root}.")
+    if not measured.pop("file").startswith(str(root)):
+        raise RuntimeError(f"Imported trl_micro from elsewhere than {root}.")
     return measured
 
 
