@@ -284,6 +284,30 @@ class MiCRoReward:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, **kwargs)
 
+    @classmethod
+    def for_user_ids(
+        cls,
+        path: str | os.PathLike,
+        user_store: str | None = None,
+        online_router: OnlineRouter | str | os.PathLike | None = None,
+        residual_heads: ResidualHeads | str | os.PathLike | None = None,
+        **kwargs,
+    ) -> MiCRoReward:
+        """
+        `from_pretrained` for callers that pass user ids with each call (`score(users=...)`, `rerank`, the server, the
+        verl reward) rather than in a dataset column: the user state given (any of `user_store`, `online_router`,
+        `residual_heads`) routes them; with none, every row is routed by the model's router.
+        """
+        per_user = any(state is not None for state in (user_store, online_router, residual_heads))
+        return cls.from_pretrained(
+            path,
+            user_column="user" if per_user else None,
+            user_store=user_store,
+            online_router=online_router,
+            residual_heads=residual_heads,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------------------------------------------ placement
     def prepare(self, accelerator) -> MiCRoReward:
         """

@@ -48,6 +48,7 @@ import torch
 
 from ..value_checks import ArrayLike, as_float64, is_integer, is_real_number, normalize_user_id
 from .json_files import StoreReader, SyncedStore, check_mergeable, store_lock, write_store
+from .user_keyed import UserKeyed
 
 STORE_FORMAT = "trl-micro-online-router"
 STORE_FORMAT_VERSION = 1
@@ -64,7 +65,7 @@ class UserState:
     num_updates: int = 0
 
 
-class OnlineRouter(SyncedStore):
+class OnlineRouter(UserKeyed, SyncedStore):
     """
     Per-user weights over the K heads of a MiCRo reward model, updated online from observed comparisons. See the
     module docstring for the math.
@@ -136,16 +137,8 @@ class OnlineRouter(SyncedStore):
         )
 
     # ------------------------------------------------------------------------------------------------------- users
-    def __contains__(self, user_id: object) -> bool:
-        """Whether `user_id` has a posterior; `None` (no user) is never in it, another non-id type is a `TypeError`."""
-        return user_id is not None and normalize_user_id(user_id) in self._states
-
-    def __len__(self) -> int:
-        return len(self._states)
-
-    def users(self) -> list[str]:
-        """Ids of the users with a posterior, in the order they were first updated."""
-        return list(self._states)
+    def _per_user(self) -> dict[str, UserState]:
+        return self._states
 
     def num_updates(self, user_id: str | int) -> int:
         """Number of (informative) comparisons applied to `user_id`; 0 for an unknown user."""

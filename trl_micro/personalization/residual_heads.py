@@ -37,13 +37,14 @@ import torch
 
 from ..value_checks import ArrayLike, as_float64, is_integer, is_real_number, normalize_user_id
 from .json_files import StoreReader, SyncedStore, check_mergeable, store_lock, write_store
+from .user_keyed import UserKeyed
 
 STORE_FORMAT = "trl-micro-residual-heads"
 STORE_FORMAT_VERSION = 1
 DEFAULT_L2_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
-class ResidualHeads(SyncedStore):
+class ResidualHeads(UserKeyed, SyncedStore):
     """
     One residual head u_c per user id, added to the routed reward; see the module docstring for the math.
 
@@ -116,15 +117,8 @@ class ResidualHeads(SyncedStore):
         l2 = "cross-validated" if self.l2 is None else self.l2
         return f"{type(self).__name__}(hidden_size={self.hidden_size}, l2={l2}, users={len(self)})"
 
-    def __contains__(self, user_id: object) -> bool:
-        """Whether `user_id` has a residual; `None` (no user) never has one, another non-id type is a `TypeError`."""
-        return user_id is not None and normalize_user_id(user_id) in self._residuals
-
-    def __len__(self) -> int:
-        return len(self._residuals)
-
-    def users(self) -> list[str]:
-        return list(self._residuals)
+    def _per_user(self) -> dict[str, torch.Tensor]:
+        return self._residuals
 
     def residual(self, user_id: str | int) -> torch.Tensor:
         """u_c `(hidden_size,)` of `user_id`, float64. A user without a fitted residual is a `KeyError`."""

@@ -96,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.lines_per_call < 1:
         raise SystemExit(f"--lines_per_call must be >= 1, got {args.lines_per_call}.")
     rows = read_rows(args.input)
-    has_users = bool(args.user_store or args.online_router or args.residual_heads)
-    reward = MiCRoReward.from_pretrained(
+    reward = MiCRoReward.for_user_ids(
         resolve_model_path(args.model_name_or_path),
-        user_column="user" if has_users else None,
         user_store=args.user_store,
         online_router=args.online_router,
         residual_heads=args.residual_heads,

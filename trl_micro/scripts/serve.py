@@ -144,10 +144,8 @@ def build_app(args: ServeArguments):
     model_path = resolve_model_path(args.model_name_or_path)
     if args.online_router and not os.path.exists(args.online_router):
         raise FileNotFoundError(f"--online_router {args.online_router} does not exist.")
-    has_user_state = bool(args.user_store or args.online_router or args.residual_heads)
-    reward = MiCRoReward.from_pretrained(
+    reward = MiCRoReward.for_user_ids(
         model_path,
-        user_column="user" if has_user_state else None,
         user_store=args.user_store,
         store_staleness_s=args.store_staleness_s,
         online_router=args.online_router,

@@ -69,12 +69,8 @@ def _local_reward(model_name_or_path: str, online_router: str | None, residual_h
     from ..bundled.catalog import resolve_model_path
     from ..rewards import MiCRoReward
 
-    per_user = online_router is not None or residual_heads is not None
-    return MiCRoReward.from_pretrained(
-        resolve_model_path(model_name_or_path),
-        user_column="user" if per_user else None,
-        online_router=online_router,
-        residual_heads=residual_heads,
+    return MiCRoReward.for_user_ids(
+        resolve_model_path(model_name_or_path), online_router=online_router, residual_heads=residual_heads
     )
 
 
