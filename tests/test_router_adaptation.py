@@ -378,3 +378,14 @@ def test_reworded_context_is_routed_like_its_original(synthetic_adaptation):
     for context, accuracy in per_context_accuracy(scores.margins, test["context_id"])["accuracy"].items():
         # Same top head, but soft weights that move a little: within 8 of the 100 test pairs per context.
         assert accuracy == pytest.approx(original[context], abs=0.08), (context, accuracy, original)
+
+
+def test_stage2_config_turns_off_checkpointing_without_a_deprecation_warning(tmp_path):
+    """The frozen backbone needs no activation checkpointing; turning it off must not hit transformers' deprecated
+    `gradient_checkpointing` alias (which warns on every config built)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = make_args(tmp_path)
+    assert args.gradient_checkpointing is False

@@ -91,7 +91,7 @@ class RouterAdaptationConfig(MiCRoBaseConfig):
     head_init: ClassVar[str] = "random"
 
     def __post_init__(self):
-        self.gradient_checkpointing = False  # the backbone is frozen: nothing to recompute
+        self.turn_off_activation_checkpointing()  # the backbone is frozen
         super().__post_init__()
         if self.router_anchor_coef < 0:
             raise ValueError(f"`router_anchor_coef` must be >= 0, got {self.router_anchor_coef}.")

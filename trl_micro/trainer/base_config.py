@@ -63,6 +63,14 @@ class MiCRoBaseConfig(RewardConfig):
         default=128, metadata={"help": "Pairs scored at each save to measure the heads for the model card (0: none)."}
     )
 
+    def turn_off_activation_checkpointing(self) -> None:
+        """With a frozen backbone there is nothing to recompute. Newer transformers name the field
+        `activation_checkpointing` (setting the old name then warns); older ones `gradient_checkpointing`."""
+        if "activation_checkpointing" in self.__dataclass_fields__:
+            self.activation_checkpointing = False
+        else:
+            self.gradient_checkpointing = False
+
     def __post_init__(self):
         if self.deepspeed:
             require_deepspeed(f"`deepspeed` ({self.deepspeed!r})")

@@ -78,7 +78,7 @@ class MiCRoRewardConfig(MiCRoBaseConfig, MiCRoArchitecture):
 
     def __post_init__(self):
         if self.freeze_backbone:
-            self.gradient_checkpointing = False  # nothing to recompute: no gradient flows into the backbone
+            self.turn_off_activation_checkpointing()
         super().__post_init__()
         self.check_architecture()
         if self.loss_type not in ("mixture", "ensemble"):
