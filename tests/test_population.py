@@ -125,6 +125,25 @@ def test_a_domain_ranks_its_own_answer_first_and_pure_users_follow_their_domain(
     assert 0.45 < share < 0.55 and int(split.sum()) > 500
 
 
+def test_learnt_domain_heads_recover_each_domains_judgment_from_the_training_queries():
+    from benchmarks.studies import population
+
+    world = fake_world(num_queries=200)
+    train, test = list(range(150)), list(range(150, 200))
+    learnt, notes = population.learnt_domain_heads(world, train)
+    assert learnt.shape == world.judge_heads.shape and set(notes["l2"]) == set(population.DOMAINS)
+    pairs = population.test_pairs(world, test)
+    deltas = population.reward_deltas(world, pairs.query, pairs.a, pairs.b)
+    for domain in range(4):
+        # A pair without the domain's own answer is judged by the domain's linear head alone.
+        others = (pairs.a != domain) & (pairs.b != domain)
+        judged = pairs.judgments[others, domain]
+        agree = float(((deltas[others] @ learnt[domain] > 0).double() == judged).double().mean())
+        assert agree > 0.85, (domain, agree)
+        cosine = torch.nn.functional.cosine_similarity(learnt[domain], world.judge_heads[domain], dim=0)
+        assert float(cosine) > 0.8, (domain, float(cosine))
+
+
 def test_expected_accuracy_is_the_label_probability_and_the_oracle_bounds_every_method():
     from benchmarks.studies import population
 
