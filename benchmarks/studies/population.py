@@ -994,6 +994,10 @@ WHAT_IT_SHOWS = [
     "- Beyond DSP's own labels (a domain prefers its own answer), a domain's judgment is a linear head on the same "
     "features the methods read; that part of every user's taste is linear in the features by construction.",
     "- The oracle knows each user's mixture exactly; it is below 100% wherever a user is a mixture (alpha = 1).",
+    "- The oracle and the domains' own heads were fitted on every kept query, the test queries included; a method "
+    'learns from the training queries only. The row "domain heads learnt on the training queries" is what '
+    "BT linear heads learnt from those queries reach when every comparison's judging domain and every user's "
+    "weights are known: a reference for how much of the oracle gap learning from these queries can close.",
     "- Every method reads the same cached features; none tunes the backbone.",
 ]
 
