@@ -268,7 +268,7 @@ def test_non_micro_checkpoints_are_refused(tokenizer, tmp_path):
         MiCRoReward.from_pretrained(str(tmp_path / "nothing-here"))
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="holds a LoRA adapter. Merge it"):
+    with pytest.raises(ValueError, match="holds a PEFT adapter but no MiCRo config.json.*merge_and_unload"):
         MiCRoReward.from_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(TypeError, match="needs a MiCRoRewardModel"):
         MiCRoReward(torch.nn.Linear(2, 2), tokenizer)

@@ -36,6 +36,7 @@ from trl.trainer import reward_trainer
 
 from trl_micro import MiCRoRewardConfig, MiCRoRewardModel, MiCRoRewardTrainer
 from trl_micro.data_utils import join_context
+from trl_micro.rewards import MiCRoReward
 from trl_micro.testing_utils import CHATML_TEMPLATE, build_tiny_micro_model, save_tiny_backbone
 from trl_micro.trainer import RouterAdaptationConfig, RouterAdaptationTrainer, prepare_peft_config
 
@@ -679,6 +680,10 @@ def test_lora_run_reloads_from_its_folder(tokenizer, backbone, stage1, tmp_path,
 
     expected = scored(trainer.model, batch)
     torch.testing.assert_close(scored(MiCRoRewardModel.from_pretrained(run), batch), expected, rtol=1e-4, atol=1e-5)
+    reward = MiCRoReward.from_pretrained(run)  # the GRPO / RLOO reward function loads the run as it is
+    torch.testing.assert_close(scored(reward.model, batch), expected, rtol=1e-4, atol=1e-5)
+    card = (run / "README.md").read_text()
+    assert f"python -m trl_micro.trainer.lora {run.name} merged" in card and "merge_and_unload" not in card
     auto = AutoModelForSequenceClassification.from_pretrained(run, trust_remote_code=True)
     torch.testing.assert_close(scored(auto, batch), expected, rtol=1e-4, atol=1e-5)
     subprocess.run(

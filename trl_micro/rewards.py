@@ -65,7 +65,7 @@ from trl.models import prepare_deepspeed
 
 from .data_utils import Messages, completion_end_token_ids, encode_prompt_completion, join_context, pad_right
 from .feature_cache import compute_sequence_readings, reward_model_fingerprint, sequence_key
-from .modeling_micro import MiCRoRewardModel, routed_reward
+from .modeling_micro import ADAPTER_CONFIG_NAME, MiCRoRewardModel, is_lora_run, routed_reward
 from .personalization.online_router import OnlineRouter
 from .personalization.residual_heads import ResidualHeads
 from .personalization.stores import CachedUserStore, UserStore, open_user_store
@@ -262,15 +262,17 @@ class MiCRoReward:
         **kwargs,
     ) -> MiCRoReward:
         """
-        Load a MiCRo checkpoint (as saved by `MiCRoRewardTrainer`) and its tokenizer. `kwargs` are the constructor's
-        (`context_column`, `user_column`, `online_router`, ...). A checkpoint of another kind is an error.
+        Load a MiCRo checkpoint (as saved by `MiCRoRewardTrainer`; a LoRA run's folder loads with its adapter merged)
+        and its tokenizer. `kwargs` are the constructor's (`context_column`, `user_column`, `online_router`, ...). A
+        checkpoint of another kind is an error.
         """
         path = os.fspath(path)
-        if os.path.exists(os.path.join(path, "adapter_config.json")):
+        if os.path.exists(os.path.join(path, ADAPTER_CONFIG_NAME)) and not is_lora_run(path):
             raise ValueError(
-                f"{path} holds a LoRA adapter. Merge it into the model it was trained from, then save the merged "
-                "model and its tokenizer: `PeftModel.from_pretrained(MiCRoRewardModel.from_backbone(backbone, "
-                "num_heads=K), path).merge_and_unload().save_pretrained(merged_path)`."
+                f"{path} holds a PEFT adapter but no MiCRo config.json beside it, so it is not a LoRA run's folder as "
+                "MiCRoRewardTrainer saves it (that one loads here, the adapter merged). Apply the adapter to the model "
+                "it was trained on and merge it, `PeftModel.from_pretrained(model, path).merge_and_unload()`, then "
+                "save that model with its tokenizer and load the saved folder."
             )
         has_config = os.path.exists(os.path.join(path, "config.json"))
         model_type = AutoConfig.from_pretrained(path).model_type if has_config else None

@@ -62,12 +62,8 @@ def micro_section_lines(
         "last_mean": "the last token's hidden state and the mean over the response, side by side",
     }
     layer = "the backbone's output" if config.reward_layer is None else f"hidden layer {config.reward_layer}"
-    readout_kwargs = "".join(
-        f", {key}={getattr(config, key)!r}" for key in ("reward_readout", "reward_layer", "router_readout")
-    )
     base = card_base_model(config._name_or_path)
     base_text = f"[{base}](https://huggingface.co/{base})" if base else "a local model"
-    adapter_base = base or "<base model>"
     lines = [
         "## MiCRo reward model",
         "",
@@ -86,11 +82,11 @@ def micro_section_lines(
         "",
         *(
             [
-                f"This folder holds a LoRA adapter with the heads and router: merge it first, "
-                f'`PeftModel.from_pretrained(MiCRoRewardModel.from_backbone("{adapter_base}", num_heads={config.num_heads}'
-                f"{readout_kwargs}), "
-                f'"{model_id}").merge_and_unload().save_pretrained(merged)` (with its tokenizer), then use the merged '
-                "folder as below.",
+                "This folder is a LoRA run (the adapter, with the heads and router saved in full): "
+                f'`MiCRoRewardModel.from_pretrained("{model_id}")` and `MiCRoReward.from_pretrained` load it with the '
+                "adapter merged (peft needed), and so does `AutoModelForSequenceClassification` with "
+                "`trust_remote_code=True`. For a loader without peft, write a merged checkpoint first, "
+                f"`python -m trl_micro.trainer.lora {model_id} merged`, and use `merged` below.",
                 "",
             ]
             if adapter
