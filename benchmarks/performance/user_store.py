@@ -347,6 +347,19 @@ def rebuild(folder: Path, num_comparisons: int) -> dict:
     }
 
 
+def load_note(results: dict, cores: int) -> str:
+    """The load average the run saw, and whether other jobs shared the machine (a start load of half the cores)."""
+    if "load_average" not in results:
+        return ""
+    start, end = results["load_average"]
+    shared = (
+        ": other jobs shared the machine, and every latency includes waiting for a core."
+        if start >= cores / 2
+        else "; under half the cores at the start (no other heavy job; the end figure is the benchmark's own servers)."
+    )
+    return f" Load average (1 min) at start {start:.1f}, at end {end:.1f}{shared}"
+
+
 def render(results: dict, command: str) -> str:
     work = results["store_work"]
     rows = []
@@ -358,20 +371,15 @@ def render(results: dict, command: str) -> str:
              f"{large['fill_seconds']:.0f} s"]
         )  # fmt: skip
     score, boot, crash, stale, rebuilt = (results[k] for k in ("score", "startup", "replicas", "staleness", "rebuild"))
+    cores = results.get("cores", 2)
     large_users = work["sqlite"]["large"]["users"]
     return "\n".join(
         [
             "# The user store at scale",
             "",
-            f"Generated {time.strftime('%Y-%m-%d')} by `{command}` on this machine (2 cores), K = {NUM_HEADS}, a tiny "
-            "MiCRo checkpoint for the servers. SQLite in a temporary folder, PostgreSQL 15 a private server on "
-            "127.0.0.1."
-            + (
-                f" Load average (1 min) at start {results['load_average'][0]:.1f}, at end {results['load_average'][1]:.1f}: "
-                "other jobs shared the machine, and every latency includes waiting for a core."
-                if "load_average" in results
-                else ""
-            ),
+            f"Generated {time.strftime('%Y-%m-%d')} by `{command}` on this machine ({cores} cores), K = {NUM_HEADS}, "
+            "a tiny MiCRo checkpoint for the servers. SQLite in a temporary folder, PostgreSQL 15 a private server on "
+            f"127.0.0.1.{load_note(results, cores)}",
             "",
             "## One feedback's store work (posterior update, log row, durable commit)",
             "",
@@ -498,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         results["rebuild"] = rebuild(folder, args.rebuild_comparisons)
         print("rebuild", results["rebuild"], flush=True)
     results["load_average"] = (load_at_start, os.getloadavg()[0])
+    results["cores"] = os.cpu_count()
     write_study_report(output, "benchmarks.performance.user_store", argv, results, render)
     print(output.read_text(encoding="utf-8"))
     return 0
