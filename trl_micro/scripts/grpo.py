@@ -34,6 +34,7 @@ from ..splits import hold_out_per_context
 from .rl_utils import (
     PersonalizedRLArguments,
     default_to_lora,
+    end_run,
     load_prompt_dataset,
     reward_per_context,
     save_run_log,
@@ -97,10 +98,7 @@ def main(script_args: GRPOPersonalizedArguments, training_args, model_args: Mode
     save_run_log(trainer, training_args.output_dir, probes)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.prompt_dataset)
-    # Every rank reaches the end before the process group goes: a rank that tears gloo down while its peer is still
-    # saving makes the peer abort ("terminate called without an active exception") after a finished run.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    end_run(trainer)
 
 
 def probe_policy(trainer, reward, probe_dataset, script_args):

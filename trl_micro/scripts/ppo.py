@@ -27,7 +27,14 @@ from ..bundled.catalog import EMBEDDED_MODEL, resolve_model_path
 from ..ppo_reward import MiCRoRewardForPPO
 from ..rewards import MiCRoReward
 from ..splits import hold_out_per_context
-from .rl_utils import PersonalizedRLArguments, default_to_lora, load_prompt_dataset, reward_per_context, save_run_log
+from .rl_utils import (
+    PersonalizedRLArguments,
+    default_to_lora,
+    end_run,
+    load_prompt_dataset,
+    reward_per_context,
+    save_run_log,
+)
 
 PPO_INSTALL_HINT = (
     "PPO needs TRL 1.12 (PPOTrainer was removed in TRL 1.13; this environment has trl {version}). Install the PPO "
@@ -125,6 +132,7 @@ def main(script_args: PersonalizedRLArguments, training_args, model_args: ModelC
     save_run_log(trainer, training_args.output_dir, probes)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.prompt_dataset)
+    end_run(trainer)
 
 
 def save_policy(trainer, output_dir):

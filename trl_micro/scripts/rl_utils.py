@@ -122,6 +122,15 @@ def save_run_log(trainer, output_dir: str, probes: dict) -> None:
         trainer.accelerator.print(f"Mean reward per context on held-out prompts: {json.dumps(probes)}")
 
 
+def end_run(trainer) -> None:
+    """
+    Close a finished run on every rank together. A rank that tears the process group (gloo) down while its peer is
+    still saving makes the peer abort ("terminate called without an active exception") after a finished run.
+    """
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
 def show_context_to_policy(dataset: Dataset, context_column: str, context_template: str) -> Dataset:
     """Join each row's context to its prompt (rows without a context keep their prompt)."""
 
