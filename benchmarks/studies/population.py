@@ -308,11 +308,9 @@ def learnt_domain_heads(world: World, train_rows: list[int]) -> tuple[torch.Tens
     scale = standardizer(world.reward)
 
     def judged_differences(domain, rows):
-        query = torch.tensor(rows).repeat_interleave(len(UNORDERED))
-        a = torch.tensor([pair[0] for pair in UNORDERED]).repeat(len(rows))
-        b = torch.tensor([pair[1] for pair in UNORDERED]).repeat(len(rows))
-        sign = 2 * judgments(world, query, a, b)[:, domain] - 1
-        return sign[:, None] * reward_deltas(world, query, a, b) / scale
+        pairs = test_pairs(world, rows)  # every pair of the queries `rows`, with the domains' judgments
+        sign = 2 * pairs.judgments[:, domain] - 1
+        return sign[:, None] * reward_deltas(world, pairs.query, pairs.a, pairs.b) / scale
 
     heads, l2s = [], {}
     for domain in range(len(DOMAINS)):
@@ -340,10 +338,7 @@ def judgments(world: World, query_rows: torch.Tensor, a: torch.Tensor, b: torch.
 
 def describe_judges(world: World) -> dict:
     """How often the domains agree on a pair, over every kept query's 10 pairs."""
-    q = torch.arange(len(world.queries)).repeat_interleave(len(UNORDERED))
-    a = torch.tensor([pair[0] for pair in UNORDERED]).repeat(len(world.queries))
-    b = torch.tensor([pair[1] for pair in UNORDERED]).repeat(len(world.queries))
-    votes = judgments(world, q, a, b).sum(1)
+    votes = test_pairs(world, list(range(len(world.queries)))).judgments.sum(1)
     return {
         "pairs_all_four_domains_agree": float(((votes == 0) | (votes == 4)).double().mean()),
         "pairs_split_two_two": float((votes == 2).double().mean()),
@@ -436,6 +431,7 @@ class TestPairs:
 
 
 def test_pairs(world: World, test_rows: list[int]) -> TestPairs:
+    """Every pair of the queries `test_rows` (10 each), with each domain's judgment of it."""
     query = torch.tensor(test_rows).repeat_interleave(len(UNORDERED))
     a = torch.tensor([pair[0] for pair in UNORDERED]).repeat(len(test_rows))
     b = torch.tensor([pair[1] for pair in UNORDERED]).repeat(len(test_rows))
