@@ -8,7 +8,8 @@ import torch
 from trl_micro.feature_cache import FeatureStore
 from trl_micro.personalization.online_router import OnlineRouter
 from trl_micro.personalization.residual_heads import ResidualHeads
-from trl_micro.rewards import InvalidRow, InvalidUserId, MiCRoReward
+from trl_micro.reward_inputs import InvalidRow, InvalidUserId
+from trl_micro.rewards import MiCRoReward
 from trl_micro.testing_utils import build_tiny_micro_model
 
 from .conftest import STYLES

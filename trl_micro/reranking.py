@@ -159,7 +159,8 @@ def rerank(
 
     Returns: a [`Reranking`].
     """
-    from .rewards import InvalidRow, residual_corrections
+    from .reward_inputs import InvalidRow
+    from .rewards import residual_corrections
 
     user_ids = check_rerank_inputs(prompts, candidates, users, contexts)
     owners = [(index, position) for index, group in enumerate(candidates) for position in range(len(group))]

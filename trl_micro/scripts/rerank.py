@@ -90,7 +90,8 @@ def row_problem(row) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     from ..bundled.catalog import resolve_model_path
     from ..feature_cache import FeatureStore
-    from ..rewards import InvalidRow, MiCRoReward
+    from ..reward_inputs import InvalidRow
+    from ..rewards import MiCRoReward
 
     args = make_parser().parse_args(argv)
     if args.lines_per_call < 1:

@@ -47,7 +47,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..feature_cache import FeatureStore
 from ..personalization.stores import Comparison as StoredComparison
 from ..reranking import check_rerank_inputs
-from ..rewards import EncodedRow, InvalidRow, MiCRoReward, check_unicode, row_user_ids
+from ..reward_inputs import InvalidRow, check_unicode, row_user_ids
+from ..rewards import EncodedRow, MiCRoReward
 from .batcher import DynamicBatcher
 from .feedback import FeedbackRecorder
 from .guards import BearerAuth, BodyLimits, ConcurrencyLimit, RequestMetrics, header_timeout_protocol
