@@ -48,6 +48,7 @@ from .data_collator import GroupedBatchSampler, MiCRoPreferenceCollator, latent_
 from .head_initialization import em_initial_heads
 from .lora import check_peft_model, prepare_peft_config
 from .micro_config import MiCRoRewardConfig
+from .pair_filters import drop_identical_pairs, drop_overlong
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
                 dataset = dataset.rename_column(legacy, name)
             column_names = get_dataset_column_names(dataset)
         if set(TRL_TOKENIZED_COLUMNS) <= set(column_names) and not set(TOKENIZED_COLUMNS) <= set(column_names):
-            dataset = self._drop_identical_pairs(dataset, dataset_name, "chosen_ids", "rejected_ids")
+            dataset = drop_identical_pairs(dataset, dataset_name, "chosen_ids", "rejected_ids")
             if args.context_column in column_names:
                 raise ValueError(
                     f"The {dataset_name} dataset is pre-tokenized (`chosen_ids`, `rejected_ids`) and has a context "
@@ -346,7 +347,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             column_names = get_dataset_column_names(dataset)
         if not all(column in column_names for column in TOKENIZED_COLUMNS):
             check_preference_columns(column_names, dataset_name)
-            dataset = self._drop_identical_pairs(dataset, dataset_name, "chosen", "rejected")
+            dataset = drop_identical_pairs(dataset, dataset_name, "chosen", "rejected")
             context_column = args.context_column if args.context_column in column_names else None
             map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
             if isinstance(dataset, Dataset):
@@ -363,7 +364,7 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
                     },
                     **map_kwargs,
                 )
-        dataset = self._drop_overlong(dataset, args.max_length, dataset_name)
+        dataset = drop_overlong(dataset, args.max_length, dataset_name)
         if self._groups_latents(args) and isinstance(dataset, Dataset) and "latent_group" not in dataset.column_names:
             if args.latent_groups == "user":
                 users = self._user_ids(dataset, args, dataset_name)
@@ -479,55 +480,6 @@ class MiCRoRewardTrainer(MiCRoModelCardMixin, RewardTrainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
-
-    @classmethod
-    def _drop_overlong(cls, dataset, max_length, dataset_name):
-        """Pairs with a sequence over `max_length` tokens are dropped (as in TRL), and the count is reported."""
-        if max_length is None:
-            return dataset
-        return cls._drop_pairs(
-            dataset,
-            lambda example: len(example["chosen_ids"]) <= max_length and len(example["rejected_ids"]) <= max_length,
-            dataset_name,
-            f"longer than max_length={max_length} tokens",
-            "raise `max_length` or shorten the texts",
-        )
-
-    def _drop_identical_pairs(self, dataset, dataset_name: str, chosen: str, rejected: str):
-        """`_drop_pairs` of the pairs whose `chosen` and `rejected` columns are equal: they carry no preference."""
-        return self._drop_pairs(
-            dataset,
-            lambda example: example[chosen] != example[rejected],
-            dataset_name,
-            f"identical (`{chosen}` == `{rejected}`)",
-            "such a pair carries no preference; fix or drop it",
-        )
-
-    @staticmethod
-    def _drop_pairs(dataset, keep: Callable, dataset_name: str, what: str, fix: str):
-        """
-        The pairs `keep` accepts. A `Dataset` reports how many pairs were dropped and refuses to lose them all; a
-        streaming `IterableDataset` filters as it streams and warns at the first pair it drops.
-        """
-        if not isinstance(dataset, Dataset):
-            warned = False
-
-            def keep_and_warn(example):
-                nonlocal warned
-                kept = keep(example)
-                if not kept and not warned:
-                    warned = True
-                    logger.warning(f"Dropping {dataset_name} pairs {what} as they stream: {fix}.")
-                return kept
-
-            return dataset.filter(keep_and_warn)
-        before = len(dataset)
-        dataset = dataset.filter(keep, desc=f"Dropping {dataset_name} pairs {what}")
-        if len(dataset) == 0:
-            raise ValueError(f"Every pair of the {dataset_name} dataset is {what}: {fix}.")
-        if len(dataset) < before:
-            logger.warning(f"Dropped {before - len(dataset)} of {before} {dataset_name} pairs {what}: {fix}.")
-        return dataset
 
     def _cache_features(self, dataset: Dataset, args, dataset_name: str) -> Dataset:
         model = self._features_model
